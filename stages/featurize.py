@@ -1,0 +1,379 @@
+"""Stage 1, featurize: JPEG images to 1280-d MobileNetV2 features in Parquet.
+
+Runs as ``fruits-pipeline featurize INPUT OUTPUT`` or, as an EMR step does,
+``spark-submit stages/featurize.py INPUT OUTPUT``.
+
+Output columns: ``path`` (the URI as Spark gives it), ``label`` (the parent
+folder's name as on disk), ``features`` (array<float>[1280], null on error),
+``error`` (the reason, null when fine).  The ``features`` field's metadata, stored
+in every Parquet footer by Spark, records what made the features (model, alpha,
+input size, weights source and SHA-256, library versions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from urllib.parse import unquote
+
+if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from stages import hadoopfs  # noqa: E402
+from stages.errors import UsageError  # noqa: E402
+from stages.images import DecodeError, decode_image, preprocess  # noqa: E402
+from stages.model import ModelSpec, get_featurizer, resolve_weights  # noqa: E402
+
+__all__ = [
+    "IMAGE_GLOB",
+    "METADATA_KEY",
+    "FeaturizeReport",
+    "featurize",
+    "featurize_partition",
+    "label_from_path",
+    "features_schema",
+    "read_model_spec",
+]
+
+# Hadoop glob: .jpg and .jpeg in any case.
+IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
+METADATA_KEY = "fruits_pipeline"
+# Above this many images per task, we add tasks (retries and stragglers stay cheap);
+# below it, one task per core keeps batches full and per-task overhead low.
+IMAGES_PER_PARTITION = 2048
+
+
+@dataclass
+class FeaturizeReport:
+    """What a featurize run did (printed by the CLI, kept in ``summary.json``)."""
+
+    input: str
+    output: str
+    images: int
+    errors: int
+    partitions: int
+    seconds: float
+    model: Dict[str, Any]
+    model_builds: int = 0
+    worker_pids: List[int] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        """End-to-end throughput."""
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+def label_from_path(path: str, url_encoded: bool = False) -> str:
+    """The parent folder's name of ``path``, exactly as on disk.
+
+    Parameters
+    ----------
+    path : str
+        A file URI as Spark's ``binaryFile`` gives it.
+    url_encoded : bool
+        Whether this Spark/filesystem gives paths percent-encoded
+        (``Apple%20Braeburn``); decided once per job by :func:`_paths_are_url_encoded`.
+    """
+    parts = path.rstrip("/").split("/")
+    label = parts[-2] if len(parts) >= 2 else ""
+    return unquote(label) if url_encoded else label
+
+
+def features_schema(spec: Optional[ModelSpec] = None):
+    """Spark schema of the features Parquet, with the model's metadata on ``features``."""
+    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+    meta = {METADATA_KEY: spec.to_dict()} if spec is not None else {}
+    return StructType(
+        [
+            StructField("path", StringType(), False),
+            StructField("label", StringType(), False),
+            StructField("features", ArrayType(FloatType(), containsNull=False), True, meta),
+            StructField("error", StringType(), True),
+        ]
+    )
+
+
+def featurize_partition(
+    rows: Iterable[Tuple[str, bytes]],
+    broadcast_weights,
+    broadcast_id: int,
+    alpha: float,
+    batch_size: int,
+    url_encoded: bool,
+    builds=None,
+    pids=None,
+) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
+    """Featurize one partition of ``(path, content)`` rows, in batches.
+
+    Runs on the executors.  A row that cannot be decoded is yielded at once with
+    its reason and no features; the model is only built if a row decodes.
+    """
+    import os
+
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    threads = max(1, ctx.cpus()) if ctx is not None else 1
+    featurizer = None
+    paths: List[str] = []
+    labels: List[str] = []
+    arrays: List[np.ndarray] = []
+
+    def flush():
+        nonlocal featurizer
+        if featurizer is None:
+            on_build = (lambda: builds.add(1)) if builds is not None else None
+            featurizer = get_featurizer(broadcast_weights, broadcast_id, alpha, threads, on_build)
+            if pids is not None:
+                pids.add({os.getpid()})
+        feats = featurizer(preprocess(np.stack(arrays)))
+        finite = np.isfinite(feats).all(axis=1)
+        for p, lab, f, ok in zip(paths, labels, feats, finite):
+            if ok:
+                yield (p, lab, f.tolist(), None)
+            else:
+                yield (p, lab, None, "model output is not finite")
+        paths.clear()
+        labels.clear()
+        arrays.clear()
+
+    for path, content in rows:
+        label = label_from_path(path, url_encoded)
+        try:
+            arr = decode_image(content)
+        except DecodeError as exc:
+            yield (path, label, None, str(exc))
+            continue
+        paths.append(path)
+        labels.append(label)
+        arrays.append(arr)
+        if len(arrays) >= batch_size:
+            yield from flush()
+    if arrays:
+        yield from flush()
+
+
+def _paths_are_url_encoded(spark, sample_path: Optional[str]) -> bool:
+    """Whether Spark gave ``path`` percent-encoded, tested on a path holding ``%``.
+
+    Spark versions and filesystems differ; a folder whose real name holds ``%``
+    must keep it, so we ask the filesystem which reading of the string exists.
+    """
+    if not sample_path:
+        return False  # no '%' anywhere: there is nothing to decode
+    if hadoopfs.exists(spark, sample_path):
+        return False
+    return hadoopfs.exists(spark, unquote(sample_path))
+
+
+@contextmanager
+def _session_conf(spark, settings: Dict[str, str]):
+    old = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
+def choose_partitions(n_images: int, parallelism: int, requested: Optional[int] = None) -> int:
+    """Partitions from the image count: one per core, more past 2048 images a task."""
+    if requested is not None:
+        return max(1, min(requested, n_images))
+    return max(1, min(n_images, max(parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+
+
+def read_images(spark, input_path: str):
+    """The ``binaryFile`` DataFrame of the JPEGs under ``input_path`` (recursive)."""
+    return (
+        spark.read.format("binaryFile")
+        .option("pathGlobFilter", IMAGE_GLOB)
+        .option("recursiveFileLookup", "true")
+        .load(input_path)
+    )
+
+
+def check_output(spark, output_path: str, overwrite: bool) -> None:
+    """Refuse to replace an existing output without ``overwrite``."""
+    if not overwrite and hadoopfs.has_data(spark, output_path):
+        raise UsageError(
+            f"output {output_path} already exists: pass --overwrite to replace it, "
+            "or choose another path"
+        )
+
+
+def featurize(
+    spark,
+    input_path: str,
+    output_path: str,
+    weights: str = "bundled",
+    alpha: Optional[float] = None,
+    batch_size: int = 64,
+    partitions: Optional[int] = None,
+    overwrite: bool = False,
+    log=None,
+) -> FeaturizeReport:
+    """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
+
+    Parameters
+    ----------
+    spark : SparkSession
+    input_path, output_path : str
+        Local paths or Hadoop URIs (``s3a://``, EMRFS ``s3://``, ``hdfs://``).
+    weights : str
+        ``imagenet``, ``bundled``, ``random:SEED`` or a ``.h5`` path (see
+        :func:`stages.model.resolve_weights`).
+    alpha : float, optional
+    batch_size : int
+        Images per model call.
+    partitions : int, optional
+        Tasks; default from the image count (:func:`choose_partitions`).
+    overwrite : bool
+    log : callable, optional
+        Receives one progress line per step.
+
+    Returns
+    -------
+    FeaturizeReport
+
+    Raises
+    ------
+    UsageError
+        Missing input, no images, bad weights, existing output.
+    """
+    from pyspark.sql import functions as F
+
+    log = log or (lambda msg: None)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size} must be at least 1")
+    if partitions is not None and partitions < 1:
+        raise UsageError(f"--partitions {partitions} must be at least 1")
+    t0 = time.perf_counter()
+    if not hadoopfs.exists(spark, input_path):
+        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
+    check_output(spark, output_path, overwrite)
+
+    images = read_images(spark, input_path)
+    # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
+    stats = images.agg(
+        F.count("*").alias("n"),
+        F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
+        F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
+        F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
+    ).first()
+    n_images = int(stats["n"])
+    if n_images == 0:
+        raise UsageError(
+            f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+        )
+    spec, weight_arrays = resolve_weights(weights, alpha)
+    url_encoded = _paths_are_url_encoded(spark, stats["pct"])
+    sc = spark.sparkContext
+    n_parts = choose_partitions(n_images, sc.defaultParallelism, partitions)
+    log(
+        f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
+        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
+    )
+
+    bc = sc.broadcast(weight_arrays)
+    bc_id = int(bc._jbroadcast.id())  # executors' Broadcast objects do not carry it
+    builds = sc.accumulator(0)
+    pids = sc.accumulator(set(), _SetParam())
+    alpha_ = spec.alpha
+    total = int(stats["bytes"])
+    # Split by image count, not Spark's 4 MB packing of ~30 tiny JPEGs per task: with
+    # no open cost and a split of total/n_parts (+ one file of slack) the bin packing
+    # yields n_parts tasks of about equal bytes, and no shuffle.
+    split = max(1, math.ceil(total / n_parts) + int(stats["largest"]))
+    with _session_conf(
+        spark,
+        {
+            "spark.sql.files.openCostInBytes": "0",
+            "spark.sql.files.maxPartitionBytes": str(split),
+            # Spark caps a split at total/minPartitionNum: keep that cap above ours.
+            "spark.sql.files.minPartitionNum": str(max(1, total // split)),
+        },
+    ):
+        rdd = read_images(spark, input_path).select("path", "content").rdd
+        n_tasks = rdd.getNumPartitions()
+
+        def run(rows):
+            return featurize_partition(
+                ((r[0], r[1]) for r in rows), bc, bc_id, alpha_, batch_size, url_encoded, builds, pids
+            )
+
+        out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec))
+        mode = "overwrite" if overwrite else "errorifexists"
+        out.write.mode(mode).parquet(output_path)
+    bc.unpersist()
+
+    written = spark.read.parquet(output_path)
+    counts = written.agg(
+        F.count("*").alias("n"), F.count("error").alias("errors")
+    ).first()
+    seconds = time.perf_counter() - t0
+    report = FeaturizeReport(
+        input=input_path,
+        output=output_path,
+        images=int(counts["n"]),
+        errors=int(counts["errors"]),
+        partitions=n_tasks,
+        seconds=seconds,
+        model=spec.to_dict(),
+        model_builds=int(builds.value),
+        worker_pids=sorted(pids.value),
+    )
+    log(
+        f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
+        f"in {seconds:.1f} s, {report.images_per_second:.1f} img/s"
+    )
+    return report
+
+
+class _SetParam:
+    """Accumulator of a set (worker pids)."""
+
+    def zero(self, value):
+        return set()
+
+    def addInPlace(self, a, b):
+        a |= b
+        return a
+
+
+def read_model_spec(schema) -> Optional[Dict[str, Any]]:
+    """The model metadata stored on a features schema's ``features`` field, if any."""
+    try:
+        field_ = schema["features"]
+    except KeyError:
+        return None
+    meta = field_.metadata.get(METADATA_KEY)
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    return meta
+
+
+if __name__ == "__main__":
+    from stages.cli import main
+
+    sys.exit(main(["featurize", *sys.argv[1:]]))

@@ -1,0 +1,82 @@
+"""The one SparkSession builder: sane local defaults, the cluster's settings win.
+
+Environment variables (all optional):
+
+``FRUITS_SPARK_MASTER``     master when not launched by spark-submit (default ``local[*]``)
+``FRUITS_DRIVER_MEMORY``    driver heap when not set by spark-submit (default ``4g``; Spark's
+                            1 GB default died of Java heap on 50k x 1280 features)
+``FRUITS_SPARK_UI``         ``0`` turns the web UI off (tests do)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+__all__ = ["spark_session", "LOCAL_DEFAULTS"]
+
+LOCAL_DEFAULTS: dict[str, str] = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.sql.shuffle.partitions": "8",
+    # Keep one Python worker (and its model) alive across tasks.
+    "spark.python.worker.reuse": "true",
+    "spark.sql.parquet.compression.codec": "snappy",
+}
+
+
+def spark_session(
+    app_name: str = "fruits-pipeline",
+    master: Optional[str] = None,
+    conf: Optional[Mapping[str, str]] = None,
+):
+    """Get or create the SparkSession.
+
+    Under ``spark-submit`` (EMR steps) the master, memory and every setting given
+    there win; otherwise we start local mode with the defaults above. ``conf``
+    entries are applied last.
+
+    Parameters
+    ----------
+    app_name : str
+    master : str, optional
+        Overrides ``FRUITS_SPARK_MASTER`` and ``local[*]``.
+    conf : mapping, optional
+        Extra Spark settings.
+
+    Returns
+    -------
+    pyspark.sql.SparkSession
+    """
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    existing = SparkConf()  # loads spark-submit's settings when launched by it
+    if not existing.contains("spark.master"):
+        # Local runs: Python workers use this interpreter (its venv), not the first
+        # python3 on PATH.  On EMR, the spark-env classification sets PYSPARK_PYTHON.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master is not None:
+        builder = builder.master(master)
+    elif not existing.contains("spark.master"):
+        builder = builder.master(os.environ.get("FRUITS_SPARK_MASTER", "local[*]"))
+    if not existing.contains("spark.driver.memory"):
+        builder = builder.config("spark.driver.memory", os.environ.get("FRUITS_DRIVER_MEMORY", "4g"))
+    if not existing.contains("spark.driver.extraJavaOptions"):
+        log4j = Path(__file__).with_name("log4j2.properties")
+        builder = builder.config(
+            "spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}"
+        )
+    for key, value in LOCAL_DEFAULTS.items():
+        if not existing.contains(key):
+            builder = builder.config(key, value)
+    if os.environ.get("FRUITS_SPARK_UI") == "0":
+        builder = builder.config("spark.ui.enabled", "false")
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
