@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
-__all__ = ["exists", "has_data", "list_files", "read_text", "write_text"]
+__all__ = [
+    "delete",
+    "exists",
+    "has_data",
+    "list_files",
+    "parquet_footer",
+    "read_bytes",
+    "read_text",
+    "write_bytes",
+    "write_text",
+]
 
 
 def _fs_and_path(spark, uri: str):
@@ -50,21 +60,51 @@ def list_files(spark, uri: str, suffix: str = "") -> List[Tuple[str, int]]:
 
 def write_text(spark, uri: str, text: str) -> None:
     """Write (replace) a small UTF-8 text file."""
-    fs, path = _fs_and_path(spark, uri)
-    out = fs.create(path, True)
-    try:
-        out.write(bytearray(text.encode("utf-8")))
-    finally:
-        out.close()
+    write_bytes(spark, uri, text.encode("utf-8"))
 
 
 def read_text(spark, uri: str) -> str:
     """Read a small UTF-8 text file."""
+    return read_bytes(spark, uri).decode("utf-8")
+
+
+def write_bytes(spark, uri: str, data: bytes) -> None:
+    """Write (replace) a file with ``data``."""
+    fs, path = _fs_and_path(spark, uri)
+    out = fs.create(path, True)
+    try:
+        out.write(bytearray(data))
+    finally:
+        out.close()
+
+
+def read_bytes(spark, uri: str) -> bytes:
+    """Read a whole (small) file."""
     jvm = spark.sparkContext._jvm
     fs, path = _fs_and_path(spark, uri)
     stream = fs.open(path)
     try:
-        data = jvm.org.apache.commons.io.IOUtils.toByteArray(stream)
+        return bytes(jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
     finally:
         stream.close()
-    return bytes(data).decode("utf-8")
+
+
+def delete(spark, uri: str) -> bool:
+    """Delete ``uri`` recursively; ``False`` when it did not exist."""
+    fs, path = _fs_and_path(spark, uri)
+    return bool(fs.delete(path, True))
+
+
+def parquet_footer(spark, uri: str) -> dict:
+    """Key-value metadata of one Parquet file's footer (read by the driver's JVM)."""
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    hfile = jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(
+        jvm.org.apache.hadoop.fs.Path(uri), conf
+    )
+    reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(hfile)
+    try:
+        kv = reader.getFooter().getFileMetaData().getKeyValueMetaData()
+        return {str(k): str(kv.get(k)) for k in kv.keySet()}
+    finally:
+        reader.close()

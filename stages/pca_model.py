@@ -1,0 +1,158 @@
+"""The fitted PCA saved in ``RESULTS/pca_model/``, and how to use it on new photos.
+
+``pca_model/arrays.npz`` holds ``mean``, ``std``, ``components`` (d x k),
+``eigenvalues`` and ``explained_variance_ratio``; ``pca_model/model.json`` holds the
+scalars and what made the features (model, alpha, weights source and SHA-256).
+
+>>> from stages.pca_model import PCAModel
+>>> model = PCAModel.load("demo-output/Results")              # doctest: +SKIP
+>>> model.project_images(["photo.jpg"])                       # doctest: +SKIP
+array([[...]])  # (1, k): featurized with the same weights, standardised, projected
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable
+
+import numpy as np
+
+from linalg.kernels import PCAFit, project
+
+__all__ = ["PCAModel"]
+
+ARRAYS = "arrays.npz"
+META = "model.json"
+
+
+@dataclass(frozen=True)
+class PCAModel:
+    """A standardise-then-project model: ``transform(X) = ((X - mean) / std) @ components``.
+
+    Attributes
+    ----------
+    fit : PCAFit
+    features_model : dict
+        What made the features (``stages.model.ModelSpec`` as a dict), or empty.
+    """
+
+    fit: PCAFit
+    features_model: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_components(self) -> int:
+        """k."""
+        return self.fit.n_components
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Project features (n_samples, d) to (n_samples, k), float64."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.fit.n_features:
+            raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
+        return project(X, self.fit.projection_matrix(), self.fit.mean)
+
+    def project_images(self, paths: Iterable[str], batch_size: int = 64) -> np.ndarray:
+        """Featurize local image files with the same weights, then project them.
+
+        Raises
+        ------
+        ValueError
+            If an image cannot be decoded, or the weights no longer match.
+        """
+        from stages.images import decode_image, preprocess
+        from stages.model import local_featurizer, resolve_weights
+
+        spec = self.features_model
+        if not spec:
+            raise ValueError("this model does not record what made its features")
+        source = spec["weights_source"]
+        if source.startswith("bundled:"):
+            source = "bundled"
+        elif source.startswith("file:"):
+            source = source[len("file:") :]
+        got, weights = resolve_weights(source, spec["alpha"])
+        if got.weights_sha256 != spec["weights_sha256"]:
+            raise ValueError(
+                f"weights {source} are not the ones that made the features "
+                f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]})"
+            )
+        featurize = local_featurizer(weights, got.alpha)
+        images = []
+        for p in paths:
+            with open(p, "rb") as fh:
+                images.append(decode_image(fh.read()))
+        feats = [
+            featurize(preprocess(np.stack(images[i : i + batch_size])))
+            for i in range(0, len(images), batch_size)
+        ]
+        return self.transform(np.concatenate(feats) if feats else np.zeros((0, 1280)))
+
+    # ------------------------------------------------------------------ storage
+
+    def to_files(self) -> Dict[str, bytes]:
+        """The two files of ``pca_model/``, by name."""
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            mean=self.fit.mean,
+            std=self.fit.std,
+            components=self.fit.components,
+            eigenvalues=self.fit.eigenvalues,
+            explained_variance_ratio=self.fit.explained_variance_ratio,
+        )
+        meta = {
+            "n_samples": self.fit.n_samples,
+            "n_features": self.fit.n_features,
+            "n_components": self.fit.n_components,
+            "standardize": "StandardScaler(withMean=True, withStd=True), unbiased std",
+            "transform": "((x - mean) / std) @ components; columns with std == 0 map to 0",
+            "features_model": self.features_model,
+        }
+        return {ARRAYS: buf.getvalue(), META: json.dumps(meta, indent=2).encode()}
+
+    @classmethod
+    def from_files(cls, arrays: bytes, meta: bytes) -> PCAModel:
+        """Rebuild from the bytes of ``arrays.npz`` and ``model.json``."""
+        m = json.loads(meta)
+        with np.load(io.BytesIO(arrays)) as z:
+            fit = PCAFit(
+                n_samples=int(m["n_samples"]),
+                mean=z["mean"],
+                std=z["std"],
+                components=z["components"],
+                eigenvalues=z["eigenvalues"],
+                explained_variance_ratio=z["explained_variance_ratio"],
+            )
+        return cls(fit, m.get("features_model") or {})
+
+    @classmethod
+    def load(cls, results: str, spark=None) -> PCAModel:
+        """Load from ``RESULTS`` (or ``RESULTS/pca_model``): a local path, or any
+        Hadoop URI when a SparkSession is given."""
+        base = results.rstrip("/")
+        if not base.endswith("pca_model"):
+            base = base + "/pca_model"
+        if spark is None:
+            base = base[len("file:") :] if base.startswith("file:") else base
+            with open(os.path.join(base, ARRAYS), "rb") as a, open(os.path.join(base, META), "rb") as m:
+                return cls.from_files(a.read(), m.read())
+        from stages import hadoopfs
+
+        return cls.from_files(
+            hadoopfs.read_bytes(spark, f"{base}/{ARRAYS}"),
+            hadoopfs.read_bytes(spark, f"{base}/{META}"),
+        )
+
+    def save(self, spark, results: str) -> str:
+        """Write ``RESULTS/pca_model/`` through Hadoop's filesystem; returns its URI."""
+        from stages import hadoopfs
+
+        base = results.rstrip("/") + "/pca_model"
+        for name, data in self.to_files().items():
+            hadoopfs.write_bytes(spark, f"{base}/{name}", data)
+        return base
+
+
