@@ -84,6 +84,10 @@ def block_moments(X: np.ndarray) -> BlockMoments:
     if n == 0:
         return BlockMoments.empty(d)
     mean = X.mean(axis=0)
+    # A constant column must give exactly zero spread (Spark ML maps it to 0), but
+    # sum/n rounds: 41.08326037 * 30 / 30 need not be 41.08326037.  Use the value.
+    const = X.max(axis=0) == X.min(axis=0)
+    mean[const] = X[0, const]
     # Centre on the block's own mean before the product: E[XY] - E[X]E[Y] on raw
     # sums cancels catastrophically when the mean is large against the spread.
     Xc = X - mean
