@@ -282,7 +282,11 @@ def featurize(
         F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
     ).first()
     n_images = int(stats["n"])
-    if n_images == 0:
+    # Spark's file scan silently drops zero-byte files; the file index still lists
+    # them.  Count them without shipping the listing to Python.
+    listed = images._jdf.inputFiles()
+    n_empty = len(listed) - n_images
+    if n_images + n_empty == 0:
         raise UsageError(
             f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
         )
@@ -323,6 +327,8 @@ def featurize(
             )
 
         out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec))
+        if n_empty > 0:
+            out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
         mode = "overwrite" if overwrite else "errorifexists"
         out.write.mode(mode).parquet(output_path)
     bc.unpersist()
@@ -348,6 +354,29 @@ def featurize(
         f"in {seconds:.1f} s, {report.images_per_second:.1f} img/s"
     )
     return report
+
+
+def _scan_spelling(uri: str, url_encoded: bool) -> str:
+    """A file index URI (``file:///a/b%20c.jpg``) spelled as the scan's ``path``."""
+    if uri.startswith("file:///"):
+        uri = "file:/" + uri[len("file:///") :]
+    return uri if url_encoded else unquote(uri)
+
+
+def _empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
+    """Error rows for the files the index lists but the scan dropped (zero bytes)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.column import Column
+
+    # The index gives URIs (percent-encoded); an array literal keeps them in the JVM.
+    listing = Column(spark.sparkContext._jvm.org.apache.spark.sql.functions.lit(listed))
+    uris = spark.range(1).select(F.explode(listing).alias("uri"))
+    as_scanned = uris.rdd.map(lambda r: (_scan_spelling(r[0], url_encoded),)).toDF(["path"])
+    missing = as_scanned.join(images.select("path"), "path", "left_anti")
+    return spark.createDataFrame(
+        missing.rdd.map(lambda r: (r[0], label_from_path(r[0], url_encoded), None, "empty file (0 bytes)")),
+        features_schema(spec),
+    )
 
 
 class _SetParam:

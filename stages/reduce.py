@@ -238,7 +238,7 @@ def reduce_features(
     features: str,
     results: str,
     k: Optional[int] = None,
-    variance: Optional[float] = 0.95,
+    variance: Optional[float] = None,
     check: Optional[str] = None,
     overwrite: bool = False,
     log=None,

@@ -7,6 +7,7 @@ import glob
 import importlib.util
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import List
 
@@ -33,12 +34,17 @@ def s3a_jars() -> List[str]:
 
 
 @pytest.fixture(scope="session")
-def keras_home(tmp_path_factory) -> Path:
+def keras_home(tmp_path_factory):
     """An empty, read-only KERAS_HOME given to every Python worker: featurizing must
-    never need it (weights come by broadcast)."""
+    never need it (weights come by broadcast).  Root ignores mode bits, so the folder
+    is also made immutable where ``chattr`` allows it."""
     home = tmp_path_factory.mktemp("keras_home_readonly")
     home.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
-    return home
+    immutable = subprocess.run(["chattr", "+i", str(home)], capture_output=True).returncode == 0
+    yield home
+    if immutable:
+        subprocess.run(["chattr", "-i", str(home)], capture_output=True)
+    home.chmod(stat.S_IRWXU)
 
 
 @pytest.fixture(scope="session")
