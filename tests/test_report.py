@@ -1,0 +1,414 @@
+"""The HTML report: built from a real RESULTS, self-contained, and every image loads in
+headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from stages import report
+from stages.errors import UsageError
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "fruits360"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+# Written into the DOM once the page has loaded: what the browser made of each image.
+IMAGE_CHECK = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var out = document.createElement("pre");
+  out.id = "image-check";
+  out.textContent = JSON.stringify(imgs.map(function (im) {
+    return {alt: im.alt, complete: im.complete, width: im.naturalWidth, height: im.naturalHeight};
+  }));
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+class Page(HTMLParser):
+    """Tags' attributes, and the text of each table row by table class."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: List[Tuple[str, Dict[str, str]]] = []
+        self.tables: Dict[str, List[List[str]]] = {}
+        self._table = ""
+        self._row: List[str] = []
+        self._cell: List[str] = []
+        self._in_cell = False
+        self.notes: List[str] = []
+        self._note: List[str] = []
+        self._in_note = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        self.tags.append((tag, a))
+        if tag == "table":
+            self._table = a.get("class", "")
+            self.tables.setdefault(self._table, [])
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell, self._in_cell = [], True
+        elif tag == "li":
+            self._note, self._in_note = [], True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self._row.append("".join(self._cell).strip())
+            self._in_cell = False
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append(self._row)
+        elif tag == "table":
+            self._table = ""
+        elif tag == "li":
+            self.notes.append("".join(self._note).strip())
+            self._in_note = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self._cell.append(data)
+        if self._in_note:
+            self._note.append(data)
+
+    def images(self, cls: str = "") -> List[Dict[str, str]]:
+        return [a for t, a in self.tags if t == "img" and (not cls or a.get("class") == cls)]
+
+    def table(self, cls: str) -> List[List[str]]:
+        """Body rows (the header row dropped)."""
+        return self.tables[cls][1:]
+
+
+def _decode(data_uri: str):
+    from PIL import Image
+
+    head, payload = data_uri.split(",", 1)
+    assert head in ("data:image/png;base64", "data:image/jpeg;base64"), head
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        return subprocess.run(
+            [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def results_dir(spark, sample_features, tmp_path_factory) -> Path:
+    """A real RESULTS of the bundled sample: k=5, with the Spark ML cross-check."""
+    from stages.reduce import reduce_features
+
+    out = tmp_path_factory.mktemp("report") / "Results"
+    # variance=None: reduce_features' default variance=0.95 conflicts with k.
+    reduce_features(spark, str(sample_features), str(out), k=5, variance=None, check="spark-ml")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(results_dir, tmp_path_factory) -> Tuple[Path, str]:
+    """The report of ``results_dir`` (path, text)."""
+    out = report.write_report(str(results_dir), str(tmp_path_factory.mktemp("html") / "r.html"))
+    return Path(out), Path(out).read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("/a/Apple Braeburn/1.jpg", "/a/Apple Braeburn/1.jpg"),
+        ("rel/x", "rel/x"),
+        ("file:/a/b.jpg", "/a/b.jpg"),
+        ("file:///a/b.jpg", "/a/b.jpg"),
+        ("file://localhost/a/b.jpg", "/a/b.jpg"),
+        ("s3://bucket/Test/Kiwi/1.jpg", None),
+        ("s3a://bucket/x", None),
+    ],
+)
+def test_local_path(uri, expected):
+    assert report.local_path(uri) == expected
+
+
+def test_missing_results_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=r"does not exist: give the folder written by"):
+        report.write_report(str(tmp_path / "nowhere"))
+
+
+def test_folder_without_summary_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=r"has no summary.json, so it is not a RESULTS folder"):
+        report.write_report(str(tmp_path))
+
+
+def test_invalid_summary_is_a_usage_error(tmp_path):
+    (tmp_path / "summary.json").write_text("{not json")
+    with pytest.raises(UsageError, match=r"summary.json is not valid JSON .*--overwrite"):
+        report.write_report(str(tmp_path))
+
+
+def test_summary_without_k_is_a_usage_error(tmp_path):
+    (tmp_path / "summary.json").write_text('{"rows": 3}')
+    with pytest.raises(UsageError, match=r"summary.json has no k: it was not written by"):
+        report.write_report(str(tmp_path))
+
+
+def test_remote_results_without_spark_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"not a local path: copy it first \(`aws s3 cp"):
+        report.write_report("s3://bucket/Results/")
+
+
+def test_cli_report_error_is_one_line(tmp_path, capsys):
+    from stages.cli import main
+
+    code = main(["report", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("fruits-pipeline: error: RESULTS ")
+
+
+def test_plot_projection_legend_names_every_class():
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(0)
+    labels = ["Kiwi"] * 3 + ["Apple Braeburn"] * 2 + ["Banana"] * 4
+    ax = Figure().add_subplot()
+    classes = report.plot_projection(ax, rng.normal(size=(9, 2)), labels, ratio=[0.5, 0.25])
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert classes == ["Apple Braeburn", "Banana", "Kiwi"]
+    assert texts == ["Apple Braeburn (2)", "Banana (4)", "Kiwi (3)"]
+    assert ax.get_xlabel() == "PC1 (50.0% of variance)"
+
+
+def test_plot_projection_many_classes_get_distinct_styles():
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    labels = [f"class {i:03d}" for i in range(131) for _ in range(2)]
+    ax = Figure().add_subplot()
+    report.plot_projection(ax, np.zeros((len(labels), 2)), labels)
+    styles = {
+        (to_hex(c.get_facecolor()[0]), c.get_paths()[0].vertices.round(3).tobytes())
+        for c in ax.collections
+    }
+    assert len(ax.collections) == 131
+    assert len(styles) == 131
+
+
+def test_plot_explained_variance_marks_k():
+    from matplotlib.figure import Figure
+
+    ratio = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
+    ax = Figure().add_subplot()
+    report.plot_explained_variance(ax, ratio, k=2, target=0.8)
+    cum = ax.get_lines()[0].get_ydata()
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    np.testing.assert_allclose(cum, np.cumsum(ratio))
+    assert "k = 2: 80.0%" in texts and "target 80%" in texts
+
+
+# ----------------------------------------------------------------------------- real RESULTS
+
+
+@pytest.mark.slow
+def test_report_is_self_contained(built):
+    path, text = built
+    page = Page(text)
+    urls = [
+        (tag, key, value)
+        for tag, attrs in page.tags
+        for key, value in attrs.items()
+        if key in ("src", "href", "srcset", "data", "action", "poster")
+    ]
+    assert path.name == "r.html"
+    assert not [u for u in urls if not u[2].startswith("data:image/")]
+    assert not [t for t, _ in page.tags if t in ("script", "link", "iframe", "object", "embed")]
+    assert "http://" not in text and "https://" not in text
+    assert len(page.images()) == len(urls)  # every URL is an image's data URI
+
+
+@pytest.mark.slow
+def test_report_figures_and_thumbnails_decode(built, results_dir):
+    page = Page(built[1])
+    figures = page.images("figure")
+    thumbs = page.images("thumb")
+    sizes = [_decode(a["src"]).size for a in figures]
+    k = json.loads((results_dir / "summary.json").read_text())["k"]
+    assert [a["alt"] for a in figures][0] == f"cumulative explained variance, k = {k}"
+    assert figures[1]["alt"].startswith("PC1 x PC2 scatter of 100 rows in 10 classes")
+    assert all(w > 300 and h > 200 for w, h in sizes)
+    assert len(thumbs) == 10 * report.THUMBNAILS_PER_CLASS
+    assert all(max(_decode(a["src"]).size) == report.THUMBNAIL_PX for a in thumbs)
+
+
+@pytest.mark.slow
+def test_report_counts_per_class_match_projections(built, results_dir):
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(results_dir / "projections", columns=["label"]).column("label")
+    expected = sorted(Counter(labels.to_pylist()).items())
+    rows = Page(built[1]).table("classes")
+    shown = [(r[0], int(r[1].replace(",", ""))) for r in rows[:-1]]
+    folders = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
+    assert shown == expected
+    assert [name for name, _ in shown] == folders  # "Apple Braeburn", not "Apple%20Braeburn"
+    assert rows[-1][:3] == ["total", "100", "0"]
+
+
+@pytest.mark.slow
+def test_report_shows_timings_and_spark_ml_check(built):
+    page = Page(built[1])
+    timings = dict((r[0], float(r[1])) for r in page.table("timings"))
+    check = {r[0]: (r[1], r[2]) for r in page.table("spark-ml")}
+    assert timings["reduce (stage 2) total"] > 0
+    assert check["k"] == ("5", "")
+    assert check["rows_compared"] == ("100", "")
+    bounded = [status for _, status in check.values() if status]
+    assert len(bounded) == 3 and all(s.startswith("ok (") for s in bounded)
+
+
+@pytest.mark.slow
+def test_report_lists_error_rows_from_features(results_dir, sample_features, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    features = tmp_path / "Features"
+    shutil.copytree(sample_features, features)
+    schema = pq.read_schema(next(features.glob("part-*.parquet")))
+    bad = pa.table(
+        {
+            "path": ["file:/nowhere/Kiwi/broken.jpg", "file:/nowhere/Banana/empty.jpg"],
+            "label": ["Kiwi", "Banana"],
+            "features": [None, None],
+            "error": ["cannot decode image: OSError: truncated", "empty file (0 bytes)"],
+        },
+        schema=schema,
+    )
+    pq.write_table(bad, features / "part-99999-errors.parquet")
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+    summary = json.loads((results / "summary.json").read_text())
+    summary["features"] = str(features)
+    (results / "summary.json").write_text(json.dumps(summary))
+
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    errors = page.table("errors")
+    classes = {r[0]: r[2] for r in page.table("classes")}
+    assert (results / "report.html").is_file()
+    assert errors == [
+        ["file:/nowhere/Banana/empty.jpg", "Banana", "empty file (0 bytes)"],
+        ["file:/nowhere/Kiwi/broken.jpg", "Kiwi", "cannot decode image: OSError: truncated"],
+    ]
+    assert (classes["Kiwi"], classes["Banana"], classes["Lemon"], classes["total"]) == (
+        "1",
+        "1",
+        "0",
+        "2",
+    )
+
+
+@pytest.mark.slow
+def test_report_skips_unreadable_thumbnails_with_a_note(results_dir, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+    for part in (results / "projections").glob("part-*.parquet"):
+        t = pq.read_table(part)
+        s3 = pc.replace_substring_regex(t.column("path"), r"^file:.*/fruits360/", "s3://b/Test/")
+        pq.write_table(t.set_column(0, "path", s3), part)
+    (results / "summary.json").write_text(
+        json.dumps({**json.loads((results / "summary.json").read_text()), "features": "s3://b/F/"})
+    )
+
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    assert page.images("thumb") == []
+    assert len(page.images("figure")) == 2
+    assert len(page.notes) == 2
+    assert page.notes[0].startswith("features s3://b/F/ not reachable from here")
+    assert page.notes[1].startswith(
+        "40 thumbnail(s) skipped: image not readable from here (e.g. s3://b/Test/"
+    )
+
+
+@pytest.mark.slow
+def test_report_through_spark_matches_local(spark, built, results_dir, tmp_path):
+    out = report.write_report(str(results_dir), str(tmp_path / "spark.html"), spark=spark)
+    via_spark = Page(Path(out).read_text(encoding="utf-8"))
+    local = Page(built[1])
+    assert via_spark.table("classes") == local.table("classes")
+    assert len(via_spark.images("thumb")) == len(local.images("thumb"))
+    assert via_spark.table("spark-ml") == local.table("spark-ml")
+
+
+@pytest.mark.slow
+def test_cli_report_default_out(results_dir, tmp_path, capsys):
+    from stages.cli import main
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+    code = main(["report", str(results)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err.strip() == f"report: {results}/report.html"
+    assert Page((results / "report.html").read_text(encoding="utf-8")).table("classes")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
+)
+def test_every_image_loads_in_chromium(built, tmp_path):
+    path, text = built
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"), encoding="utf-8")
+    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    start = dom.stdout.find('<pre id="image-check">')
+    assert start >= 0, dom.stderr[-2000:]
+    raw = dom.stdout[start + len('<pre id="image-check">') : dom.stdout.index("</pre>", start)]
+    images = json.loads(html.unescape(raw))
+    assert len(images) == len(Page(text).images()) == 2 + 10 * report.THUMBNAILS_PER_CLASS
+    assert [im["alt"] for im in images if not (im["complete"] and im["width"] > 0)] == []
+
+    shot = tmp_path / "report.png"
+    run = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", path.as_uri())
+    assert shot.is_file(), run.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("L"), dtype=np.float64)
+    assert pixels.shape == (2400, 1280)
+    assert pixels.std() > 10  # figures and photos drawn, not a blank page
