@@ -1,0 +1,48 @@
+"""The bundled sample images and weights are intact and attributed."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+
+from stages.model import BUNDLED_WEIGHTS
+from tests.conftest import SAMPLE
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sample_matches_its_manifest():
+    with open(SAMPLE / "MANIFEST.tsv", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert len(rows) == 100
+    assert {r["file"] for r in rows} == {str(p.relative_to(SAMPLE)) for p in SAMPLE.glob("*/*.jpg")}
+    for r in rows:
+        f = SAMPLE / r["file"]
+        assert f.stat().st_size == int(r["bytes"])
+        assert _sha256(f) == r["sha256"]
+    assert len({r["file"].split("/")[0] for r in rows}) == 10
+    assert sum(int(r["bytes"]) for r in rows) < 1_000_000
+
+
+def test_sample_carries_its_licence_and_attribution():
+    readme = (SAMPLE / "README.md").read_text()
+    assert "CC BY-SA 4.0" in readme and "Mihai Oltean" in readme
+    assert "Attribution-ShareAlike 4.0" in (SAMPLE / "LICENSE").read_text()
+
+
+def test_bundled_weights_match_their_checksum():
+    line = (BUNDLED_WEIGHTS.parent / "SHA256SUMS").read_text().split()
+    assert line[1] == BUNDLED_WEIGHTS.name
+    assert _sha256(BUNDLED_WEIGHTS) == line[0]
+    assert "Apache License 2.0" in (BUNDLED_WEIGHTS.parent / "NOTICE.md").read_text()
+
+
+def test_bundled_weights_are_the_real_imagenet_tensors():
+    # Same tensors as ../shared/models/README.md states (410,208 parameters).
+    from stages.model import resolve_weights
+
+    spec, weights = resolve_weights("bundled")
+    assert sum(w.size for w in weights) == 410_208
+    assert spec.alpha == 0.35 and len(weights) == 260
