@@ -38,7 +38,9 @@ __all__ = ["IndexedBlock", "RowMatrix", "IndexedRowMatrix", "tree_depth"]
 _AGGREGATE_BUDGET_BYTES = 256 * 1024 * 1024
 
 
-def tree_depth(n_partitions: int, aggregate_bytes: int, budget: int = _AGGREGATE_BUDGET_BYTES) -> int:
+def tree_depth(
+    n_partitions: int, aggregate_bytes: int, budget: int = _AGGREGATE_BUDGET_BYTES
+) -> int:
     """``treeAggregate`` depth from the aggregate's size.
 
     Each level merges at most ``budget / aggregate_bytes`` aggregates (and never
@@ -211,7 +213,10 @@ class IndexedRowMatrix:
         )
 
     def compute_pca(
-        self, k: Optional[int] = None, variance: Optional[float] = None, n_cols: Optional[int] = None
+        self,
+        k: Optional[int] = None,
+        variance: Optional[float] = None,
+        n_cols: Optional[int] = None,
     ) -> PCAFit:
         """Standardise-then-PCA fit (Spark ML ``StandardScaler + PCA`` conventions).
 

@@ -46,7 +46,10 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=_float, default=None, help="MobileNetV2 width multiplier")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call")
     g.add_argument(
-        "--partitions", type=_positive_int, default=None, help="tasks (default: from the image count)"
+        "--partitions",
+        type=_positive_int,
+        default=None,
+        help="tasks (default: from the image count)",
     )
 
 
@@ -82,14 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("featurize", parents=[common], help="images (folder or s3://) -> features Parquet")
+    p = sub.add_parser(
+        "featurize", parents=[common], help="images (folder or s3://) -> features Parquet"
+    )
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="OUTPUT", help="features Parquet folder or URI")
     _add_featurize_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_featurize)
 
-    p = sub.add_parser("reduce", parents=[common], help="features Parquet -> PCA results (Results/)")
+    p = sub.add_parser(
+        "reduce", parents=[common], help="features Parquet -> PCA results (Results/)"
+    )
     p.add_argument("features", metavar="FEATURES")
     p.add_argument("results", metavar="RESULTS")
     _add_reduce_options(p)
@@ -166,7 +173,11 @@ def _cmd_reduce(args) -> int:
 
     spark = _session(args, "fruits-pipeline reduce")
     summary = reduce_features(
-        spark, args.features, args.results, overwrite=args.overwrite, log=_logger(args),
+        spark,
+        args.features,
+        args.results,
+        overwrite=args.overwrite,
+        log=_logger(args),
         **_reduce_kwargs(args),
     )
     if not args.quiet:
@@ -202,8 +213,13 @@ def _cmd_run(args) -> int:
         log=log,
     )
     summary = reduce_features(
-        spark, features, args.results, overwrite=args.overwrite, log=log,
-        featurize_report=report.to_dict(), **_reduce_kwargs(args),
+        spark,
+        features,
+        args.results,
+        overwrite=args.overwrite,
+        log=log,
+        featurize_report=report.to_dict(),
+        **_reduce_kwargs(args),
     )
     if not args.quiet:
         print(json.dumps({k: summary[k] for k in ("rows", "error_rows", "k", "results")}))

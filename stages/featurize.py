@@ -25,12 +25,12 @@ from urllib.parse import unquote
 if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from stages import hadoopfs  # noqa: E402
-from stages.errors import UsageError  # noqa: E402
-from stages.images import DecodeError, decode_image, preprocess  # noqa: E402
-from stages.model import ModelSpec, get_featurizer, resolve_weights  # noqa: E402
+from stages import hadoopfs
+from stages.errors import UsageError
+from stages.images import DecodeError, decode_image, preprocess
+from stages.model import ModelSpec, get_featurizer, resolve_weights
 
 __all__ = [
     "IMAGE_GLOB",
@@ -323,7 +323,14 @@ def featurize(
 
         def run(rows):
             return featurize_partition(
-                ((r[0], r[1]) for r in rows), bc, bc_id, alpha_, batch_size, url_encoded, builds, pids
+                ((r[0], r[1]) for r in rows),
+                bc,
+                bc_id,
+                alpha_,
+                batch_size,
+                url_encoded,
+                builds,
+                pids,
             )
 
         out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec))
@@ -334,9 +341,7 @@ def featurize(
     bc.unpersist()
 
     written = spark.read.parquet(output_path)
-    counts = written.agg(
-        F.count("*").alias("n"), F.count("error").alias("errors")
-    ).first()
+    counts = written.agg(F.count("*").alias("n"), F.count("error").alias("errors")).first()
     seconds = time.perf_counter() - t0
     report = FeaturizeReport(
         input=input_path,
@@ -374,7 +379,9 @@ def _empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
     as_scanned = uris.rdd.map(lambda r: (_scan_spelling(r[0], url_encoded),)).toDF(["path"])
     missing = as_scanned.join(images.select("path"), "path", "left_anti")
     return spark.createDataFrame(
-        missing.rdd.map(lambda r: (r[0], label_from_path(r[0], url_encoded), None, "empty file (0 bytes)")),
+        missing.rdd.map(
+            lambda r: (r[0], label_from_path(r[0], url_encoded), None, "empty file (0 bytes)")
+        ),
         features_schema(spec),
     )
 

@@ -37,7 +37,9 @@ __all__ = [
 
 FEATURE_DIM = 1280
 MODEL_NAME = "MobileNetV2"
-BUNDLED_WEIGHTS = Path(__file__).with_name("weights") / "mobilenet_v2_imagenet_alpha0.35_224_no_top.h5"
+BUNDLED_WEIGHTS = (
+    Path(__file__).with_name("weights") / "mobilenet_v2_imagenet_alpha0.35_224_no_top.h5"
+)
 BUNDLED_ALPHA = 0.35
 # Alphas for which Keras publishes ImageNet weights at 224 px.
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -123,7 +125,9 @@ def _check_alpha(alpha: float) -> None:
         raise UsageError(f"--alpha {alpha} must be in (0, 2]; MobileNetV2 ships 0.35 ... 1.4")
 
 
-def resolve_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSpec, List[np.ndarray]]:
+def resolve_weights(
+    source: str, alpha: Optional[float] = None
+) -> Tuple[ModelSpec, List[np.ndarray]]:
     """Load the weights on the driver, once.
 
     Parameters
@@ -159,7 +163,8 @@ def resolve_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSp
         alpha = 1.0 if alpha is None else alpha
         if alpha not in IMAGENET_ALPHAS:
             raise UsageError(
-                f"--alpha {alpha} has no ImageNet weights: use one of {', '.join(map(str, IMAGENET_ALPHAS))}"
+                f"--alpha {alpha} has no ImageNet weights: use one of "
+                + ", ".join(map(str, IMAGENET_ALPHAS))
             )
         path, label = None, "imagenet"
     elif m:
@@ -169,7 +174,9 @@ def resolve_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSp
         alpha = 1.0 if alpha is None else alpha
         path = Path(source).expanduser()
         if not path.is_file():
-            raise UsageError(f"weights file {source} does not exist: give a readable Keras .h5 file")
+            raise UsageError(
+                f"weights file {source} does not exist: give a readable Keras .h5 file"
+            )
         label = "file:" + str(path.resolve())
     else:
         raise UsageError(
@@ -231,7 +238,9 @@ def _configure_threads(threads: int) -> None:
 def get_featurizer(
     broadcast_weights,
     key: int,
-    alpha: float, threads: int = 1, on_build: Optional[Callable[[], None]] = None
+    alpha: float,
+    threads: int = 1,
+    on_build: Optional[Callable[[], None]] = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The batch featurizer of this Python worker, built on first use.
 

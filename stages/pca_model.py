@@ -137,7 +137,10 @@ class PCAModel:
             base = base + "/pca_model"
         if spark is None:
             base = base[len("file:") :] if base.startswith("file:") else base
-            with open(os.path.join(base, ARRAYS), "rb") as a, open(os.path.join(base, META), "rb") as m:
+            with (
+                open(os.path.join(base, ARRAYS), "rb") as a,
+                open(os.path.join(base, META), "rb") as m,
+            ):
                 return cls.from_files(a.read(), m.read())
         from stages import hadoopfs
 
@@ -154,5 +157,3 @@ class PCAModel:
         for name, data in self.to_files().items():
             hadoopfs.write_bytes(spark, f"{base}/{name}", data)
         return base
-
-

@@ -32,13 +32,13 @@ from typing import Any, Dict, Iterator, List, Optional
 if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from linalg.distributed import IndexedBlock, IndexedRowMatrix  # noqa: E402
-from stages import hadoopfs  # noqa: E402
-from stages.errors import UsageError  # noqa: E402
-from stages.featurize import METADATA_KEY, check_output  # noqa: E402
-from stages.pca_model import PCAModel  # noqa: E402
+from linalg.distributed import IndexedBlock, IndexedRowMatrix
+from stages import hadoopfs
+from stages.errors import UsageError
+from stages.featurize import METADATA_KEY, check_output
+from stages.pca_model import PCAModel
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
 
@@ -105,7 +105,11 @@ def _projection_rows(batches: Iterator[Any]) -> Iterator[Any]:
             offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
             pca = pa.ListArray.from_arrays(offsets, pa.array(block.X.reshape(-1)))
             yield pa.RecordBatch.from_arrays(
-                [block.keys.column("path").combine_chunks(), block.keys.column("label").combine_chunks(), pca],
+                [
+                    block.keys.column("path").combine_chunks(),
+                    block.keys.column("label").combine_chunks(),
+                    pca,
+                ],
                 names=["path", "label", "pca"],
             )
 
@@ -120,7 +124,9 @@ def _check_features_schema(df, path: str) -> None:
         raise UsageError(f"{path} is not a features table: no column {', '.join(missing)}; {hint}")
     for name in ("path", "label", "error"):
         if not isinstance(fields[name], StringType):
-            raise UsageError(f"{path}: column {name} is {fields[name].simpleString()}, expected string; {hint}")
+            raise UsageError(
+                f"{path}: column {name} is {fields[name].simpleString()}, expected string; {hint}"
+            )
     ft = fields["features"]
     if not (isinstance(ft, ArrayType) and isinstance(ft.elementType, (FloatType, DoubleType))):
         raise UsageError(
@@ -147,7 +153,12 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
 def _identity(spec: Optional[Dict[str, Any]]):
     if spec is None:
         return None
-    return (spec.get("name"), float(spec.get("alpha", 0)), spec.get("input_size"), spec.get("weights_sha256"))
+    return (
+        spec.get("name"),
+        float(spec.get("alpha", 0)),
+        spec.get("input_size"),
+        spec.get("weights_sha256"),
+    )
 
 
 def read_feature_matrix(spark, features: str):
@@ -170,7 +181,8 @@ def read_feature_matrix(spark, features: str):
 
     if not hadoopfs.exists(spark, features):
         raise UsageError(
-            f"features {features} do not exist: run `fruits-pipeline featurize INPUT {features}` first"
+            f"features {features} do not exist: "
+            f"run `fruits-pipeline featurize INPUT {features}` first"
         )
     files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
     if not files:
@@ -181,7 +193,9 @@ def read_feature_matrix(spark, features: str):
     distinct = {_identity(m): m for m in models}
     if len(distinct) > 1:
         names = "; ".join(
-            "unknown" if m is None else f"{m.get('name')} alpha={m.get('alpha')} {m.get('weights_source')}"
+            "unknown"
+            if m is None
+            else f"{m.get('name')} alpha={m.get('alpha')} {m.get('weights_source')}"
             for m in distinct.values()
         )
         raise UsageError(
@@ -217,11 +231,14 @@ def read_feature_matrix(spark, features: str):
     if info["rows"] < 2:
         blocks_df.unpersist()
         raise UsageError(
-            f"features {features} have {info['rows']} usable rows ({info['error_rows']} error rows): "
+            f"features {features} have {info['rows']} usable rows "
+            f"({info['error_rows']} error rows): "
             "a PCA needs at least 2; featurize more images"
         )
-    blocks = blocks_df.select("payload").rdd.filter(lambda r: len(r[0]) > 0).map(
-        lambda r: pickle.loads(r[0])
+    blocks = (
+        blocks_df.select("payload")
+        .rdd.filter(lambda r: len(r[0]) > 0)
+        .map(lambda r: pickle.loads(r[0]))
     )
     return IndexedRowMatrix(blocks, n_cols=info["n_features"]), info, blocks_df
 
@@ -386,7 +403,9 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
             ).alias("d"),
             F.array_max(F.transform("pca", lambda x: F.abs(x))).alias("scale"),
         )
-        .agg(F.max("d").alias("max_abs_diff"), F.max("scale").alias("scale"), F.count("*").alias("n"))
+        .agg(
+            F.max("d").alias("max_abs_diff"), F.max("scale").alias("scale"), F.count("*").alias("n")
+        )
         .first()
     )
     t_cmp = time.perf_counter()
@@ -396,11 +415,15 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         "rows_compared": int(diff["n"]),
         "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
         "components_well_separated": int(separated.sum()),
-        "components_min_abs_cos_well_separated": float(cos[separated].min()) if separated.any() else None,
+        "components_min_abs_cos_well_separated": float(cos[separated].min())
+        if separated.any()
+        else None,
         "components_min_abs_cos_all": float(cos.min()),
         "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
         "projection_scale": scale,
-        "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale if scale else 0.0,
+        "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
+        if scale
+        else 0.0,
         "spark_ml_fit_transform_s": t_fit - t0,
         "compare_s": t_cmp - t_fit,
     }

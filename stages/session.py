@@ -64,7 +64,9 @@ def spark_session(
     elif not existing.contains("spark.master"):
         builder = builder.master(os.environ.get("FRUITS_SPARK_MASTER", "local[*]"))
     if not existing.contains("spark.driver.memory"):
-        builder = builder.config("spark.driver.memory", os.environ.get("FRUITS_DRIVER_MEMORY", "4g"))
+        builder = builder.config(
+            "spark.driver.memory", os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
+        )
     if not existing.contains("spark.driver.extraJavaOptions"):
         log4j = Path(__file__).with_name("log4j2.properties")
         builder = builder.config(

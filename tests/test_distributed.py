@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from linalg.distributed import IndexedBlock, IndexedRowMatrix, RowMatrix, tree_depth
-from linalg.kernels import fit_pca_from_moments, block_moments
+from linalg.kernels import block_moments, fit_pca_from_moments
 
 
 def _blocks(X: np.ndarray, sizes):
@@ -25,7 +25,9 @@ def test_statistics_with_more_partitions_than_rows(spark):
     m = RowMatrix(rdd).compute_column_summary_statistics()
     assert m.n == 5
     np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(RowMatrix(rdd).compute_covariance(), np.cov(X, rowvar=False), rtol=1e-10)
+    np.testing.assert_allclose(
+        RowMatrix(rdd).compute_covariance(), np.cov(X, rowvar=False), rtol=1e-10
+    )
 
 
 def test_empty_matrix_gives_identity_statistics(spark):

@@ -25,20 +25,30 @@ def read_features(path: Path) -> dict:
     t = pq.read_table(path).to_pydict()
     out = {}
     for p, lab, f, e in zip(t["path"], t["label"], t["features"], t["error"]):
-        out["/".join(p.split("/")[-2:])] = (lab, None if f is None else np.asarray(f, np.float32), e)
+        out["/".join(p.split("/")[-2:])] = (
+            lab,
+            None if f is None else np.asarray(f, np.float32),
+            e,
+        )
     return out
 
 
 def keras_reference(files) -> np.ndarray:
-    """Single-process Keras: load_img + preprocess_input + predict_on_batch, weights from the .h5."""
+    """Single-process Keras (load_img, preprocess_input, predict_on_batch), weights from the .h5."""
     import tensorflow as tf
 
     model = tf.keras.applications.MobileNetV2(
-        input_shape=(224, 224, 3), alpha=0.35, include_top=False, pooling="avg", weights=str(BUNDLED_WEIGHTS)
+        input_shape=(224, 224, 3),
+        alpha=0.35,
+        include_top=False,
+        pooling="avg",
+        weights=str(BUNDLED_WEIGHTS),
     )
     x = np.stack(
         [
-            tf.keras.utils.img_to_array(tf.keras.utils.load_img(f, target_size=(224, 224), interpolation="bilinear"))
+            tf.keras.utils.img_to_array(
+                tf.keras.utils.load_img(f, target_size=(224, 224), interpolation="bilinear")
+            )
             for f in files
         ]
     )
@@ -130,7 +140,15 @@ def test_bad_files_become_error_rows_with_reasons(messy_features):
         "Banana split/" + f.name for f in sorted((SAMPLE / "Banana").glob("*.jpg"))[:3]
     } | {
         f"50%off/{n}"
-        for n in ("corrupt.jpg", "truncated.jpg", "empty.jpg", "text.jpeg", "really_png.jpg", "gray.JPG", "cmyk.jpeg")
+        for n in (
+            "corrupt.jpg",
+            "truncated.jpg",
+            "empty.jpg",
+            "text.jpeg",
+            "really_png.jpg",
+            "gray.JPG",
+            "cmyk.jpeg",
+        )
     }
     reasons = {k.split("/")[1]: v[2] for k, v in got.items() if v[2] is not None}
     assert set(reasons) == {"corrupt.jpg", "truncated.jpg", "empty.jpg", "text.jpeg"}
@@ -154,10 +172,18 @@ def test_png_gray_and_cmyk_are_featurized_like_keras(messy_input, messy_features
 
 def test_model_built_once_per_worker_and_keras_home_untouched(spark, keras_home, tmp_path):
     # Workers see the empty read-only KERAS_HOME: weights can only come by broadcast.
-    seen = spark.sparkContext.parallelize([0], 1).map(lambda _: os.environ.get("KERAS_HOME")).collect()
+    seen = (
+        spark.sparkContext.parallelize([0], 1).map(lambda _: os.environ.get("KERAS_HOME")).collect()
+    )
     assert seen == [str(keras_home)]
     report = featurize(
-        spark, str(SAMPLE), str(tmp_path / "F"), weights="random:7", alpha=0.35, partitions=6, batch_size=8
+        spark,
+        str(SAMPLE),
+        str(tmp_path / "F"),
+        weights="random:7",
+        alpha=0.35,
+        partitions=6,
+        batch_size=8,
     )
     assert report.partitions == 6 and report.images == 100 and report.errors == 0
     # One build per Python worker process, not one per task: local[2] runs two
@@ -183,6 +209,8 @@ def test_rerun_without_overwrite_refuses_and_keeps_old_output(spark, sample_feat
 def test_overwrite_replaces(spark, tmp_path):
     out = tmp_path / "F"
     featurize(spark, str(SAMPLE / "Kiwi"), str(out), weights="random:2", alpha=0.35)
-    report = featurize(spark, str(SAMPLE / "Lemon"), str(out), weights="random:2", alpha=0.35, overwrite=True)
+    report = featurize(
+        spark, str(SAMPLE / "Lemon"), str(out), weights="random:2", alpha=0.35, overwrite=True
+    )
     labels = {v[0] for v in read_features(out).values()}
     assert report.images == 10 and labels == {"Lemon"}

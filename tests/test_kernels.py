@@ -41,7 +41,9 @@ def blocks(draw, min_blocks=1, max_blocks=5, allow_empty=True):
 def assert_moments_close(a: BlockMoments, b: BlockMoments, rtol=1e-10):
     assert a.n == b.n
     scale = max(1.0, float(np.abs(b.m2).max(initial=0.0)))
-    np.testing.assert_allclose(a.mean, b.mean, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b.mean).max(initial=0))))
+    np.testing.assert_allclose(
+        a.mean, b.mean, rtol=rtol, atol=rtol * max(1.0, float(np.abs(b.mean).max(initial=0)))
+    )
     np.testing.assert_allclose(a.m2, b.m2, rtol=rtol, atol=rtol * scale)
 
 
@@ -148,7 +150,9 @@ def test_zero_std_columns_map_to_zero_not_nan():
 
 
 @settings(max_examples=40, deadline=None)
-@given(arrays(np.float64, st.tuples(st.integers(3, 30), st.integers(2, 6)), elements=FLOATS), st.data())
+@given(
+    arrays(np.float64, st.tuples(st.integers(3, 30), st.integers(2, 6)), elements=FLOATS), st.data()
+)
 def test_pca_fit_matches_numpy_reference(X, data):
     d = X.shape[1]
     k = data.draw(st.integers(1, d))
@@ -161,7 +165,9 @@ def test_pca_fit_matches_numpy_reference(X, data):
     P = fit.transform(X)
     # The projection's covariance is diag(top-k eigenvalues).
     np.testing.assert_allclose(
-        np.atleast_2d(np.cov(P, rowvar=False)), np.diag(fit.eigenvalues[:k]), atol=1e-8 * max(1.0, abs(w[0]))
+        np.atleast_2d(np.cov(P, rowvar=False)),
+        np.diag(fit.eigenvalues[:k]),
+        atol=1e-8 * max(1.0, abs(w[0])),
     )
 
 
@@ -208,7 +214,9 @@ def test_project_subtracts_mean_before_the_product(X):
     rng = np.random.default_rng(0)
     W = rng.standard_normal((X.shape[1], 2))
     mean = X.mean(axis=0)
-    np.testing.assert_allclose(project(X, W, mean), (X - mean) @ W, atol=1e-9 * max(1.0, float(np.abs(X).max())))
+    np.testing.assert_allclose(
+        project(X, W, mean), (X - mean) @ W, atol=1e-9 * max(1.0, float(np.abs(X).max()))
+    )
 
 
 def test_constant_column_whose_mean_rounds_has_zero_std():

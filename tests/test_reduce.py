@@ -113,10 +113,14 @@ def _expect_refusal(spark, features, results: Path, match: str, **kw):
 def test_bad_arguments_are_refused_with_nothing_written(spark, sample_features, tmp_path):
     r = tmp_path / "R"
     _expect_refusal(spark, sample_features, r, r"--k 0 must be at least 1", k=0)
-    _expect_refusal(spark, sample_features, r, r"--k 1281 must be between 1 and the feature length 1280", k=1281)
+    _expect_refusal(
+        spark, sample_features, r, r"--k 1281 must be between 1 and the feature length 1280", k=1281
+    )
     _expect_refusal(spark, sample_features, r, r"--variance 1.5 must be in \(0, 1\]", variance=1.5)
     _expect_refusal(spark, sample_features, r, r"--variance 0.0 must be in \(0, 1\]", variance=0.0)
-    _expect_refusal(spark, tmp_path / "nope", r, r"do not exist: run `fruits-pipeline featurize", k=2)
+    _expect_refusal(
+        spark, tmp_path / "nope", r, r"do not exist: run `fruits-pipeline featurize", k=2
+    )
     (tmp_path / "empty").mkdir()
     _expect_refusal(spark, tmp_path / "empty", r, r"hold no Parquet files", k=2)
 
@@ -134,7 +138,11 @@ def test_bad_features_are_refused(spark, sample_features, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     pq.write_table(
-        t.set_column(t.schema.get_field_index("features"), "features", pa.array(feats, t.schema.field("features").type)),
+        t.set_column(
+            t.schema.get_field_index("features"),
+            "features",
+            pa.array(feats, t.schema.field("features").type),
+        ),
         mixed / "part-0.parquet",
     )
     _expect_refusal(spark, mixed, r, r"mix vectors of lengths 640, 1280", k=1)
@@ -152,7 +160,9 @@ def test_features_from_two_models_are_refused(spark, sample_features, tmp_path):
     shutil.copytree(sample_features, both)
     for i, f in enumerate(sorted(other.glob("*.parquet"))):
         shutil.copy(f, both / f"part-other-{i}.parquet")
-    _expect_refusal(spark, both, tmp_path / "R", r"made by 2 different models .* one --weights", k=2)
+    _expect_refusal(
+        spark, both, tmp_path / "R", r"made by 2 different models .* one --weights", k=2
+    )
 
 
 def test_rerun_without_overwrite_refuses(spark, sample_features, results):
