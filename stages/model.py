@@ -220,8 +220,8 @@ def resolve_weights(
 
 # ---------------------------------------------------------------- executor side
 
-# broadcast id -> batch featurizer; lives as long as the Python worker.
-_FEATURIZERS: Dict[int, Callable[[np.ndarray], np.ndarray]] = {}
+# weights hash -> batch featurizer; lives as long as the Python worker.
+_FEATURIZERS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
 
 def _configure_threads(threads: int) -> None:
@@ -237,7 +237,7 @@ def _configure_threads(threads: int) -> None:
 
 def get_featurizer(
     broadcast_weights,
-    key: int,
+    key: str,
     alpha: float,
     threads: int = 1,
     on_build: Optional[Callable[[], None]] = None,
@@ -249,7 +249,7 @@ def get_featurizer(
     broadcast_weights : pyspark.Broadcast
         Broadcast list of weight arrays, read only when the model is built.
     key : int
-        The broadcast's id (the cache key).
+        The cache key: the weights' SHA-256 and alpha.
     alpha : float
     threads : int
         TensorFlow intra-op threads: the executor cores given to one task.
