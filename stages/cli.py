@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _conf_pair(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key.startswith("spark."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a spark.* key")
+    return key, value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -81,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress lines")
     common.add_argument(
         "--master", default=None, help="Spark master (default local[*]; spark-submit's wins)"
+    )
+    common.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_conf_pair,
+        help="extra Spark setting (repeatable), e.g. --conf spark.executor.memory=4g",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -138,6 +153,7 @@ def _session(args, app: str):
     from stages.session import spark_session
 
     conf = {} if args.quiet else {"spark.ui.showConsoleProgress": "true"}
+    conf.update(dict(getattr(args, "conf", None) or []))
     return spark_session(app, master=args.master, conf=conf)
 
 

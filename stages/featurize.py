@@ -214,7 +214,10 @@ def read_images(spark, input_path: str):
 
 
 def check_output(spark, output_path: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output without ``overwrite``."""
+    """Refuse to replace an existing output without ``overwrite``, or to start a job
+    whose output bucket does not exist (it would fail only at the end)."""
+    if hadoopfs.bucket_missing(spark, output_path):
+        raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
     if not overwrite and hadoopfs.has_data(spark, output_path):
         raise UsageError(
             f"output {output_path} already exists: pass --overwrite to replace it, "

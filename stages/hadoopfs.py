@@ -29,16 +29,42 @@ def _fs_and_path(spark, uri: str):
 
 
 def exists(spark, uri: str) -> bool:
-    """Whether ``uri`` exists (file or folder)."""
-    fs, path = _fs_and_path(spark, uri)
-    return bool(fs.exists(path))
+    """Whether ``uri`` exists (file or folder); ``False`` when its bucket does not."""
+    from py4j.protocol import Py4JJavaError
+
+    try:
+        fs, path = _fs_and_path(spark, uri)
+        return bool(fs.exists(path))
+    except Py4JJavaError as exc:
+        if _is_missing_bucket(exc):
+            return False
+        raise
+
+
+def bucket_missing(spark, uri: str) -> bool:
+    """Whether ``uri`` is in an object-store bucket that does not exist."""
+    from py4j.protocol import Py4JJavaError
+
+    try:
+        fs, path = _fs_and_path(spark, uri)
+        fs.exists(path)
+    except Py4JJavaError as exc:
+        if _is_missing_bucket(exc):
+            return True
+        raise
+    return False
+
+
+def _is_missing_bucket(exc) -> bool:
+    name = exc.java_exception.getClass().getName()
+    return name.endswith(("UnknownStoreException", "NoSuchBucketException"))
 
 
 def has_data(spark, uri: str) -> bool:
     """Whether ``uri`` exists and is a file or a non-empty folder."""
-    fs, path = _fs_and_path(spark, uri)
-    if not fs.exists(path):
+    if not exists(spark, uri):
         return False
+    fs, path = _fs_and_path(spark, uri)
     status = fs.getFileStatus(path)
     if not status.isDirectory():
         return True

@@ -50,9 +50,13 @@ def spark_session(
     -------
     pyspark.sql.SparkSession
     """
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Launched by spark-submit: its JVM is up, but SparkConf() only sees the
+        # settings given there (master, memory) once the gateway is open.
+        SparkContext._ensure_initialized()
     existing = SparkConf()  # loads spark-submit's settings when launched by it
     if not existing.contains("spark.master"):
         # Local runs: Python workers use this interpreter (its venv), not the first

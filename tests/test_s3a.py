@@ -1,0 +1,258 @@
+"""Both stages against S3 through Hadoop's real S3A connector (moto's server on 127.0.0.1).
+
+What a local-path test cannot see: listing and reading images by ``s3a://`` URIs,
+labels with spaces in object keys, Spark's commit protocol writing Parquet on an
+object store (part files, ``_SUCCESS``, no ``_temporary/`` left), our own
+``hadoopfs`` helpers (exists, footers, ``summary.json``, ``pca_model/``) on S3A, and
+the one-line errors for a missing prefix.  The bucket's files are read back with
+boto3 and pyarrow, not through Spark, so what is checked is what S3 holds.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+from stages.errors import UsageError
+from tests import s3_fixtures
+from tests.conftest import SAMPLE
+from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+# The module-scoped fixtures of tests/s3_fixtures.py, made visible to this module.
+moto_s3_endpoint = s3_fixtures.moto_s3_endpoint
+moto_s3_client = s3_fixtures.moto_s3_client
+s3a_spark = s3_fixtures.s3a_spark
+s3a_sample_bucket = s3_fixtures.s3a_sample_bucket
+
+IMAGES = f"s3a://{BUCKET}/Test/"
+FEATURES = f"s3a://{BUCKET}/Features/"
+RESULTS = f"s3a://{BUCKET}/Results/"
+
+
+def _read_parquet_from_bucket(client, prefix: str):
+    """The Parquet part files under ``prefix``, fetched with boto3, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(k for k in list_keys(client, prefix) if k.endswith(".parquet"))
+    assert parts, f"no Parquet part files under s3://{BUCKET}/{prefix}"
+    tables = [
+        pq.read_table(pa.BufferReader(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+        for k in parts
+    ]
+    return pa.concat_tables(tables)
+
+
+def _features_by_image(table) -> Dict[Tuple[str, str], np.ndarray]:
+    """``(label, file name) -> features`` of a features table with no error rows."""
+    assert table.column("error").null_count == table.num_rows
+    out = {}
+    for path, label, feats in zip(
+        table.column("path").to_pylist(),
+        table.column("label").to_pylist(),
+        table.column("features").to_pylist(),
+    ):
+        out[(label, posixpath.basename(path))] = np.asarray(feats, dtype=np.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3a_features(s3a_spark, s3a_sample_bucket):
+    """Stage 1 from ``s3a://bucket/Test/`` to ``s3a://bucket/Features/``; its report."""
+    from stages.featurize import featurize
+
+    return featurize(s3a_spark, IMAGES, FEATURES, weights="bundled")
+
+
+@pytest.fixture(scope="module")
+def s3a_results(s3a_spark, s3a_features):
+    """Stage 2 from ``s3a://bucket/Features/`` to ``s3a://bucket/Results/`` (k=5); its summary."""
+    from stages.reduce import reduce_features
+
+    return reduce_features(s3a_spark, FEATURES, RESULTS, k=5, variance=None)
+
+
+def test_featurize_commits_parquet_to_the_bucket(moto_s3_client, s3a_sample_bucket, s3a_features):
+    keys = list_keys(moto_s3_client, "Features/")
+    names = [posixpath.basename(k) for k in keys]
+    assert "Features/_SUCCESS" in keys
+    assert any(n.startswith("part-") and n.endswith(".parquet") for n in names), keys
+    # The commit moved every task's output in place and cleaned up after itself.
+    assert not [k for k in keys if "_temporary" in k or ".spark-staging" in k], keys
+    assert s3a_features.images == len(s3a_sample_bucket) == 100
+    assert s3a_features.errors == 0
+    assert s3a_features.output == FEATURES
+
+
+def test_s3a_features_equal_local_features(
+    moto_s3_client, s3a_sample_bucket, s3a_features, sample_features
+):
+    import pyarrow.parquet as pq
+
+    table = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    # Paths are the object URIs, labels the folder names exactly as in the keys
+    # ("Apple Braeburn", never "Apple%20Braeburn").
+    assert sorted(table.column("path").to_pylist()) == sorted(
+        f"s3a://{BUCKET}/{k}" for k in s3a_sample_bucket
+    )
+    labels = set(table.column("label").to_pylist())
+    assert labels == {p.name for p in SAMPLE.iterdir() if p.is_dir()}
+    assert "Apple Braeburn" in labels
+
+    on_s3 = _features_by_image(table)
+    local = _features_by_image(pq.read_table(str(sample_features)))
+    assert len(on_s3) == len(local) == table.num_rows == 100
+    assert on_s3.keys() == local.keys()
+    diffs = [float(np.max(np.abs(on_s3[key] - local[key]))) for key in local]
+    assert max(diffs) <= 1e-5, f"max abs diff {max(diffs)} between s3a and local features"
+    assert all(v.shape == (1280,) for v in on_s3.values())
+
+
+def test_s3a_features_record_the_model_in_their_footers(s3a_spark, s3a_features, sample_features):
+    from stages.featurize import read_model_spec
+
+    on_s3 = read_model_spec(s3a_spark.read.parquet(FEATURES).schema)
+    local = read_model_spec(s3a_spark.read.parquet(str(sample_features)).schema)
+    assert on_s3 is not None
+    assert (
+        on_s3["weights_sha256"] == local["weights_sha256"] == s3a_features.model["weights_sha256"]
+    )
+    assert on_s3["alpha"] == 0.35
+
+
+def test_reduce_reads_and_writes_the_bucket(moto_s3_client, s3a_features, s3a_results):
+    keys = set(list_keys(moto_s3_client, "Results/"))
+    for key in (
+        "Results/projections/_SUCCESS",
+        "Results/pca_model/arrays.npz",
+        "Results/pca_model/model.json",
+        "Results/summary.json",
+    ):
+        assert key in keys, sorted(keys)
+    assert not [k for k in keys if "_temporary" in k or ".spark-staging" in k], sorted(keys)
+
+    summary = json.loads(
+        moto_s3_client.get_object(Bucket=BUCKET, Key="Results/summary.json")["Body"].read()
+    )
+    assert summary["rows"] == 100
+    assert summary["error_rows"] == 0
+    assert summary["k"] == 5
+    assert summary["n_features"] == 1280
+    assert summary["features"] == FEATURES
+    assert summary["features_model"]["weights_sha256"] == s3a_features.model["weights_sha256"]
+    assert summary["explained_variance_ratio"] == pytest.approx(
+        s3a_results["explained_variance_ratio"], rel=1e-12
+    )
+
+
+def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
+    moto_s3_client, s3a_results
+):
+    from stages.pca_model import PCAModel
+
+    def get(key: str) -> bytes:
+        return moto_s3_client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    model = PCAModel.from_files(
+        get("Results/pca_model/arrays.npz"), get("Results/pca_model/model.json")
+    )
+    assert model.n_components == 5
+    features = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    X = np.stack([np.asarray(f, dtype=np.float32) for f in features.column("features").to_pylist()])
+    expected = dict(zip(features.column("path").to_pylist(), model.transform(X)))
+
+    proj = _read_parquet_from_bucket(moto_s3_client, "Results/projections/")
+    got = dict(zip(proj.column("path").to_pylist(), proj.column("pca").to_pylist()))
+    assert got.keys() == expected.keys()
+    assert len(got) == 100
+    labels = dict(zip(proj.column("path").to_pylist(), proj.column("label").to_pylist()))
+    assert all(posixpath.basename(posixpath.dirname(p)) == lab for p, lab in labels.items())
+
+    A = np.array([got[p] for p in sorted(got)])
+    B = np.array([expected[p] for p in sorted(got)])
+    scale = float(np.max(np.abs(B)))
+    assert scale > 0
+    np.testing.assert_allclose(A, B, rtol=0, atol=1e-8 * scale)
+
+
+def test_featurize_missing_s3a_prefix_is_a_usage_error(s3a_spark, s3a_sample_bucket):
+    from stages.featurize import featurize
+
+    with pytest.raises(UsageError, match=r"input s3a://bucket/Nope/ does not exist"):
+        featurize(s3a_spark, f"s3a://{BUCKET}/Nope/", f"s3a://{BUCKET}/Out/", weights="bundled")
+
+
+def test_featurize_prefix_without_images_is_a_usage_error(
+    s3a_spark, moto_s3_client, s3a_sample_bucket
+):
+    from stages.featurize import featurize
+
+    moto_s3_client.put_object(Bucket=BUCKET, Key="NoImages/readme.txt", Body=b"not a photo")
+    with pytest.raises(UsageError, match=r"no \.jpg/\.jpeg images under s3a://bucket/NoImages/"):
+        featurize(s3a_spark, f"s3a://{BUCKET}/NoImages/", f"s3a://{BUCKET}/Out/")
+
+
+def test_featurize_existing_s3a_output_is_a_usage_error(moto_s3_client, s3a_spark, s3a_features):
+    from stages.featurize import featurize
+
+    before = sorted(list_keys(moto_s3_client, "Features/"))
+    with pytest.raises(
+        UsageError, match=r"output s3a://bucket/Features/ already exists.*--overwrite"
+    ):
+        featurize(s3a_spark, IMAGES, FEATURES, weights="bundled")
+    assert sorted(list_keys(moto_s3_client, "Features/")) == before
+
+
+def test_reduce_missing_s3a_features_is_a_usage_error(s3a_spark, s3a_sample_bucket):
+    from stages.reduce import reduce_features
+
+    with pytest.raises(UsageError, match=r"features s3a://bucket/Nope/ do not exist"):
+        reduce_features(
+            s3a_spark, f"s3a://{BUCKET}/Nope/", f"s3a://{BUCKET}/Out/", k=2, variance=None
+        )
+
+
+def test_featurize_missing_bucket_is_a_usage_error(s3a_spark, s3a_sample_bucket):
+    # Regression: S3A's UnknownStoreException used to escape as a Java stack trace.
+    from stages.featurize import featurize
+
+    try:
+        with pytest.raises(UsageError, match=r"input s3a://nobucket/Test/ does not exist"):
+            featurize(s3a_spark, "s3a://nobucket/Test/", f"s3a://{BUCKET}/Out/")
+        with pytest.raises(UsageError, match=r"bucket of output s3a://nobucket/Out/ does not"):
+            featurize(s3a_spark, f"s3a://{BUCKET}/Test/", "s3a://nobucket/Out/")
+    finally:
+        close_s3a_filesystem(s3a_spark, "nobucket")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["featurize", f"s3a://{BUCKET}/Nope/", f"s3a://{BUCKET}/Out/"],
+            "fruits-pipeline: error: input s3a://bucket/Nope/ does not exist",
+        ),
+        (
+            ["reduce", f"s3a://{BUCKET}/Nope/", f"s3a://{BUCKET}/Out/", "--k", "2"],
+            "fruits-pipeline: error: features s3a://bucket/Nope/ do not exist",
+        ),
+    ],
+    ids=["featurize", "reduce"],
+)
+def test_cli_missing_s3a_prefix_exits_2_with_one_line(
+    s3a_spark, s3a_sample_bucket, moto_s3_client, capsys, argv: List[str], message: str
+):
+    from stages.cli import main
+
+    code = main([*argv, "--quiet"])  # reuses the running session and its S3A settings
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message), err
+    assert list_keys(moto_s3_client, "Out/") == []
