@@ -338,7 +338,9 @@ def featurize(
                 pids,
             )
 
-        out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec))
+        out = spark.createDataFrame(
+            rdd.mapPartitions(run), features_schema(spec), verifySchema=False
+        )
         if n_empty > 0:
             out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
         mode = "overwrite" if overwrite else "errorifexists"
