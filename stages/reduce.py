@@ -22,7 +22,6 @@ Data flow (the features are read once):
 from __future__ import annotations
 
 import json
-import pickle
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
 import numpy as np
 
 from linalg.distributed import IndexedBlock, IndexedRowMatrix
+from linalg.kernels import fit_pca_from_moments
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.featurize import METADATA_KEY, check_output
@@ -43,75 +43,61 @@ from stages.pca_model import PCAModel
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
 
 PROJECTIONS_SCHEMA = "path string, label string, pca array<double>"
-_BLOCKS_SCHEMA = "n_rows long, n_errors long, dims array<int>, payload binary"
 _SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
-# Rows per Arrow batch, hence per block: 4096 x 1280 float32 = 20 MB.
-BLOCK_ROWS = 4096
 
 
-def _feature_blocks(batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInArrow body: Arrow batches of features to pickled IndexedBlocks (executors)."""
+def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths) -> Iterator[Any]:
+    """Arrow batches of one partition to IndexedBlocks of usable rows (executors).
+
+    Error rows (``error`` set or ``features`` null) are dropped; rows whose vector
+    is not ``d`` long are dropped and their lengths reported through the
+    ``lengths`` accumulator, which the driver checks before writing anything.
+    The stable row index is ``partition << 33 | position``, like Spark's
+    ``monotonically_increasing_id``.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
-    from pyspark import TaskContext
 
-    ctx = TaskContext.get()
-    base = (ctx.partitionId() if ctx is not None else 0) << 33  # as monotonically_increasing_id
-    offset = 0
-    for batch in batches:
-        n_batch = batch.num_rows
+    from stages.arrow_rdd import read_batch
+
+    offset = index << 33
+    for data in batches:
+        batch = read_batch(data, schema)
+        n = batch.num_rows
         feats = batch.column("features")
         ok = pc.and_(pc.is_null(batch.column("error")), pc.is_valid(feats))
-        n_ok = pc.sum(ok).as_py() or 0
-        index = base + offset + np.nonzero(np.asarray(ok.to_numpy(zero_copy_only=False)))[0]
-        offset += n_batch
+        sizes = pc.list_value_length(feats)
+        bad = pc.and_(ok, pc.not_equal(sizes, d))
+        if pc.any(bad).as_py():
+            lengths.add({int(x) for x in pc.unique(pc.filter(sizes, bad)).to_pylist()})
+            ok = pc.and_(ok, pc.invert(bad))
+        keep = np.asarray(ok.to_numpy(zero_copy_only=False))
+        rows = np.nonzero(keep)[0]
         good = batch.filter(ok)
-        f = good.column("features")
-        lengths = pc.list_value_length(f).to_numpy(zero_copy_only=False)
-        dims = sorted({int(x) for x in np.unique(lengths)}) if n_ok else []
-        payload = b""
-        if n_ok and len(dims) == 1:
-            d = dims[0]
-            values = f.flatten().to_numpy(zero_copy_only=False)
-            X = np.ascontiguousarray(values.reshape(n_ok, d), dtype=np.float32)
-            keys = pa.table({"path": good.column("path"), "label": good.column("label")})
-            payload = pickle.dumps(IndexedBlock(index.astype(np.int64), X, keys), protocol=5)
-        yield pa.RecordBatch.from_pydict(
-            {
-                "n_rows": [int(n_ok)],
-                "n_errors": [int(n_batch - n_ok)],
-                "dims": [dims],
-                "payload": [payload],
-            },
-            schema=pa.schema(
-                [
-                    ("n_rows", pa.int64()),
-                    ("n_errors", pa.int64()),
-                    ("dims", pa.list_(pa.int32())),
-                    ("payload", pa.binary()),
-                ]
-            ),
-        )
+        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), d)
+        keys = pa.table({"path": good.column("path"), "label": good.column("label")})
+        yield IndexedBlock((offset + rows).astype(np.int64), X, keys)
+        offset += n
 
 
-def _projection_rows(batches: Iterator[Any]) -> Iterator[Any]:
-    """mapInArrow body: pickled projected IndexedBlocks to Arrow rows (executors)."""
+def _projection_batch(block: IndexedBlock) -> bytes:
+    """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
     import pyarrow as pa
 
-    for batch in batches:
-        for payload in batch.column("payload").to_pylist():
-            block: IndexedBlock = pickle.loads(payload)
-            n, k = block.X.shape
-            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-            pca = pa.ListArray.from_arrays(offsets, pa.array(block.X.reshape(-1)))
-            yield pa.RecordBatch.from_arrays(
-                [
-                    block.keys.column("path").combine_chunks(),
-                    block.keys.column("label").combine_chunks(),
-                    pca,
-                ],
-                names=["path", "label", "pca"],
-            )
+    from stages.arrow_rdd import batch_bytes
+
+    n, k = block.X.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    pca = pa.ListArray.from_arrays(offsets, pa.array(block.X.reshape(-1)))
+    batch = pa.RecordBatch.from_arrays(
+        [
+            block.keys.column("path").combine_chunks(),
+            block.keys.column("label").combine_chunks(),
+            pca,
+        ],
+        names=["path", "label", "pca"],
+    )
+    return batch_bytes(batch)
 
 
 def _check_features_schema(df, path: str) -> None:
@@ -162,22 +148,23 @@ def _identity(spec: Optional[Dict[str, Any]]):
 
 
 def read_feature_matrix(spark, features: str):
-    """Validate a features Parquet and open it as a cached IndexedRowMatrix.
+    """Validate a features Parquet and open it as an IndexedRowMatrix.
 
-    One read of the Parquet: an Arrow batch becomes one block.  Raises
-    :class:`UsageError` for a missing or empty path, a wrong schema, features of
-    mixed lengths or made by different models.
+    The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
+    then disk) and each becomes one block of usable rows in the Python workers,
+    with no Python object per row.  Raises :class:`UsageError` for a missing or
+    empty path, a wrong schema, or features made by different models; mixed
+    vector lengths are reported in ``info["lengths"]`` after the first pass.
 
     Returns
     -------
     matrix : IndexedRowMatrix
     info : dict
-        ``rows``, ``error_rows``, ``n_features``, ``features_model``, ``files``.
-    blocks_df : DataFrame
-        The cached blocks (unpersist when done).
+        ``rows_total``, ``n_features``, ``features_model``, ``files``,
+        ``lengths`` (an accumulator of the wrong lengths seen).
+    handle : JVM RDD
+        The cached batches: ``handle.unpersist(False)`` when done.
     """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
     if not hadoopfs.exists(spark, features):
         raise UsageError(
@@ -204,50 +191,53 @@ def read_feature_matrix(spark, features: str):
         )
     spec = next(iter(distinct.values()))
 
-    blocks_df = (
-        df.select("path", "label", "features", "error")
-        .mapInArrow(_feature_blocks, _BLOCKS_SCHEMA)
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    stats = blocks_df.agg(
-        F.coalesce(F.sum("n_rows"), F.lit(0)).alias("rows"),
-        F.coalesce(F.sum("n_errors"), F.lit(0)).alias("errors"),
-        F.array_distinct(F.flatten(F.collect_list("dims"))).alias("dims"),
-    ).first()
-    dims = sorted(stats["dims"] or [])
-    info = {
-        "rows": int(stats["rows"]),
-        "error_rows": int(stats["errors"]),
-        "n_features": dims[0] if len(dims) == 1 else None,
-        "features_model": spec or {},
-        "files": len(files),
-    }
-    if len(dims) > 1:
-        blocks_df.unpersist()
+    from pyspark.sql import functions as F
+
+    from stages.arrow_rdd import to_arrow_batches
+
+    # Footers give the row count for free; one row gives the vector length.
+    total = df.count()
+    first = df.where(F.col("features").isNotNull()).select(F.size("features")).first()
+    if first is None:
         raise UsageError(
-            f"features {features} mix vectors of lengths {', '.join(map(str, dims))}: "
-            "every vector must come from the same model; featurize again"
-        )
-    if info["rows"] < 2:
-        blocks_df.unpersist()
-        raise UsageError(
-            f"features {features} have {info['rows']} usable rows "
-            f"({info['error_rows']} error rows): "
+            f"features {features} have 0 usable rows ({total} error rows): "
             "a PCA needs at least 2; featurize more images"
         )
-    blocks = (
-        blocks_df.select("payload")
-        .rdd.filter(lambda r: len(r[0]) > 0)
-        .map(lambda r: pickle.loads(r[0]))
+    d = int(first[0])
+    raw, schema, handle = to_arrow_batches(
+        df.select("path", "label", "features", "error"), persist=True
     )
-    return IndexedRowMatrix(blocks, n_cols=info["n_features"]), info, blocks_df
+    lengths = spark.sparkContext.accumulator(set(), _SetParam())
+    blocks = raw.mapPartitionsWithIndex(
+        lambda i, it: _decode_blocks(i, it, schema, d, lengths), preservesPartitioning=True
+    )
+    info = {
+        "rows_total": total,
+        "n_features": d,
+        "features_model": spec or {},
+        "files": len(files),
+        "lengths": lengths,
+    }
+    return IndexedRowMatrix(blocks, n_cols=d), info, handle
+
+
+class _SetParam:
+    """Accumulator of a set (vector lengths seen)."""
+
+    def zero(self, value):
+        return set()
+
+    def addInPlace(self, a, b):
+        a |= b
+        return a
 
 
 def _write_projections(spark, projected: IndexedRowMatrix, uri: str) -> None:
-    pickled = projected.blocks.map(lambda b: (pickle.dumps(b, protocol=5),))
-    spark.createDataFrame(pickled, "payload binary").mapInArrow(
-        _projection_rows, PROJECTIONS_SCHEMA
-    ).write.mode("errorifexists").parquet(uri)
+    from stages.arrow_rdd import from_arrow_batches
+
+    schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
+    batches = projected.blocks.filter(lambda b: len(b) > 0).map(_projection_batch)
+    from_arrow_batches(spark, batches, schema).write.mode("errorifexists").parquet(uri)
 
 
 def reduce_features(
@@ -296,14 +286,29 @@ def reduce_features(
         raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
     check_output(spark, results, overwrite)
     t0 = time.perf_counter()
-    matrix, info, blocks_df = read_feature_matrix(spark, features)
+    matrix, info, handle = read_feature_matrix(spark, features)
     try:
         d = info["n_features"]
         if k is not None and k > d:
             raise UsageError(f"--k {k} must be between 1 and the feature length {d}")
+        # The one pass over the data: count, mean, centred cross-product (treeAggregate).
+        moments = matrix.compute_column_summary_statistics(d)
         t_read = time.perf_counter()
+        lengths = sorted(info["lengths"].value | {d})
+        if len(lengths) > 1:
+            raise UsageError(
+                f"features {features} mix vectors of lengths {', '.join(map(str, lengths))}: "
+                "every vector must come from the same model; featurize again"
+            )
+        info["rows"] = moments.n
+        info["error_rows"] = info["rows_total"] - moments.n
+        if moments.n < 2:
+            raise UsageError(
+                f"features {features} have {moments.n} usable rows "
+                f"({info['error_rows']} error rows): a PCA needs at least 2; featurize more images"
+            )
         log(f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)")
-        fit = matrix.compute_pca(k=k, variance=variance, n_cols=d)
+        fit = fit_pca_from_moments(moments, k=k, variance=variance)
         t_fit = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
@@ -316,7 +321,7 @@ def reduce_features(
         model.save(spark, results)
         t_write = time.perf_counter()
     finally:
-        blocks_df.unpersist()
+        handle.unpersist(False)
 
     summary: Dict[str, Any] = {
         "features": features,
@@ -330,8 +335,8 @@ def reduce_features(
         "explained_variance_ratio": fit.explained_variance_ratio[: fit.n_components].tolist(),
         "features_model": info["features_model"],
         "timings_s": {
-            "read_and_cache": t_read - t0,
-            "statistics_and_eigh": t_fit - t_read,
+            "read_and_statistics": t_read - t0,
+            "eigh": t_fit - t_read,
             "project_and_write": t_write - t_fit,
             "reduce_total": t_write - t0,
         },

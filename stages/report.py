@@ -60,8 +60,8 @@ _CHECK_BOUNDS = {
 }
 _TIMING_NAMES = {
     "featurize": "featurize (stage 1)",
-    "read_and_cache": "reduce: read and cache features",
-    "statistics_and_eigh": "reduce: moments, covariance, eigh",
+    "read_and_statistics": "reduce: read, moments and covariance (one pass)",
+    "eigh": "reduce: eigendecomposition on the driver",
     "project_and_write": "reduce: project and write",
     "reduce_total": "reduce (stage 2) total",
 }

@@ -79,6 +79,13 @@ def spark_session(
     for key, value in LOCAL_DEFAULTS.items():
         if not existing.contains(key):
             builder = builder.config(key, value)
+    if not existing.contains("spark.master"):
+        # One BLAS thread per task in local mode: two Python workers each running
+        # a 2-thread GEMM on 2 cores would fight (PySpark sets this on clusters
+        # from spark.executor.cores).
+        cpus = (conf or {}).get("spark.task.cpus", "1")
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            builder = builder.config(f"spark.executorEnv.{var}", cpus)
     if os.environ.get("FRUITS_SPARK_UI") == "0":
         builder = builder.config("spark.ui.enabled", "false")
     for key, value in (conf or {}).items():
