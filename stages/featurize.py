@@ -196,6 +196,23 @@ def _session_conf(spark, settings: Dict[str, str]):
                 spark.conf.set(k, v)
 
 
+def _packing(n_images: int, n_parts: int, total: int, largest: int) -> Tuple[int, int]:
+    """``(openCostInBytes, maxPartitionBytes)`` that give every task the same image count.
+
+    Spark packs files largest first and closes a task when ``size + next > split``,
+    each file weighing its length plus the open cost.  With ``open_cost > q * largest``
+    (``q`` images per task) and ``split = q * open_cost - 1``, q files always fit and
+    q + 1 never do, whatever their sizes: equal counts, where packing by bytes gave
+    tasks of 438 and 562 images (the job waits for the longer one).  Where that would
+    overflow a Java long, pack by bytes (no open cost, one file of slack).
+    """
+    q = math.ceil(n_images / n_parts)
+    open_cost = q * max(1, largest) + 1
+    if q * open_cost < 2**62:
+        return open_cost, q * open_cost - 1
+    return 0, max(1, math.ceil(total / n_parts) + largest)
+
+
 def choose_partitions(n_images: int, parallelism: int, requested: Optional[int] = None) -> int:
     """Partitions from the image count: one per core, more past 2048 images a task."""
     if requested is not None:
@@ -310,17 +327,15 @@ def featurize(
     pids = sc.accumulator(set(), _SetParam())
     alpha_ = spec.alpha
     total = int(stats["bytes"])
-    # Split by image count, not Spark's 4 MB packing of ~30 tiny JPEGs per task: with
-    # no open cost and a split of total/n_parts (+ one file of slack) the bin packing
-    # yields n_parts tasks of about equal bytes, and no shuffle.
-    split = max(1, math.ceil(total / n_parts) + int(stats["largest"]))
+    open_cost, split = _packing(n_images, n_parts, total, int(stats["largest"]))
     with _session_conf(
         spark,
         {
-            "spark.sql.files.openCostInBytes": "0",
+            "spark.sql.files.openCostInBytes": str(open_cost),
             "spark.sql.files.maxPartitionBytes": str(split),
-            # Spark caps a split at total/minPartitionNum: keep that cap above ours.
-            "spark.sql.files.minPartitionNum": str(max(1, total // split)),
+            # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
+            # that cap above ours.
+            "spark.sql.files.minPartitionNum": "1",
         },
     ):
         rdd = read_images(spark, input_path).select("path", "content").rdd

@@ -125,10 +125,29 @@ def _check_alpha(alpha: float) -> None:
         raise UsageError(f"--alpha {alpha} must be in (0, 2]; MobileNetV2 ships 0.35 ... 1.4")
 
 
+# (source, alpha, weights file mtime) -> (spec, weights): a second job in the same driver
+# (a warm run; `fruits-pipeline run` in a notebook) skips the Keras build and h5 read.
+_RESOLVED: Dict[Tuple[str, Optional[float], float], Tuple[ModelSpec, List[np.ndarray]]] = {}
+
+
 def resolve_weights(
     source: str, alpha: Optional[float] = None
 ) -> Tuple[ModelSpec, List[np.ndarray]]:
-    """Load the weights on the driver, once.
+    """Load the weights on the driver, once per driver process (see :func:`_load_weights`)."""
+    path = BUNDLED_WEIGHTS if source == "bundled" else Path(source).expanduser()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:  # imagenet, random:SEED
+        mtime = 0.0
+    key = (source, alpha, mtime)
+    if key not in _RESOLVED:
+        _RESOLVED.clear()  # hold one set of weights at a time
+        _RESOLVED[key] = _load_weights(source, alpha)
+    return _RESOLVED[key]
+
+
+def _load_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSpec, List[np.ndarray]]:
+    """Load the weights on the driver.
 
     Parameters
     ----------
