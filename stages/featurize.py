@@ -117,11 +117,13 @@ def featurize_partition(
     url_encoded: bool,
     builds=None,
     pids=None,
+    counts=None,
 ) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
     """Featurize one partition of ``(path, content)`` rows, in batches.
 
     Runs on the executors.  A row that cannot be decoded is yielded at once with
     its reason and no features; the model is only built if a row decodes.
+    ``counts``, a pair of accumulators, receives the rows and the error rows.
     """
     import os
 
@@ -133,9 +135,10 @@ def featurize_partition(
     paths: List[str] = []
     labels: List[str] = []
     arrays: List[np.ndarray] = []
+    seen = bad = 0
 
     def flush():
-        nonlocal featurizer
+        nonlocal featurizer, bad
         if featurizer is None:
             on_build = (lambda: builds.add(1)) if builds is not None else None
             featurizer = get_featurizer(broadcast_weights, model_key, alpha, threads, on_build)
@@ -147,16 +150,19 @@ def featurize_partition(
             if ok:
                 yield (p, lab, f.tolist(), None)
             else:
+                bad += 1
                 yield (p, lab, None, "model output is not finite")
         paths.clear()
         labels.clear()
         arrays.clear()
 
     for path, content in rows:
+        seen += 1
         label = label_from_path(path, url_encoded)
         try:
             arr = decode_image(content)
         except DecodeError as exc:
+            bad += 1
             yield (path, label, None, str(exc))
             continue
         paths.append(path)
@@ -166,6 +172,11 @@ def featurize_partition(
             yield from flush()
     if arrays:
         yield from flush()
+    if counts is not None:
+        # Added once the partition is fully written: the write is the job's only
+        # stage, whose accumulator updates Spark applies once per partition.
+        counts[0].add(seen)
+        counts[1].add(bad)
 
 
 def _paths_are_url_encoded(spark, sample_path: Optional[str]) -> bool:
@@ -325,6 +336,7 @@ def featurize(
     model_key = f"{spec.weights_sha256}:{spec.alpha}"
     builds = sc.accumulator(0)
     pids = sc.accumulator(set(), _SetParam())
+    counts = (sc.accumulator(0), sc.accumulator(0))
     alpha_ = spec.alpha
     total = int(stats["bytes"])
     open_cost, split = _packing(n_images, n_parts, total, int(stats["largest"]))
@@ -351,6 +363,7 @@ def featurize(
                 url_encoded,
                 builds,
                 pids,
+                counts,
             )
 
         out = spark.createDataFrame(
@@ -362,14 +375,12 @@ def featurize(
         out.write.mode(mode).parquet(output_path)
     bc.unpersist()
 
-    written = spark.read.parquet(output_path)
-    counts = written.agg(F.count("*").alias("n"), F.count("error").alias("errors")).first()
     seconds = time.perf_counter() - t0
     report = FeaturizeReport(
         input=input_path,
         output=output_path,
-        images=int(counts["n"]),
-        errors=int(counts["errors"]),
+        images=int(counts[0].value) + n_empty,
+        errors=int(counts[1].value) + n_empty,
         partitions=n_tasks,
         seconds=seconds,
         model=spec.to_dict(),
