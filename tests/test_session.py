@@ -21,7 +21,8 @@ def test_spark_submit_master_and_memory_win(tmp_path):
     script.write_text(
         "from stages.session import spark_session\n"
         "s = spark_session()\n"
-        "print('PROBE', s.sparkContext.master, s.sparkContext.getConf().get('spark.driver.memory'))\n"
+        "conf = s.sparkContext.getConf()\n"
+        "print('PROBE', s.sparkContext.master, conf.get('spark.driver.memory'))\n"
     )
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
