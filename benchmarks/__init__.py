@@ -1,0 +1,1 @@
+"""Benchmarks of fruits-pipeline: ratios against a baseline measured in the same run."""
