@@ -335,7 +335,7 @@ def featurize(
     # same weights (a warm run) reuses it and never even reads the broadcast.
     model_key = f"{spec.weights_sha256}:{spec.alpha}"
     builds = sc.accumulator(0)
-    pids = sc.accumulator(set(), _SetParam())
+    pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
     alpha_ = spec.alpha
     total = int(stats["bytes"])
@@ -419,8 +419,8 @@ def _empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
     )
 
 
-class _SetParam:
-    """Accumulator of a set (worker pids)."""
+class SetAccumulator:
+    """``AccumulatorParam`` of a set (worker pids, vector lengths seen)."""
 
     def zero(self, value):
         return set()

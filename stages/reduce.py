@@ -37,7 +37,7 @@ from linalg.distributed import IndexedBlock, IndexedRowMatrix
 from linalg.kernels import fit_pca_from_moments
 from stages import hadoopfs
 from stages.errors import UsageError
-from stages.featurize import METADATA_KEY, check_output
+from stages.featurize import METADATA_KEY, SetAccumulator, check_output
 from stages.pca_model import PCAModel
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
@@ -207,7 +207,7 @@ def read_feature_matrix(spark, features: str):
     raw, schema, handle = to_arrow_batches(
         df.select("path", "label", "features", "error"), persist=True
     )
-    lengths = spark.sparkContext.accumulator(set(), _SetParam())
+    lengths = spark.sparkContext.accumulator(set(), SetAccumulator())
     blocks = raw.mapPartitionsWithIndex(
         lambda i, it: _decode_blocks(i, it, schema, d, lengths), preservesPartitioning=True
     )
@@ -219,17 +219,6 @@ def read_feature_matrix(spark, features: str):
         "lengths": lengths,
     }
     return IndexedRowMatrix(blocks, n_cols=d), info, handle
-
-
-class _SetParam:
-    """Accumulator of a set (vector lengths seen)."""
-
-    def zero(self, value):
-        return set()
-
-    def addInPlace(self, a, b):
-        a |= b
-        return a
 
 
 def _write_projections(spark, projected: IndexedRowMatrix, uri: str) -> None:
