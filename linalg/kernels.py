@@ -93,7 +93,8 @@ def block_moments(X: np.ndarray) -> BlockMoments:
     # sums cancels catastrophically when the mean is large against the spread.
     Xc = X - mean
     # Xc^T Xc with BLAS syrk: the symmetric product costs half a GEMM.
-    upper = scipy.linalg.blas.dsyrk(1.0, Xc, trans=1)
+    # (C-ordered Xc is Fortran-ordered Xc.T: this form needs no transposed copy.)
+    upper = scipy.linalg.blas.dsyrk(1.0, Xc.T, trans=0)
     m2 = np.triu(upper) + np.triu(upper, 1).T
     return BlockMoments(n, mean, m2)
 

@@ -73,7 +73,7 @@ def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths
             ok = pc.and_(ok, pc.invert(bad))
         keep = np.asarray(ok.to_numpy(zero_copy_only=False))
         rows = np.nonzero(keep)[0]
-        good = batch.filter(ok)
+        good = batch if len(rows) == n else batch.filter(ok)  # filter copies every column
         X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), d)
         keys = pa.table({"path": good.column("path"), "label": good.column("label")})
         yield IndexedBlock((offset + rows).astype(np.int64), X, keys)
