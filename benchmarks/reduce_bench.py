@@ -729,8 +729,9 @@ def plot(rows: List[Dict[str, Any]], memory_rows: List[Dict[str, Any]], path: Pa
     ax.set_xscale("log", base=2)
     ax.set_xlabel("partitions")
     ax.set_ylabel("ours, s")
-    ax.legend()
-    ax.set_title("partition sweep")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    ax.set_title("partition sweep" if any(r["sweep"] for r in rows) else "no partition sweep run")
     ax = axes[1][1]
     src = memory_rows or [dict(r, seconds=r["ours_s"]) for r in scaling if r.get("memory")]
     if src:
