@@ -152,7 +152,7 @@ def _logger(args) -> Callable[[str], None]:
 def _session(args, app: str):
     from stages.session import spark_session
 
-    conf = {} if args.quiet else {"spark.ui.showConsoleProgress": "true"}
+    conf = {"spark.ui.showConsoleProgress": "false" if args.quiet else "true"}
     conf.update(dict(getattr(args, "conf", None) or []))
     return spark_session(app, master=args.master, conf=conf)
 
