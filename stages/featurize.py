@@ -350,7 +350,9 @@ def featurize(
             "spark.sql.files.minPartitionNum": "1",
         },
     ):
-        rdd = read_images(spark, input_path).select("path", "content").rdd
+        # Same DataFrame, so the file listing is reused; the split settings are read
+        # when this new query is planned.
+        rdd = images.select("path", "content").rdd
         n_tasks = rdd.getNumPartitions()
 
         def run(rows):

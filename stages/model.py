@@ -63,9 +63,19 @@ class ModelSpec:
         """Plain dict (JSON-ready)."""
         return asdict(self)
 
-    def identity(self) -> Tuple[Any, ...]:
-        """The fields that make two feature sets comparable (not library versions)."""
-        return (self.name, float(self.alpha), self.input_size, self.pooling, self.weights_sha256)
+
+def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:
+    """The fields of a :meth:`ModelSpec.to_dict` that make two feature sets comparable
+    (not library versions); ``None`` for features that record no model."""
+    if spec is None:
+        return None
+    return (
+        spec.get("name"),
+        float(spec.get("alpha", 0)),
+        spec.get("input_size"),
+        spec.get("pooling"),
+        spec.get("weights_sha256"),
+    )
 
 
 def weights_sha256(weights: List[np.ndarray]) -> str:

@@ -38,6 +38,7 @@ from linalg.kernels import fit_pca_from_moments
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.featurize import METADATA_KEY, SetAccumulator, check_output
+from stages.model import model_identity
 from stages.pca_model import PCAModel
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
@@ -136,17 +137,6 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
         return list(pool.map(one, files))
 
 
-def _identity(spec: Optional[Dict[str, Any]]):
-    if spec is None:
-        return None
-    return (
-        spec.get("name"),
-        float(spec.get("alpha", 0)),
-        spec.get("input_size"),
-        spec.get("weights_sha256"),
-    )
-
-
 def read_feature_matrix(spark, features: str):
     """Validate a features Parquet and open it as an IndexedRowMatrix.
 
@@ -177,7 +167,7 @@ def read_feature_matrix(spark, features: str):
     df = spark.read.parquet(features)
     _check_features_schema(df, features)
     models = _models_of(spark, files)
-    distinct = {_identity(m): m for m in models}
+    distinct = {model_identity(m): m for m in models}
     if len(distinct) > 1:
         names = "; ".join(
             "unknown"
