@@ -6,7 +6,7 @@ from functools import reduce
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -155,6 +155,11 @@ def test_zero_std_columns_map_to_zero_not_nan():
 )
 def test_pca_fit_matches_numpy_reference(X, data):
     d = X.shape[1]
+    # A column whose spread is at float64 resolution of its magnitude (1000 vs
+    # 1000 - 1e-13) has a correlation made of rounding noise in any implementation:
+    # the property holds for exactly constant or resolvable columns.
+    spread = np.ptp(X, axis=0)
+    assume(np.all((spread == 0) | (spread > 1e-6 * (1.0 + np.abs(X).max(axis=0)))))
     k = data.draw(st.integers(1, d))
     fit = fit_pca_from_moments(block_moments(X), k=k)
     std = np.where(np.ptp(X, axis=0) == 0, 0.0, X.std(axis=0, ddof=1))
