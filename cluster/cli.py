@@ -245,9 +245,13 @@ def _cmd_bucket_create(args) -> int:
 
 
 def _cmd_plan(args) -> int:
+    from cluster import emr
     from cluster.package import build_bundle
 
     opts = _options(args)
+    # The same checks as `up`, in the same order: a plan that `up` would refuse is refused.
+    s3 = emr.client("s3", opts.region)
+    _same_region(guard.check_bucket(s3, opts.bucket), opts, _log(args))
     bundle = build_bundle()
     request = spec.build_request(opts, bundle.uri(opts.bucket))
     cost = spec.hourly_cost(opts)
@@ -428,10 +432,12 @@ def register(sub) -> None:
     esub = e.add_subparsers(dest="emr_command", metavar="ACTION")
     esub.required = True
 
-    p = esub.add_parser("plan", help="print the run_job_flow request; create nothing")
+    p = esub.add_parser(
+        "plan", help="run every check `up` runs, print the run_job_flow request; create nothing"
+    )
     _flags(p)
     _add_cluster_options(p, bucket_required=True)
-    p.set_defaults(func=_cmd_plan)
+    p.set_defaults(func=_aws_errors(_cmd_plan))
 
     p = esub.add_parser("up", help="check GDPR, upload the code, start a cluster, print its id")
     _flags(p)

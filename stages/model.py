@@ -242,6 +242,8 @@ def _load_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSpec
         alpha=float(alpha),
         weights_source=label,
         weights_sha256=weights_sha256(weights),
+        # 1280 up to alpha 1.0, 1280 x alpha above (1664 at 1.3, 1792 at 1.4).
+        feature_dim=int(model.output_shape[-1]),
         versions=library_versions(),
     )
     return spec, weights

@@ -88,7 +88,9 @@ class PCAModel:
             featurize(preprocess(np.stack(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)
         ]
-        return self.transform(np.concatenate(feats) if feats else np.zeros((0, 1280)))
+        return self.transform(
+            np.concatenate(feats) if feats else np.zeros((0, self.fit.n_features))
+        )
 
     # ------------------------------------------------------------------ storage
 

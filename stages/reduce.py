@@ -34,7 +34,7 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
 import numpy as np
 
 from linalg.distributed import IndexedBlock, IndexedRowMatrix
-from linalg.kernels import fit_pca_from_moments
+from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.featurize import METADATA_KEY, SetAccumulator, check_output
@@ -279,6 +279,11 @@ def reduce_features(
                 f"features {features} mix vectors of lengths {', '.join(map(str, lengths))}: "
                 "every vector must come from the same model; featurize again"
             )
+        if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all()):
+            raise UsageError(
+                f"features {features} hold NaN or infinite values in rows without an error: "
+                "they were not written by `fruits-pipeline featurize`; featurize again"
+            )
         info["rows"] = moments.n
         info["error_rows"] = info["rows_total"] - moments.n
         if moments.n < 2:
@@ -331,14 +336,39 @@ def reduce_features(
     return summary
 
 
+SPARK_ML_INVALID = (
+    "Spark ML's PCA returned invalid components: its LAPACK SVD failed on this "
+    "rank-deficient covariance"
+)
+
+
+def spark_lapack(spark) -> str:
+    """The LAPACK Spark ML's SVD runs on: ``JNILAPACK`` (native) or ``F2jLAPACK`` (pure Java)."""
+    try:
+        lapack = spark.sparkContext._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance()
+        return str(lapack.getClass().getSimpleName())
+    except Exception:  # an older Spark without dev.ludovic.netlib: say so, do not fail
+        return "unknown"
+
+
 def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[str, Any]:
-    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows and
-    compare: eigenvalue ratios (relative error), components (|cos|, for eigenvalues
-    separated from their neighbours), projections (max abs difference after sign
-    alignment, over the scale of the projections); all computed on the cluster.
+    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows,
+    verify Spark's answer on its own terms, then compare it with ours.
+
+    Spark's answer is checked first (:func:`linalg.kernels.pca_answer_problems`:
+    orthonormal components, ratios that sum to at most 1 and equal the variance its
+    own projections have): Spark ML's SVD (Breeze, LAPACK ``dgesdd``) in netlib's
+    pure-Java F2J LAPACK sometimes returns wrong vectors with no error on a
+    rank-deficient covariance, and a wrong reference is no reference.  When it is
+    invalid, ``spark_ml_valid`` is False with the reason, and nothing is compared.
+    Otherwise: eigenvalue ratios (relative error), components (|cos|, for
+    eigenvalues separated from their neighbours), projections (max abs difference
+    after sign alignment, over the scale of the projections); all computed on the
+    cluster.
     """
     from pyspark.ml.feature import PCA, StandardScaler
     from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
     k = model.n_components
@@ -352,10 +382,24 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(rows)
     scaled = scaler.transform(rows)
     pca = PCA(k=k, inputCol="z", outputCol="p").fit(scaled)
-    theirs = pca.transform(scaled).select("path", vector_to_array("p").alias("theirs"))
+    projected = pca.transform(scaled).cache()
     pc = pca.pc.toArray()  # (d, k)
     ratio_theirs = np.asarray(pca.explainedVariance.toArray())
+    # Standardised columns have variance 1, constant ones 0: the trace is a count.
+    total = float(np.count_nonzero(scaler.std.toArray() > 0))
+    var_theirs = np.asarray(
+        projected.select(Summarizer.variance(projected.p).alias("v")).first()["v"].toArray()
+    )
+    theirs = projected.select("path", vector_to_array("p").alias("theirs"))
     t_fit = time.perf_counter()
+    check: Dict[str, Any] = {"k": k, "spark_lapack": spark_lapack(spark)}
+    problems = pca_answer_problems(pc, ratio_theirs, var_theirs, total)
+    check["spark_ml_valid"] = not problems
+    if problems:
+        projected.unpersist()
+        check["spark_ml_invalid"] = f"{SPARK_ML_INVALID} ({'; '.join(problems)})"
+        check["spark_ml_fit_transform_s"] = t_fit - t0
+        return check
 
     ours_c = fit.components
     cos = np.abs(np.sum(ours_c * pc, axis=0)) / (
@@ -392,25 +436,28 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         )
         .first()
     )
+    projected.unpersist()
     t_cmp = time.perf_counter()
     scale = float(diff["scale"] or 0.0)
-    return {
-        "k": k,
-        "rows_compared": int(diff["n"]),
-        "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
-        "components_well_separated": int(separated.sum()),
-        "components_min_abs_cos_well_separated": float(cos[separated].min())
-        if separated.any()
-        else None,
-        "components_min_abs_cos_all": float(cos.min()),
-        "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
-        "projection_scale": scale,
-        "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
-        if scale
-        else 0.0,
-        "spark_ml_fit_transform_s": t_fit - t0,
-        "compare_s": t_cmp - t_fit,
-    }
+    check.update(
+        {
+            "rows_compared": int(diff["n"]),
+            "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
+            "components_well_separated": int(separated.sum()),
+            "components_min_abs_cos_well_separated": float(cos[separated].min())
+            if separated.any()
+            else None,
+            "components_min_abs_cos_all": float(cos.min()),
+            "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
+            "projection_scale": scale,
+            "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
+            if scale
+            else 0.0,
+            "spark_ml_fit_transform_s": t_fit - t0,
+            "compare_s": t_cmp - t_fit,
+        }
+    )
+    return check
 
 
 if __name__ == "__main__":

@@ -701,6 +701,14 @@ def _check_section(data: ReportData) -> str:
             "<p>Not run (pass <code>--check spark-ml</code> to <code>reduce</code> "
             "or <code>run</code>).</p>"
         )
+    if check.get("spark_ml_valid") is False:
+        # Spark's answer failed its own consistency test: there is nothing to compare.
+        reason = check.get("spark_ml_invalid") or "Spark ML's PCA returned invalid components"
+        return (
+            f'<p class="spark-ml-invalid"><span class="off">not compared</span>: {_e(reason)}. '
+            f"Spark's LAPACK: {_e(check.get('spark_lapack', 'unknown'))} (a native LAPACK, "
+            "e.g. Debian's libopenblas0, avoids it).</p>"
+        )
     rows = []
     for key, value in check.items():
         bound = _CHECK_BOUNDS.get(key)

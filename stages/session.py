@@ -31,6 +31,8 @@ def spark_session(
     app_name: str = "fruits-pipeline",
     master: Optional[str] = None,
     conf: Optional[Mapping[str, str]] = None,
+    log_file: Optional[str] = None,
+    console_log: bool = True,
 ):
     """Get or create the SparkSession.
 
@@ -45,6 +47,10 @@ def spark_session(
         Overrides ``FRUITS_SPARK_MASTER`` and ``local[*]``.
     conf : mapping, optional
         Extra Spark settings.
+    log_file : str, optional
+        File that receives Spark's warnings and errors with their Java traces.
+    console_log : bool
+        False keeps Spark's log off the console (the CLI, unless ``--debug``).
 
     Returns
     -------
@@ -73,9 +79,13 @@ def spark_session(
         )
     if not existing.contains("spark.driver.extraJavaOptions"):
         log4j = Path(__file__).with_name("log4j2.properties")
-        builder = builder.config(
-            "spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile=file:{log4j}"
-        )
+        # Quoted: Spark splits these options on spaces, and paths may hold some.
+        options = [f'"-Dlog4j.configurationFile=file:{log4j}"']
+        if log_file:
+            options.append(f'"-Dfruits.log.file={log_file}"')
+        if not console_log:
+            options.append("-Dfruits.console.level=off")
+        builder = builder.config("spark.driver.extraJavaOptions", " ".join(options))
     for key, value in LOCAL_DEFAULTS.items():
         if not existing.contains(key):
             builder = builder.config(key, value)
