@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	# Test-only S3A jars for Spark (hadoop-aws 3.3.1 + aws-java-sdk-bundle): no Maven here.
+	# S3A connector jars for s3a:// (hadoop-aws 3.3.1 + its AWS SDK bundle) from PyPI, not Maven;
+	# --no-deps: the package pins pyspark 3.3.0. stages/s3a.py checks their SHA-256.
 	$(PY) -m pip install --quiet --no-deps 'sagemaker_pyspark==1.4.5'
 	@touch $(STAMP)
 
