@@ -128,8 +128,9 @@ def test_notebook_sessions_get_the_step_layout_not_sparkmagics_defaults(instance
     assert session["conf"]["spark.task.cpus"] == defaults["spark.task.cpus"]
     assert session["executorCores"] // int(session["conf"]["spark.task.cpus"]) == 1
     assert session["executorMemory"] == defaults["spark.executor.memory"]
-    assert session["conf"]["spark.executor.memoryOverhead"] == (
-        defaults["spark.executor.memoryOverhead"]
+    assert (
+        session["conf"]["spark.executor.memoryOverhead"]
+        == (defaults["spark.executor.memoryOverhead"])
     )
     # the driver builds the model once in its Python process: a step driver's container
     assert session["driverMemory"] == defaults["spark.driver.memory"]
