@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from cluster import package, spec
+from stages.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = ROOT / "cluster" / "bootstrap-emr.sh"
@@ -211,3 +213,47 @@ def test_bundle_version_follows_the_packaged_code(monkeypatch, tmp_path):
     wheel = zipfile.ZipFile(io.BytesIO(after.files[after.wheel]))
     assert wheel.read("linalg/new_module.py") == b"X = 1\n"
     assert after.wheel == spec.wheel_name(after.version)
+
+
+def test_emr_notebook_changes_only_the_kernel_and_the_parameters_cell():
+    local = json.loads(package.notebook_path().read_text())
+    emr = json.loads(package.emr_notebook("fruits-eu"))
+    assert emr["metadata"]["kernelspec"] == {
+        "name": "pysparkkernel",
+        "display_name": "PySpark",
+        "language": "python",
+    }
+    assert len(emr["cells"]) == len(local["cells"])
+    changed = [i for i, (a, b) in enumerate(zip(local["cells"], emr["cells"])) if a != b]
+    (params,) = changed
+    assert "parameters" in emr["cells"][params]["metadata"]["tags"]
+    source = "".join(emr["cells"][params]["source"])
+    ns: dict = {}
+    exec(source, ns)  # still plain Python assignments
+    assert (ns["INPUT"], ns["FEATURES"], ns["RESULTS"], ns["WEIGHTS"]) == (
+        "s3://fruits-eu/Test/",
+        "s3://fruits-eu/Features/",
+        "s3://fruits-eu/Results/",
+        "imagenet",
+    )
+    before = "".join(local["cells"][params]["source"])
+    assert ns["K"] == 10 and "# principal components kept" in source
+    assert source.count("\n") == before.count("\n")
+
+
+def test_emr_notebook_refuses_a_parameters_cell_it_cannot_fill():
+    nb = json.loads(package.notebook_path().read_text())
+    (params,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    params["source"] = ["INPUT = '../x'\n", "RESULTS = 'r'\n"]
+    with pytest.raises(ValueError, match="does not assign a string to FEATURES"):
+        package.emr_notebook("fruits-eu", json.dumps(nb).encode())
+    params["metadata"]["tags"] = []
+    with pytest.raises(ValueError, match="0 cells tagged 'parameters'"):
+        package.emr_notebook("fruits-eu", json.dumps(nb).encode())
+
+
+def test_notebook_path_outside_a_checkout_is_a_usage_error(monkeypatch, tmp_path):
+    (tmp_path / "stages").mkdir()
+    monkeypatch.setattr(package, "_package_dir", lambda name: tmp_path / name)
+    with pytest.raises(UsageError, match="run `fruits-pipeline emr up --notebook` from a clone"):
+        package.notebook_path()
