@@ -42,6 +42,12 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
   sudo dnf install -y -q python3.11-pip
 fi
 
+# Fetched first: a wrong code URI fails the node in seconds, not after installing TensorFlow.
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+wheel="$tmp/${WHEEL_URI##*/}"
+aws s3 cp --only-show-errors "$WHEEL_URI" "$wheel"
+
 log "pip install ${PINS[*]}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check "${PINS[@]}"
 # Fail here, with the reason in the bootstrap log, rather than in a Spark task.
@@ -49,10 +55,6 @@ sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check
 
 # The project: the wheel `emr up` built from the same files as s3://B/code/VERSION/.
 # --no-deps: the pins above are its dependencies, and pyspark comes from EMR.
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-wheel="$tmp/${WHEEL_URI##*/}"
-aws s3 cp --only-show-errors "$WHEEL_URI" "$wheel"
 log "pip install ${wheel##*/}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check \
   --no-deps --no-index "$wheel"
