@@ -265,9 +265,13 @@ def _cmd_plan(args) -> int:
 
 
 def _upload_code(args, opts: spec.ClusterOptions, s3) -> str:
-    from cluster.package import build_bundle, upload_bundle
+    from cluster.package import build_bundle, emr_notebook, upload_bundle, upload_notebook
 
-    return upload_bundle(s3, opts.bucket, build_bundle(), _log(args))
+    notebook = emr_notebook(opts.bucket) if opts.notebook else None  # a missing one: exit 2
+    code = upload_bundle(s3, opts.bucket, build_bundle(), _log(args))
+    if notebook is not None:
+        upload_notebook(s3, opts.bucket, notebook, _log(args))
+    return code
 
 
 def _same_region(bucket_region: str, opts: spec.ClusterOptions, log) -> None:
