@@ -246,12 +246,14 @@ def _cmd_bucket_create(args) -> int:
 
 def _cmd_plan(args) -> int:
     from cluster import emr
-    from cluster.package import build_bundle
+    from cluster.package import build_bundle, emr_notebook
 
     opts = _options(args)
     # The same checks as `up`, in the same order: a plan that `up` would refuse is refused.
     s3 = emr.client("s3", opts.region)
     _same_region(guard.check_bucket(s3, opts.bucket), opts, _log(args))
+    if opts.notebook:
+        emr_notebook(opts.bucket)  # `up` refuses a missing notebook before uploading: so do we
     bundle = build_bundle()
     request = spec.build_request(opts, bundle.uri(opts.bucket))
     cost = spec.hourly_cost(opts)
