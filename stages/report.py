@@ -51,7 +51,7 @@ LEGEND_ROWS = 45
 MAX_ERROR_ROWS = 500
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")  # two letters at least: not C:
 _HOW = "give the folder written by `fruits-pipeline reduce FEATURES RESULTS` (or `run`)"
-# Agreement bounds of the Spark ML cross-check (DESIGN.md section 4, float64):
+# Agreement bounds of the Spark ML cross-check (float64):
 # figure -> (op, bound, how the bound reads).
 _CHECK_BOUNDS = {
     "explained_variance_ratio_max_rel_err": ("<=", 1e-9, "1e-9"),
