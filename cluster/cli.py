@@ -218,15 +218,6 @@ def _bundled_on_nodes(alpha: Optional[float]) -> Dict[str, Any]:
     return {"weights": f"{spec.NODE_WEIGHTS_DIR}/{BUNDLED_WEIGHTS.name}", "alpha": BUNDLED_ALPHA}
 
 
-def _check_reduce_args(args) -> None:
-    k = getattr(args, "k", None)
-    variance = getattr(args, "variance", None)
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1]")
-
-
 # ------------------------------------------------------------------ commands
 
 
@@ -305,8 +296,6 @@ def _cmd_submit(args) -> int:
 
     region = _region(args)
     stage = args.stage
-    if stage == "reduce":
-        _check_reduce_args(args)
     stage_args = _stage_argv(args, stage)
     s3 = emr.client("s3", region)
     guard.check_buckets(s3, [args.input, args.output])
@@ -344,7 +333,6 @@ def _cmd_run(args) -> int:
     from cluster import emr
     from stages.cli import default_features_path
 
-    _check_reduce_args(args)
     bucket = _run_bucket(args)
     opts = _options(args, bucket=bucket)
     features = args.features or default_features_path(args.results)

@@ -63,6 +63,13 @@ def _conf_pair(text: str):
     return key, value
 
 
+def _share(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1], e.g. 0.95")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -91,10 +98,10 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
 def _add_reduce_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reduce options")
     k = g.add_mutually_exclusive_group()
-    k.add_argument("--k", type=int, default=None, help="number of principal components")
+    k.add_argument("--k", type=_positive_int, default=None, help="number of principal components")
     k.add_argument(
         "--variance",
-        type=_float,
+        type=_share,
         default=None,
         help="keep the fewest components reaching this share of variance (default 0.95)",
     )
@@ -206,7 +213,9 @@ def _session(args, app: str):
 
 def _cmd_featurize(args) -> int:
     from stages.featurize import featurize
+    from stages.outputs import check_disjoint
 
+    check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])  # before the JVM starts
     spark = _session(args, "fruits-pipeline featurize")
     report = featurize(
         spark,
@@ -232,8 +241,10 @@ def _reduce_kwargs(args) -> dict:
 
 
 def _cmd_reduce(args) -> int:
+    from stages.outputs import check_disjoint
     from stages.reduce import reduce_features
 
+    check_disjoint([("RESULTS", args.results, "FEATURES", args.features)])  # before the JVM
     spark = _session(args, "fruits-pipeline reduce")
     summary = reduce_features(
         spark,
@@ -257,10 +268,18 @@ def default_features_path(results: str) -> str:
 
 
 def _cmd_run(args) -> int:
-    from stages.featurize import check_output, featurize
+    from stages.featurize import featurize
+    from stages.outputs import check_disjoint, check_output
     from stages.reduce import reduce_features
 
     features = args.features or default_features_path(args.results)
+    check_disjoint(
+        [
+            ("FEATURES", features, "INPUT", args.input),
+            ("RESULTS", args.results, "INPUT", args.input),
+            ("RESULTS", args.results, "FEATURES", features),
+        ]
+    )
     spark = _session(args, "fruits-pipeline run")
     log = _logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing

@@ -37,8 +37,9 @@ from linalg.distributed import IndexedBlock, IndexedRowMatrix
 from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
 from stages.errors import UsageError
-from stages.featurize import METADATA_KEY, SetAccumulator, check_output
+from stages.featurize import METADATA_KEY, SetAccumulator
 from stages.model import model_identity
+from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
@@ -164,6 +165,11 @@ def read_feature_matrix(spark, features: str):
     files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
     if not files:
         raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
+    if not hadoopfs.exists(spark, features.rstrip("/") + "/_SUCCESS"):
+        raise UsageError(
+            f"features {features} have no _SUCCESS marker: the run that wrote them did not "
+            "finish (or another tool wrote them); featurize again"
+        )
     df = spark.read.parquet(features)
     _check_features_schema(df, features)
     models = _models_of(spark, files)
@@ -263,7 +269,17 @@ def reduce_features(
         raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
     if variance is not None and not 0.0 < variance <= 1.0:
         raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
-    check_output(spark, results, overwrite)
+    check_disjoint([("RESULTS", results, "FEATURES", features)])
+    with atomic_output(spark, results, overwrite) as target:
+        summary = _reduce(
+            spark, features, results, target, k, variance, check, log, featurize_report
+        )
+    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+    return summary
+
+
+def _reduce(spark, features, results, target, k, variance, check, log, featurize_report):
+    """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
     matrix, info, handle = read_feature_matrix(spark, features)
     try:
@@ -293,16 +309,21 @@ def reduce_features(
             )
         log(f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)")
         fit = fit_pca_from_moments(moments, k=k, variance=variance)
+        rank = min(moments.n - 1, int(np.count_nonzero(fit.std > 0)))
+        if k is not None and k > rank:
+            raise UsageError(
+                f"--k {k} is above the rank {rank} of these features ({moments.n} rows, "
+                f"{int(np.count_nonzero(fit.std > 0))} non-constant columns): components past "
+                f"{rank} carry no variance; use --k {rank} or less, or --variance"
+            )
         t_fit = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
-        if overwrite and hadoopfs.exists(spark, results):
-            hadoopfs.delete(spark, results)
         projected = matrix.multiply(fit.projection_matrix(), fit.mean)
-        _write_projections(spark, projected, results.rstrip("/") + "/projections")
+        _write_projections(spark, projected, target.rstrip("/") + "/projections")
         model = PCAModel(fit, info["features_model"])
-        model.save(spark, results)
+        model.save(spark, target)
         t_write = time.perf_counter()
     finally:
         handle.unpersist(False)
@@ -330,9 +351,8 @@ def reduce_features(
         summary["timings_s"]["featurize"] = featurize_report.get("seconds")
     if check == "spark-ml":
         log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
-        summary["spark_ml_check"] = spark_ml_check(spark, features, results, model)
-    hadoopfs.write_text(spark, results.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
-    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+        summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
+    hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -27,6 +27,30 @@ LOCAL_DEFAULTS: dict[str, str] = {
 }
 
 
+def _utf8_locale_for_the_jvm() -> None:
+    """Make the JVM about to start read file names as UTF-8 whatever the user's locale.
+
+    Java takes its file-name encoding from the locale at start-up: under ``LC_ALL=C``
+    it cannot even spell ``Pêche/``, and Spark skipped 21 of 31 such photos.  Python
+    itself already uses UTF-8 there (PEP 538/540).  Only the environment the JVM and
+    its Python workers inherit is changed, and only when the locale is not UTF-8.
+    """
+    import codecs
+
+    name = ""
+    for var in ("LC_ALL", "LC_CTYPE", "LANG"):
+        if os.environ.get(var):
+            name = os.environ[var]
+            break
+    charset = name.split(".", 1)[1].split("@", 1)[0] if "." in name else ""
+    try:
+        utf8 = bool(charset) and codecs.lookup(charset).name == "utf-8"
+    except LookupError:
+        utf8 = False
+    if not utf8:
+        os.environ["LC_ALL"] = "C.UTF-8"
+
+
 def spark_session(
     app_name: str = "fruits-pipeline",
     master: Optional[str] = None,
@@ -63,6 +87,7 @@ def spark_session(
         # Launched by spark-submit: its JVM is up, but SparkConf() only sees the
         # settings given there (master, memory) once the gateway is open.
         SparkContext._ensure_initialized()
+    _utf8_locale_for_the_jvm()
     existing = SparkConf()  # loads spark-submit's settings when launched by it
     if not existing.contains("spark.master"):
         # Local runs: Python workers use this interpreter (its venv), not the first

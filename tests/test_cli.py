@@ -28,7 +28,9 @@ def _one_line_error(capsys, argv, match: str) -> str:
         (["featurize", "IN", "OUT", "--alpha", "wide"], "'wide' is not a number"),
         (["reduce", "F", "R", "--k", "3", "--variance", "0.9"], "not allowed with argument"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
-        (["reduce", "F", "R", "--k", "abc"], "invalid int value: 'abc'"),
+        (["reduce", "F", "R", "--k", "abc"], "argument --k: 'abc' is not an integer"),
+        (["reduce", "F", "R", "--k", "0"], "argument --k: 0 must be at least 1"),
+        (["reduce", "F", "R", "--variance", "1.5"], "argument --variance: 1.5 must be in (0, 1]"),
         (["featurize", "IN"], "the following arguments are required: OUTPUT"),
         ([], "the following arguments are required: COMMAND"),
     ],
@@ -78,11 +80,6 @@ def test_featurize_input_errors(spark, capsys, tmp_path):
 
 
 def test_reduce_errors(spark, capsys, tmp_path):
-    _one_line_error(
-        capsys,
-        ["reduce", str(tmp_path / "F"), str(tmp_path / "R"), "--k", "0"],
-        "--k 0 must be at least 1",
-    )
     _one_line_error(
         capsys, ["reduce", str(tmp_path / "F"), str(tmp_path / "R"), "--k", "2"], "do not exist"
     )
@@ -184,6 +181,7 @@ def test_corrupt_parquet_is_one_line_exit_2_and_the_trace_is_logged(spark, capsy
     bad = tmp_path / "F"
     bad.mkdir()
     (bad / "part-00000.snappy.parquet").write_bytes(b"PAR1 this is not parquet")
+    (bad / "_SUCCESS").touch()
     line = _failure(
         capsys, ["reduce", str(bad), str(tmp_path / "R"), "--k", "2"], 2, "not a readable Parquet"
     )
@@ -206,6 +204,7 @@ def test_non_finite_features_are_one_line(spark, capsys, tmp_path):
     )
     (tmp_path / "F").mkdir()
     pq.write_table(table, tmp_path / "F" / "part-0.parquet")
+    (tmp_path / "F" / "_SUCCESS").touch()
     _failure(
         capsys, ["reduce", str(tmp_path / "F"), str(tmp_path / "R"), "--k", "2"], 2, "NaN or inf"
     )

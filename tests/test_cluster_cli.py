@@ -57,10 +57,6 @@ def _one_line(capsys) -> str:
             "the paths span buckets bucket-one, bucket-two: pass --bucket",
         ),
         (
-            ["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"],
-            "--k 0 must be at least 1",
-        ),
-        (
             [
                 "emr",
                 "submit",
@@ -211,3 +207,10 @@ def test_region_defaults_to_paris_not_to_the_environment(monkeypatch, capsys):
     _eu_bucket()
     assert main(["emr", "plan", "--bucket", "fruits-eu"]) == 0
     assert "in eu-west-3" in capsys.readouterr().err
+
+
+def test_emr_stage_options_are_checked_by_the_same_parser_before_aws(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"])
+    assert exc.value.code == 2
+    assert "argument --k: 0 must be at least 1" in _one_line(capsys)

@@ -45,6 +45,7 @@ def _full_rank_features(path: Path, n: int = 400, d: int = 48, seed: int = 7) ->
     )
     path.mkdir(parents=True)
     pq.write_table(table, path / "part-00000.parquet")
+    (path / "_SUCCESS").touch()  # committed, as a finished Spark write leaves it
     return path
 
 
@@ -165,6 +166,7 @@ def test_more_partitions_than_rows_and_error_rows_skipped(spark, sample_features
         pq.write_table(t.slice(i, 1), src / f"part-{i:05d}.parquet")
     for i in range(7, 12):
         pq.write_table(t.slice(0, 0), src / f"part-{i:05d}.parquet")
+    (src / "_SUCCESS").touch()
     s = reduce_features(spark, str(src), str(tmp_path / "R"), k=3)
     assert s["rows"] == 5 and s["error_rows"] == 2 and s["k"] == 3
     assert len(pq.read_table(tmp_path / "R" / "projections")) == 5
@@ -196,6 +198,7 @@ def test_bad_features_are_refused(spark, sample_features, tmp_path):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     pq.write_table(pa.table({"path": ["a"], "vec": [[1.0, 2.0]]}), wrong / "part-0.parquet")
+    (wrong / "_SUCCESS").touch()
     _expect_refusal(spark, wrong, r, r"not a features table: no column label, features, error", k=1)
 
     t = pq.read_table(sample_features).slice(0, 4)
@@ -211,11 +214,13 @@ def test_bad_features_are_refused(spark, sample_features, tmp_path):
         ),
         mixed / "part-0.parquet",
     )
+    (mixed / "_SUCCESS").touch()
     _expect_refusal(spark, mixed, r, r"mix vectors of lengths 640, 1280", k=1)
 
     one = tmp_path / "one"
     one.mkdir()
     pq.write_table(t.slice(0, 1), one / "part-0.parquet")
+    (one / "_SUCCESS").touch()
     _expect_refusal(spark, one, r, r"have 1 usable rows .* a PCA needs at least 2", k=1)
 
 
