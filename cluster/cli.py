@@ -198,7 +198,7 @@ def _stage_argv(args, stage: str) -> List[str]:
             continue
         value = values[action.dest]
         if action.nargs == 0:  # a flag
-            if value and value != action.default:
+            if value != action.default:  # store_true given, or store_false given
                 argv.append(action.option_strings[0])
         elif value is not None:
             argv += [action.option_strings[0], str(value)]

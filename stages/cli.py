@@ -93,6 +93,12 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tasks (default: from the image count)",
     )
+    g.add_argument(
+        "--ignore-exif-orientation",
+        dest="exif_orientation",
+        action="store_false",
+        help="decode pixels as stored, not turned as the photo's EXIF orientation tag says",
+    )
 
 
 def _add_reduce_options(p: argparse.ArgumentParser) -> None:
@@ -225,6 +231,7 @@ def _cmd_featurize(args) -> int:
         alpha=args.alpha,
         batch_size=args.batch_size,
         partitions=args.partitions,
+        exif_orientation=args.exif_orientation,
         overwrite=args.overwrite,
         log=_logger(args),
     )
@@ -291,6 +298,7 @@ def _cmd_run(args) -> int:
         alpha=args.alpha,
         batch_size=args.batch_size,
         partitions=args.partitions,
+        exif_orientation=args.exif_orientation,
         overwrite=args.overwrite,
         log=log,
     )

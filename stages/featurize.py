@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
@@ -122,6 +122,7 @@ def featurize_partition(
     builds=None,
     pids=None,
     counts=None,
+    exif_orientation: bool = True,
 ) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
     """Featurize one partition of ``(path, content)`` rows, in batches.
 
@@ -164,7 +165,7 @@ def featurize_partition(
         seen += 1
         label = label_from_path(path, url_encoded)
         try:
-            arr = decode_image(content)
+            arr = decode_image(content, exif_orientation=exif_orientation)
         except DecodeError as exc:
             bad += 1
             yield (path, label, None, str(exc))
@@ -255,6 +256,7 @@ def featurize(
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
+    exif_orientation: bool = True,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -274,6 +276,9 @@ def featurize(
     overwrite : bool
     log : callable, optional
         Receives one progress line per step.
+    exif_orientation : bool
+        Turn photos as their EXIF orientation tag says (phones store them sideways);
+        recorded in the features' metadata.
 
     Returns
     -------
@@ -306,7 +311,7 @@ def featurize(
                 scan = _HadoopScan(spark, input_path)
             report = _featurize_scan(
                 spark, scan, input_path, output_path, target, weights, alpha, batch_size,
-                partitions, log,
+                partitions, log, exif_orientation,
             )  # fmt: skip
     finally:
         if view is not None:
@@ -409,10 +414,12 @@ class _HadoopScan:
 
 
 def _featurize_scan(
-    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log
-) -> FeaturizeReport:
+    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
+    exif_orientation,
+) -> FeaturizeReport:  # fmt: skip
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
     spec, weight_arrays = resolve_weights(weights, alpha)
+    spec = replace(spec, exif_orientation=bool(exif_orientation))
     url_encoded = scan.url_encoded
     sc = spark.sparkContext
     n_images = scan.n_images
@@ -463,6 +470,7 @@ def _featurize_scan(
                 builds,
                 pids,
                 counts,
+                exif_orientation,
             )
 
         out = spark.createDataFrame(

@@ -57,6 +57,8 @@ class ModelSpec:
     input_size: int = IMAGE_SIZE
     pooling: str = "avg"
     feature_dim: int = FEATURE_DIM
+    # Whether photos were turned as their EXIF orientation tag says before the resize.
+    exif_orientation: bool = True
     versions: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -75,6 +77,7 @@ def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:
         spec.get("input_size"),
         spec.get("pooling"),
         spec.get("weights_sha256"),
+        bool(spec.get("exif_orientation", False)),  # older features: pixels as stored
     )
 
 

@@ -83,7 +83,9 @@ class PCAModel:
         images = []
         for p in paths:
             with open(p, "rb") as fh:
-                images.append(decode_image(fh.read()))
+                images.append(
+                    decode_image(fh.read(), exif_orientation=spec.get("exif_orientation", False))
+                )
         feats = [
             featurize(preprocess(np.stack(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)

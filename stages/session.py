@@ -2,7 +2,8 @@
 
 Environment variables (all optional):
 
-``FRUITS_SPARK_MASTER``     master when not launched by spark-submit (default ``local[*]``)
+``FRUITS_SPARK_MASTER``     master when not launched by spark-submit (default ``local[*]``;
+                            local masters get task retries: ``local[*,4]``)
 ``FRUITS_DRIVER_MEMORY``    driver heap when not set by spark-submit (default ``4g``; Spark's
                             1 GB default died of Java heap on 50k x 1280 features)
 ``FRUITS_SPARK_UI``         ``0`` turns the web UI off (tests do)
@@ -11,11 +12,12 @@ Environment variables (all optional):
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-__all__ = ["spark_session", "LOCAL_DEFAULTS"]
+__all__ = ["spark_session", "with_retries", "LOCAL_DEFAULTS"]
 
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
@@ -25,6 +27,22 @@ LOCAL_DEFAULTS: dict[str, str] = {
     "spark.python.worker.reuse": "true",
     "spark.sql.parquet.compression.codec": "snappy",
 }
+
+
+LOCAL_TASK_ATTEMPTS = 4  # as YARN's spark.task.maxFailures on EMR
+
+
+def with_retries(master: str) -> str:
+    """``local`` and ``local[N]`` with task retries: ``local[N,4]``.
+
+    Local mode runs each task once by default, so one Python worker killed (by the
+    OOM killer, say) failed the whole job; on a cluster Spark retries it.  A master
+    that already says how many failures to allow, or is not local, is kept.
+    """
+    m = re.fullmatch(r"local(?:\[(\d+|\*)\])?", master.strip())
+    if not m:
+        return master
+    return f"local[{m.group(1) or 1},{LOCAL_TASK_ATTEMPTS}]"
 
 
 def _utf8_locale_for_the_jvm() -> None:
@@ -95,9 +113,9 @@ def spark_session(
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
     if master is not None:
-        builder = builder.master(master)
+        builder = builder.master(with_retries(master))
     elif not existing.contains("spark.master"):
-        builder = builder.master(os.environ.get("FRUITS_SPARK_MASTER", "local[*]"))
+        builder = builder.master(with_retries(os.environ.get("FRUITS_SPARK_MASTER", "local[*]")))
     if not existing.contains("spark.driver.memory"):
         builder = builder.config(
             "spark.driver.memory", os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
