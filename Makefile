@@ -11,11 +11,13 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install -qq --upgrade pip
+	@# -qq: errors still show; setuptools' generic note on editable installs of a flat
+	@# layout (our fixed top level) does not.
+	$(PY) -m pip install -qq -e '.[test]'
 	# S3A connector jars for s3a:// (hadoop-aws 3.3.1 + its AWS SDK bundle) from PyPI, not Maven;
 	# --no-deps: the package pins pyspark 3.3.0. stages/s3a.py checks their SHA-256.
-	$(PY) -m pip install --quiet --no-deps 'sagemaker_pyspark==1.4.5'
+	$(PY) -m pip install -qq --no-deps 'sagemaker_pyspark==1.4.5'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -114,21 +114,28 @@ def test_wheel_metadata_agrees_with_pyproject():
     meta = wheel.read(f"{info}/METADATA").decode()
     fields = [tuple(line.split(": ", 1)) for line in meta.splitlines()]
     assert ("Name", project["project"]["name"]) in fields
-    assert ("Version", project["project"]["version"] + "+0123456789ab") in fields
+    import stages
+
+    assert project["project"]["dynamic"] == ["version"]  # one version: stages.__version__
+    assert ("Version", stages.__version__ + "+0123456789ab") in fields
     assert ("Requires-Python", project["project"]["requires-python"]) in fields
     requires = [v for k, v in fields if k == "Requires-Dist"]
     assert requires == [f"{n}=={v}" for n, v in package.bootstrap_pins().items()]
     scripts = wheel.read(f"{info}/entry_points.txt").decode().splitlines()
     assert scripts[0] == "[console_scripts]"
     assert dict(line.split(" = ") for line in scripts[1:]) == project["project"]["scripts"]
-    assert list(package.PACKAGES) == project["tool"]["setuptools"]["packages"]
+    declared = project["tool"]["setuptools"]["packages"]
+    assert list(package.PACKAGES) == [p for p in declared if "." not in p]  # + subpackages
     assert "Root-Is-Purelib: true" in wheel.read(f"{info}/WHEEL").decode()
     # the package data pyproject declares is in the wheel
     names = wheel.namelist()
     for pkg, globs in project["tool"]["setuptools"]["package-data"].items():
         for glob in globs:
-            found = [p for p in (ROOT / pkg).glob(glob) if p.is_file()]
-            in_wheel = [f"{pkg}/{p.relative_to(ROOT / pkg).as_posix()}" in names for p in found]
+            folder = pkg.replace(".", "/")
+            found = [p for p in (ROOT / folder).glob(glob) if p.is_file()]
+            in_wheel = [
+                f"{folder}/{p.relative_to(ROOT / folder).as_posix()}" in names for p in found
+            ]
             assert found and all(in_wheel), (pkg, glob)
 
 
