@@ -7,7 +7,7 @@ CLI := $(VENV)/bin/fruits-pipeline
 DEMO_OUT ?= demo-output
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# While editing: no JVM, no TensorFlow, no extra processes (kernels, parameters, packing,
+# EMR spec and guard, report pieces). The whole suite is `make test` (CI).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not cluster and not jvm and not tensorflow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,6 +22,14 @@ os.environ["FRUITS_SPARK_UI"] = "0"
 os.environ["FRUITS_LOG_DIR"] = tempfile.mkdtemp(prefix="fruits-test-logs-")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the JVM (the ``spark`` fixture, directly or through
+    another fixture) ``jvm``, so ``make test-fast`` can leave them out."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.jvm)
+
+
 def s3a_jars() -> List[str]:
     """Hadoop's S3A connector jars (:mod:`stages.s3a`), or [] where they are missing."""
     from stages.errors import UsageError

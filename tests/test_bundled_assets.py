@@ -41,6 +41,7 @@ def test_bundled_weights_match_their_checksum():
     assert "Apache License 2.0" in (BUNDLED_WEIGHTS.parent / "NOTICE.md").read_text()
 
 
+@pytest.mark.tensorflow
 def test_bundled_weights_are_the_real_imagenet_tensors():
     # 410,208 parameters: the Keras MobileNetV2 alpha-0.35 no-top count.
     from stages.model import resolve_weights
@@ -50,6 +51,7 @@ def test_bundled_weights_are_the_real_imagenet_tensors():
     assert spec.alpha == 0.35 and len(weights) == 260
 
 
+@pytest.mark.tensorflow
 @pytest.mark.parametrize(("alpha", "width"), [(0.35, 1280), (1.0, 1280), (1.4, 1792)])
 def test_feature_dim_is_the_models_real_output_width(alpha, width):
     # Regression: feature_dim said 1280 for every alpha, while alpha 1.3/1.4 give

@@ -85,6 +85,7 @@ def test_reduce_errors(spark, capsys, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     # No Java or Python stack trace reaches the user.
     cli = [

@@ -27,6 +27,8 @@ import pytest
 
 from cluster import package, spec
 
+pytestmark = pytest.mark.cluster  # a throw-away venv and a real pip install
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "fruits-eu"
 # Never linked into the sandbox: Spark's Python (EMR's own) and every trace of the project.

@@ -61,19 +61,6 @@ def _one_line(capsys) -> str:
                 "emr",
                 "submit",
                 "j-1",
-                "reduce",
-                "s3://fruits-eu/F/",
-                "s3://fruits-eu/R/",
-                "--variance",
-                "1.5",
-            ],
-            "--variance 1.5 must be in (0, 1]",
-        ),
-        (
-            [
-                "emr",
-                "submit",
-                "j-1",
                 "featurize",
                 "s3://fruits-eu/T/",
                 "s3://fruits-eu/F/",
@@ -209,8 +196,17 @@ def test_region_defaults_to_paris_not_to_the_environment(monkeypatch, capsys):
     assert "in eu-west-3" in capsys.readouterr().err
 
 
-def test_emr_stage_options_are_checked_by_the_same_parser_before_aws(capsys):
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"],
+         "argument --k: 0 must be at least 1"),
+        (["emr", "submit", "j-1", "reduce", "s3://fruits-eu/F/", "s3://fruits-eu/R/",
+          "--variance", "1.5"], "argument --variance: 1.5 must be in (0, 1]"),
+    ],
+)  # fmt: skip
+def test_emr_stage_options_are_checked_by_the_same_parser_before_aws(capsys, argv, fragment):
     with pytest.raises(SystemExit) as exc:
-        main(["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"])
+        main(argv)
     assert exc.value.code == 2
-    assert "argument --k: 0 must be at least 1" in _one_line(capsys)
+    assert fragment in _one_line(capsys)
