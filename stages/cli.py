@@ -51,6 +51,13 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
         "ImageNet weights, the default), random:SEED, or a path to a Keras .h5 file",
     )
     g.add_argument("--alpha", type=_float, default=None, help="MobileNetV2 width multiplier")
+    g.add_argument(
+        "--engine",
+        choices=["litert", "keras"],
+        default="litert",
+        help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default) "
+        "or keras (the reference)",
+    )
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call")
     g.add_argument(
         "--partitions",
@@ -158,8 +165,10 @@ def _session(args, app: str):
 
 
 def _cmd_featurize(args) -> int:
+    from stages.engine import check_engine
     from stages.featurize import featurize
 
+    check_engine(args.engine)  # before the JVM starts
     spark = _session(args, "fruits-pipeline featurize")
     report = featurize(
         spark,
@@ -171,6 +180,7 @@ def _cmd_featurize(args) -> int:
         partitions=args.partitions,
         overwrite=args.overwrite,
         log=_logger(args),
+        engine=args.engine,
     )
     if not args.quiet:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "model"}))
@@ -213,7 +223,10 @@ def _cmd_run(args) -> int:
     from stages.featurize import check_output, featurize
     from stages.reduce import reduce_features
 
+    from stages.engine import check_engine
+
     features = args.features or default_features_path(args.results)
+    check_engine(args.engine)  # before the JVM starts
     spark = _session(args, "fruits-pipeline run")
     log = _logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing
@@ -227,6 +240,7 @@ def _cmd_run(args) -> int:
         partitions=args.partitions,
         overwrite=args.overwrite,
         log=log,
+        engine=args.engine,
     )
     summary = reduce_features(
         spark,

@@ -30,7 +30,8 @@ import numpy as np
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
-from stages.model import ModelSpec, get_featurizer, resolve_weights
+from stages.engine import DEFAULT_ENGINE, prepare_model
+from stages.model import FEATURE_DIM, ModelSpec, get_featurizer
 
 __all__ = [
     "IMAGE_GLOB",
@@ -46,9 +47,9 @@ __all__ = [
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 METADATA_KEY = "fruits_pipeline"
-# Above this many images per task, we add tasks (retries and stragglers stay cheap);
-# below it, one task per core keeps batches full and per-task overhead low.
-IMAGES_PER_PARTITION = 2048
+# Above this many images per task, we add whole waves of tasks (a straggler or a retry
+# then costs one small task); below it, one task per slot keeps per-task overhead low.
+IMAGES_PER_PARTITION = 512
 
 
 @dataclass
@@ -109,69 +110,88 @@ def features_schema(spec: Optional[ModelSpec] = None):
 
 
 def featurize_partition(
-    rows: Iterable[Tuple[str, bytes]],
-    broadcast_weights,
+    batches: Iterable[Any],
+    broadcast_model,
     model_key: str,
     alpha: float,
     batch_size: int,
     url_encoded: bool,
+    engine: str = "keras",
     builds=None,
     pids=None,
     counts=None,
-) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
-    """Featurize one partition of ``(path, content)`` rows, in batches.
+    schema=None,
+) -> Iterator[Any]:
+    """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
-    Runs on the executors.  A row that cannot be decoded is yielded at once with
-    its reason and no features; the model is only built if a row decodes.
-    ``counts``, a pair of accumulators, receives the rows and the error rows.
+    Runs on the executors (``mapInArrow``).  Each output batch holds one model
+    batch's rows, features as one float32 buffer (no Python object per float).  A
+    row that cannot be decoded gets its reason in ``error`` and null features; the
+    model is only built if a row decodes.  ``counts``, a pair of accumulators,
+    receives the rows and the error rows.
     """
     import os
 
+    import pyarrow as pa
     from pyspark import TaskContext
 
+    if schema is None:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(features_schema())
+    list_type = schema.field("features").type
     ctx = TaskContext.get()
     threads = max(1, ctx.cpus()) if ctx is not None else 1
     featurizer = None
-    paths: List[str] = []
-    labels: List[str] = []
-    arrays: List[np.ndarray] = []
     seen = bad = 0
 
-    def flush():
+    def model_batch(paths, contents):
         nonlocal featurizer, bad
-        if featurizer is None:
-            on_build = (lambda: builds.add(1)) if builds is not None else None
-            featurizer = get_featurizer(broadcast_weights, model_key, alpha, threads, on_build)
-            if pids is not None:
-                pids.add({os.getpid()})
-        feats = featurizer(preprocess(np.stack(arrays)))
-        finite = np.isfinite(feats).all(axis=1)
-        for p, lab, f, ok in zip(paths, labels, feats, finite):
-            if ok:
-                yield (p, lab, f.tolist(), None)
-            else:
-                bad += 1
-                yield (p, lab, None, "model output is not finite")
-        paths.clear()
-        labels.clear()
-        arrays.clear()
+        labels = [label_from_path(p, url_encoded) for p in paths]
+        errors: List[Optional[str]] = [None] * len(paths)
+        arrays = []
+        for i, content in enumerate(contents):
+            try:
+                arrays.append(decode_image(content))
+            except DecodeError as exc:
+                errors[i] = str(exc)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        if arrays:
+            if featurizer is None:
+                on_build = (lambda: builds.add(1)) if builds is not None else None
+                featurizer = get_featurizer(
+                    broadcast_model, model_key, alpha, threads, on_build, engine
+                )
+                if pids is not None:
+                    pids.add({os.getpid()})
+            feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
+            finite = np.isfinite(feats).all(axis=1)
+            decoded = np.flatnonzero(ok)
+            for i in decoded[~finite]:
+                errors[i] = "model output is not finite"
+            ok[decoded[~finite]] = False
+            feats = feats[finite]
+        else:
+            feats = np.zeros((0, FEATURE_DIM), np.float32)
+        bad += int((~ok).sum())
+        offsets = np.zeros(len(paths) + 1, np.int32)
+        offsets[1:] = np.cumsum(ok) * FEATURE_DIM
+        features = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
+        )
+        columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
+        columns += [features, pa.array(errors, pa.string())]
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    for path, content in rows:
-        seen += 1
-        label = label_from_path(path, url_encoded)
-        try:
-            arr = decode_image(content)
-        except DecodeError as exc:
-            bad += 1
-            yield (path, label, None, str(exc))
-            continue
-        paths.append(path)
-        labels.append(label)
-        arrays.append(arr)
-        if len(arrays) >= batch_size:
-            yield from flush()
-    if arrays:
-        yield from flush()
+    for batch in batches:
+        paths = batch.column(0).to_pylist()
+        contents = batch.column(1)
+        seen += len(paths)
+        for i in range(0, len(paths), batch_size):
+            yield model_batch(
+                paths[i : i + batch_size],
+                [c.as_py() for c in contents[i : i + batch_size]],
+            )
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.
@@ -225,10 +245,24 @@ def _packing(n_images: int, n_parts: int, total: int, largest: int) -> Tuple[int
 
 
 def choose_partitions(n_images: int, parallelism: int, requested: Optional[int] = None) -> int:
-    """Partitions from the image count: one per core, more past 2048 images a task."""
+    """Tasks from the image count, in full waves: a multiple of the slots.
+
+    One task per slot up to :data:`IMAGES_PER_PARTITION` images a task, then whole
+    waves more.  The count is one that :func:`_packing` gives exactly (equal image
+    counts ``q``, so ``ceil(n / q)`` tasks); with fewer images than slots, one each.
+    """
     if requested is not None:
         return max(1, min(requested, n_images))
-    return max(1, min(n_images, max(parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+    slots = max(1, parallelism)
+    if n_images <= slots:
+        return max(1, n_images)
+    waves = max(1, math.ceil(n_images / (slots * IMAGES_PER_PARTITION)))
+    for w in range(waves, n_images // slots + 1):
+        p = w * slots
+        if math.ceil(n_images / math.ceil(n_images / p)) == p:
+            return p
+    # Few images per slot (n < slots^2): no multiple packs exactly; one wave, equal tasks.
+    return math.ceil(n_images / math.ceil(n_images / slots))
 
 
 def read_images(spark, input_path: str):
@@ -263,6 +297,7 @@ def featurize(
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
+    engine: str = DEFAULT_ENGINE,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -282,6 +317,9 @@ def featurize(
     overwrite : bool
     log : callable, optional
         Receives one progress line per step.
+    engine : {"litert", "keras"}
+        How the workers run the model (:mod:`stages.engine`); recorded in the
+        features' metadata.
 
     Returns
     -------
@@ -321,19 +359,24 @@ def featurize(
         raise UsageError(
             f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
         )
-    spec, weight_arrays = resolve_weights(weights, alpha)
+    spec, payload = prepare_model(weights, alpha, engine, log)
     url_encoded = _paths_are_url_encoded(spark, stats["pct"])
     sc = spark.sparkContext
     n_parts = choose_partitions(n_images, sc.defaultParallelism, partitions)
     log(
         f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
-        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
+        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} engine={spec.engine}"
     )
 
-    bc = sc.broadcast(weight_arrays)
+    bc = sc.broadcast(payload)
     # Workers cache the built model under the weights' hash: a second job with the
     # same weights (a warm run) reuses it and never even reads the broadcast.
-    model_key = f"{spec.weights_sha256}:{spec.alpha}"
+    model_key = f"{spec.weights_sha256}:{spec.alpha}:{spec.engine}"
+    engine_ = spec.engine
+    schema = features_schema(spec)
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    arrow_schema = to_arrow_schema(schema)
     builds = sc.accumulator(0)
     pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
@@ -348,29 +391,33 @@ def featurize(
             # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
             # that cap above ours.
             "spark.sql.files.minPartitionNum": "1",
+            # Rows reach the workers as Arrow batches of one model batch: a batch of
+            # 12 MP photos stays a few hundred MB.
+            "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size),
         },
     ):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
-        rdd = images.select("path", "content").rdd
-        n_tasks = rdd.getNumPartitions()
+        scan = images.select("path", "content")
+        n_tasks = scan.rdd.getNumPartitions()
 
-        def run(rows):
+        def run(batches):
             return featurize_partition(
-                ((r[0], r[1]) for r in rows),
+                batches,
                 bc,
                 model_key,
                 alpha_,
                 batch_size,
                 url_encoded,
+                engine_,
                 builds,
                 pids,
                 counts,
+                arrow_schema,
             )
 
-        out = spark.createDataFrame(
-            rdd.mapPartitions(run), features_schema(spec), verifySchema=False
-        )
+        # Arrow both ways: no Python object per row in, none per float out.
+        out = scan.mapInArrow(run, schema)
         if n_empty > 0:
             out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
         mode = "overwrite" if overwrite else "errorifexists"

@@ -57,6 +57,7 @@ class ModelSpec:
     input_size: int = IMAGE_SIZE
     pooling: str = "avg"
     feature_dim: int = FEATURE_DIM
+    engine: str = "keras"
     versions: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -270,20 +271,24 @@ def get_featurizer(
     alpha: float,
     threads: int = 1,
     on_build: Optional[Callable[[], None]] = None,
+    engine: str = "keras",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The batch featurizer of this Python worker, built on first use.
 
     Parameters
     ----------
     broadcast_weights : pyspark.Broadcast
-        Broadcast list of weight arrays, read only when the model is built.
-    key : int
-        The cache key: the weights' SHA-256 and alpha.
+        Broadcast payload, read only when the model is built: the weight arrays
+        (``keras``) or the TFLite flatbuffer (``litert``).
+    key : str
+        The cache key: the weights' SHA-256, alpha and engine.
     alpha : float
     threads : int
-        TensorFlow intra-op threads: the executor cores given to one task.
+        TensorFlow intra-op or XNNPACK threads: the executor cores given to one task.
     on_build : callable, optional
         Called once when the model is actually built (counts builds in tests).
+    engine : {"keras", "litert"}
+        ``litert`` never imports TensorFlow (:func:`stages.engine.litert_featurizer`).
 
     Returns
     -------
@@ -293,7 +298,12 @@ def get_featurizer(
     """
     fn = _FEATURIZERS.get(key)
     if fn is None:
-        fn = _build_featurizer(broadcast_weights.value, alpha, threads)
+        if engine == "litert":
+            from stages.engine import litert_featurizer
+
+            fn = litert_featurizer(broadcast_weights.value, threads)
+        else:
+            fn = _build_featurizer(broadcast_weights.value, alpha, threads)
         _FEATURIZERS.clear()  # one model per worker: drop one from an earlier job
         _FEATURIZERS[key] = fn
         if on_build is not None:
