@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def _conf_pair(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key.startswith("spark."):
@@ -57,6 +67,14 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
         default="litert",
         help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default) "
         "or keras (the reference)",
+    )
+    g.add_argument(
+        "--jpeg-draft",
+        type=_non_negative_int,
+        default=0,
+        metavar="K",
+        help="decode large JPEGs at reduced scale, keeping >= K x 224 px (3x faster on 12 MP "
+        "photos, features within cosine 0.9996 at K=2); default 0, full decode",
     )
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call")
     g.add_argument(
@@ -181,6 +199,7 @@ def _cmd_featurize(args) -> int:
         overwrite=args.overwrite,
         log=_logger(args),
         engine=args.engine,
+        jpeg_draft=args.jpeg_draft,
     )
     if not args.quiet:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "model"}))
@@ -220,10 +239,9 @@ def default_features_path(results: str) -> str:
 
 
 def _cmd_run(args) -> int:
+    from stages.engine import check_engine
     from stages.featurize import check_output, featurize
     from stages.reduce import reduce_features
-
-    from stages.engine import check_engine
 
     features = args.features or default_features_path(args.results)
     check_engine(args.engine)  # before the JVM starts
@@ -241,6 +259,7 @@ def _cmd_run(args) -> int:
         overwrite=args.overwrite,
         log=log,
         engine=args.engine,
+        jpeg_draft=args.jpeg_draft,
     )
     summary = reduce_features(
         spark,

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 from urllib.parse import unquote
@@ -28,9 +28,9 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
+from stages.engine import DEFAULT_ENGINE, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
-from stages.engine import DEFAULT_ENGINE, prepare_model
 from stages.model import FEATURE_DIM, ModelSpec, get_featurizer
 
 __all__ = [
@@ -121,6 +121,7 @@ def featurize_partition(
     pids=None,
     counts=None,
     schema=None,
+    jpeg_draft: int = 0,
 ) -> Iterator[Any]:
     """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
@@ -152,7 +153,7 @@ def featurize_partition(
         arrays = []
         for i, content in enumerate(contents):
             try:
-                arrays.append(decode_image(content))
+                arrays.append(decode_image(content, draft=jpeg_draft))
             except DecodeError as exc:
                 errors[i] = str(exc)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -298,6 +299,7 @@ def featurize(
     overwrite: bool = False,
     log=None,
     engine: str = DEFAULT_ENGINE,
+    jpeg_draft: int = 0,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -320,6 +322,11 @@ def featurize(
     engine : {"litert", "keras"}
         How the workers run the model (:mod:`stages.engine`); recorded in the
         features' metadata.
+    jpeg_draft : int
+        0 (default): full JPEG decode, as Keras' ``load_img``.  ``k >= 1``: Pillow's
+        draft mode, decoding large JPEGs at 1/2 to 1/8 scale while they stay at
+        least ``k * 224`` px (see :func:`stages.images.decode_image`); recorded in
+        the metadata.
 
     Returns
     -------
@@ -359,7 +366,11 @@ def featurize(
         raise UsageError(
             f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
         )
+    if jpeg_draft < 0:
+        raise UsageError(f"--jpeg-draft {jpeg_draft} must be 0 (off) or at least 1")
     spec, payload = prepare_model(weights, alpha, engine, log)
+    if jpeg_draft:
+        spec = replace(spec, jpeg_draft=jpeg_draft)
     url_encoded = _paths_are_url_encoded(spark, stats["pct"])
     sc = spark.sparkContext
     n_parts = choose_partitions(n_images, sc.defaultParallelism, partitions)
@@ -414,6 +425,7 @@ def featurize(
                 pids,
                 counts,
                 arrow_schema,
+                jpeg_draft,
             )
 
         # Arrow both ways: no Python object per row in, none per float out.

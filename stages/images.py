@@ -24,7 +24,7 @@ class DecodeError(ValueError):
     """An image that cannot be decoded; the message is the reason written to ``error``."""
 
 
-def decode_image(data: Optional[bytes], size: int = IMAGE_SIZE) -> np.ndarray:
+def decode_image(data: Optional[bytes], size: int = IMAGE_SIZE, draft: int = 0) -> np.ndarray:
     """Decode image bytes to an RGB uint8 array resized to ``size`` x ``size``.
 
     Parameters
@@ -33,6 +33,12 @@ def decode_image(data: Optional[bytes], size: int = IMAGE_SIZE) -> np.ndarray:
         The file's content (JPEG, or anything Pillow reads).
     size : int
         Output height and width.
+    draft : int
+        0: full decode (what Keras' ``load_img`` does).  ``k >= 1``: let a JPEG
+        decoder scale by 1/2, 1/4 or 1/8 in the DCT while the image stays at
+        least ``k * size`` on each side, then resize as usual: a 12 MP photo
+        decodes several times faster, to slightly different pixels
+        (``benchmarks/decode_bench.py``).
 
     Returns
     -------
@@ -47,6 +53,8 @@ def decode_image(data: Optional[bytes], size: int = IMAGE_SIZE) -> np.ndarray:
         raise DecodeError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(bytes(data))) as img:
+            if draft > 0:
+                img.draft("RGB", (draft * size, draft * size))  # a no-op but for JPEG
             img.load()  # forces the full decode: truncated data fails here
             if img.mode != "RGB":
                 img = img.convert("RGB")

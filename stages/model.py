@@ -58,6 +58,8 @@ class ModelSpec:
     pooling: str = "avg"
     feature_dim: int = FEATURE_DIM
     engine: str = "keras"
+    # Pillow JPEG draft factor (0: full decode); see stages.images.decode_image.
+    jpeg_draft: int = 0
     versions: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:

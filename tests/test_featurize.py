@@ -85,7 +85,8 @@ def assert_litert_agrees(lite: np.ndarray, keras: np.ndarray) -> None:
     assert lite.shape == keras.shape and lite.dtype == np.float32
     assert np.abs(lite - keras).max() <= 2e-4
     lite64, keras64 = lite.astype(np.float64), keras.astype(np.float64)
-    cos = (lite64 * keras64).sum(1) / np.linalg.norm(lite64, axis=1) / np.linalg.norm(keras64, axis=1)
+    norms = np.linalg.norm(lite64, axis=1) * np.linalg.norm(keras64, axis=1)
+    cos = (lite64 * keras64).sum(1) / norms
     assert cos.min() >= 0.99999
 
 
@@ -286,7 +287,14 @@ def test_overwrite_replaces(spark, tmp_path):
     out = tmp_path / "F"
     featurize(spark, str(SAMPLE / "Kiwi"), str(out), weights="random:2", alpha=0.35)
     report = featurize(
-        spark, str(SAMPLE / "Lemon"), str(out), weights="random:2", alpha=0.35, overwrite=True
+        spark,
+        str(SAMPLE / "Lemon"),
+        str(out),
+        weights="random:2",
+        alpha=0.35,
+        overwrite=True,
+        jpeg_draft=2,
     )
     labels = {v[0] for v in read_features(out).values()}
     assert report.images == 10 and labels == {"Lemon"}
+    assert read_model_spec(spark.read.parquet(str(out)).schema)["jpeg_draft"] == 2
