@@ -1,11 +1,13 @@
 """Stage 1 throughput: the Spark featurize job against single processes doing the same work.
 
 Two baselines, each a single Python process on the same cores decoding the same JPEGs
-from disk with :func:`stages.images.decode_image` and :func:`preprocess`, in batches of
-64: **Keras** (:func:`stages.model.local_featurizer`, a compiled ``tf.function``) and
+from disk with :func:`stages.images.decode_image` and :func:`preprocess`, in each
+engine's default batches (``stages.engine.DEFAULT_BATCH``): **Keras**
+(:func:`stages.model.local_featurizer`, a compiled ``tf.function``, batches of 64) and
 **LiteRT** (:func:`stages.engine.litert_featurizer` on the flatbuffer the Spark job
-broadcasts, XNNPACK with as many threads as cores).  The Spark job runs its default
-engine (LiteRT).  Every figure is a ratio to a baseline measured in the same run:
+broadcasts, XNNPACK with as many threads as cores, batches of 8).  The Spark job runs
+its default engine (LiteRT) and batch.  Every figure is a ratio to a baseline measured
+in the same run:
 
 * **cold**: the first job of a fresh SparkSession (driver: weights and, for random
   weights, TensorFlow import and conversion; workers start, interpreter build) against
@@ -122,8 +124,10 @@ def init_tf_threads(threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def baseline_pass(files: Sequence[str], featurize: Callable) -> Dict[str, float]:
-    """One single-process pass: read, decode, preprocess, infer in batches of 64."""
+def baseline_pass(
+    files: Sequence[str], featurize: Callable, batch: int = BATCH
+) -> Dict[str, float]:
+    """One single-process pass: read, decode, preprocess, infer in batches of ``batch``."""
     import numpy as np
     import psutil
 
@@ -133,10 +137,10 @@ def baseline_pass(files: Sequence[str], featurize: Callable) -> Dict[str, float]
     sys0 = psutil.cpu_times()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    for i in range(0, len(files), BATCH):
+    for i in range(0, len(files), batch):
         a = time.perf_counter()
         blobs = []
-        for p in files[i : i + BATCH]:
+        for p in files[i : i + batch]:
             with open(p, "rb") as fh:
                 blobs.append(fh.read())
         b = time.perf_counter()
@@ -199,7 +203,16 @@ def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         _, model = prepare_model(weights_for(alpha), alpha, "litert")
         featurize = litert_featurizer(model, threads or os.cpu_count() or 1)
-    return {"featurize": featurize, "import_s": t_import, "build_s": time.perf_counter() - t0}
+    from stages.engine import DEFAULT_BATCH
+
+    batch = DEFAULT_BATCH[engine]
+    return {
+        "featurize": lambda files: baseline_pass(files, featurize, batch),
+        "infer": featurize,
+        "batch": batch,
+        "import_s": t_import,
+        "build_s": time.perf_counter() - t0,
+    }
 
 
 # ---------------------------------------------------------------- workers (subprocesses)
@@ -210,7 +223,7 @@ def worker_baseline(args) -> Dict[str, Any]:
     t0 = time.perf_counter()
     m = baseline_model(args.engine, args.alpha, args.threads)
     files = list_images(args.images)
-    cold = baseline_pass(files, m["featurize"])
+    cold = m["featurize"](files)
     cold_total = time.perf_counter() - t0
     warm = [_baseline(files, m["featurize"], args) for _ in range(args.repeats)]
     return {
@@ -232,9 +245,9 @@ def _quiet(args) -> Dict[str, float]:
     return wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else {}
 
 
-def _baseline(files: Sequence[str], featurize: Callable, args) -> Dict[str, Any]:
+def _baseline(files: Sequence[str], run_pass: Callable, args) -> Dict[str, Any]:
     quiet = _quiet(args)
-    return {**baseline_pass(files, featurize), "quiet": quiet}
+    return {**run_pass(files), "quiet": quiet}
 
 
 def _spark_run(
@@ -251,7 +264,6 @@ def _spark_run(
             out,
             weights=weights_for(args.alpha),
             alpha=args.alpha,
-            batch_size=BATCH,
             partitions=partitions,
             overwrite=True,
             engine=args.engine,
@@ -309,7 +321,7 @@ def worker_spark(args) -> Dict[str, Any]:
     for engine in args.baselines:
         t0 = time.perf_counter()
         models[engine] = baseline_model(engine, args.alpha, cores)["featurize"]
-        baseline_pass(files[:BATCH], models[engine])  # traces / warms: not timed
+        models[engine](files[:BATCH])  # traces / warms: not timed
         result[f"baseline_{engine}_build_s"] = time.perf_counter() - t0
     result["warm"], result["small"] = [], []
     for r in range(args.repeats):
@@ -350,12 +362,13 @@ def worker_script(args) -> Dict[str, Any]:
 
     from stages.images import DecodeError, decode_image, preprocess
 
-    featurize = baseline_model(args.engine, args.alpha, 0)["featurize"]
+    m = baseline_model(args.engine, args.alpha, 0)
+    featurize, batch = m["infer"], m["batch"]
     files = list_images(args.images)
     paths, labels, feats, errors = [], [], [], []
-    for i in range(0, len(files), BATCH):
+    for i in range(0, len(files), batch):
         ok, arrays = [], []
-        for f in files[i : i + BATCH]:
+        for f in files[i : i + batch]:
             with open(f, "rb") as fh:
                 data = fh.read()
             try:

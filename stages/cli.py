@@ -76,7 +76,12 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
         help="decode large JPEGs at reduced scale, keeping >= K x 224 px (3x faster on 12 MP "
         "photos, features within cosine 0.9996 at K=2); default 0, full decode",
     )
-    g.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per model call (default 8 with litert, 64 with keras)",
+    )
     g.add_argument(
         "--partitions",
         type=_positive_int,

@@ -34,6 +34,7 @@ from stages.model import BUNDLED_ALPHA, BUNDLED_WEIGHTS, ModelSpec, resolve_weig
 
 __all__ = [
     "BUNDLED_TFLITE",
+    "DEFAULT_BATCH",
     "DEFAULT_ENGINE",
     "check_engine",
     "ENGINES",
@@ -45,6 +46,10 @@ __all__ = [
 
 ENGINES = ("litert", "keras")
 DEFAULT_ENGINE = "litert"
+# Images per model call.  XNNPACK runs small batches at least as fast as 64 (they stay in
+# cache) in a fraction of the memory: alpha 1.0, one thread, peak RSS 106 MiB at 4,
+# 131 at 8, 517 at 64 (benchmarks/README.md).  TensorFlow wants larger batches.
+DEFAULT_BATCH = {"litert": 8, "keras": 64}
 BUNDLED_TFLITE = BUNDLED_WEIGHTS.with_suffix(".tflite")
 # What made the bundled flatbuffer: the weights' tensor hash, alpha, converter version.
 BUNDLED_TFLITE_INFO = BUNDLED_WEIGHTS.with_suffix(".tflite.json")
@@ -174,33 +179,56 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def bundled_tflite() -> Tuple[bytes, Dict[str, Any]]:
+def bundled_tflite(h5: Path = BUNDLED_WEIGHTS) -> Tuple[bytes, Dict[str, Any]]:
     """The shipped flatbuffer of the bundled weights, checked against ``SHA256SUMS``.
+
+    Parameters
+    ----------
+    h5 : Path
+        The bundled ``.h5``; its folder holds the ``.tflite``, its ``.tflite.json``
+        and ``SHA256SUMS`` (the package's ``stages/weights/``, or the copy the EMR
+        bootstrap puts on each node).
 
     Raises
     ------
     UsageError
-        The file is missing or altered.
+        The flatbuffer is missing or altered.
     """
+    folder = h5.parent
+    tflite = folder / BUNDLED_TFLITE.name if folder != BUNDLED_TFLITE.parent else BUNDLED_TFLITE
     sums = {}
-    for line in SHA256SUMS.read_text().splitlines():
+    for line in (folder / SHA256SUMS.name).read_text().splitlines():
         parts = line.split()
         if len(parts) == 2:
             sums[parts[1]] = parts[0]
     try:
-        data = BUNDLED_TFLITE.read_bytes()
-        info = json.loads(BUNDLED_TFLITE_INFO.read_text())
+        data = tflite.read_bytes()
+        info = json.loads((folder / BUNDLED_TFLITE_INFO.name).read_text())
     except (OSError, ValueError) as exc:
         raise UsageError(
-            f"the bundled TFLite model {BUNDLED_TFLITE.name} is unreadable ({exc}): "
+            f"the bundled TFLite model {tflite.name} is unreadable ({exc}): "
             "reinstall the package, or pass --engine keras"
         ) from None
-    if sums.get(BUNDLED_TFLITE.name) != _sha256_bytes(data):
+    if sums.get(tflite.name) != _sha256_bytes(data):
         raise UsageError(
-            f"the bundled TFLite model {BUNDLED_TFLITE.name} does not match SHA256SUMS: "
+            f"the bundled TFLite model {tflite.name} does not match SHA256SUMS: "
             "reinstall the package, or pass --engine keras"
         )
     return data, info
+
+
+def _is_bundled_copy(source: str) -> Optional[Path]:
+    """The path of ``source`` if it is a byte-identical copy of the bundled ``.h5``
+    with its ``SHA256SUMS`` beside it (EMR nodes get such a copy), else ``None``."""
+    path = Path(source).expanduser()
+    if path.name != BUNDLED_WEIGHTS.name:
+        return None
+    try:
+        sums = (path.parent / SHA256SUMS.name).read_text().split()
+        digest = _sha256_bytes(path.read_bytes())
+    except OSError:
+        return None
+    return path if digest in sums and BUNDLED_TFLITE.name in sums else None
 
 
 def check_engine(engine: str) -> None:
@@ -273,11 +301,14 @@ def prepare_model(
     key = (source, alpha, engine)
     if key in _PREPARED:
         return _PREPARED[key]
-    if source == "bundled" and alpha in (None, BUNDLED_ALPHA):
-        data, info = bundled_tflite()
+    copy = None if source == "bundled" else _is_bundled_copy(source)
+    if (source == "bundled" or copy is not None) and alpha in (None, BUNDLED_ALPHA):
+        data, info = bundled_tflite(copy or BUNDLED_WEIGHTS)
         spec = ModelSpec(
             alpha=BUNDLED_ALPHA,
-            weights_source="bundled:" + BUNDLED_WEIGHTS.name,
+            weights_source=(
+                "bundled:" + BUNDLED_WEIGHTS.name if copy is None else f"file:{copy.resolve()}"
+            ),
             weights_sha256=info["weights_sha256"],
             engine="litert",
             versions=_litert_versions(info["converter_version"]),

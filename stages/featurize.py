@@ -28,7 +28,7 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
-from stages.engine import DEFAULT_ENGINE, prepare_model
+from stages.engine import DEFAULT_BATCH, DEFAULT_ENGINE, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
 from stages.model import FEATURE_DIM, ModelSpec, get_featurizer
@@ -294,7 +294,7 @@ def featurize(
     output_path: str,
     weights: str = "bundled",
     alpha: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
@@ -312,8 +312,8 @@ def featurize(
         ``imagenet``, ``bundled``, ``random:SEED`` or a ``.h5`` path (see
         :func:`stages.model.resolve_weights`).
     alpha : float, optional
-    batch_size : int
-        Images per model call.
+    batch_size : int, optional
+        Images per model call (default 8 with LiteRT, 64 with Keras).
     partitions : int, optional
         Tasks; default from the image count (:func:`choose_partitions`).
     overwrite : bool
@@ -340,6 +340,8 @@ def featurize(
     from pyspark.sql import functions as F
 
     log = log or (lambda msg: None)
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH.get(engine, 64)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if partitions is not None and partitions < 1:
