@@ -18,6 +18,7 @@ WEIGHTS_DIR=/opt/fruits-pipeline/weights
 # they agree).  numpy stays < 2: pyspark 3.5's Arrow and ML paths are not numpy-2 clean.
 PINS=(
   "tensorflow-cpu==2.21.0"
+  "ai-edge-litert==2.3.0"
   "numpy==1.26.4"
   "scipy==1.17.1"
   "pandas==2.2.3"
@@ -41,9 +42,12 @@ log "pip install ${PINS[*]}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check "${PINS[@]}"
 # Fail here, with the reason in the bootstrap log, rather than in a Spark task.
 "$PYTHON" -c "import numpy, scipy, pandas, pyarrow, PIL, tensorflow; print('tensorflow', tensorflow.__version__)"
+# The default featurize engine (LiteRT): an x86_64 wheel only, so no Graviton (aarch64) nodes.
+"$PYTHON" -c "from ai_edge_litert.interpreter import Interpreter; print('ai-edge-litert ok')"
 
 # --weights bundled: h5py cannot open an .h5 inside the --py-files zip, so each node gets
-# the bundled weights on local disk (the step passes their path).
+# the bundled weights on local disk (the step passes their path), with the pre-converted
+# TFLite model and SHA256SUMS beside them (the LiteRT engine then needs no conversion).
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 aws s3 cp --only-show-errors "${CODE_URI%/}/fruits_pipeline.zip" "$tmp/fruits_pipeline.zip"

@@ -64,9 +64,9 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--engine",
         choices=["litert", "keras"],
-        default="litert",
-        help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default) "
-        "or keras (the reference)",
+        default=None,
+        help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default "
+        "where ai-edge-litert is installed) or keras (the reference)",
     )
     g.add_argument(
         "--jpeg-draft",
@@ -191,7 +191,8 @@ def _cmd_featurize(args) -> int:
     from stages.engine import check_engine
     from stages.featurize import featurize
 
-    check_engine(args.engine)  # before the JVM starts
+    if args.engine:
+        check_engine(args.engine)  # before the JVM starts
     spark = _session(args, "fruits-pipeline featurize")
     report = featurize(
         spark,
@@ -249,7 +250,8 @@ def _cmd_run(args) -> int:
     from stages.reduce import reduce_features
 
     features = args.features or default_features_path(args.results)
-    check_engine(args.engine)  # before the JVM starts
+    if args.engine:
+        check_engine(args.engine)  # before the JVM starts
     spark = _session(args, "fruits-pipeline run")
     log = _logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing

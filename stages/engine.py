@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_ENGINE",
     "check_engine",
+    "default_engine",
     "ENGINES",
     "convert_to_tflite",
     "litert_featurizer",
@@ -231,6 +232,12 @@ def _is_bundled_copy(source: str) -> Optional[Path]:
     return path if digest in sums and BUNDLED_TFLITE.name in sums else None
 
 
+def default_engine() -> str:
+    """``litert`` where ai-edge-litert is installed (Linux x86_64 and macOS arm64 wheels,
+    Python 3.11-3.12), else ``keras``; the features' metadata records which ran."""
+    return DEFAULT_ENGINE if litert_version() else "keras"
+
+
 def check_engine(engine: str) -> None:
     """Refuse an unknown engine, or ``litert`` where ai-edge-litert is not installed.
 
@@ -268,7 +275,7 @@ _PREPARED: Dict[Tuple[str, Optional[float], str], Tuple[ModelSpec, Payload]] = {
 
 
 def prepare_model(
-    source: str, alpha: Optional[float] = None, engine: str = DEFAULT_ENGINE, log=None
+    source: str, alpha: Optional[float] = None, engine: Optional[str] = None, log=None
 ) -> Tuple[ModelSpec, Payload]:
     """Resolve the weights and what the workers need for ``engine``, on the driver.
 
@@ -277,7 +284,8 @@ def prepare_model(
     source : str
         ``--weights`` (see :func:`stages.model.resolve_weights`).
     alpha : float, optional
-    engine : {"litert", "keras"}
+    engine : {"litert", "keras"}, optional
+        Default :func:`default_engine`.
     log : callable, optional
         Receives a line when a conversion runs.
 
@@ -294,6 +302,7 @@ def prepare_model(
         Unknown engine, bad weights, ai-edge-litert missing.
     """
     log = log or (lambda msg: None)
+    engine = engine or default_engine()
     check_engine(engine)
     if engine == "keras":
         spec, weights = resolve_weights(source, alpha)

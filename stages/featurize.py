@@ -28,7 +28,7 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
-from stages.engine import DEFAULT_BATCH, DEFAULT_ENGINE, prepare_model
+from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
 from stages.model import FEATURE_DIM, ModelSpec, get_featurizer
@@ -298,7 +298,7 @@ def featurize(
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
-    engine: str = DEFAULT_ENGINE,
+    engine: Optional[str] = None,
     jpeg_draft: int = 0,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
@@ -319,9 +319,9 @@ def featurize(
     overwrite : bool
     log : callable, optional
         Receives one progress line per step.
-    engine : {"litert", "keras"}
-        How the workers run the model (:mod:`stages.engine`); recorded in the
-        features' metadata.
+    engine : {"litert", "keras"}, optional
+        How the workers run the model (:mod:`stages.engine`; default LiteRT where
+        ai-edge-litert is installed); recorded in the features' metadata.
     jpeg_draft : int
         0 (default): full JPEG decode, as Keras' ``load_img``.  ``k >= 1``: Pillow's
         draft mode, decoding large JPEGs at 1/2 to 1/8 scale while they stay at
@@ -340,6 +340,7 @@ def featurize(
     from pyspark.sql import functions as F
 
     log = log or (lambda msg: None)
+    engine = engine or default_engine()
     if batch_size is None:
         batch_size = DEFAULT_BATCH.get(engine, 64)
     if batch_size < 1:

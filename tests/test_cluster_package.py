@@ -46,7 +46,16 @@ def test_bootstrap_script_parses_with_bash_n():
 def test_bootstrap_pins_satisfy_pyproject_ranges():
     pins = package.bootstrap_pins()
     reqs = _pyproject_requirements()
-    expected = {"tensorflow-cpu", "numpy", "scipy", "pandas", "pyarrow", "pillow", "boto3"}
+    expected = {
+        "tensorflow-cpu",
+        "ai-edge-litert",
+        "numpy",
+        "scipy",
+        "pandas",
+        "pyarrow",
+        "pillow",
+        "boto3",
+    }
     assert {canonicalize_name(n) for n in pins} == expected
     for name, version in pins.items():
         req = reqs[canonicalize_name(name)]
