@@ -196,7 +196,7 @@ def bundled_tflite(h5: Path = BUNDLED_WEIGHTS) -> Tuple[bytes, Dict[str, Any]]:
         The flatbuffer is missing or altered.
     """
     folder = h5.parent
-    tflite = folder / BUNDLED_TFLITE.name if folder != BUNDLED_TFLITE.parent else BUNDLED_TFLITE
+    tflite = folder / BUNDLED_TFLITE.name
     sums = {}
     for line in (folder / SHA256SUMS.name).read_text().splitlines():
         parts = line.split()

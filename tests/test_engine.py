@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -25,38 +26,54 @@ def _sample_batch(n: int) -> np.ndarray:
     return preprocess(np.stack([decode_image(f.read_bytes()) for f in files]))
 
 
-def test_bundled_model_needs_no_tensorflow_on_the_driver():
+def test_bundled_model_needs_no_tensorflow_on_the_driver(tmp_path):
+    # Also the copy the EMR bootstrap puts on each node (the step passes its .h5 path).
+    for f in engine.BUNDLED_WEIGHTS.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
     code = (
         "import sys\n"
         "from stages.engine import prepare_model\n"
         "spec, data = prepare_model('bundled')\n"
         "assert data[4:8] == b'TFL3', data[:8]\n"
         "assert spec.engine == 'litert' and spec.alpha == 0.35\n"
+        "copy, same = prepare_model(sys.argv[1], None, 'litert')\n"
+        "assert same == data and copy.weights_sha256 == spec.weights_sha256\n"
+        "assert copy.weights_source == 'file:' + sys.argv[1], copy.weights_source\n"
         "print(sorted(m for m in ('tensorflow', 'keras', 'h5py') if m in sys.modules))\n"
     )
+    h5 = tmp_path / engine.BUNDLED_WEIGHTS.name
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, str(h5.resolve())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "[]"
 
 
-def test_altered_bundled_flatbuffer_is_refused(tmp_path, monkeypatch, fresh_prepared):
-    data = bytearray(engine.BUNDLED_TFLITE.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+def test_altered_bundled_flatbuffer_is_refused(tmp_path, fresh_prepared):
+    for f in engine.BUNDLED_WEIGHTS.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
     altered = tmp_path / engine.BUNDLED_TFLITE.name
+    data = bytearray(altered.read_bytes())
+    data[len(data) // 2] ^= 0xFF
     altered.write_bytes(bytes(data))
-    monkeypatch.setattr(engine, "BUNDLED_TFLITE", altered)
     with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
-        engine.prepare_model("bundled")
+        engine.bundled_tflite(tmp_path / engine.BUNDLED_WEIGHTS.name)
+    with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
+        engine.prepare_model(str(tmp_path / engine.BUNDLED_WEIGHTS.name), None, "litert")
 
 
-def test_unknown_engine_and_missing_litert_are_usage_errors(monkeypatch):
+def test_unknown_engine_missing_litert_and_the_default(monkeypatch):
     with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
         engine.check_engine("onnx")
+    assert engine.default_engine() == "litert"
     monkeypatch.setattr(engine, "litert_version", lambda: "")
     with pytest.raises(UsageError, match="needs the ai-edge-litert package.*--engine keras"):
         engine.check_engine("litert")
     engine.check_engine("keras")  # the reference engine needs no LiteRT
+    assert engine.default_engine() == "keras"  # where no wheel exists (Python 3.9, aarch64)
 
 
 def test_litert_featurizer_is_batch_independent():
