@@ -22,6 +22,7 @@ WEIGHTS_DIR="${FRUITS_BOOTSTRAP_WEIGHTS_DIR:-/opt/fruits-pipeline/weights}"
 # matplotlib: the notebook's figures and the report, drawn on the driver.
 PINS=(
   "tensorflow-cpu==2.21.0"
+  "ai-edge-litert==2.3.0"
   "numpy==1.26.4"
   "scipy==1.17.1"
   "pandas==2.2.3"
@@ -52,6 +53,8 @@ log "pip install ${PINS[*]}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check "${PINS[@]}"
 # Fail here, with the reason in the bootstrap log, rather than in a Spark task.
 "$PYTHON" -c "import numpy, scipy, pandas, pyarrow, PIL, matplotlib, tensorflow; print('tensorflow', tensorflow.__version__)"
+# The default featurize engine (LiteRT): an x86_64 wheel only, so no Graviton (aarch64) nodes.
+"$PYTHON" -c "from ai_edge_litert.interpreter import Interpreter; print('ai-edge-litert ok')"
 
 # The project: the wheel `emr up` built from the same files as s3://B/code/VERSION/.
 # --no-deps: the pins above are its dependencies, and pyspark comes from EMR.
@@ -70,6 +73,7 @@ print(BUNDLED_WEIGHTS.parent)
 
 # --weights bundled in a step: the copy on each node's local disk (the step passes its path).
 sudo mkdir -p "$WEIGHTS_DIR"
-sudo cp "$bundled"/*.h5 "$bundled"/NOTICE.md "$bundled"/SHA256SUMS "$WEIGHTS_DIR"/
+# With the pre-converted TFLite model beside it, the LiteRT engine needs no conversion.
+sudo cp "$bundled"/*.h5 "$bundled"/*.tflite "$bundled"/NOTICE.md "$bundled"/SHA256SUMS "$WEIGHTS_DIR"/
 sudo chmod -R a+rX "$WEIGHTS_DIR"
 log "done: $("$PYTHON" -m pip show fruits-pipeline 2>/dev/null | grep -m1 '^Version:'), weights in $WEIGHTS_DIR: $(ls "$WEIGHTS_DIR" | tr '\n' ' ')"

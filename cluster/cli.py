@@ -94,8 +94,18 @@ def _log(args) -> Callable[[str], None]:
     return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
-def _add_cluster_options(p: argparse.ArgumentParser, bucket_required: bool) -> None:
+def _add_cluster_options(
+    p: argparse.ArgumentParser, bucket_required: bool, engine_option: bool = True
+) -> None:
     g = p.add_argument_group("cluster options")
+    if engine_option:  # `emr run` has the featurize stage's own --engine
+        g.add_argument(
+            "--engine",
+            choices=sorted(spec.PYTHON_WORKER_MIB),
+            default="litert",
+            help="featurize engine the executors are sized for (default litert; keras "
+            "workers need 2 GiB each)",
+        )
     g.add_argument(
         "--bucket",
         required=bucket_required,
@@ -145,6 +155,7 @@ def _options(args, bucket: Optional[str] = None) -> spec.ClusterOptions:
             bucket=bucket or args.bucket,
             region=_region(args),
             instance_type=args.instance_type,
+            engine=getattr(args, "engine", None) or "litert",
             core=args.core,
             task=args.task,
             spot=args.spot,
@@ -468,7 +479,7 @@ def register(sub) -> None:
     p.add_argument("input", metavar="INPUT", help="s3://B/Test/")
     p.add_argument("results", metavar="RESULTS", help="s3://B/Results/")
     p.add_argument("--features", default=None, help="default: Features beside RESULTS")
-    _add_cluster_options(p, bucket_required=False)
+    _add_cluster_options(p, bucket_required=False, engine_option=False)
     _add_stage_options(p, "featurize")
     _add_stage_options(p, "reduce")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

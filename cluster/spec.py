@@ -15,6 +15,7 @@ Layout in the bucket ``B`` (the IAM policy of :mod:`cluster.policy` follows it):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -114,9 +115,14 @@ INSTANCE_TYPES: Dict[str, InstanceType] = {
     )
 }
 
-# A Python worker holds ~0.6 GB after building MobileNetV2 and peaks near 1.9 GB RSS with
-# alpha 1.0 and batches of 64 (measured); 2 GiB each leaves a little margin.
-PYTHON_WORKER_MIB = 2048
+# Memory of one Python worker, per featurize engine (stages.engine), from measured peaks
+# (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 8, peak RSS
+# ~0.3 GB at alpha 1.0.  Keras: ~0.6 GB after building MobileNetV2, peaking near 1.9 GB
+# with alpha 1.0 and batches of 64.
+PYTHON_WORKER_MIB: Dict[str, int] = {"litert": 768, "keras": 2048}
+# The Python driver converts the Keras model to TFLite for --weights imagenet/.h5/random
+# (TensorFlow import + build + conversion: 1.06 GB peak RSS at alpha 1.0, measured).
+DRIVER_PYTHON_MIB = 1536
 # Spark's floor for memoryOverhead: JVM off-heap, netty, Arrow buffers of mapInArrow.
 JVM_OVERHEAD_MIB = 384
 # Executor heap floor: Spark refuses < 450 MiB; 640 MiB leaves ~200 MiB of unified
@@ -142,10 +148,19 @@ class ExecutorLayout:
     heap_mib: int
     overhead_mib: int
     python_mib: int
+    engine: str = "litert"
+    driver_heap_mib: int = MIN_HEAP_MIB
+    driver_overhead_mib: int = JVM_OVERHEAD_MIB + DRIVER_PYTHON_MIB
+    driver_slots: int = 1
 
 
-def executor_layout(instance_type: str) -> ExecutorLayout:
+def executor_layout(instance_type: str, engine: str = "litert") -> ExecutorLayout:
     """Size executors so YARN never kills a container for its Python worker's memory.
+
+    ``engine`` is the featurize engine the cluster is sized for: a LiteRT worker needs
+    a third of a Keras worker's memory, so memory-bound types run more of them.  The
+    driver's container (a YARN container on a core node in cluster deploy mode) holds
+    the TFLite conversion; it takes ``driver_slots`` executors' room.
 
     Python memory is counted in ``spark.executor.memoryOverhead`` rather than
     ``spark.executor.pyspark.memory``: the latter sets ``RLIMIT_AS`` on each worker, a
@@ -159,13 +174,21 @@ def executor_layout(instance_type: str) -> ExecutorLayout:
         Unknown instance type, or one too small for a single Python worker.
     """
     it = _instance(instance_type)
-    slot_min = MIN_HEAP_MIB + JVM_OVERHEAD_MIB + PYTHON_WORKER_MIB
-    workers = min(it.vcpu, it.yarn_mib // slot_min)
-    if workers < 1:  # pragma: no cover - every type in the table fits one
+    if engine not in PYTHON_WORKER_MIB:
+        raise UsageError(f"unknown --engine {engine!r}: use {' or '.join(PYTHON_WORKER_MIB)}")
+    python = PYTHON_WORKER_MIB[engine]
+    slot_min = MIN_HEAP_MIB + JVM_OVERHEAD_MIB + python
+    fit = min(it.vcpu, it.yarn_mib // slot_min)
+    if fit < 1:  # pragma: no cover - every type in the table fits one
         raise UsageError(f"{instance_type} has too little YARN memory for one Python worker")
-    task_cpus = it.vcpu // workers  # memory-bound types (c5) give each worker more threads
+    # A divisor of the vCPUs, so no core idles: memory-bound types (c5) give each
+    # worker more threads instead.
+    workers = max(w for w in range(1, fit + 1) if it.vcpu % w == 0)
+    task_cpus = it.vcpu // workers
     container = (it.yarn_mib // workers) // 128 * 128
-    overhead = JVM_OVERHEAD_MIB + PYTHON_WORKER_MIB
+    overhead = JVM_OVERHEAD_MIB + python
+    driver_overhead = JVM_OVERHEAD_MIB + DRIVER_PYTHON_MIB
+    driver_slots = math.ceil((MIN_HEAP_MIB + driver_overhead) / container)
     return ExecutorLayout(
         instance_type=it.name,
         executors_per_node=workers,
@@ -174,22 +197,26 @@ def executor_layout(instance_type: str) -> ExecutorLayout:
         container_mib=container,
         heap_mib=container - overhead,
         overhead_mib=overhead,
-        python_mib=PYTHON_WORKER_MIB,
+        python_mib=python,
+        engine=engine,
+        driver_heap_mib=driver_slots * container - driver_overhead,
+        driver_overhead_mib=driver_overhead,
+        driver_slots=driver_slots,
     )
 
 
-def spark_defaults(instance_type: str) -> Dict[str, str]:
+def spark_defaults(instance_type: str, engine: str = "litert") -> Dict[str, str]:
     """The ``spark-defaults`` classification for core/task nodes of ``instance_type``."""
-    lay = executor_layout(instance_type)
+    lay = executor_layout(instance_type, engine)
     return {
         "spark.executor.cores": str(lay.cores),
         "spark.task.cpus": str(lay.task_cpus),
         "spark.executor.memory": f"{lay.heap_mib}m",
         "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
         "spark.driver.cores": "1",
-        "spark.driver.memory": f"{lay.heap_mib}m",
-        # the Python driver imports TensorFlow and builds the model to read the weights
-        "spark.driver.memoryOverhead": f"{lay.overhead_mib}m",
+        "spark.driver.memory": f"{lay.driver_heap_mib}m",
+        # the Python driver imports TensorFlow, builds the model and converts it
+        "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
         "spark.pyspark.python": PYTHON,
         "spark.pyspark.driver.python": PYTHON,
         # one model build per worker, not per task (8x slower without, measured)
@@ -213,6 +240,7 @@ class ClusterOptions:
     bucket: str
     region: str = DEFAULT_REGION
     instance_type: str = "m5.large"
+    engine: str = "litert"
     core: int = 2
     task: int = 0
     spot: bool = False
@@ -231,7 +259,7 @@ def validate_options(opts: ClusterOptions) -> ClusterOptions:
     """Return ``opts`` if consistent; raise :class:`UsageError` with the fix otherwise."""
     check_region(opts.region)
     validate_bucket_name(opts.bucket)
-    _instance(opts.instance_type)
+    executor_layout(opts.instance_type, opts.engine)
     if opts.core < 1:
         raise UsageError(f"--core {opts.core} must be at least 1 (core nodes run the driver)")
     if opts.task < 0:
@@ -300,7 +328,10 @@ def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
                 }
             ],
         },
-        {"Classification": "spark-defaults", "Properties": spark_defaults(opts.instance_type)},
+        {
+            "Classification": "spark-defaults",
+            "Properties": spark_defaults(opts.instance_type, opts.engine),
+        },
     ]
     if opts.notebook:
         confs += [
@@ -338,7 +369,7 @@ def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
                 "Classification": "jupyter-sparkmagic-conf",
                 "Properties": {
                     "session_configs": json.dumps(
-                        livy_session_configs(opts.instance_type), sort_keys=True
+                        livy_session_configs(opts.instance_type, opts.engine), sort_keys=True
                     )
                 },
             },
@@ -346,7 +377,7 @@ def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
     return confs
 
 
-def livy_session_configs(instance_type: str) -> Dict[str, Any]:
+def livy_session_configs(instance_type: str, engine: str = "litert") -> Dict[str, Any]:
     """Sparkmagic's ``session_configs``: what every PySpark kernel asks Livy for.
 
     Sparkmagic sends its own defaults with each new session (``driverMemory`` 1000M,
@@ -358,14 +389,14 @@ def livy_session_configs(instance_type: str) -> Dict[str, Any]:
     executor, and Python 3.11 on the driver (``spark.yarn.appMasterEnv``, cluster mode)
     and the executors.
     """
-    lay = executor_layout(instance_type)
+    lay = executor_layout(instance_type, engine)
     return {
-        "driverMemory": f"{lay.heap_mib}m",
+        "driverMemory": f"{lay.driver_heap_mib}m",
         "driverCores": 1,
         "executorMemory": f"{lay.heap_mib}m",
         "executorCores": lay.cores,
         "conf": {
-            "spark.driver.memoryOverhead": f"{lay.overhead_mib}m",
+            "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
             "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
             "spark.task.cpus": str(lay.task_cpus),
             "spark.pyspark.python": PYTHON,
@@ -555,5 +586,5 @@ def _group(name: str, role: str, instance_type: str, count: int, market: str = "
 
 def total_slots(opts: ClusterOptions) -> int:
     """Concurrent featurize tasks on the cluster at start, after the driver's container."""
-    lay = executor_layout(opts.instance_type)
-    return max(0, (opts.core + opts.task) * lay.executors_per_node - 1)
+    lay = executor_layout(opts.instance_type, opts.engine)
+    return max(0, (opts.core + opts.task) * lay.executors_per_node - lay.driver_slots)

@@ -30,10 +30,11 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
+from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
 from stages.listing import LocalListing, file_uri, make_view, view_index, walk_images
-from stages.model import ModelSpec, get_featurizer, resolve_weights
+from stages.model import ModelSpec, get_featurizer
 from stages.outputs import atomic_output, check_disjoint
 
 __all__ = [
@@ -50,9 +51,9 @@ __all__ = [
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 METADATA_KEY = "fruits_pipeline"
-# Above this many images per task, we add tasks (retries and stragglers stay cheap);
-# below it, one task per core keeps batches full and per-task overhead low.
-IMAGES_PER_PARTITION = 2048
+# Above this many images per task, we add whole waves of tasks (a straggler or a retry
+# then costs one small task); below it, one task per slot keeps per-task overhead low.
+IMAGES_PER_PARTITION = 512
 
 
 @dataclass
@@ -113,70 +114,97 @@ def features_schema(spec: Optional[ModelSpec] = None):
 
 
 def featurize_partition(
-    rows: Iterable[Tuple[str, bytes]],
-    broadcast_weights,
+    batches: Iterable[Any],
+    broadcast_model,
     model_key: str,
     alpha: float,
     batch_size: int,
     url_encoded: bool,
+    engine: str = "keras",
     builds=None,
     pids=None,
     counts=None,
+    schema=None,
+    jpeg_draft: int = 0,
     exif_orientation: bool = True,
-) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
-    """Featurize one partition of ``(path, content)`` rows, in batches.
+    to_paths=None,
+) -> Iterator[Any]:
+    """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
-    Runs on the executors.  A row that cannot be decoded is yielded at once with
-    its reason and no features; the model is only built if a row decodes.
-    ``counts``, a pair of accumulators, receives the rows and the error rows.
+    Runs on the executors (``mapInArrow``).  Each output batch holds one model
+    batch's rows, features as one float32 buffer (no Python object per float).  A
+    row that cannot be decoded gets its reason in ``error`` and null features; the
+    model is only built if a row decodes.  ``counts``, a pair of accumulators,
+    receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
+    ones written (a local INPUT is scanned through a view of symlinks).
     """
     import os
 
+    import pyarrow as pa
     from pyspark import TaskContext
 
+    if schema is None:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(features_schema())
+    list_type = schema.field("features").type
     ctx = TaskContext.get()
     threads = max(1, ctx.cpus()) if ctx is not None else 1
     featurizer = None
-    paths: List[str] = []
-    labels: List[str] = []
-    arrays: List[np.ndarray] = []
     seen = bad = 0
 
-    def flush():
+    def model_batch(paths, contents):
         nonlocal featurizer, bad
-        if featurizer is None:
-            on_build = (lambda: builds.add(1)) if builds is not None else None
-            featurizer = get_featurizer(broadcast_weights, model_key, alpha, threads, on_build)
-            if pids is not None:
-                pids.add({os.getpid()})
-        feats = featurizer(preprocess(np.stack(arrays)))
-        finite = np.isfinite(feats).all(axis=1)
-        for p, lab, f, ok in zip(paths, labels, feats, finite):
-            if ok:
-                yield (p, lab, f.tolist(), None)
-            else:
-                bad += 1
-                yield (p, lab, None, "model output is not finite")
-        paths.clear()
-        labels.clear()
-        arrays.clear()
+        labels = [label_from_path(p, url_encoded) for p in paths]
+        errors: List[Optional[str]] = [None] * len(paths)
+        arrays = []
+        for i, content in enumerate(contents):
+            try:
+                arrays.append(
+                    decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
+                )
+            except DecodeError as exc:
+                errors[i] = str(exc)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        if arrays:
+            if featurizer is None:
+                on_build = (lambda: builds.add(1)) if builds is not None else None
+                featurizer = get_featurizer(
+                    broadcast_model, model_key, alpha, threads, on_build, engine
+                )
+                if pids is not None:
+                    pids.add({os.getpid()})
+            feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
+            finite = np.isfinite(feats).all(axis=1)
+            decoded = np.flatnonzero(ok)
+            for i in decoded[~finite]:
+                errors[i] = "model output is not finite"
+            ok[decoded[~finite]] = False
+            feats = feats[finite]
+        else:
+            feats = np.zeros((0, 0), np.float32)
+        bad += int((~ok).sum())
+        # The model's own width: 1280 up to alpha 1.0, more above (1792 at 1.4).
+        offsets = np.zeros(len(paths) + 1, np.int32)
+        offsets[1:] = np.cumsum(ok) * feats.shape[1]
+        features = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
+        )
+        columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
+        columns += [features, pa.array(errors, pa.string())]
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    for path, content in rows:
-        seen += 1
-        label = label_from_path(path, url_encoded)
-        try:
-            arr = decode_image(content, exif_orientation=exif_orientation)
-        except DecodeError as exc:
-            bad += 1
-            yield (path, label, None, str(exc))
-            continue
-        paths.append(path)
-        labels.append(label)
-        arrays.append(arr)
-        if len(arrays) >= batch_size:
-            yield from flush()
-    if arrays:
-        yield from flush()
+    for batch in batches:
+        paths = batch.column(0).to_pylist()
+        if to_paths is not None:
+            paths = to_paths(paths)
+        contents = batch.column(1)
+        seen += len(paths)
+        for i in range(0, len(paths), batch_size):
+            yield model_batch(
+                paths[i : i + batch_size],
+                [c.as_py() for c in contents[i : i + batch_size]],
+            )
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.
@@ -230,10 +258,24 @@ def _packing(n_images: int, n_parts: int, total: int, largest: int) -> Tuple[int
 
 
 def choose_partitions(n_images: int, parallelism: int, requested: Optional[int] = None) -> int:
-    """Partitions from the image count: one per core, more past 2048 images a task."""
+    """Tasks from the image count, in full waves: a multiple of the slots.
+
+    One task per slot up to :data:`IMAGES_PER_PARTITION` images a task, then whole
+    waves more.  The count is one that :func:`_packing` gives exactly (equal image
+    counts ``q``, so ``ceil(n / q)`` tasks); with fewer images than slots, one each.
+    """
     if requested is not None:
         return max(1, min(requested, n_images))
-    return max(1, min(n_images, max(parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+    slots = max(1, parallelism)
+    if n_images <= slots:
+        return max(1, n_images)
+    waves = max(1, math.ceil(n_images / (slots * IMAGES_PER_PARTITION)))
+    for w in range(waves, n_images // slots + 1):
+        p = w * slots
+        if math.ceil(n_images / math.ceil(n_images / p)) == p:
+            return p
+    # Few images per slot (n < slots^2): no multiple packs exactly; one wave, equal tasks.
+    return math.ceil(n_images / math.ceil(n_images / slots))
 
 
 def read_images(spark, input_path: str):
@@ -252,11 +294,13 @@ def featurize(
     output_path: str,
     weights: str = "bundled",
     alpha: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
     exif_orientation: bool = True,
+    engine: Optional[str] = None,
+    jpeg_draft: int = 0,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -269,8 +313,8 @@ def featurize(
         ``imagenet``, ``bundled``, ``random:SEED`` or a ``.h5`` path (see
         :func:`stages.model.resolve_weights`).
     alpha : float, optional
-    batch_size : int
-        Images per model call.
+    batch_size : int, optional
+        Images per model call (default 8 with LiteRT, 64 with Keras).
     partitions : int, optional
         Tasks; default from the image count (:func:`choose_partitions`).
     overwrite : bool
@@ -279,6 +323,14 @@ def featurize(
     exif_orientation : bool
         Turn photos as their EXIF orientation tag says (phones store them sideways);
         recorded in the features' metadata.
+    engine : {"litert", "keras"}, optional
+        How the workers run the model (:mod:`stages.engine`; default LiteRT where
+        ai-edge-litert is installed); recorded in the features' metadata.
+    jpeg_draft : int
+        0 (default): full JPEG decode, as Keras' ``load_img``.  ``k >= 1``: Pillow's
+        draft mode, decoding large JPEGs at 1/2 to 1/8 scale while they stay at
+        least ``k * 224`` px (see :func:`stages.images.decode_image`); recorded in
+        the metadata.
 
     Returns
     -------
@@ -290,10 +342,15 @@ def featurize(
         Missing input, no images, bad weights, existing output.
     """
     log = log or (lambda msg: None)
+    engine = engine or default_engine()
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH.get(engine, 64)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if partitions is not None and partitions < 1:
         raise UsageError(f"--partitions {partitions} must be at least 1")
+    if jpeg_draft < 0:
+        raise UsageError(f"--jpeg-draft {jpeg_draft} must be 0 (off) or at least 1")
     check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
     if not hadoopfs.exists(spark, input_path):
@@ -311,7 +368,7 @@ def featurize(
                 scan = _HadoopScan(spark, input_path)
             report = _featurize_scan(
                 spark, scan, input_path, output_path, target, weights, alpha, batch_size,
-                partitions, log, exif_orientation,
+                partitions, log, exif_orientation, engine, jpeg_draft,
             )  # fmt: skip
     finally:
         if view is not None:
@@ -359,12 +416,12 @@ class _LocalScan:
         self._errors = [(file_uri(p), reason) for p, reason in local.errors]
 
     def rows(self, sc):
-        """A function of a partition's scan rows to ``(path, content)`` pairs."""
+        """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
         paths = sc.broadcast(self._paths)
 
-        def real(rows):
+        def real(scanned):
             table = paths.value
-            return ((table[view_index(r[0])], r[1]) for r in rows)
+            return [table[view_index(p)] for p in scanned]
 
         return real, paths
 
@@ -403,8 +460,8 @@ class _HadoopScan:
         self.url_encoded = _paths_are_url_encoded(spark, stats["pct"])
 
     def rows(self, sc):
-        """A function of a partition's scan rows to ``(path, content)`` pairs."""
-        return (lambda rows: ((r[0], r[1]) for r in rows)), None
+        """``(paths mapper, broadcast)``: none here, Spark's paths are the real ones."""
+        return None, None
 
     def extra_rows(self, spark, spec: ModelSpec):
         """Error rows for the zero-byte files the scan dropped, or None."""
@@ -415,34 +472,36 @@ class _HadoopScan:
 
 def _featurize_scan(
     spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
-    exif_orientation,
+    exif_orientation, engine, jpeg_draft,
 ) -> FeaturizeReport:  # fmt: skip
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
-    spec, weight_arrays = resolve_weights(weights, alpha)
-    spec = replace(spec, exif_orientation=bool(exif_orientation))
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    spec, payload = prepare_model(weights, alpha, engine, log)
+    spec = replace(spec, exif_orientation=bool(exif_orientation), jpeg_draft=jpeg_draft)
     url_encoded = scan.url_encoded
     sc = spark.sparkContext
     n_images = scan.n_images
     n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
+    loops = f" ({scan.cycles} folder link(s) to a folder already listed)" if scan.cycles else ""
     log(
         f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
-        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
-        + (
-            f" ({scan.cycles} folder link(s) back to a folder already listed)"
-            if scan.cycles
-            else ""
-        )
+        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} "
+        f"engine={spec.engine}{loops}"
     )
 
-    bc = sc.broadcast(weight_arrays)
+    bc = sc.broadcast(payload)
     # Workers cache the built model under the weights' hash: a second job with the
     # same weights (a warm run) reuses it and never even reads the broadcast.
-    model_key = f"{spec.weights_sha256}:{spec.alpha}"
+    model_key = f"{spec.weights_sha256}:{spec.alpha}:{spec.engine}"
+    engine_ = spec.engine
+    schema = features_schema(spec)
+    arrow_schema = to_arrow_schema(schema)
     builds = sc.accumulator(0)
     pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
     alpha_ = spec.alpha
-    to_pairs, paths_bc = scan.rows(sc)
+    to_paths, paths_bc = scan.rows(sc)
     open_cost, split = _packing(max(1, n_images), n_parts, scan.total_bytes, scan.largest)
     with _session_conf(
         spark,
@@ -452,30 +511,36 @@ def _featurize_scan(
             # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
             # that cap above ours.
             "spark.sql.files.minPartitionNum": "1",
+            # Rows reach the workers as Arrow batches of one model batch: a batch of
+            # 12 MP photos stays a few hundred MB.
+            "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size),
         },
     ):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
-        rdd = scan.images.select("path", "content").rdd
-        n_tasks = rdd.getNumPartitions()
+        images = scan.images.select("path", "content")
+        n_tasks = images.rdd.getNumPartitions()
 
-        def run(rows):
+        def run(batches):
             return featurize_partition(
-                to_pairs(rows),
+                batches,
                 bc,
                 model_key,
                 alpha_,
                 batch_size,
                 url_encoded,
+                engine_,
                 builds,
                 pids,
                 counts,
+                arrow_schema,
+                jpeg_draft,
                 exif_orientation,
+                to_paths,
             )
 
-        out = spark.createDataFrame(
-            rdd.mapPartitions(run), features_schema(spec), verifySchema=False
-        )
+        # Arrow both ways: no Python object per row in, none per float out.
+        out = images.mapInArrow(run, schema)
         extra = scan.extra_rows(spark, spec)
         n_extra = 0
         if extra is not None:

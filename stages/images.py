@@ -54,7 +54,7 @@ def _flat_share(arr: np.ndarray) -> float:
 
 
 def decode_image(
-    data: Optional[bytes], size: int = IMAGE_SIZE, exif_orientation: bool = True
+    data: Optional[bytes], size: int = IMAGE_SIZE, exif_orientation: bool = True, draft: int = 0
 ) -> np.ndarray:
     """Decode image bytes to an RGB uint8 array resized to ``size`` x ``size``.
 
@@ -67,6 +67,12 @@ def decode_image(
     exif_orientation : bool
         Turn the picture as its EXIF orientation says (phones store photos sideways
         with a tag); False decodes the pixels as stored, like Keras' ``load_img``.
+    draft : int
+        0: full decode (what Keras' ``load_img`` does).  ``k >= 1``: let a JPEG
+        decoder scale by 1/2, 1/4 or 1/8 in the DCT while the image stays at
+        least ``k * size`` on each side, then resize as usual: a 12 MP photo
+        decodes several times faster, to slightly different pixels
+        (``benchmarks/decode_bench.py``).
 
     Returns
     -------
@@ -91,6 +97,8 @@ def decode_image(
                     f"image claims {w} x {h} pixels ({w * h / 1e6:.0f} MP), above the "
                     f"{MAX_PIXELS // 1_000_000} MP limit: not decoded"
                 )
+            if draft > 0:
+                img.draft("RGB", (draft * size, draft * size))  # a no-op but for JPEG
             img.load()  # forces the full decode: truncated data fails here
             if exif_orientation:
                 img = ImageOps.exif_transpose(img)

@@ -59,6 +59,9 @@ class ModelSpec:
     feature_dim: int = FEATURE_DIM
     # Whether photos were turned as their EXIF orientation tag says before the resize.
     exif_orientation: bool = True
+    engine: str = "keras"
+    # Pillow JPEG draft factor (0: full decode); see stages.images.decode_image.
+    jpeg_draft: int = 0
     versions: Dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -78,6 +81,7 @@ def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:
         spec.get("pooling"),
         spec.get("weights_sha256"),
         bool(spec.get("exif_orientation", False)),  # older features: pixels as stored
+        int(spec.get("jpeg_draft", 0)),
     )
 
 
@@ -275,20 +279,24 @@ def get_featurizer(
     alpha: float,
     threads: int = 1,
     on_build: Optional[Callable[[], None]] = None,
+    engine: str = "keras",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The batch featurizer of this Python worker, built on first use.
 
     Parameters
     ----------
     broadcast_weights : pyspark.Broadcast
-        Broadcast list of weight arrays, read only when the model is built.
-    key : int
-        The cache key: the weights' SHA-256 and alpha.
+        Broadcast payload, read only when the model is built: the weight arrays
+        (``keras``) or the TFLite flatbuffer (``litert``).
+    key : str
+        The cache key: the weights' SHA-256, alpha and engine.
     alpha : float
     threads : int
-        TensorFlow intra-op threads: the executor cores given to one task.
+        TensorFlow intra-op or XNNPACK threads: the executor cores given to one task.
     on_build : callable, optional
         Called once when the model is actually built (counts builds in tests).
+    engine : {"keras", "litert"}
+        ``litert`` never imports TensorFlow (:func:`stages.engine.litert_featurizer`).
 
     Returns
     -------
@@ -298,7 +306,12 @@ def get_featurizer(
     """
     fn = _FEATURIZERS.get(key)
     if fn is None:
-        fn = _build_featurizer(broadcast_weights.value, alpha, threads)
+        if engine == "litert":
+            from stages.engine import litert_featurizer
+
+            fn = litert_featurizer(broadcast_weights.value, threads)
+        else:
+            fn = _build_featurizer(broadcast_weights.value, alpha, threads)
         _FEATURIZERS.clear()  # one model per worker: drop one from an earlier job
         _FEATURIZERS[key] = fn
         if on_build is not None:

@@ -62,8 +62,9 @@ class PCAModel:
         ValueError
             If an image cannot be decoded, or the weights no longer match.
         """
+        from stages.engine import litert_featurizer, prepare_model
         from stages.images import decode_image, preprocess
-        from stages.model import local_featurizer, resolve_weights
+        from stages.model import local_featurizer
 
         spec = self.features_model
         if not spec:
@@ -73,18 +74,27 @@ class PCAModel:
             source = "bundled"
         elif source.startswith("file:"):
             source = source[len("file:") :]
-        got, weights = resolve_weights(source, spec["alpha"])
+        # The engine that made the features (older features: Keras).
+        engine = spec.get("engine", "keras")
+        got, payload = prepare_model(source, spec["alpha"], engine)
         if got.weights_sha256 != spec["weights_sha256"]:
             raise ValueError(
                 f"weights {source} are not the ones that made the features "
                 f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]})"
             )
-        featurize = local_featurizer(weights, got.alpha)
+        if engine == "litert":
+            featurize = litert_featurizer(payload, threads=os.cpu_count() or 1)
+        else:
+            featurize = local_featurizer(payload, got.alpha)
         images = []
         for p in paths:
             with open(p, "rb") as fh:
                 images.append(
-                    decode_image(fh.read(), exif_orientation=spec.get("exif_orientation", False))
+                    decode_image(  # the decode that made the features
+                        fh.read(),
+                        exif_orientation=spec.get("exif_orientation", False),
+                        draft=int(spec.get("jpeg_draft", 0)),
+                    )
                 )
         feats = [
             featurize(preprocess(np.stack(images[i : i + batch_size])))

@@ -41,6 +41,19 @@ def s3a_jars() -> List[str]:
         return []
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tflite_cache(tmp_path_factory):
+    """A fresh driver-side TFLite conversion cache for the session (and its subprocesses)."""
+    path = tmp_path_factory.mktemp("fruits_cache")
+    old = os.environ.get("FRUITS_CACHE")
+    os.environ["FRUITS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FRUITS_CACHE", None)
+    else:
+        os.environ["FRUITS_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def keras_home(tmp_path_factory):
     """An empty, read-only KERAS_HOME given to every Python worker: featurizing must
@@ -75,9 +88,19 @@ def spark(keras_home):
 
 @pytest.fixture(scope="session")
 def sample_features(spark, tmp_path_factory) -> Path:
-    """The bundled sample featurized once with the bundled weights."""
+    """The bundled sample featurized once with the bundled weights (default engine, LiteRT)."""
     from stages.featurize import featurize
 
     out = tmp_path_factory.mktemp("sample") / "Features"
     featurize(spark, str(SAMPLE), str(out), weights="bundled")
+    return out
+
+
+@pytest.fixture(scope="session")
+def keras_sample_features(spark, tmp_path_factory) -> Path:
+    """The bundled sample featurized once by the Keras engine (the reference)."""
+    from stages.featurize import featurize
+
+    out = tmp_path_factory.mktemp("sample_keras") / "Features"
+    featurize(spark, str(SAMPLE), str(out), weights="bundled", engine="keras")
     return out

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 
 import pytest
 
+from stages.engine import BUNDLED_TFLITE, BUNDLED_TFLITE_INFO
 from stages.model import BUNDLED_WEIGHTS
 from tests.conftest import SAMPLE
 
@@ -35,9 +37,13 @@ def test_sample_carries_its_licence_and_attribution():
 
 
 def test_bundled_weights_match_their_checksum():
-    line = (BUNDLED_WEIGHTS.parent / "SHA256SUMS").read_text().split()
-    assert line[1] == BUNDLED_WEIGHTS.name
-    assert _sha256(BUNDLED_WEIGHTS) == line[0]
+    sums = dict(
+        reversed(line.split())
+        for line in (BUNDLED_WEIGHTS.parent / "SHA256SUMS").read_text().splitlines()
+    )
+    assert set(sums) == {BUNDLED_WEIGHTS.name, BUNDLED_TFLITE.name}
+    assert _sha256(BUNDLED_WEIGHTS) == sums[BUNDLED_WEIGHTS.name]
+    assert _sha256(BUNDLED_TFLITE) == sums[BUNDLED_TFLITE.name]
     assert "Apache License 2.0" in (BUNDLED_WEIGHTS.parent / "NOTICE.md").read_text()
 
 
@@ -49,6 +55,9 @@ def test_bundled_weights_are_the_real_imagenet_tensors():
     spec, weights = resolve_weights("bundled")
     assert sum(w.size for w in weights) == 410_208
     assert spec.alpha == 0.35 and len(weights) == 260
+    # The shipped flatbuffer says it was converted from these very tensors.
+    info = json.loads(BUNDLED_TFLITE_INFO.read_text())
+    assert info["weights_sha256"] == spec.weights_sha256 and info["alpha"] == 0.35
 
 
 @pytest.mark.tensorflow

@@ -26,6 +26,8 @@ def _one_line_error(capsys, argv, match: str) -> str:
     [
         (["featurize", "IN", "OUT", "--batch-size", "0"], "0 must be at least 1"),
         (["featurize", "IN", "OUT", "--alpha", "wide"], "'wide' is not a number"),
+        (["featurize", "IN", "OUT", "--engine", "onnx"], "invalid choice: 'onnx'"),
+        (["featurize", "IN", "OUT", "--jpeg-draft", "-1"], "-1 must be 0 or more"),
         (["reduce", "F", "R", "--k", "3", "--variance", "0.9"], "not allowed with argument"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["reduce", "F", "R", "--k", "abc"], "argument --k: 'abc' is not an integer"),

@@ -51,7 +51,8 @@ def test_bootstrap_pins_satisfy_pyproject_ranges():
     pins = package.bootstrap_pins()
     reqs = _pyproject_requirements()
     expected = {
-        "tensorflow-cpu", "numpy", "scipy", "pandas", "pyarrow", "pillow", "boto3", "matplotlib",
+        "tensorflow-cpu", "ai-edge-litert", "numpy", "scipy", "pandas", "pyarrow", "pillow",
+        "boto3", "matplotlib",
     }  # fmt: skip
     assert {canonicalize_name(n) for n in pins} == expected
     for name, version in pins.items():

@@ -135,8 +135,8 @@ def test_notebook_sessions_get_the_step_layout_not_sparkmagics_defaults(instance
     # the driver builds the model once in its Python process: a step driver's container
     assert session["driverMemory"] == defaults["spark.driver.memory"]
     overhead = _mib(session["conf"]["spark.driver.memoryOverhead"])
-    assert overhead >= spec.PYTHON_WORKER_MIB
-    assert _mib(session["driverMemory"]) + overhead <= lay.container_mib
+    assert overhead >= spec.DRIVER_PYTHON_MIB  # the driver builds and converts the model
+    assert session["conf"]["spark.driver.memoryOverhead"] == defaults["spark.driver.memoryOverhead"]
     conf = session["conf"]
     assert conf["spark.pyspark.python"] == "/usr/bin/python3.11"
     assert conf["spark.yarn.appMasterEnv.PYSPARK_PYTHON"] == "/usr/bin/python3.11"
@@ -244,10 +244,12 @@ def test_validate_options_refuses(opts, match):
         spec.validate_options(ClusterOptions(**kwargs))
 
 
+@pytest.mark.parametrize("engine", ["litert", "keras"])
 @pytest.mark.parametrize("instance_type", sorted(spec.INSTANCE_TYPES))
-def test_spark_defaults_fit_yarn_with_2g_per_python_worker(instance_type):
+def test_spark_defaults_fit_yarn_with_the_engines_python_worker(instance_type, engine):
     it = spec.INSTANCE_TYPES[instance_type]
-    conf = spec.spark_defaults(instance_type)
+    conf = spec.spark_defaults(instance_type, engine)
+    lay = spec.executor_layout(instance_type, engine)
     cores = int(conf["spark.executor.cores"])
     task_cpus = int(conf["spark.task.cpus"])
     heap = _mib(conf["spark.executor.memory"])
@@ -257,12 +259,17 @@ def test_spark_defaults_fit_yarn_with_2g_per_python_worker(instance_type):
     assert executors_per_node >= 1
     # what YARN hands out on one node stays within its memory
     assert executors_per_node * (heap + overhead) <= it.yarn_mib
-    # each Python worker gets >= 2 GiB beside Spark's 384 MiB off-heap floor
-    assert (overhead - 384) / workers_per_executor >= 2048
+    # each Python worker gets its engine's measured need beside Spark's 384 MiB floor
+    need = {"litert": 768, "keras": 2048}[engine]
+    assert (overhead - 384) / workers_per_executor >= need
     assert heap >= 450  # Spark refuses smaller executors
-    # the driver's container is no larger than an executor's: it displaces exactly one
+    assert executors_per_node * task_cpus == it.vcpu  # no idle core
+    # the driver's Python has room for the TFLite conversion (1.06 GB measured), and
+    # its container takes the room of driver_slots executors, no more
+    assert _mib(conf["spark.driver.memoryOverhead"]) - 384 >= 1536
     driver = _mib(conf["spark.driver.memory"]) + _mib(conf["spark.driver.memoryOverhead"])
-    assert driver <= heap + overhead
+    assert _mib(conf["spark.driver.memory"]) >= 450
+    assert driver <= lay.driver_slots * (heap + overhead)
 
 
 def test_m5_large_runs_two_single_core_executors_per_node():
@@ -273,10 +280,20 @@ def test_m5_large_runs_two_single_core_executors_per_node():
     assert spec.total_slots(ClusterOptions(bucket=BUCKET)) == 3  # 2 nodes x 2, minus the driver
 
 
-def test_memory_bound_c5_gives_each_worker_two_threads():
-    conf = spec.spark_defaults("c5.xlarge")  # 4 vCPU but only 6 GiB for YARN
+def test_memory_bound_c5_gives_each_keras_worker_two_threads():
+    conf = spec.spark_defaults("c5.xlarge", "keras")  # 4 vCPU but only 6 GiB for YARN
     assert conf["spark.task.cpus"] == "2"
     assert conf["spark.executor.cores"] == "2"
+
+
+def test_litert_workers_fit_where_keras_workers_do_not():
+    # 8 GiB, 4 vCPU: r5.xlarge and m5.xlarge run 4 either way; with LiteRT the executor
+    # heap gets what the Keras worker held.
+    lite, keras = spec.executor_layout("m5.xlarge"), spec.executor_layout("m5.xlarge", "keras")
+    assert lite.executors_per_node == keras.executors_per_node == 4
+    assert lite.heap_mib - keras.heap_mib == 2048 - 768
+    with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
+        spec.executor_layout("m5.large", "onnx")
 
 
 def test_regression_no_pyspark_memory_rlimit_for_tensorflow():
