@@ -229,6 +229,7 @@ def reduce_features(
     overwrite: bool = False,
     log=None,
     featurize_report: Optional[Dict[str, Any]] = None,
+    index: bool = True,
 ) -> Dict[str, Any]:
     """Run stage 2 and return the summary written to ``RESULTS/summary.json``.
 
@@ -248,6 +249,8 @@ def reduce_features(
     log : callable, optional
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
+    index : bool
+        Also build ``RESULTS/index/`` (:func:`stages.search.build_index`).
 
     Raises
     ------
@@ -326,6 +329,10 @@ def reduce_features(
     if check == "spark-ml":
         log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
         summary["spark_ml_check"] = spark_ml_check(spark, features, results, model)
+    if index:
+        from stages.search import build_index
+
+        summary["index"] = build_index(spark, results, log=log)
     hadoopfs.write_text(spark, results.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
     return summary
