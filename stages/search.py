@@ -67,6 +67,7 @@ THUMB_PX = 96
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
+_MP = MAX_QUERY_PIXELS // 1_000_000
 
 
 class BadImage(ValueError):
@@ -122,11 +123,17 @@ def decode_upload(data: bytes) -> np.ndarray:
             w, h = img.size
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (expected a JPEG, PNG or another photo format)", 415) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+        raise BadImage(
+            f"the image has hundreds of megapixels, over the limit of {_MP} MP "
+            "(a decompression bomb?)",
+            413,
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"cannot read the image: {exc}", 422) from None
     if w * h > MAX_QUERY_PIXELS:
         raise BadImage(
-            f"the image is {w}x{h} pixels, over the limit of {MAX_QUERY_PIXELS // 1_000_000} MP "
+            f"the image is {w}x{h} pixels, over the limit of {_MP} MP "
             "(a decompression bomb?)",
             413,
         )
