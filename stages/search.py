@@ -133,8 +133,7 @@ def decode_upload(data: bytes) -> np.ndarray:
         raise BadImage(f"cannot read the image: {exc}", 422) from None
     if w * h > MAX_QUERY_PIXELS:
         raise BadImage(
-            f"the image is {w}x{h} pixels, over the limit of {_MP} MP "
-            "(a decompression bomb?)",
+            f"the image is {w}x{h} pixels, over the limit of {_MP} MP (a decompression bomb?)",
             413,
         )
     try:

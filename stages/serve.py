@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
+from fastapi import Request
 
 from stages.search import MAX_UPLOAD_BYTES, BadImage, QueryEngine, decode_upload
 from stages.search_cli import TOP_MAX
@@ -31,6 +32,7 @@ MAX_DECODING = 2
 MAX_BATCH = 16
 # The multipart framing around a 10 MB photo; the photo itself is checked on its own.
 MAX_BODY = MAX_UPLOAD_BYTES + 64 * 1024
+MAX_DRAIN = 64 * 1024 * 1024
 HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -111,6 +113,10 @@ async def _read_body(request) -> bytes:
         except ValueError:
             raise BadImage("bad Content-Length header", 400) from None
         if declared > MAX_BODY:
+            if declared <= MAX_DRAIN:
+                # Read and drop it: a client still sending would miss the answer.
+                async for _ in request.stream():
+                    pass
             raise BadImage(f"the upload is {declared} bytes, over the limit of 10 MB", 413)
     body = bytearray()
     async for chunk in request.stream():
@@ -123,7 +129,6 @@ async def _read_body(request) -> bytes:
 async def _parse_form(request, body: bytes) -> Tuple[bytes, int]:
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
 
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
@@ -164,7 +169,7 @@ def create_app(results: Optional[str] = None, engine: Optional[QueryEngine] = No
     """The FastAPI app over a local RESULTS folder (or an already loaded engine)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
