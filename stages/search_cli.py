@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from stages.errors import UsageError
@@ -57,6 +58,9 @@ def _cmd_index(args) -> int:
     from stages.cli import _logger, _session
     from stages.search import build_index
 
+    local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
+    if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
+        raise UsageError(f"{args.results} has no projections/: give a RESULTS folder of `reduce`")
     spark = _session(args, "fruits-pipeline index")
     meta = build_index(spark, args.results, log=_logger(args))
     if not args.quiet:

@@ -226,9 +226,34 @@ def create_app(results: Optional[str] = None, engine: Optional[QueryEngine] = No
 
 
 def serve(results: str, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load the index and the model, then serve until interrupted."""
+    """Load the index and the model, then serve until interrupted.
+
+    Raises
+    ------
+    UsageError
+        No index, or the address cannot be bound (before the model is loaded).
+    """
+    import socket
+
     import uvicorn
 
-    app = create_app(results)
-    print(f"serving {results} on http://{host}:{port}/", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False)
+    from stages.errors import UsageError
+    from stages.search import SearchIndex
+
+    SearchIndex(results)  # a missing index fails in a second, not after the model build
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; pass another --host/--port"
+        ) from None
+    try:
+        app = create_app(results)
+        config = uvicorn.Config(app, log_level="warning", server_header=False)
+        print(f"serving {results} on http://{host}:{sock.getsockname()[1]}/", flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

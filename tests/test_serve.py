@@ -257,3 +257,18 @@ def test_page_in_chromium(server, sample_left_out, tmp_path):
         assert browser.evaluate("document.querySelectorAll('#grid img').length") == 0
     finally:
         browser.close()
+
+
+def test_serve_on_a_busy_port_is_one_line(sample_left_out, capsys):
+    from stages.cli import main
+
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        assert main(["serve", str(sample_left_out[0]), "--port", str(port)]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
