@@ -10,10 +10,10 @@
 - ``vectors.npy``: the projections, float32 (n, k);
 - ``thumbs.bin`` + ``thumbs_offsets.npy``: a small JPEG per row, concatenated, so the app
   shows matches without credentials to the bucket (memory-mapped, not loaded);
-- ``hnsw.faiss``: the approximate index, above :data:`EXACT_MAX_ROWS` rows only.
+- ``hnsw.faiss``: the approximate index, above :data:`EXACT_MAX_ELEMENTS` only.
 
 Exact search is one float32 GEMV over the vectors (BLAS) with the candidates re-ranked in
-float64; above :data:`EXACT_MAX_ROWS` rows (measured in ``benchmarks/search_bench.py``) a
+float64; above :data:`EXACT_MAX_ELEMENTS` rows x dims (``benchmarks/search_bench.py``) a
 faiss HNSW graph gives the candidates and the same float64 re-ranking orders them.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 from stages.errors import UsageError
 
 __all__ = [
-    "EXACT_MAX_ROWS",
+    "EXACT_MAX_ELEMENTS",
     "MAX_UPLOAD_BYTES",
     "BadImage",
     "VectorIndex",
@@ -51,9 +51,10 @@ __all__ = [
 
 INDEX_DIR = "index"
 FORMAT = 1
-# Exact search up to this many rows: at 200k x 64 dims a warm exact query is still
-# a few ms on 2 cores and needs no build; beyond it the HNSW graph wins (search_bench.py).
-EXACT_MAX_ROWS = 200_000
+# Exact search while rows x dims stays under this (64 MB of float32: 62,500 rows at k=256):
+# a warm exact query then takes <= ~8 ms on 2 cores, less than the model's ~14 ms for the
+# photo, and needs no build; beyond it the HNSW graph wins (benchmarks/search_bench.py).
+EXACT_MAX_ELEMENTS = 16_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -189,13 +190,14 @@ class VectorIndex:
     def _exact_candidates(self, q: np.ndarray, m: int) -> np.ndarray:
         # ||x||^2 - 2 x.q ranks like ||x - q||^2: one GEMM, no (n, k) temporary.
         out = np.empty((q.shape[0], m), dtype=np.int64)
-        for s in range(0, q.shape[0], 256):
-            d2 = self._norms[None, :] - 2.0 * (q[s : s + 256] @ self.vectors.T)
+        step = max(1, min(256, 2**26 // len(self)))  # (step, n) float32 temporaries <= 256 MB
+        for s in range(0, q.shape[0], step):
+            d2 = self._norms[None, :] - 2.0 * (q[s : s + step] @ self.vectors.T)
             if m < d2.shape[1]:
                 part = np.argpartition(d2, m - 1, axis=1)[:, :m]
             else:
                 part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
-            out[s : s + 256] = part
+            out[s : s + step] = part
         return out
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, top: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -265,7 +267,7 @@ def build_index_files(
     thumbs: Sequence[Optional[bytes]],
     pca_arrays_sha256: str,
     features_model: Dict[str, Any],
-    exact_max_rows: int = EXACT_MAX_ROWS,
+    exact_max_elements: int = EXACT_MAX_ELEMENTS,
 ) -> Dict[str, bytes]:
     """The files of ``RESULTS/index/``, by name (see the module docstring)."""
     import pyarrow as pa
@@ -277,14 +279,14 @@ def build_index_files(
     if vectors.shape[0] != n or n == 0:
         raise UsageError(f"cannot index {vectors.shape[0]} vectors for {n} rows")
     files: Dict[str, bytes] = {}
-    hnsw = build_hnsw(vectors) if n > exact_max_rows else None
+    hnsw = build_hnsw(vectors) if vectors.size > exact_max_elements else None
     index = VectorIndex(vectors, hnsw)
     meta: Dict[str, Any] = {
         "format": FORMAT,
         "rows": n,
         "dims": int(vectors.shape[1]),
         "kind": index.kind,
-        "exact_max_rows": exact_max_rows,
+        "exact_max_elements": exact_max_elements,
         "pca_arrays_sha256": pca_arrays_sha256,
         "features_model": features_model,
         "thumbnails": {"px": THUMB_PX, "missing": sum(t is None for t in thumbs)},

@@ -111,7 +111,7 @@ def test_hnsw_index_above_the_exact_limit_records_its_recall(tmp_path):
         [None] * n,
         "0" * 64,
         {},
-        exact_max_rows=1000,
+        exact_max_elements=16_000,
     )
     meta = json.loads(files["index.json"])
     assert meta["kind"] == "faiss-hnsw" and meta["rows"] == n and meta["dims"] == 16
