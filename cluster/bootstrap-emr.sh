@@ -24,6 +24,7 @@ PINS=(
   "pyarrow==17.0.0"
   "pillow==13.0.0"
   "boto3==1.44.8"
+  "faiss-cpu==1.15.1"
 )
 
 log() { echo "fruits-pipeline bootstrap: $*" >&2; }

@@ -47,6 +47,7 @@ def test_bootstrap_pins_satisfy_pyproject_ranges():
     pins = package.bootstrap_pins()
     reqs = _pyproject_requirements()
     expected = {"tensorflow-cpu", "numpy", "scipy", "pandas", "pyarrow", "pillow", "boto3"}
+    expected.add("faiss-cpu")  # reduce's search index, above the exact limit
     assert {canonicalize_name(n) for n in pins} == expected
     for name, version in pins.items():
         req = reqs[canonicalize_name(name)]
