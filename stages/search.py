@@ -183,8 +183,11 @@ class VectorIndex:
         if self.hnsw is None or exact:
             cand = self._exact_candidates(q, min(len(self), max(4 * top, top + 16)))
         else:
-            self.hnsw.hnsw.efSearch = max(HNSW_EF_SEARCH, 4 * top)
-            _, cand = self.hnsw.search(q, min(len(self), 4 * top))
+            import faiss
+
+            # Per call, not on the shared index: the server searches from several threads.
+            params = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, 4 * top))
+            _, cand = self.hnsw.search(q, min(len(self), 4 * top), params=params)
         return self._rerank(q, cand, top)
 
     def _exact_candidates(self, q: np.ndarray, m: int) -> np.ndarray:
@@ -341,7 +344,6 @@ def _thumbnail_column(spark, proj, log):
 
     images = (
         spark.read.format("binaryFile")
-        .option("pathGlobFilter", "*")
         .load(readable)
         .select("path", thumb("content").alias("thumb"))
     )
@@ -373,6 +375,9 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
         raise UsageError(f"{results}/projections has no rows: nothing to index")
     vectors = np.stack(pdf["pca"].to_numpy()).astype(np.float32)
     thumbs = [None if t is None else bytes(t) for t in pdf["thumb"]]
+    missing = sum(t is None for t in thumbs)
+    if missing:
+        log(f"index: {missing} of {len(thumbs)} images have no thumbnail (unreadable or gone)")
     files = build_index_files(
         pdf["path"].tolist(),
         pdf["label"].tolist(),
