@@ -20,6 +20,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from stages.search import MAX_UPLOAD_BYTES, BadImage, QueryEngine, decode_upload
 from stages.search_cli import TOP_MAX
@@ -41,6 +43,12 @@ PAGE_CSP = (
     "default-src 'none'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
     "script-src 'unsafe-inline'; connect-src 'self'; form-action 'self'"
 )
+
+
+class _InMemoryParser(MultiPartParser):
+    # Starlette spools a file part over 1 MB to a temporary file; the body is already in
+    # memory and bounded, so the part stays there too: no request touches the disk.
+    spool_max_size = MAX_BODY + 1
 
 
 class Batcher:
@@ -127,27 +135,22 @@ async def _read_body(request) -> bytes:
 
 
 async def _parse_form(request, body: bytes) -> Tuple[bytes, int]:
-    from starlette.datastructures import UploadFile
-    from starlette.exceptions import HTTPException
-
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise BadImage("send the photo as multipart/form-data in a field named 'image'", 415)
-    sent = False
 
-    async def replay():
-        nonlocal sent
-        if sent:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+    async def stream():
+        yield body
 
+    parser = _InMemoryParser(
+        request.headers, stream(), max_files=1, max_fields=4, max_part_size=64 * 1024
+    )
     try:
-        form = await Request(request.scope, replay).form(
-            max_files=1, max_fields=4, max_part_size=64 * 1024
-        )
-    except HTTPException as exc:
-        raise BadImage(f"bad multipart upload: {exc.detail}", 400) from None
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadImage(f"bad multipart upload: {exc.message}", 400) from None
+    except (KeyError, ValueError):  # a Content-Type Starlette cannot split
+        raise BadImage("bad multipart upload: malformed Content-Type", 400) from None
     try:
         image = form.get("image")
         if not isinstance(image, UploadFile):

@@ -105,12 +105,32 @@ def test_bad_uploads_are_one_4xx_and_the_server_keeps_serving(server, name, data
         ({"files": {"image": ("a.jpg", b"x")}, "data": {"top": "0"}}, 400, "between 1 and 50"),
         ({"files": {"image": ("a.jpg", b"x")}, "data": {"top": "ten"}}, 400, "not an integer"),
         ({"files": {"image": ("../../etc/passwd", b"root:x:0:0")}}, 415, "not an image"),
+        (
+            {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "bad multipart upload: Missing boundary",
+        ),
     ],
 )
 def test_bad_requests(server, kwargs, status, match):
     r = httpx.post(f"{server}/api/similar", timeout=30, trust_env=False, **kwargs)
     assert r.status_code == status, r.text
     assert match in r.json()["error"]
+
+
+def test_a_large_photo_is_answered(server):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((1200, 1600, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    assert 4 * 2**20 < len(buf.getvalue()) < 10 * 2**20  # parsed in memory, not spooled
+    r = _post(server, buf.getvalue(), name="big.png")
+    assert r.status_code == 200, r.text
+    assert r.json()["close_match"] is False  # noise
 
 
 def test_no_route_reads_a_file(server):
@@ -161,7 +181,12 @@ class DevTools:
 
         self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
         self.proc = subprocess.Popen(
-            [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}"],
+            [
+                str(CHROMIUM),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={self._profile.name}",
+                "about:blank",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -173,8 +198,12 @@ class DevTools:
             time.sleep(0.1)
         port = int(active.read_text().split()[0])
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30) as resp:
-            pages = [t for t in json.load(resp) if t["type"] == "page"]
+        pages = []
+        while not pages:  # the port opens before the first tab exists
+            assert time.monotonic() < deadline, "chromium opened no page"
+            with opener.open(f"http://127.0.0.1:{port}/json/list", timeout=30) as resp:
+                pages = [t for t in json.load(resp) if t["type"] == "page"]
+            time.sleep(0.1)
         self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60)
         self._id = 0
 
