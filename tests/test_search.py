@@ -280,3 +280,25 @@ def test_left_out_shared_photos_vote_their_class(spark, tmp_path):
     assert engine.model_info["rows"] == 990
     votes = _votes(engine, left)
     assert sum(got == want for got, want in votes) >= 9, votes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("weights_sha256", "0" * 64, "are not the ones that made the features"),
+        ("alpha", 1.0, "alpha"),
+    ],
+)
+def test_a_query_refuses_other_weights(sample_left_out, tmp_path, capsys, field, value, match):
+    import shutil
+
+    results = tmp_path / "Results"
+    shutil.copytree(sample_left_out[0], results)
+    meta_path = results / "pca_model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["features_model"][field] = value
+    meta_path.write_text(json.dumps(meta))
+    assert main(["similar", str(PHOTO), str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
