@@ -359,8 +359,6 @@ def emr_sweep(args) -> int:
                         "spark-submit",
                         "--deploy-mode",
                         "cluster",
-                        "--py-files",
-                        args.code + "fruits_pipeline.zip",
                         args.code + "featurize.py",
                         args.input,
                         out,
@@ -417,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region", default="eu-west-3")
     g.add_argument("--input", default=None, help="s3://bucket/Test/")
     g.add_argument("--output", default=None, help="s3://bucket/bench/")
-    g.add_argument("--code", default=None, help="s3://bucket/code/<version>/ (zip + scripts)")
+    g.add_argument("--code", default=None, help="s3://bucket/code/<version>/ (wheel + scripts)")
     g.add_argument("--weights", default="imagenet")
     g.add_argument("--images", type=int, default=None, help="image count of --input (for img/s)")
     g.add_argument("--partitions", default="8,16,32,64")

@@ -4,15 +4,17 @@
 
 Layout in the bucket ``B`` (the IAM policy of :mod:`cluster.policy` follows it)::
 
-    s3://B/code/<version>/   fruits_pipeline.zip, featurize.py, reduce.py,
-                             bootstrap-emr.sh, requirements-emr.txt
+    s3://B/code/<version>/   fruits_pipeline-<wheel version>-py3-none-any.whl,
+                             featurize.py, reduce.py, bootstrap-emr.sh, requirements-emr.txt
     s3://B/logs/emr/         EMR's LogUri (step and container logs)
-    s3://B/jupyter/          notebooks, with --notebook (JupyterHub S3 persistence)
+    s3://B/jupyter/jovyan/   notebooks, with --notebook (JupyterHub S3 persistence;
+                             jovyan is JupyterHub's default user)
     s3://B/Test/ Features/ Results/   the data (by convention; any prefix works)
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,27 +23,34 @@ from stages.errors import UsageError
 
 __all__ = [
     "BOOTSTRAP_NAME",
+    "DIST_NAME",
     "INSTANCE_TYPES",
+    "JUPYTER_USER",
+    "LIVY_SESSION_TIMEOUT",
     "NODE_WEIGHTS_DIR",
+    "NOTEBOOK_NAME",
     "PYTHON",
     "RELEASE_LABEL",
     "REQUIREMENTS_NAME",
     "STAGE_SCRIPTS",
-    "ZIP_NAME",
     "ClusterOptions",
     "ExecutorLayout",
     "InstanceType",
     "build_request",
     "code_uri",
+    "code_version",
     "configurations",
     "executor_layout",
     "hourly_cost",
+    "livy_session_configs",
     "log_uri",
+    "notebook_key",
     "spark_defaults",
     "stage_step",
     "step_log_uri",
     "total_slots",
     "validate_options",
+    "wheel_name",
 ]
 
 RELEASE_LABEL = "emr-7.6.0"  # Spark 3.5.3, Amazon Linux 2023
@@ -52,13 +61,21 @@ PYTHON = "/usr/bin/python3.11"
 CODE_PREFIX = "code/"
 LOG_PREFIX = "logs/emr/"
 JUPYTER_PREFIX = "jupyter/"
-ZIP_NAME = "fruits_pipeline.zip"
+# JupyterHub on EMR keeps each user's notebooks in s3://B/jupyter/<user>/; jovyan is the
+# default (and only, until you add users) one.
+JUPYTER_USER = "jovyan"
+NOTEBOOK_NAME = "fruits_pipeline.ipynb"
+DIST_NAME = "fruits-pipeline"
 BOOTSTRAP_NAME = "bootstrap-emr.sh"
 REQUIREMENTS_NAME = "requirements-emr.txt"
 STAGE_SCRIPTS: Dict[str, str] = {"featurize": "featurize.py", "reduce": "reduce.py"}
-# Where the bootstrap unpacks the bundled weights: an .h5 inside the zip on
-# --py-files cannot be opened by h5py.
+# Where the bootstrap copies the bundled weights, for steps given --weights bundled (the
+# installed package has them too, as stages/weights/*.h5 in site-packages).
 NODE_WEIGHTS_DIR = "/opt/fruits-pipeline/weights"
+# Livy ends a notebook session idle this long.  An open session is a running YARN
+# application, and EMR never counts a cluster with one as idle: without this limit a
+# forgotten notebook would keep the cluster (and the bill) alive past its idle timeout.
+LIVY_SESSION_TIMEOUT = "1h"
 
 TAGS: Dict[str, str] = {"project": "fruits-pipeline", "data-residency": "eu"}
 CODE_TAG = "code-uri"  # lets `emr submit` find the code a cluster was bootstrapped with
@@ -238,6 +255,27 @@ def code_uri(bucket: str, version: str) -> str:
     return f"s3://{bucket}/{CODE_PREFIX}{version}/"
 
 
+def code_version(code: str) -> str:
+    """The ``<version>`` of ``s3://B/code/<version>/``."""
+    return code.rstrip("/").rsplit("/", 1)[-1]
+
+
+def wheel_name(version: str) -> str:
+    """The wheel of code version ``0.1.0-<sha>``: ``fruits_pipeline-0.1.0+<sha>-py3-none-any.whl``.
+
+    The content hash becomes a PEP 440 local version label, so ``pip show
+    fruits-pipeline`` on a node names the code folder it came from.
+    """
+    base, _, local = version.partition("-")
+    full = f"{base}+{local.replace('-', '.')}" if local else base
+    return f"{DIST_NAME.replace('-', '_')}-{full}-py3-none-any.whl"
+
+
+def notebook_key(name: str = NOTEBOOK_NAME) -> str:
+    """``jupyter/jovyan/<name>``: where JupyterHub's default user finds a notebook."""
+    return f"{JUPYTER_PREFIX}{JUPYTER_USER}/{name}"
+
+
 def log_uri(bucket: str) -> str:
     """``s3://B/logs/emr/``, the cluster's LogUri."""
     return f"s3://{bucket}/{LOG_PREFIX}"
@@ -265,17 +303,76 @@ def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
         {"Classification": "spark-defaults", "Properties": spark_defaults(opts.instance_type)},
     ]
     if opts.notebook:
-        # JupyterHub saves notebooks to s3://B/jupyter/ instead of the primary's disk.
-        confs.append(
+        confs += [
+            # JupyterHub saves notebooks to s3://B/jupyter/<user>/, not the primary's disk.
             {
                 "Classification": "jupyter-s3-conf",
                 "Properties": {
                     "s3.persistence.enabled": "true",
                     "s3.persistence.bucket": opts.bucket,
                 },
-            }
-        )
+            },
+            # Livy's PySpark sessions: the driver in a YARN container on a core node (as a
+            # step's), not on the primary beside JupyterHub, YARN and HDFS daemons.
+            {
+                "Classification": "livy-conf",
+                "Properties": {
+                    "livy.spark.deploy-mode": "cluster",
+                    "livy.server.session.timeout-check": "true",
+                    "livy.server.session.timeout": LIVY_SESSION_TIMEOUT,
+                },
+            },
+            # Livy starts the session's Python from spark.pyspark.python, else from
+            # PYSPARK_PYTHON: the 3.11 the bootstrap installed the project into.
+            {
+                "Classification": "livy-env",
+                "Properties": {},
+                "Configurations": [
+                    {
+                        "Classification": "export",
+                        "Properties": {"PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON},
+                    }
+                ],
+            },
+            {
+                "Classification": "jupyter-sparkmagic-conf",
+                "Properties": {
+                    "session_configs": json.dumps(
+                        livy_session_configs(opts.instance_type), sort_keys=True
+                    )
+                },
+            },
+        ]
     return confs
+
+
+def livy_session_configs(instance_type: str) -> Dict[str, Any]:
+    """Sparkmagic's ``session_configs``: what every PySpark kernel asks Livy for.
+
+    Sparkmagic sends its own defaults with each new session (``driverMemory`` 1000M,
+    ``executorCores`` 2), and they override ``spark-defaults``.  Two cores would put two
+    Python workers, two TensorFlow models, in an executor sized for one, and YARN would
+    kill it in the middle of a featurize.  So the session asks for exactly the layout of
+    :func:`spark_defaults`: the driver sized like a step's (the model is built once in
+    its Python process, inside the container's overhead), one Python worker per
+    executor, and Python 3.11 on the driver (``spark.yarn.appMasterEnv``, cluster mode)
+    and the executors.
+    """
+    lay = executor_layout(instance_type)
+    return {
+        "driverMemory": f"{lay.heap_mib}m",
+        "driverCores": 1,
+        "executorMemory": f"{lay.heap_mib}m",
+        "executorCores": lay.cores,
+        "conf": {
+            "spark.driver.memoryOverhead": f"{lay.overhead_mib}m",
+            "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
+            "spark.task.cpus": str(lay.task_cpus),
+            "spark.pyspark.python": PYTHON,
+            "spark.pyspark.driver.python": PYTHON,
+            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": PYTHON,
+        },
+    }
 
 
 def build_request(
@@ -291,7 +388,8 @@ def build_request(
     opts : ClusterOptions
         Validated here.
     code : str
-        ``s3://B/code/<version>/`` (:func:`code_uri`): the bootstrap script's folder.
+        ``s3://B/code/<version>/`` (:func:`code_uri`): the bootstrap script's folder,
+        and the wheel it installs (:func:`wheel_name`).
     steps : sequence of dict
         Steps to run at start (:func:`stage_step`); ``emr run`` passes both stages.
     keep_alive : bool
@@ -330,8 +428,11 @@ def build_request(
         "Instances": instances,
         "BootstrapActions": [
             {
-                "Name": "fruits-pipeline libraries (python3.11)",
-                "ScriptBootstrapAction": {"Path": code + BOOTSTRAP_NAME, "Args": [code]},
+                "Name": "fruits-pipeline and its libraries (python3.11)",
+                "ScriptBootstrapAction": {
+                    "Path": code + BOOTSTRAP_NAME,
+                    "Args": [code + wheel_name(code_version(code))],
+                },
             }
         ],
         "Configurations": configurations(opts),
@@ -375,13 +476,18 @@ def stage_step(
 ) -> Dict[str, Any]:
     """One EMR step: ``spark-submit --deploy-mode cluster`` of a stage script.
 
+    No ``--py-files``: the step imports the project the bootstrap installed on every node
+    (the same version: ``emr submit`` uses the code of the cluster's ``code-uri`` tag),
+    as Livy sessions do.  One copy of the code per node; its package data (weights,
+    log4j2 config) are real files, which libraries that open paths (h5py, log4j) need.
+
     Parameters
     ----------
     stage : {"featurize", "reduce"}
     input_uri, output_uri : str
         S3 URIs (``s3://``, ``s3a://``, ``s3n://``), passed through unchanged.
     code : str
-        ``s3://B/code/<version>/`` holding the zip and the stage scripts.
+        ``s3://B/code/<version>/`` holding the stage scripts.
     stage_args : sequence of str
         The stage's own options (``--k 50``, ``--weights imagenet``, ...).
     action_on_failure : str
@@ -395,8 +501,6 @@ def stage_step(
         "spark-submit",
         "--deploy-mode",
         "cluster",
-        "--py-files",
-        code + ZIP_NAME,
         code + STAGE_SCRIPTS[stage],
         input_uri,
         output_uri,

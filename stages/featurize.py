@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,7 +32,9 @@ import numpy as np
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
+from stages.listing import LocalListing, file_uri, make_view, view_index, walk_images
 from stages.model import ModelSpec, get_featurizer, resolve_weights
+from stages.outputs import atomic_output, check_disjoint
 
 __all__ = [
     "IMAGE_GLOB",
@@ -118,6 +122,7 @@ def featurize_partition(
     builds=None,
     pids=None,
     counts=None,
+    exif_orientation: bool = True,
 ) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
     """Featurize one partition of ``(path, content)`` rows, in batches.
 
@@ -160,7 +165,7 @@ def featurize_partition(
         seen += 1
         label = label_from_path(path, url_encoded)
         try:
-            arr = decode_image(content)
+            arr = decode_image(content, exif_orientation=exif_orientation)
         except DecodeError as exc:
             bad += 1
             yield (path, label, None, str(exc))
@@ -241,18 +246,6 @@ def read_images(spark, input_path: str):
     )
 
 
-def check_output(spark, output_path: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output without ``overwrite``, or to start a job
-    whose output bucket does not exist (it would fail only at the end)."""
-    if hadoopfs.bucket_missing(spark, output_path):
-        raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
-    if not overwrite and hadoopfs.has_data(spark, output_path):
-        raise UsageError(
-            f"output {output_path} already exists: pass --overwrite to replace it, "
-            "or choose another path"
-        )
-
-
 def featurize(
     spark,
     input_path: str,
@@ -263,6 +256,7 @@ def featurize(
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
+    exif_orientation: bool = True,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -282,6 +276,9 @@ def featurize(
     overwrite : bool
     log : callable, optional
         Receives one progress line per step.
+    exif_orientation : bool
+        Turn photos as their EXIF orientation tag says (phones store them sideways);
+        recorded in the features' metadata.
 
     Returns
     -------
@@ -292,42 +289,149 @@ def featurize(
     UsageError
         Missing input, no images, bad weights, existing output.
     """
-    from pyspark.sql import functions as F
-
     log = log or (lambda msg: None)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if partitions is not None and partitions < 1:
         raise UsageError(f"--partitions {partitions} must be at least 1")
+    check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
-    check_output(spark, output_path, overwrite)
+    view = None
+    try:
+        with atomic_output(spark, output_path, overwrite) as target:
+            if is_local(input_path):
+                local = walk_images(local_path(input_path))
+                if not local.files and not local.errors:
+                    raise UsageError(_no_images(input_path))
+                view = make_view([p for p, _ in local.files])
+                scan = _LocalScan(spark, local, view)
+            else:
+                scan = _HadoopScan(spark, input_path)
+            report = _featurize_scan(
+                spark, scan, input_path, output_path, target, weights, alpha, batch_size,
+                partitions, log, exif_orientation,
+            )  # fmt: skip
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+    report.seconds = time.perf_counter() - t0
+    log(
+        f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
+        f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
+    )
+    return report
 
-    images = read_images(spark, input_path)
-    # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
-    stats = images.agg(
-        F.count("*").alias("n"),
-        F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
-        F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
-        F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
-    ).first()
-    n_images = int(stats["n"])
-    # Spark's file scan silently drops zero-byte files; the file index still lists
-    # them.  Count them without shipping the listing to Python.
-    listed = images._jdf.inputFiles()
-    n_empty = len(listed) - n_images
-    if n_images + n_empty == 0:
-        raise UsageError(
-            f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
-        )
+
+def _no_images(input_path: str) -> str:
+    return f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+
+
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a local path or a ``file:`` URI."""
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file:`` URI."""
+    return urlparse(uri).path if uri.startswith("file:") else uri
+
+
+def escape_glob(uri: str) -> str:
+    """``uri`` with Hadoop's glob characters escaped, so Spark reads it literally."""
+    return re.sub(r"([\\\[\]{}*?])", r"\\\1", uri)
+
+
+class _LocalScan:
+    """A local INPUT: listed by :func:`stages.listing.walk_images`, scanned through
+    its view; rows map back to the real paths by the view's index."""
+
+    def __init__(self, spark, local: LocalListing, view: str) -> None:
+        self.images = read_images(spark, view)
+        self.n_images = len(local.files)
+        self.total_bytes = sum(size for _, size in local.files)
+        self.largest = max((size for _, size in local.files), default=0)
+        self.url_encoded = False
+        self.cycles = local.cycles
+        self._paths = [file_uri(p) for p, _ in local.files]
+        self._errors = [(file_uri(p), reason) for p, reason in local.errors]
+
+    def rows(self, sc):
+        """A function of a partition's scan rows to ``(path, content)`` pairs."""
+        paths = sc.broadcast(self._paths)
+
+        def real(rows):
+            table = paths.value
+            return ((table[view_index(r[0])], r[1]) for r in rows)
+
+        return real, paths
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the files that cannot be read, or None."""
+        if not self._errors:
+            return None
+        rows = [(p, label_from_path(p), None, reason) for p, reason in self._errors]
+        return spark.createDataFrame(rows, features_schema(spec))
+
+
+class _HadoopScan:
+    """An INPUT on a Hadoop filesystem (s3a, EMRFS s3, hdfs): Spark's own listing."""
+
+    def __init__(self, spark, input_path: str) -> None:
+        from pyspark.sql import functions as F
+
+        self.images = read_images(spark, escape_glob(input_path))
+        # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
+        stats = self.images.agg(
+            F.count("*").alias("n"),
+            F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
+            F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
+            F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
+        ).first()
+        self.n_images = int(stats["n"])
+        self.total_bytes = int(stats["bytes"])
+        self.largest = int(stats["largest"])
+        self.cycles = 0
+        # Spark's file scan silently drops zero-byte files; the file index still lists
+        # them.  Count them without shipping the listing to Python.
+        self._listed = self.images._jdf.inputFiles()
+        self._n_empty = len(self._listed) - self.n_images
+        if self.n_images + self._n_empty == 0:
+            raise UsageError(_no_images(input_path))
+        self.url_encoded = _paths_are_url_encoded(spark, stats["pct"])
+
+    def rows(self, sc):
+        """A function of a partition's scan rows to ``(path, content)`` pairs."""
+        return (lambda rows: ((r[0], r[1]) for r in rows)), None
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the zero-byte files the scan dropped, or None."""
+        if self._n_empty <= 0:
+            return None
+        return _empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
+
+
+def _featurize_scan(
+    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
+    exif_orientation,
+) -> FeaturizeReport:  # fmt: skip
+    """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
     spec, weight_arrays = resolve_weights(weights, alpha)
-    url_encoded = _paths_are_url_encoded(spark, stats["pct"])
+    spec = replace(spec, exif_orientation=bool(exif_orientation))
+    url_encoded = scan.url_encoded
     sc = spark.sparkContext
-    n_parts = choose_partitions(n_images, sc.defaultParallelism, partitions)
+    n_images = scan.n_images
+    n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
     log(
         f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
         f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
+        + (
+            f" ({scan.cycles} folder link(s) back to a folder already listed)"
+            if scan.cycles
+            else ""
+        )
     )
 
     bc = sc.broadcast(weight_arrays)
@@ -338,8 +442,8 @@ def featurize(
     pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
     alpha_ = spec.alpha
-    total = int(stats["bytes"])
-    open_cost, split = _packing(n_images, n_parts, total, int(stats["largest"]))
+    to_pairs, paths_bc = scan.rows(sc)
+    open_cost, split = _packing(max(1, n_images), n_parts, scan.total_bytes, scan.largest)
     with _session_conf(
         spark,
         {
@@ -352,12 +456,12 @@ def featurize(
     ):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
-        rdd = images.select("path", "content").rdd
+        rdd = scan.images.select("path", "content").rdd
         n_tasks = rdd.getNumPartitions()
 
         def run(rows):
             return featurize_partition(
-                ((r[0], r[1]) for r in rows),
+                to_pairs(rows),
                 bc,
                 model_key,
                 alpha_,
@@ -366,34 +470,33 @@ def featurize(
                 builds,
                 pids,
                 counts,
+                exif_orientation,
             )
 
         out = spark.createDataFrame(
             rdd.mapPartitions(run), features_schema(spec), verifySchema=False
         )
-        if n_empty > 0:
-            out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
-        mode = "overwrite" if overwrite else "errorifexists"
-        out.write.mode(mode).parquet(output_path)
+        extra = scan.extra_rows(spark, spec)
+        n_extra = 0
+        if extra is not None:
+            out = out.unionByName(extra)
+            n_extra = extra.count()
+        out.write.mode("errorifexists").parquet(target)
     bc.unpersist()
+    if paths_bc is not None:
+        paths_bc.unpersist()
 
-    seconds = time.perf_counter() - t0
-    report = FeaturizeReport(
+    return FeaturizeReport(
         input=input_path,
         output=output_path,
-        images=int(counts[0].value) + n_empty,
-        errors=int(counts[1].value) + n_empty,
+        images=int(counts[0].value) + n_extra,
+        errors=int(counts[1].value) + n_extra,
         partitions=n_tasks,
-        seconds=seconds,
+        seconds=0.0,
         model=spec.to_dict(),
         model_builds=int(builds.value),
         worker_pids=sorted(pids.value),
     )
-    log(
-        f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
-        f"in {seconds:.1f} s, {report.images_per_second:.1f} img/s"
-    )
-    return report
 
 
 def _scan_spelling(uri: str, url_encoded: bool) -> str:

@@ -10,6 +10,9 @@ from typing import List, Tuple
 
 __all__ = [
     "delete",
+    "java_message",
+    "mkdirs",
+    "rename",
     "exists",
     "has_data",
     "list_files",
@@ -134,3 +137,29 @@ def parquet_footer(spark, uri: str) -> dict:
         return {str(k): str(kv.get(k)) for k in kv.keySet()}
     finally:
         reader.close()
+
+
+def mkdirs(spark, uri: str) -> None:
+    """Create the folder ``uri`` and its parents; raises ``OSError`` if it cannot."""
+    fs, path = _fs_and_path(spark, uri)
+    if not fs.mkdirs(path):
+        raise OSError(f"cannot create {uri}")
+
+
+def rename(spark, src: str, dst: str) -> None:
+    """Move ``src`` to ``dst`` (a rename on local and HDFS, a copy on object stores)."""
+    fs, path = _fs_and_path(spark, src)
+    _, target = _fs_and_path(spark, dst)
+    if not fs.rename(path, target):
+        raise OSError(f"cannot rename {src} to {dst}")
+
+
+def java_message(exc: BaseException) -> str:
+    """The short message of a Java (or Python) exception, for a one-line error."""
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            return str(java.getMessage() or java.getClass().getSimpleName())
+        except Exception:  # the JVM may be gone
+            pass
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

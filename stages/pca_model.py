@@ -100,15 +100,20 @@ class PCAModel:
         from stages.images import decode_image, preprocess
 
         featurize = self.featurizer()
+        spec = self.features_model
         images = []
         for p in paths:
             with open(p, "rb") as fh:
-                images.append(decode_image(fh.read()))
+                images.append(
+                    decode_image(fh.read(), exif_orientation=spec.get("exif_orientation", False))
+                )
         feats = [
             featurize(preprocess(np.stack(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)
         ]
-        return self.transform(np.concatenate(feats) if feats else np.zeros((0, 1280)))
+        return self.transform(
+            np.concatenate(feats) if feats else np.zeros((0, self.fit.n_features))
+        )
 
     # ------------------------------------------------------------------ storage
 

@@ -34,11 +34,12 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
 import numpy as np
 
 from linalg.distributed import IndexedBlock, IndexedRowMatrix
-from linalg.kernels import fit_pca_from_moments
+from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
 from stages.errors import UsageError
-from stages.featurize import METADATA_KEY, SetAccumulator, check_output
+from stages.featurize import METADATA_KEY, SetAccumulator
 from stages.model import model_identity
+from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
@@ -164,6 +165,11 @@ def read_feature_matrix(spark, features: str):
     files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
     if not files:
         raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
+    if not hadoopfs.exists(spark, features.rstrip("/") + "/_SUCCESS"):
+        raise UsageError(
+            f"features {features} have no _SUCCESS marker: the run that wrote them did not "
+            "finish (or another tool wrote them); featurize again"
+        )
     df = spark.read.parquet(features)
     _check_features_schema(df, features)
     models = _models_of(spark, files)
@@ -266,7 +272,17 @@ def reduce_features(
         raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
     if variance is not None and not 0.0 < variance <= 1.0:
         raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
-    check_output(spark, results, overwrite)
+    check_disjoint([("RESULTS", results, "FEATURES", features)])
+    with atomic_output(spark, results, overwrite) as target:
+        summary = _reduce(
+            spark, features, results, target, k, variance, check, log, featurize_report, index
+        )
+    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+    return summary
+
+
+def _reduce(spark, features, results, target, k, variance, check, log, featurize_report, index):
+    """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
     matrix, info, handle = read_feature_matrix(spark, features)
     try:
@@ -282,6 +298,11 @@ def reduce_features(
                 f"features {features} mix vectors of lengths {', '.join(map(str, lengths))}: "
                 "every vector must come from the same model; featurize again"
             )
+        if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all()):
+            raise UsageError(
+                f"features {features} hold NaN or infinite values in rows without an error: "
+                "they were not written by `fruits-pipeline featurize`; featurize again"
+            )
         info["rows"] = moments.n
         info["error_rows"] = info["rows_total"] - moments.n
         if moments.n < 2:
@@ -291,16 +312,21 @@ def reduce_features(
             )
         log(f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)")
         fit = fit_pca_from_moments(moments, k=k, variance=variance)
+        rank = min(moments.n - 1, int(np.count_nonzero(fit.std > 0)))
+        if k is not None and k > rank:
+            raise UsageError(
+                f"--k {k} is above the rank {rank} of these features ({moments.n} rows, "
+                f"{int(np.count_nonzero(fit.std > 0))} non-constant columns): components past "
+                f"{rank} carry no variance; use --k {rank} or less, or --variance"
+            )
         t_fit = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
-        if overwrite and hadoopfs.exists(spark, results):
-            hadoopfs.delete(spark, results)
         projected = matrix.multiply(fit.projection_matrix(), fit.mean)
-        _write_projections(spark, projected, results.rstrip("/") + "/projections")
+        _write_projections(spark, projected, target.rstrip("/") + "/projections")
         model = PCAModel(fit, info["features_model"])
-        model.save(spark, results)
+        model.save(spark, target)
         t_write = time.perf_counter()
     finally:
         handle.unpersist(False)
@@ -328,24 +354,48 @@ def reduce_features(
         summary["timings_s"]["featurize"] = featurize_report.get("seconds")
     if check == "spark-ml":
         log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
-        summary["spark_ml_check"] = spark_ml_check(spark, features, results, model)
+        summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
     if index:
         from stages.search import build_index
 
-        summary["index"] = build_index(spark, results, log=log)
-    hadoopfs.write_text(spark, results.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
-    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+        summary["index"] = build_index(spark, target, log=log)
+    hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     return summary
 
 
+SPARK_ML_INVALID = (
+    "Spark ML's PCA returned invalid components: its LAPACK SVD failed on this "
+    "rank-deficient covariance"
+)
+
+
+def spark_lapack(spark) -> str:
+    """The LAPACK Spark ML's SVD runs on: ``JNILAPACK`` (native) or ``F2jLAPACK`` (pure Java)."""
+    try:
+        lapack = spark.sparkContext._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance()
+        return str(lapack.getClass().getSimpleName())
+    except Exception:  # an older Spark without dev.ludovic.netlib: say so, do not fail
+        return "unknown"
+
+
 def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[str, Any]:
-    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows and
-    compare: eigenvalue ratios (relative error), components (|cos|, for eigenvalues
-    separated from their neighbours), projections (max abs difference after sign
-    alignment, over the scale of the projections); all computed on the cluster.
+    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows,
+    verify Spark's answer on its own terms, then compare it with ours.
+
+    Spark's answer is checked first (:func:`linalg.kernels.pca_answer_problems`:
+    orthonormal components, ratios that sum to at most 1 and equal the variance its
+    own projections have): Spark ML's SVD (Breeze, LAPACK ``dgesdd``) in netlib's
+    pure-Java F2J LAPACK sometimes returns wrong vectors with no error on a
+    rank-deficient covariance, and a wrong reference is no reference.  When it is
+    invalid, ``spark_ml_valid`` is False with the reason, and nothing is compared.
+    Otherwise: eigenvalue ratios (relative error), components (|cos|, for
+    eigenvalues separated from their neighbours), projections (max abs difference
+    after sign alignment, over the scale of the projections); all computed on the
+    cluster.
     """
     from pyspark.ml.feature import PCA, StandardScaler
     from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
     k = model.n_components
@@ -359,10 +409,24 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(rows)
     scaled = scaler.transform(rows)
     pca = PCA(k=k, inputCol="z", outputCol="p").fit(scaled)
-    theirs = pca.transform(scaled).select("path", vector_to_array("p").alias("theirs"))
+    projected = pca.transform(scaled).cache()
     pc = pca.pc.toArray()  # (d, k)
     ratio_theirs = np.asarray(pca.explainedVariance.toArray())
+    # Standardised columns have variance 1, constant ones 0: the trace is a count.
+    total = float(np.count_nonzero(scaler.std.toArray() > 0))
+    var_theirs = np.asarray(
+        projected.select(Summarizer.variance(projected.p).alias("v")).first()["v"].toArray()
+    )
+    theirs = projected.select("path", vector_to_array("p").alias("theirs"))
     t_fit = time.perf_counter()
+    check: Dict[str, Any] = {"k": k, "spark_lapack": spark_lapack(spark)}
+    problems = pca_answer_problems(pc, ratio_theirs, var_theirs, total)
+    check["spark_ml_valid"] = not problems
+    if problems:
+        projected.unpersist()
+        check["spark_ml_invalid"] = f"{SPARK_ML_INVALID} ({'; '.join(problems)})"
+        check["spark_ml_fit_transform_s"] = t_fit - t0
+        return check
 
     ours_c = fit.components
     cos = np.abs(np.sum(ours_c * pc, axis=0)) / (
@@ -399,25 +463,28 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         )
         .first()
     )
+    projected.unpersist()
     t_cmp = time.perf_counter()
     scale = float(diff["scale"] or 0.0)
-    return {
-        "k": k,
-        "rows_compared": int(diff["n"]),
-        "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
-        "components_well_separated": int(separated.sum()),
-        "components_min_abs_cos_well_separated": float(cos[separated].min())
-        if separated.any()
-        else None,
-        "components_min_abs_cos_all": float(cos.min()),
-        "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
-        "projection_scale": scale,
-        "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
-        if scale
-        else 0.0,
-        "spark_ml_fit_transform_s": t_fit - t0,
-        "compare_s": t_cmp - t_fit,
-    }
+    check.update(
+        {
+            "rows_compared": int(diff["n"]),
+            "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
+            "components_well_separated": int(separated.sum()),
+            "components_min_abs_cos_well_separated": float(cos[separated].min())
+            if separated.any()
+            else None,
+            "components_min_abs_cos_all": float(cos.min()),
+            "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
+            "projection_scale": scale,
+            "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
+            if scale
+            else 0.0,
+            "spark_ml_fit_transform_s": t_fit - t0,
+            "compare_s": t_cmp - t_fit,
+        }
+    )
+    return check
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ LEGEND_ROWS = 45
 MAX_ERROR_ROWS = 500
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+):")  # two letters at least: not C:
 _HOW = "give the folder written by `fruits-pipeline reduce FEATURES RESULTS` (or `run`)"
-# Agreement bounds of the Spark ML cross-check (DESIGN.md section 4, float64):
+# Agreement bounds of the Spark ML cross-check (float64):
 # figure -> (op, bound, how the bound reads).
 _CHECK_BOUNDS = {
     "explained_variance_ratio_max_rel_err": ("<=", 1e-9, "1e-9"),
@@ -700,6 +700,14 @@ def _check_section(data: ReportData) -> str:
         return (
             "<p>Not run (pass <code>--check spark-ml</code> to <code>reduce</code> "
             "or <code>run</code>).</p>"
+        )
+    if check.get("spark_ml_valid") is False:
+        # Spark's answer failed its own consistency test: there is nothing to compare.
+        reason = check.get("spark_ml_invalid") or "Spark ML's PCA returned invalid components"
+        return (
+            f'<p class="spark-ml-invalid"><span class="off">not compared</span>: {_e(reason)}. '
+            f"Spark's LAPACK: {_e(check.get('spark_lapack', 'unknown'))} (a native LAPACK, "
+            "e.g. Debian's libopenblas0, avoids it).</p>"
         )
     rows = []
     for key, value in check.items():

@@ -26,7 +26,6 @@ import json
 import os
 import posixpath
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -102,8 +101,9 @@ def make_thumbnail(data: Optional[bytes], px: int = THUMB_PX) -> Optional[bytes]
     return buf.getvalue()
 
 
-def decode_upload(data: bytes) -> np.ndarray:
-    """Decode a query photo exactly as ``featurize`` decodes the bucket's images.
+def decode_upload(data: bytes, exif_orientation: bool = False) -> np.ndarray:
+    """Decode a query photo exactly as ``featurize`` decodes the bucket's images
+    (``exif_orientation`` as recorded in the features' model).
 
     Raises
     ------
@@ -138,7 +138,7 @@ def decode_upload(data: bytes) -> np.ndarray:
             413,
         )
     try:
-        return decode_image(data)
+        return decode_image(data, exif_orientation=exif_orientation)
     except DecodeError as exc:
         raise BadImage(f"cannot decode the image: {exc}", 422) from None
 
@@ -353,10 +353,11 @@ def _thumbnail_column(spark, proj, log):
 def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Build ``RESULTS/index/`` from ``RESULTS/projections`` and ``RESULTS/pca_model``.
 
-    Written beside, then renamed over an existing index: a failed build leaves the
-    previous index in place.  Returns the index's ``index.json`` content.
+    Written beside, then swapped in (:func:`stages.outputs.atomic_output`): a failed
+    build leaves the previous index in place.  Returns the index's ``index.json`` content.
     """
     from stages import hadoopfs
+    from stages.outputs import atomic_output
 
     log = log or (lambda msg: None)
     base = results.rstrip("/")
@@ -386,20 +387,10 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
         _sha256(arrays),
         model.get("features_model") or {},
     )
-    tmp = f"{base}/_index-{uuid.uuid4().hex[:8]}"
-    try:
-        for name, data in files.items():
-            hadoopfs.write_bytes(spark, f"{tmp}/{name}", data)
-        target = f"{base}/{INDEX_DIR}"
-        if hadoopfs.exists(spark, target):
-            hadoopfs.delete(spark, target)
-        fs, src = hadoopfs._fs_and_path(spark, tmp)
-        _, dst = hadoopfs._fs_and_path(spark, target)
-        if not fs.rename(src, dst):
-            raise OSError(f"cannot rename {tmp} to {target}")
-    finally:
-        if hadoopfs.exists(spark, tmp):
-            hadoopfs.delete(spark, tmp)
+    # Written beside and swapped in; index.json last, so a partial index is no index.
+    with atomic_output(spark, f"{base}/{INDEX_DIR}", overwrite=True) as target:
+        for name in sorted(files, key=lambda n: n == "index.json"):
+            hadoopfs.write_bytes(spark, f"{target}/{name}", files[name])
     meta = json.loads(files["index.json"])
     log(
         f"index: {meta['rows']} rows, {meta['kind']} search, recall@10 {meta['recall_at_10']:.3f}, "
@@ -514,6 +505,7 @@ class QueryEngine:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         spec = self.pca.features_model
+        self._exif_orientation = bool(spec.get("exif_orientation", False))
         self.model_info = {
             "name": spec.get("name"),
             "alpha": spec.get("alpha"),
@@ -564,6 +556,10 @@ class QueryEngine:
             "model": self.model_info,
         }
 
+    def decode(self, data: bytes) -> np.ndarray:
+        """:func:`decode_upload` with the EXIF handling that made the features."""
+        return decode_upload(data, exif_orientation=self._exif_orientation)
+
     def similar_bytes(self, data: bytes, top: int = 10) -> Dict[str, Any]:
         """Decode, featurize, project and search one photo (raises :class:`BadImage`)."""
-        return self.answer(self.embed(decode_upload(data)[None])[0], top)
+        return self.answer(self.embed(self.decode(data)[None])[0], top)

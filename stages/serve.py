@@ -23,7 +23,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from stages.search import MAX_UPLOAD_BYTES, BadImage, QueryEngine, decode_upload
+from stages.search import MAX_UPLOAD_BYTES, BadImage, QueryEngine
 from stages.search_cli import TOP_MAX
 
 __all__ = ["create_app", "serve", "Batcher"]
@@ -217,7 +217,7 @@ def create_app(results: Optional[str] = None, engine: Optional[QueryEngine] = No
                 data, top = await _parse_form(request, body)
                 del body
                 async with state["decoding"]:
-                    image = await run_in_threadpool(decode_upload, data)
+                    image = await run_in_threadpool(engine.decode, data)
                 del data
                 point = await asyncio.wrap_future(state["batcher"].submit(image))
                 answer = await run_in_threadpool(engine.answer, point, top)

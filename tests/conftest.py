@@ -3,12 +3,11 @@ bundled sample featurized once."""
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import List, Tuple
 
@@ -20,18 +19,27 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "fruits360"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["FRUITS_SPARK_UI"] = "0"
+# The CLI's run logs go to a throw-away folder, not the developer's ~/.cache.
+os.environ["FRUITS_LOG_DIR"] = tempfile.mkdtemp(prefix="fruits-test-logs-")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the JVM (the ``spark`` fixture, directly or through
+    another fixture) ``jvm``, so ``make test-fast`` can leave them out."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.jvm)
 
 
 def s3a_jars() -> List[str]:
-    """Hadoop's S3A connector jars shipped by the PyPI package sagemaker_pyspark
-    (tests only; on EMR, s3:// goes through EMRFS). Found without importing it."""
-    spec = importlib.util.find_spec("sagemaker_pyspark")
-    if spec is None or spec.origin is None:
+    """Hadoop's S3A connector jars (:mod:`stages.s3a`), or [] where they are missing."""
+    from stages.errors import UsageError
+    from stages.s3a import find_jars
+
+    try:
+        return find_jars()
+    except UsageError:
         return []
-    jars = os.path.join(os.path.dirname(spec.origin), "jars")
-    wanted = ["hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar"]
-    found = [j for w in wanted for j in glob.glob(os.path.join(jars, w))]
-    return found if len(found) == len(wanted) else []
 
 
 @pytest.fixture(scope="session")

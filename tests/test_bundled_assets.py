@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 
+import pytest
+
 from stages.model import BUNDLED_WEIGHTS
 from tests.conftest import SAMPLE
 
@@ -39,10 +41,23 @@ def test_bundled_weights_match_their_checksum():
     assert "Apache License 2.0" in (BUNDLED_WEIGHTS.parent / "NOTICE.md").read_text()
 
 
+@pytest.mark.tensorflow
 def test_bundled_weights_are_the_real_imagenet_tensors():
-    # Same tensors as ../shared/models/README.md states (410,208 parameters).
+    # 410,208 parameters: the Keras MobileNetV2 alpha-0.35 no-top count.
     from stages.model import resolve_weights
 
     spec, weights = resolve_weights("bundled")
     assert sum(w.size for w in weights) == 410_208
     assert spec.alpha == 0.35 and len(weights) == 260
+
+
+@pytest.mark.tensorflow
+@pytest.mark.parametrize(("alpha", "width"), [(0.35, 1280), (1.0, 1280), (1.4, 1792)])
+def test_feature_dim_is_the_models_real_output_width(alpha, width):
+    # Regression: feature_dim said 1280 for every alpha, while alpha 1.3/1.4 give
+    # 1664/1792 columns, so the footer misdescribed the vectors under it.
+    from stages.model import resolve_weights
+
+    spec, weights = resolve_weights("random:0", alpha)
+    assert spec.feature_dim == width
+    assert weights[-1].shape[-1] == width  # the last layer's width is the output's

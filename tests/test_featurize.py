@@ -96,9 +96,9 @@ def test_label_from_path(path, encoded, label):
     assert label_from_path(path, encoded) == label
 
 
-def _jpeg(mode: str, color) -> bytes:
+def _jpeg_of(photo: Path, mode: str) -> bytes:
     buf = io.BytesIO()
-    Image.new(mode, (64, 48), color).save(buf, format="JPEG")
+    Image.open(photo).convert(mode).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -120,8 +120,9 @@ def messy_input(tmp_path_factory) -> Path:
     buf = io.BytesIO()
     Image.open(good[1]).save(buf, format="PNG")
     (odd / "really_png.jpg").write_bytes(buf.getvalue())
-    (odd / "gray.JPG").write_bytes(_jpeg("L", 128))
-    (odd / "cmyk.jpeg").write_bytes(_jpeg("CMYK", (10, 200, 30, 5)))
+    # Other modes of a real photo (a flat colour is refused: test_no_image_lost.py).
+    (odd / "gray.JPG").write_bytes(_jpeg_of(good[2], "L"))
+    (odd / "cmyk.jpeg").write_bytes(_jpeg_of(good[2], "CMYK"))
     (odd / "notes.txt").write_text("not an image, not a .jpg: ignored")
     return root
 

@@ -49,6 +49,14 @@ def _png_header(width: int, height: int) -> bytes:
     )
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def bad_inputs():
     """(name, bytes, HTTP status, message fragment) of every kind of bad upload."""
     jpeg = PHOTO.read_bytes()
@@ -56,6 +64,7 @@ def bad_inputs():
         ("empty", b"", 400, "empty"),
         ("text", b"name,label\nbanana,1\n" * 50, 415, "not an image"),
         ("truncated", jpeg[: len(jpeg) // 2], 422, "cannot decode"),
+        ("flat", _png(np.full((120, 160, 3), 200, np.uint8)), 422, "one flat colour"),
         ("too-big", jpeg + b"\0" * (MAX_UPLOAD_BYTES + 1), 413, "over the limit of 10 MB"),
         ("bomb", _png_header(12_000, 10_000), 413, "12000x10000 pixels, over the limit"),
         ("huge-bomb", _png_header(30_000, 30_000), 413, "decompression bomb"),
@@ -216,9 +225,12 @@ def test_non_fruit_images_get_no_close_match(sample_engine, sample_left_out):
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    gradient = np.zeros((200, 300, 3), np.uint8)
+    gradient[..., 0] = np.linspace(0, 255, 300)
+    gradient[..., 2] = 255 - gradient[..., 0]
     images = [
         Image.fromarray((rng.random((160, 200, 3)) * 255).astype(np.uint8)),  # noise
-        Image.new("RGB", (300, 200), (30, 90, 200)),  # flat blue
+        Image.fromarray(gradient),  # blue to red
         Image.fromarray(
             np.kron([[0, 255] * 8, [255, 0] * 8] * 8, np.ones((12, 12))).astype(np.uint8)
         ),  # checkerboard
@@ -260,7 +272,7 @@ def test_index_command_rebuilds_and_a_stale_index_is_refused(spark, sample_left_
         json.loads(before)["pca_arrays_sha256"]
         == json.loads((results / "index" / "index.json").read_text())["pca_arrays_sha256"]
     )
-    assert not [p for p in results.iterdir() if p.name.startswith("_index-")]
+    assert not [p for p in results.iterdir() if ".fruits-" in p.name]  # no temporary left
     meta = json.loads(before)
     meta["pca_arrays_sha256"] = "f" * 64
     (results / "index" / "index.json").write_text(json.dumps(meta))
