@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/featurize_bench.py --quick
 	$(PY) benchmarks/reduce_bench.py --quick
 	$(PY) benchmarks/instance_sizes.py --quick
+	$(PY) benchmarks/search_bench.py --quick
 
 clean:
 	rm -rf $(DEMO_OUT) spark-warehouse .pytest_cache

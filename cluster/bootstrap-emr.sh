@@ -30,6 +30,7 @@ PINS=(
   "pillow==13.0.0"
   "boto3==1.44.8"
   "matplotlib==3.11.2"
+  "faiss-cpu==1.15.1"
 )
 
 log() { echo "fruits-pipeline bootstrap: $*" >&2; }

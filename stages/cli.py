@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         register = None
     if register is not None:
         register(sub)
+    from stages.search_cli import register as register_search
+
+    register_search(sub, common)
     return parser
 
 

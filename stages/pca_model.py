@@ -54,16 +54,23 @@ class PCAModel:
             raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
         return project(X, self.fit.projection_matrix(), self.fit.mean)
 
-    def project_images(self, paths: Iterable[str], batch_size: int = 64) -> np.ndarray:
-        """Featurize local image files with the same weights, then project them.
+    def featurizer(self):
+        """The MobileNetV2 that made the features (same engine), built in this process.
+
+        The weights are resolved again and checked against the SHA-256 and alpha
+        recorded in the model.
+
+        Returns
+        -------
+        callable
+            ``f(x)``: preprocessed float32 (n, 224, 224, 3) to float32 (n, 1280).
 
         Raises
         ------
         ValueError
-            If an image cannot be decoded, or the weights no longer match.
+            If the model records nothing, or the weights no longer match.
         """
         from stages.engine import litert_featurizer, prepare_model
-        from stages.images import decode_image, preprocess
         from stages.model import local_featurizer
 
         spec = self.features_model
@@ -77,15 +84,28 @@ class PCAModel:
         # The engine that made the features (older features: Keras).
         engine = spec.get("engine", "keras")
         got, payload = prepare_model(source, spec["alpha"], engine)
-        if got.weights_sha256 != spec["weights_sha256"]:
+        if got.weights_sha256 != spec["weights_sha256"] or float(got.alpha) != float(spec["alpha"]):
             raise ValueError(
-                f"weights {source} are not the ones that made the features "
-                f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]})"
+                f"weights {source} (alpha {got.alpha}) are not the ones that made the features "
+                f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]}, "
+                f"alpha {spec['alpha']})"
             )
         if engine == "litert":
-            featurize = litert_featurizer(payload, threads=os.cpu_count() or 1)
-        else:
-            featurize = local_featurizer(payload, got.alpha)
+            return litert_featurizer(payload, threads=os.cpu_count() or 1)
+        return local_featurizer(payload, got.alpha)
+
+    def project_images(self, paths: Iterable[str], batch_size: int = 64) -> np.ndarray:
+        """Featurize local image files with the same model and decode, then project them.
+
+        Raises
+        ------
+        ValueError
+            If an image cannot be decoded, or the weights no longer match.
+        """
+        from stages.images import decode_image, preprocess
+
+        featurize = self.featurizer()
+        spec = self.features_model
         images = []
         for p in paths:
             with open(p, "rb") as fh:

@@ -235,6 +235,7 @@ def reduce_features(
     overwrite: bool = False,
     log=None,
     featurize_report: Optional[Dict[str, Any]] = None,
+    index: bool = True,
 ) -> Dict[str, Any]:
     """Run stage 2 and return the summary written to ``RESULTS/summary.json``.
 
@@ -254,6 +255,8 @@ def reduce_features(
     log : callable, optional
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
+    index : bool
+        Also build ``RESULTS/index/`` (:func:`stages.search.build_index`).
 
     Raises
     ------
@@ -272,13 +275,13 @@ def reduce_features(
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target:
         summary = _reduce(
-            spark, features, results, target, k, variance, check, log, featurize_report
+            spark, features, results, target, k, variance, check, log, featurize_report, index
         )
     log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
     return summary
 
 
-def _reduce(spark, features, results, target, k, variance, check, log, featurize_report):
+def _reduce(spark, features, results, target, k, variance, check, log, featurize_report, index):
     """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
     matrix, info, handle = read_feature_matrix(spark, features)
@@ -352,6 +355,10 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
     if check == "spark-ml":
         log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
         summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
+    if index:
+        from stages.search import build_index
+
+        summary["index"] = build_index(spark, target, log=log)
     hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     return summary
 

@@ -4,11 +4,12 @@ bundled sample featurized once."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
@@ -104,3 +105,47 @@ def keras_sample_features(spark, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample_keras") / "Features"
     featurize(spark, str(SAMPLE), str(out), weights="bundled", engine="keras")
     return out
+
+
+def leave_out(source: Path, dest: Path, classes: int = 10) -> List[Tuple[Path, str]]:
+    """Copy ``source``'s ``<Class>/*.jpg`` to ``dest`` except one photo in each of
+    ``classes`` classes spread over the alphabet; returns the left-out (photo, class)."""
+    names = sorted(p.name for p in source.iterdir() if p.is_dir())
+    step = max(1, len(names) // classes)
+    chosen = set(names[::step][:classes])
+    left: List[Tuple[Path, str]] = []
+    for name in names:
+        photos = sorted((source / name).glob("*.jpg"))
+        (dest / name).mkdir(parents=True)
+        out = photos[len(photos) // 2] if name in chosen else None
+        for photo in photos:
+            if photo == out:
+                left.append((photo, name))
+            else:
+                shutil.copyfile(photo, dest / name / photo.name)
+    return left
+
+
+def left_out_results(spark, source: Path, tmp: Path) -> Tuple[Path, List[Tuple[Path, str]]]:
+    """RESULTS (with its index) of ``source`` less 10 photos, and those photos."""
+    from stages.featurize import featurize
+    from stages.reduce import reduce_features
+
+    left = leave_out(source, tmp / "Images")
+    featurize(spark, str(tmp / "Images"), str(tmp / "Features"), weights="bundled")
+    reduce_features(spark, str(tmp / "Features"), str(tmp / "Results"), variance=0.95)
+    return tmp / "Results", left
+
+
+@pytest.fixture(scope="session")
+def sample_left_out(spark, tmp_path_factory) -> Tuple[Path, List[Tuple[Path, str]]]:
+    """RESULTS of the bundled sample less one photo in each class, and those photos."""
+    return left_out_results(spark, SAMPLE, tmp_path_factory.mktemp("left_out"))
+
+
+@pytest.fixture(scope="session")
+def sample_engine(sample_left_out):
+    """The query engine (model + PCA + index) on :func:`sample_left_out`."""
+    from stages.search import QueryEngine
+
+    return QueryEngine(str(sample_left_out[0]))

@@ -54,6 +54,7 @@ def test_bootstrap_pins_satisfy_pyproject_ranges():
         "tensorflow-cpu", "ai-edge-litert", "numpy", "scipy", "pandas", "pyarrow", "pillow",
         "boto3", "matplotlib",
     }  # fmt: skip
+    expected.add("faiss-cpu")  # reduce's search index, above the exact limit
     assert {canonicalize_name(n) for n in pins} == expected
     for name, version in pins.items():
         req = reqs[canonicalize_name(name)]

@@ -151,6 +151,20 @@ def test_reduce_reads_and_writes_the_bucket(moto_s3_client, s3a_features, s3a_re
     )
 
 
+def test_reduce_indexes_the_bucket_with_thumbnails_read_from_it(moto_s3_client, s3a_results):
+    keys = set(list_keys(moto_s3_client, "Results/"))
+    for name in ("index.json", "rows.parquet", "vectors.npy", "thumbs.bin", "thumbs_offsets.npy"):
+        assert f"Results/index/{name}" in keys, sorted(keys)
+    assert not [k for k in keys if ".fruits-" in k], sorted(keys)
+    meta = json.loads(
+        moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/index.json")["Body"].read()
+    )
+    assert meta["rows"] == 100 and meta["dims"] == 5 and meta["kind"] == "exact"
+    assert meta["thumbnails"]["missing"] == 0
+    thumbs = moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/thumbs.bin")["Body"]
+    assert thumbs.read(3) == b"\xff\xd8\xff"  # the first thumbnail is a JPEG
+
+
 def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
     moto_s3_client, s3a_results
 ):
