@@ -111,7 +111,11 @@ class LocalFileSystem(FileSystem):
         return path is not None and os.path.exists(path)
 
     def read_bytes(self, uri: str) -> bytes:
-        with open(self._path(uri), "rb") as fh:
+        path = self._path(uri)
+        # Checked first: open() on a FIFO would wait for a writer forever.
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise OSError(f"{uri} is not a regular file")
+        with open(path, "rb") as fh:
             return fh.read()
 
     def write_bytes(self, uri: str, data: bytes) -> str:
