@@ -109,3 +109,21 @@ def test_local_refuses_remote_uris(tmp_path):
         fs.read_bytes("s3://bucket/x")
     with pytest.raises(OSError, match=r"is not a regular file"):
         fs.read_bytes(str(tmp_path))
+
+
+def test_local_filesystem_never_imports_pyspark(tree):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from stages.fs import filesystem\n"
+        f"t = filesystem().read_parquet({str(tree / 'table')!r}, ['path'], where_valid='error')\n"
+        "print(t.num_rows, 'pyspark' in sys.modules, 'py4j' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["1", "False", "False"]
