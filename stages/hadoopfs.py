@@ -18,7 +18,6 @@ __all__ = [
     "list_files",
     "parquet_footer",
     "read_bytes",
-    "read_text",
     "write_bytes",
     "write_text",
 ]
@@ -90,11 +89,6 @@ def list_files(spark, uri: str, suffix: str = "") -> List[Tuple[str, int]]:
 def write_text(spark, uri: str, text: str) -> None:
     """Write (replace) a small UTF-8 text file."""
     write_bytes(spark, uri, text.encode("utf-8"))
-
-
-def read_text(spark, uri: str) -> str:
-    """Read a small UTF-8 text file."""
-    return read_bytes(spark, uri).decode("utf-8")
 
 
 def write_bytes(spark, uri: str, data: bytes) -> None:

@@ -5,15 +5,17 @@ Runs as ``fruits-pipeline reduce FEATURES RESULTS`` or, as an EMR step does,
 
 Data flow (the features are read once):
 
-1. ``mapInArrow`` turns each Arrow batch of the features into one
-   :class:`linalg.distributed.IndexedBlock` (float32 rows, stable int64 index,
-   ``path`` and ``label`` kept as Arrow arrays): no Python object per row.  Error
-   rows are dropped there and counted.  The blocks are cached.
-2. One ``treeAggregate`` (``IndexedRowMatrix.compute_pca``) collects count, mean
+1. :func:`stages.arrow_rdd.to_arrow_batches` turns the features into an RDD of
+   Arrow record batches (persisted in the JVM, no Python object per row); each
+   batch becomes one :class:`linalg.distributed.KeyedBlock` (float32 rows, with
+   ``path`` and ``label`` kept as Arrow arrays).  Error rows are dropped there and
+   counted.
+2. One ``treeAggregate`` (``KeyedRowMatrix.compute_moments``) collects count, mean
    and centred cross-product in float64; the driver eigendecomposes the
-   correlation matrix (d x d).
-3. The projection (d x k) and the mean are broadcast; each block is projected
-   with one GEMM and written back through ``mapInArrow`` to Parquet.
+   correlation matrix (d x d) with :func:`linalg.kernels.fit_pca_from_moments`.
+3. The projection (d x k) and the mean are broadcast (``KeyedRowMatrix.project``);
+   each block is projected with one GEMM, turned back into an Arrow batch and
+   written to Parquet (:func:`stages.arrow_rdd.from_arrow_batches`).
 
 ``RESULTS/`` gets ``projections/`` (``path, label, pca array<double>[k]``),
 ``pca_model/`` (see :mod:`stages.pca_model`) and ``summary.json``.
@@ -33,7 +35,7 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
 
 import numpy as np
 
-from linalg.distributed import IndexedBlock, IndexedRowMatrix
+from linalg.distributed import KeyedBlock, KeyedRowMatrix
 from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
 from stages.errors import UsageError
@@ -49,20 +51,17 @@ _SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 
 
 def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths) -> Iterator[Any]:
-    """Arrow batches of one partition to IndexedBlocks of usable rows (executors).
+    """Arrow batches of one partition to KeyedBlocks of usable rows (executors).
 
     Error rows (``error`` set or ``features`` null) are dropped; rows whose vector
     is not ``d`` long are dropped and their lengths reported through the
     ``lengths`` accumulator, which the driver checks before writing anything.
-    The stable row index is ``partition << 33 | position``, like Spark's
-    ``monotonically_increasing_id``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from stages.arrow_rdd import read_batch
 
-    offset = index << 33
     for data in batches:
         batch = read_batch(data, schema)
         n = batch.num_rows
@@ -73,16 +72,14 @@ def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths
         if pc.any(bad).as_py():
             lengths.add({int(x) for x in pc.unique(pc.filter(sizes, bad)).to_pylist()})
             ok = pc.and_(ok, pc.invert(bad))
-        keep = np.asarray(ok.to_numpy(zero_copy_only=False))
-        rows = np.nonzero(keep)[0]
-        good = batch if len(rows) == n else batch.filter(ok)  # filter copies every column
-        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), d)
+        rows = int(pc.sum(ok).as_py() or 0)
+        good = batch if rows == n else batch.filter(ok)  # filter copies every column
+        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(rows, d)
         keys = pa.table({"path": good.column("path"), "label": good.column("label")})
-        yield IndexedBlock((offset + rows).astype(np.int64), X, keys)
-        offset += n
+        yield KeyedBlock(X, keys)
 
 
-def _projection_batch(block: IndexedBlock) -> bytes:
+def _projection_batch(block: KeyedBlock) -> bytes:
     """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
     import pyarrow as pa
 
@@ -139,7 +136,7 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
 
 
 def read_feature_matrix(spark, features: str):
-    """Validate a features Parquet and open it as an IndexedRowMatrix.
+    """Validate a features Parquet and open it as a KeyedRowMatrix.
 
     The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
     then disk) and each becomes one block of usable rows in the Python workers,
@@ -149,7 +146,7 @@ def read_feature_matrix(spark, features: str):
 
     Returns
     -------
-    matrix : IndexedRowMatrix
+    matrix : KeyedRowMatrix
     info : dict
         ``rows_total``, ``n_features``, ``features_model``, ``files``,
         ``lengths`` (an accumulator of the wrong lengths seen).
@@ -214,10 +211,10 @@ def read_feature_matrix(spark, features: str):
         "files": len(files),
         "lengths": lengths,
     }
-    return IndexedRowMatrix(blocks, n_cols=d), info, handle
+    return KeyedRowMatrix(blocks, n_cols=d), info, handle
 
 
-def _write_projections(spark, projected: IndexedRowMatrix, uri: str) -> None:
+def _write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
     from stages.arrow_rdd import from_arrow_batches
 
     schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
@@ -290,7 +287,7 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
         if k is not None and k > d:
             raise UsageError(f"--k {k} must be between 1 and the feature length {d}")
         # The one pass over the data: count, mean, centred cross-product (treeAggregate).
-        moments = matrix.compute_column_summary_statistics(d)
+        moments = matrix.compute_moments(d)
         t_read = time.perf_counter()
         lengths = sorted(info["lengths"].value | {d})
         if len(lengths) > 1:
@@ -323,8 +320,8 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
-        projected = matrix.multiply(fit.projection_matrix(), fit.mean)
-        _write_projections(spark, projected, target.rstrip("/") + "/projections")
+        with matrix.project(fit.projection_matrix(), fit.mean) as projected:
+            _write_projections(spark, projected, target.rstrip("/") + "/projections")
         model = PCAModel(fit, info["features_model"])
         model.save(spark, target)
         t_write = time.perf_counter()

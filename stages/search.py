@@ -369,7 +369,7 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
         )
     t0 = time.perf_counter()
     arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
-    model = json.loads(hadoopfs.read_text(spark, f"{base}/pca_model/model.json"))
+    model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
     proj = spark.read.parquet(f"{base}/projections")
     pdf = _thumbnail_column(spark, proj, log).orderBy("path").toPandas()
     if len(pdf) == 0:
