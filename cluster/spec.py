@@ -49,7 +49,6 @@ __all__ = [
     "spark_defaults",
     "stage_step",
     "step_log_uri",
-    "total_slots",
     "validate_options",
     "wheel_name",
 ]
@@ -582,9 +581,3 @@ def _group(name: str, role: str, instance_type: str, count: int, market: str = "
         "InstanceType": instance_type,
         "InstanceCount": count,
     }
-
-
-def total_slots(opts: ClusterOptions) -> int:
-    """Concurrent featurize tasks on the cluster at start, after the driver's container."""
-    lay = executor_layout(opts.instance_type, opts.engine)
-    return max(0, (opts.core + opts.task) * lay.executors_per_node - lay.driver_slots)

@@ -212,12 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="HTML file (default RESULTS/report.html)")
     p.set_defaults(func=_cmd_report)
 
-    try:
-        from cluster.cli import register
-    except ImportError:  # pragma: no cover - cluster/ is part of the package
-        register = None
-    if register is not None:
-        register(sub)
+    from cluster.cli import register
+
+    register(sub)
     from stages.search_cli import register as register_search
 
     register_search(sub, common)
