@@ -37,7 +37,9 @@ __all__ = [
     "METADATA_KEY",
     "FeaturizeReport",
     "featurize",
+    "featurize_frame",
     "featurize_partition",
+    "FeaturizedFrame",
     "label_from_path",
     "features_schema",
     "read_model_spec",
@@ -330,14 +332,6 @@ def featurize(
         f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
     )
 
-    bc = sc.broadcast(weight_arrays)
-    # Workers cache the built model under the weights' hash: a second job with the
-    # same weights (a warm run) reuses it and never even reads the broadcast.
-    model_key = f"{spec.weights_sha256}:{spec.alpha}"
-    builds = sc.accumulator(0)
-    pids = sc.accumulator(set(), SetAccumulator())
-    counts = (sc.accumulator(0), sc.accumulator(0))
-    alpha_ = spec.alpha
     total = int(stats["bytes"])
     open_cost, split = _packing(n_images, n_parts, total, int(stats["largest"]))
     with _session_conf(
@@ -352,48 +346,143 @@ def featurize(
     ):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
-        rdd = images.select("path", "content").rdd
-        n_tasks = rdd.getNumPartitions()
-
-        def run(rows):
-            return featurize_partition(
-                ((r[0], r[1]) for r in rows),
-                bc,
-                model_key,
-                alpha_,
-                batch_size,
-                url_encoded,
-                builds,
-                pids,
-                counts,
-            )
-
-        out = spark.createDataFrame(
-            rdd.mapPartitions(run), features_schema(spec), verifySchema=False
-        )
+        frame = featurize_frame(spark, images, spec, weight_arrays, batch_size, url_encoded)
+        out = frame.df
+        n_tasks = frame.partitions
         if n_empty > 0:
             out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
         mode = "overwrite" if overwrite else "errorifexists"
         out.write.mode(mode).parquet(output_path)
-    bc.unpersist()
+    frame.release()
 
     seconds = time.perf_counter() - t0
     report = FeaturizeReport(
         input=input_path,
         output=output_path,
-        images=int(counts[0].value) + n_empty,
-        errors=int(counts[1].value) + n_empty,
+        images=frame.images + n_empty,
+        errors=frame.errors + n_empty,
         partitions=n_tasks,
         seconds=seconds,
         model=spec.to_dict(),
-        model_builds=int(builds.value),
-        worker_pids=sorted(pids.value),
+        model_builds=frame.model_builds,
+        worker_pids=frame.worker_pids,
     )
     log(
         f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
         f"in {seconds:.1f} s, {report.images_per_second:.1f} img/s"
     )
     return report
+
+
+@dataclass
+class FeaturizedFrame:
+    """The lazy features DataFrame of :func:`featurize_frame` and its counters.
+
+    The counters are filled once ``df`` has been written (one action);
+    call :meth:`release` after that.
+    """
+
+    df: Any
+    partitions: int
+    _broadcast: Any
+    _counts: Tuple[Any, Any]
+    _builds: Any
+    _pids: Any
+
+    @property
+    def images(self) -> int:
+        """Rows written (the scanned images)."""
+        return int(self._counts[0].value)
+
+    @property
+    def errors(self) -> int:
+        """Error rows written."""
+        return int(self._counts[1].value)
+
+    @property
+    def model_builds(self) -> int:
+        """Models built by the Python workers for this frame."""
+        return int(self._builds.value)
+
+    @property
+    def worker_pids(self) -> List[int]:
+        """Python workers that featurized rows."""
+        return sorted(self._pids.value)
+
+    def release(self) -> None:
+        """Drop the weights' broadcast from the executors (if this frame made it)."""
+        if self._broadcast is not None:
+            self._broadcast.unpersist()
+
+
+def featurize_frame(
+    spark,
+    images,
+    spec: ModelSpec,
+    weight_arrays,
+    batch_size: int = 64,
+    url_encoded: bool = False,
+    partitions: Optional[int] = None,
+    broadcast=None,
+) -> FeaturizedFrame:
+    """Featurize a ``binaryFile`` DataFrame: the one code path of every stage-1 job.
+
+    ``featurize``, ``featurize --incremental`` and each micro-batch of ``watch``
+    call it: the weights are broadcast once, each partition goes through
+    :func:`featurize_partition` (same model cache, same error rows).
+
+    Parameters
+    ----------
+    spark : SparkSession
+    images : DataFrame
+        With ``path`` and ``content`` (Spark's ``binaryFile`` columns); batch or
+        a micro-batch of a stream.
+    spec, weight_arrays
+        From :func:`stages.model.resolve_weights`.
+    batch_size : int
+    url_encoded : bool
+        See :func:`label_from_path`.
+    partitions : int, optional
+        Coalesce to at most this many tasks (a micro-batch comes one file a task).
+    broadcast : Broadcast, optional
+        ``weight_arrays`` already broadcast (a stream reuses one for every batch);
+        :meth:`FeaturizedFrame.release` then leaves it alone.
+
+    Returns
+    -------
+    FeaturizedFrame
+        ``df`` has the :func:`features_schema` columns; nothing has run yet.
+    """
+    sc = spark.sparkContext
+    bc = broadcast if broadcast is not None else sc.broadcast(weight_arrays)
+    # Workers cache the built model under the weights' hash: a second job with the
+    # same weights (a warm run) reuses it and never even reads the broadcast.
+    model_key = f"{spec.weights_sha256}:{spec.alpha}"
+    builds = sc.accumulator(0)
+    pids = sc.accumulator(set(), SetAccumulator())
+    counts = (sc.accumulator(0), sc.accumulator(0))
+    alpha_ = spec.alpha
+    rdd = images.select("path", "content").rdd
+    if partitions is not None and rdd.getNumPartitions() > partitions:
+        rdd = rdd.coalesce(partitions)
+    n_tasks = rdd.getNumPartitions()
+
+    def run(rows):
+        return featurize_partition(
+            ((r[0], r[1]) for r in rows),
+            bc,
+            model_key,
+            alpha_,
+            batch_size,
+            url_encoded,
+            builds,
+            pids,
+            counts,
+        )
+
+    out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec), verifySchema=False)
+    owned = bc if broadcast is None else None
+    return FeaturizedFrame(out, n_tasks, owned, counts, builds, pids)
 
 
 def _scan_spelling(uri: str, url_encoded: bool) -> str:
