@@ -137,8 +137,11 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
         return list(pool.map(one, files))
 
 
-def read_feature_matrix(spark, features: str):
+def read_feature_matrix(spark, features: str, files: Optional[List[str]] = None):
     """Validate a features Parquet and open it as an IndexedRowMatrix.
+
+    ``files`` restricts the read to those Parquet files of ``features`` (the rows
+    a ``reduce --update`` adds).
 
     The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
     then disk) and each becomes one block of usable rows in the Python workers,
@@ -161,10 +164,13 @@ def read_feature_matrix(spark, features: str):
             f"features {features} do not exist: "
             f"run `fruits-pipeline featurize INPUT {features}` first"
         )
-    files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-    if not files:
-        raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
-    df = spark.read.parquet(features)
+    if files is None:
+        files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
+        if not files:
+            raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
+        df = spark.read.parquet(features)
+    else:
+        df = spark.read.parquet(*files)
     _check_features_schema(df, features)
     models = _models_of(spark, files)
     distinct = {model_identity(m): m for m in models}
@@ -206,6 +212,7 @@ def read_feature_matrix(spark, features: str):
         "n_features": d,
         "features_model": spec or {},
         "files": len(files),
+        "file_uris": files,
         "lengths": lengths,
     }
     return IndexedRowMatrix(blocks, n_cols=d), info, handle
@@ -296,7 +303,17 @@ def reduce_features(
             hadoopfs.delete(spark, results)
         projected = matrix.multiply(fit.projection_matrix(), fit.mean)
         _write_projections(spark, projected, results.rstrip("/") + "/projections")
-        model = PCAModel(fit, info["features_model"])
+        model = PCAModel(
+            fit,
+            info["features_model"],
+            m2=moments.m2,
+            statistics={
+                "files": sorted(u.rsplit("/", 1)[1] for u in info["file_uris"]),
+                "rows_total": info["rows_total"],
+                "error_rows": info["error_rows"],
+                "requested": {"k": k, "variance": variance},
+            },
+        )
         model.save(spark, results)
         t_write = time.perf_counter()
     finally:
