@@ -55,7 +55,11 @@ JUPYTER_PREFIX = "jupyter/"
 ZIP_NAME = "fruits_pipeline.zip"
 BOOTSTRAP_NAME = "bootstrap-emr.sh"
 REQUIREMENTS_NAME = "requirements-emr.txt"
-STAGE_SCRIPTS: Dict[str, str] = {"featurize": "featurize.py", "reduce": "reduce.py"}
+STAGE_SCRIPTS: Dict[str, str] = {
+    "featurize": "featurize.py",
+    "reduce": "reduce.py",
+    "watch": "watch.py",
+}
 # Where the bootstrap unpacks the bundled weights: an .h5 inside the zip on
 # --py-files cannot be opened by h5py.
 NODE_WEIGHTS_DIR = "/opt/fruits-pipeline/weights"
@@ -377,7 +381,7 @@ def stage_step(
 
     Parameters
     ----------
-    stage : {"featurize", "reduce"}
+    stage : {"featurize", "reduce", "watch"}
     input_uri, output_uri : str
         S3 URIs (``s3://``, ``s3a://``, ``s3n://``), passed through unchanged.
     code : str
