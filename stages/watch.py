@@ -148,6 +148,8 @@ class _Sink:
         self.query_id: Optional[str] = None
         self.started = threading.Event()
         self.done: set = set()
+        self.committed: set = set()
+        self.known = None  # DataFrame of the paths in the table at start (cached)
         self.totals = {"batches": 0, "images": 0, "errors": 0, "runs": [], "skipped_batches": 0}
 
     def __call__(self, batch_df, batch_id: int) -> None:
@@ -164,9 +166,12 @@ class _Sink:
             return
         table = self.table
         spark = self.spark
-        meta = batch_df.select("path", "length", "modificationTime")
-        known = table.read_runs(table.live_runs(), self.spec).select("path")
-        todo_rows = meta.join(known, "path", "left_anti").collect()
+        meta = batch_df.select("path", "length", "modificationTime").collect()
+        paths = spark.createDataFrame([(r[0],) for r in meta], "path string")
+        # Paths the table held when the query started (read once), plus the ones this
+        # query committed since: one writer at a time, so nothing else adds any.
+        known = {r[0] for r in self.known.join(F.broadcast(paths), "path", "left_semi").collect()}
+        todo_rows = [r for r in meta if r[0] not in known and r[0] not in self.committed]
         self.totals["batches"] += 1
         if not todo_rows:
             self.log(f"watch: batch {batch_id}: 0 new images")
@@ -211,6 +216,7 @@ class _Sink:
         }
         table.commit(record, self.log)
         self.done.add(batch_id)
+        self.committed.update(r[0] for r in todo_rows)
         t1 = time.time()
         oldest = min(r[2].timestamp() for r in todo_rows if r[2] is not None)
         self.totals["images"] += frame.images
@@ -313,6 +319,7 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         for r in table.records()
         if r.get("kind") == "watch" and r.get("query") == sink.query_id
     }
+    sink.known = table.read_runs(table.live_runs(), spec).select("path").cache()
     sink.started.set()
     mode = "available-now" if opts.available_now else f"every {opts.trigger_seconds:g} s"
     log(f"watch: query {sink.query_id} on {input_path} -> {features} ({mode}), {checkpoint}")
@@ -326,6 +333,7 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
     finally:
         query.stop()
         sink.bc.unpersist()
+        sink.known.unpersist()
     return {
         "query": sink.query_id,
         "checkpoint": checkpoint,
