@@ -44,7 +44,8 @@ class PCAModel:
         Centred cross-product of the rows fitted: with ``fit.n_samples`` and
         ``fit.mean``, their exact moments.
     statistics : dict
-        What those moments cover: ``files`` (names of the feature Parquet files),
+        What those moments cover: ``files`` (the feature Parquet files, relative to
+        the features folder),
         ``error_rows``, ``rows_total``, ``requested`` (``k`` / ``variance``).
     """
 

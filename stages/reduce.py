@@ -40,6 +40,7 @@ from stages.errors import UsageError
 from stages.featurize import METADATA_KEY, SetAccumulator, check_output
 from stages.model import model_identity
 from stages.pca_model import PCAModel
+from stages.update import feature_file_keys
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
 
@@ -308,7 +309,7 @@ def reduce_features(
             info["features_model"],
             m2=moments.m2,
             statistics={
-                "files": sorted(u.rsplit("/", 1)[1] for u in info["file_uris"]),
+                "files": sorted(feature_file_keys(spark, features, info["file_uris"])),
                 "rows_total": info["rows_total"],
                 "error_rows": info["error_rows"],
                 "requested": {"k": k, "variance": variance},

@@ -21,16 +21,29 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
 from stages import hadoopfs
 from stages.errors import UsageError
 
-__all__ = ["update_reduce", "project_run", "project_pending"]
+__all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
 _PARTS = ("projections", "pca_model", "summary.json")
+
+
+def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) -> Dict[str, str]:
+    """``{path relative to features: uri}`` of its Parquet files (what a model covers).
+
+    Spark names every file it writes with a per-job UUID and a run's files never
+    change once committed, so a relative path names the same rows for good.
+    """
+    if uris is None:
+        uris = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
+    fs, path = hadoopfs._fs_and_path(spark, features)
+    root = fs.makeQualified(path).toString().rstrip("/") + "/"
+    return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
 
 
 def _swap_in(spark, results: str, tmp: str, log: Callable[[str], None]) -> None:
@@ -103,18 +116,25 @@ def update_reduce(
             f"the model in {results} kept no statistics (made by an older version): "
             "run `fruits-pipeline reduce --overwrite` once"
         )
+    covered = set(model.statistics["files"])
     if hadoopfs.exists(spark, features.rstrip("/") + "/_runs"):
-        from stages.incremental import FeaturesTable
+        from stages.incremental import RUN_PREFIX, FeaturesTable
 
-        FeaturesTable(spark, features).recover(log)
+        table = FeaturesTable(spark, features)
+        table.recover(log)
+        # A plain featurize's files moved, unchanged, into the first run: same rows.
+        for rec in table.records():
+            if rec.get("kind") == "migrate":
+                for name in rec["files"]:
+                    if name in covered:
+                        covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
     stats = model.statistics
     requested = (
         stats.get("requested") or {"k": model.n_components, "variance": None}
         if k is None and variance is None
         else {"k": k, "variance": variance}
     )
-    uris = {u.rsplit("/", 1)[1]: u for u, _ in hadoopfs.list_files(spark, features, ".parquet")}
-    covered = set(stats["files"])
+    uris = feature_file_keys(spark, features)
     gone = sorted(covered - set(uris))
     new = sorted(set(uris) - covered)
     if hadoopfs.exists(spark, tmp):
@@ -293,7 +313,8 @@ def project_pending(spark, table, model, results: str, log: Callable[[str], None
     covered = set(model.statistics.get("files", []))
     done = 0
     for run in table.live_runs():
-        names = {u.rsplit("/", 1)[1] for u, _ in hadoopfs.list_files(spark, table.run_uri(run))}
+        uris = [u for u, _ in hadoopfs.list_files(spark, table.run_uri(run), ".parquet")]
+        names = set(feature_file_keys(spark, table.uri, uris))
         if names and not names <= covered:
             n = project_run(spark, table, run, model, results)
             if n:
