@@ -151,7 +151,7 @@ def test_a_plain_featurize_output_becomes_the_first_run(spark, sample_features, 
 def test_a_commit_interrupted_after_its_record_is_rolled_forward(spark, tmp_path):
     bucket, features = tmp_path / "Test", tmp_path / "Features"
     copy_images(SAMPLE_FILES[:6], bucket)
-    first = featurize_incremental(spark, str(bucket), str(features), weights="random:3")
+    first = featurize_incremental(spark, str(bucket), str(features), weights="bundled")
     table = FeaturesTable(spark, str(features))
     # As if the run had died right after its record: rows still in staging.
     final = features / f"run={first.run}"
@@ -159,7 +159,7 @@ def test_a_commit_interrupted_after_its_record_is_rolled_forward(spark, tmp_path
     staged.parent.mkdir(exist_ok=True)
     final.rename(staged)
     copy_images(SAMPLE_FILES[6:8], bucket)
-    report = featurize_incremental(spark, str(bucket), str(features), weights="random:3")
+    report = featurize_incremental(spark, str(bucket), str(features), weights="bundled")
     assert report.new == 2 and not staged.exists() and final.exists()
     one_row_each(features, {f"{f.parent.name}/{f.name}" for f in SAMPLE_FILES[:8]})
     assert len(table.records()) == 2
@@ -169,11 +169,11 @@ def test_a_commit_interrupted_after_its_record_is_rolled_forward(spark, tmp_path
 def test_a_run_killed_mid_write_then_rerun_gives_one_row_per_image(spark, tmp_path):
     bucket, features = tmp_path / "Test", tmp_path / "Features"
     copy_images(SAMPLE_FILES[:10], bucket)
-    featurize_incremental(spark, str(bucket), str(features), weights="random:4")
+    featurize_incremental(spark, str(bucket), str(features), weights="bundled")
     copy_images(SAMPLE_FILES[10:40], bucket)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FRUITS_DRIVER_MEMORY="1g")
     cmd = [sys.executable, "-m", "stages.cli", "featurize", str(bucket), str(features)]
-    cmd += ["--incremental", "--weights", "random:4", "--master", "local[1]", "--quiet"]
+    cmd += ["--incremental", "--weights", "bundled", "--master", "local[1]", "--quiet"]
     cmd += ["--batch-size", "2"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     staging = features / "_staging"
@@ -189,7 +189,7 @@ def test_a_run_killed_mid_write_then_rerun_gives_one_row_per_image(spark, tmp_pa
         proc.wait()
     assert len(FeaturesTable(spark, str(features)).records()) == 1
     one_row_each(features, {f"{f.parent.name}/{f.name}" for f in SAMPLE_FILES[:10]})
-    report = featurize_incremental(spark, str(bucket), str(features), weights="random:4")
+    report = featurize_incremental(spark, str(bucket), str(features), weights="bundled")
     assert report.new == 30 and report.images == 30
     assert not list(staging.glob("run=*"))
     one_row_each(features, {f"{f.parent.name}/{f.name}" for f in SAMPLE_FILES[:40]})

@@ -115,3 +115,15 @@ def test_growing_options_refused_before_spark_starts(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
+
+
+def test_a_plain_table_moved_into_its_first_run_keeps_the_model_current(
+    spark, sample_features, tmp_path
+):
+    features = tmp_path / "Features"
+    shutil.copytree(sample_features, features)
+    reduce_features(spark, str(features), str(tmp_path / "Results"), k=4)
+    report = featurize_incremental(spark, str(SAMPLE), str(features))  # moves the files
+    assert report.images == 0 and not list(features.glob("*.parquet"))
+    summary = update_reduce(spark, str(features), str(tmp_path / "Results"))
+    assert summary["update"]["mode"] == "none" and summary["rows"] == 100

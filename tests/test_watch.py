@@ -37,13 +37,13 @@ def _land(files, dest: Path) -> None:
 def test_watch_killed_and_restarted_gives_one_row_per_image(spark, tmp_path):
     bucket, features, results = tmp_path / "Test", tmp_path / "Features", tmp_path / "Results"
     _land(FILES[:10], bucket)
-    featurize_incremental(spark, str(bucket), str(features), weights="random:5")
+    featurize_incremental(spark, str(bucket), str(features), weights="bundled")
     reduce_features(spark, str(features), str(results), k=3)
     _land(FILES[10:20], bucket)
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), FRUITS_DRIVER_MEMORY="1g")
     cmd = [sys.executable, "-m", "stages.cli", "watch", str(bucket), str(features)]
-    cmd += ["--weights", "random:5", "--trigger", "1s", "--max-files-per-trigger", "4"]
+    cmd += ["--weights", "bundled", "--trigger", "1s", "--max-files-per-trigger", "4"]
     cmd += ["--results", str(results), "--master", "local[1]", "--quiet"]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     table = FeaturesTable(spark, str(features))
@@ -60,7 +60,7 @@ def test_watch_killed_and_restarted_gives_one_row_per_image(spark, tmp_path):
         proc.wait()
     _land(FILES[30:35], bucket)
 
-    opts = WatchOptions(weights="random:5", available_now=True, results=str(results))
+    opts = WatchOptions(weights="bundled", available_now=True, results=str(results))
     report = watch(spark, str(bucket), str(features), opts)
     assert report["batches"] >= 1
 
