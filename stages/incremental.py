@@ -355,6 +355,7 @@ def featurize_incremental(
     from stages.featurize import (
         _empty_file_rows,
         _paths_are_url_encoded,
+        _session_conf,
         choose_partitions,
         featurize_frame,
         read_images,
@@ -466,55 +467,57 @@ def featurize_incremental(
         )
     plan = plan.cache()
     try:
-        counts = {r["status"]: int(r["count"]) for r in plan.groupBy("status").count().collect()}
+        # One job for every count: (status, run, zero-byte) of the rows that change.
+        summary = (
+            plan.where(F.col("status").isin("new", "changed", "pruned"))
+            .groupBy("status", "run", (F.col("length") == 0).alias("empty"))
+            .count()
+            .collect()
+        )
+        counts: Dict[str, int] = {}
+        for r in summary:
+            counts[r["status"]] = counts.get(r["status"], 0) + int(r["count"])
         n_new, n_changed = counts.get("new", 0), counts.get("changed", 0)
         n_pruned = counts.get("pruned", 0)
         todo_n = n_new + n_changed
+        n_empty_todo = sum(
+            int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
+        )
+        n_read = todo_n - n_empty_todo
         log(
             f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
-            f"{counts.get('same', 0)} already featurized"
+            f"{n_listed - todo_n} already featurized"
             + (f", {n_pruned} rows to prune" if prune else "")
         )
         if todo_n == 0 and n_pruned == 0:
             log(f"featurize: nothing new for {output_path}: no run written")
+            seconds = time.perf_counter() - t0
             return IncrementalReport(
-                input_path,
-                output_path,
-                None,
-                n_listed,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                time.perf_counter() - t0,
+                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds
             )
-        superseded = sorted(
-            r["run"]
-            for r in plan.where(F.col("status").isin("changed", "pruned"))
-            .select("run")
-            .distinct()
-            .collect()
-        )
+        superseded = sorted({r["run"] for r in summary if r["status"] in ("changed", "pruned")})
         todo = plan.where(F.col("status").isin("new", "changed")).select(
             "path", "length", "modificationTime"
         )
-        to_read = todo.where(F.col("length") > 0)
-        n_read = to_read.count()
         run = new_run_id()
         started = _now_iso()
         scan = "none"
         parts = []
         frame = None
         if n_read > 0:
+            to_read = todo.where(F.col("length") > 0)
             if n_read > _SCAN_ALL_SHARE * max(1, n_scanned):
                 scan = "all"
                 source = images.join(F.broadcast(to_read.select("path")), "path", "left_semi")
             else:
                 scan = "by-name"
                 names = [_glob_escape(r[0]) for r in to_read.select("path").collect()]
-                source = spark.read.format("binaryFile").load(names)
+                # Spark lists many named files with one task per file: a few tasks do.
+                tasks = str(max(2, 2 * spark.sparkContext.defaultParallelism))
+                with _session_conf(
+                    spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
+                ):
+                    source = spark.read.format("binaryFile").load(names)
             n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
             frame = featurize_frame(
                 spark,
@@ -526,11 +529,13 @@ def featurize_incremental(
                 partitions=n_parts,
             )
             parts.append(frame.df.join(F.broadcast(todo), "path"))
-        if empties is not None:
+        if empties is not None and n_empty_todo:
             parts.append(empties.join(F.broadcast(todo.where(F.col("length") == 0)), "path"))
+        carried = 0
         if superseded:
             dropped = plan.where(F.col("status").isin("changed", "pruned")).select("path")
             carried_df = table.read_runs(superseded, spec).join(dropped, "path", "left_anti")
+            carried = carried_df.count()
             parts.append(carried_df.drop("run"))
         out = parts[0]
         for p in parts[1:]:
@@ -540,10 +545,9 @@ def featurize_incremental(
         staged = table.staging_uri(run)
         log(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
         out.write.mode("errorifexists").parquet(staged)
-        written_rows = spark.read.parquet(staged).count()
-        carried = written_rows - todo_n
-        images_done = (frame.images if frame is not None else 0) + (todo_n - n_read)
-        errors = (frame.errors if frame is not None else 0) + (todo_n - n_read)
+        images_done = (frame.images if frame is not None else 0) + n_empty_todo
+        errors = (frame.errors if frame is not None else 0) + n_empty_todo
+        written_rows = images_done + carried
         if frame is not None:
             frame.release()
         record = {

@@ -138,11 +138,14 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
         return list(pool.map(one, files))
 
 
-def read_feature_matrix(spark, features: str, files: Optional[List[str]] = None):
+def read_feature_matrix(
+    spark, features: str, files: Optional[List[str]] = None, persist: bool = True
+):
     """Validate a features Parquet and open it as an IndexedRowMatrix.
 
     ``files`` restricts the read to those Parquet files of ``features`` (the rows
-    a ``reduce --update`` adds).
+    a ``reduce --update`` adds); ``persist=False`` for a single pass (its
+    projection) keeps no copy of the batches.
 
     The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
     then disk) and each becomes one block of usable rows in the Python workers,
@@ -202,7 +205,7 @@ def read_feature_matrix(spark, features: str, files: Optional[List[str]] = None)
         )
     d = int(first[0])
     raw, schema, handle = to_arrow_batches(
-        df.select("path", "label", "features", "error"), persist=True
+        df.select("path", "label", "features", "error"), persist=persist
     )
     lengths = spark.sparkContext.accumulator(set(), SetAccumulator())
     blocks = raw.mapPartitionsWithIndex(

@@ -171,7 +171,9 @@ def update_reduce(
             new_rows = df_new.count()
             usable = df_new.where(F.col("error").isNull() & F.col("features").isNotNull())
             if usable.limit(1).count():
-                matrix, info, handle = read_feature_matrix(spark, features, files=new_uris)
+                matrix, info, handle = read_feature_matrix(
+                    spark, features, files=new_uris, persist=False
+                )
                 try:
                     if model_identity(info["features_model"]) != model_identity(
                         model.features_model
@@ -198,7 +200,7 @@ def update_reduce(
         )
         fit = fit_pca_from_moments(merged, **requested)
         t_fit = time.perf_counter()
-        matrix, info, handle = read_feature_matrix(spark, features)
+        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
         try:
             projected = matrix.multiply(fit.projection_matrix(), fit.mean)
             _write_projections(spark, projected, f"{tmp}/projections")

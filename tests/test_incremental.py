@@ -97,6 +97,14 @@ def test_adding_20_images_featurizes_exactly_20(spark, grown, sample_features):
     assert {r[0] for r in df.select("run").distinct().collect()} == runs
     table = FeaturesTable(spark, str(features))
     assert [r["run"] for r in table.records()] == sorted(runs)
+    # And so does DuckDB, through the hive-style run folders.
+    duckdb = pytest.importorskip("duckdb")
+    glob = str(features / "run=*" / "*.parquet")
+    n, paths, n_runs = duckdb.sql(
+        f"select count(*), count(distinct path), count(distinct run) "
+        f"from read_parquet('{glob}', hive_partitioning = true)"
+    ).fetchone()
+    assert (n, paths, n_runs) == (50, 50, 2)
 
 
 def test_replaced_image_is_featurized_again_and_pruned_rows_go(spark, grown):
