@@ -178,6 +178,7 @@ def worker_watch(args) -> Dict[str, Any]:
         target=lambda: out.update(watch(spark, str(bucket), str(work / "Features"), opts)),
         daemon=True,
     )
+    t_start = time.time()
     thread.start()
     table = FeaturesTable(spark, str(work / "Features"))
     # Wait for the first batch (the model build) so that the landing times measure
@@ -187,7 +188,8 @@ def worker_watch(args) -> Dict[str, Any]:
         time.sleep(0.5)
     rng = np.random.default_rng(0)
     landed: Dict[str, float] = {}
-    t_end = time.time() + args.duration - 3 * args.trigger - 20
+    # The last landings leave the query time for two triggers and a batch.
+    t_end = t_start + args.duration - 3 * args.trigger - 15
     i = 8
     while time.time() < t_end:
         src = images[i % len(images)]

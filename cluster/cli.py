@@ -356,8 +356,6 @@ def _cmd_submit(args) -> int:
     guard.check_buckets(s3, [args.input, args.output, *extra])
     keeps = _keeps_output(args, stage)
     emr.check_s3_paths(s3, [args.input], [] if keeps else [args.output], args.overwrite)
-    if stage == "reduce" and getattr(args, "update", False):
-        emr.check_s3_paths(s3, [args.output.rstrip("/") + "/pca_model/"])
     emr_client = emr.client("emr", region)
     code = emr.cluster_code_uri(emr.cluster_info(emr_client, args.cluster))
     guard.check_buckets(s3, [code])

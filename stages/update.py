@@ -104,6 +104,13 @@ def update_reduce(
     if hadoopfs.exists(spark, f"{tmp}/_READY"):
         log("reduce --update: finishing the swap of an update that died during it")
         _swap_in(spark, results, tmp, log)
+    if not hadoopfs.has_data(spark, results):
+        log(f"reduce --update: {results} does not exist yet: a full reduce creates it")
+        summary = reduce_features(
+            spark, features, results, k=k, variance=variance, check=check, log=log
+        )
+        summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
+        return summary
     if not hadoopfs.exists(spark, f"{results}/pca_model"):
         raise UsageError(
             f"{results} holds no pca_model: run `fruits-pipeline reduce {features} {results}` first"

@@ -96,10 +96,15 @@ def test_update_after_a_prune_falls_back_to_a_full_pass(spark, growing):
     assert summary["rows"] == 67
 
 
-def test_update_needs_a_saved_model(spark, growing, tmp_path):
+def test_update_needs_a_saved_model_or_no_results_at_all(spark, growing, tmp_path):
     _, _, features = growing
+    (tmp_path / "Other").mkdir()
+    (tmp_path / "Other" / "notes.txt").write_text("not a RESULTS folder")
     with pytest.raises(UsageError, match="holds no pca_model: run `fruits-pipeline reduce"):
-        update_reduce(spark, str(features), str(tmp_path / "Nothing"))
+        update_reduce(spark, str(features), str(tmp_path / "Other"))
+    first = update_reduce(spark, str(features), str(tmp_path / "New"), k=3)
+    assert first["update"]["mode"] == "full" and first["k"] == 3
+    assert PCAModel.load(str(tmp_path / "New")).m2 is not None
 
 
 @pytest.mark.parametrize(
