@@ -42,6 +42,7 @@ from benchmarks._common import RESULTS_DIR, ROOT, emit, quiet_env, run_worker
 SHARED_IMAGES = ROOT.parent / "shared" / "data" / "fruits360"
 SAMPLE_IMAGES = ROOT / "sample" / "fruits360"
 PARTS = ("incremental", "update", "watch", "listing")
+LOG_DIR = Path(tempfile.gettempdir()) / "fruits-bench-growing"  # one log per part
 
 
 def _session(master: str = "local[2]", conf: Optional[Dict[str, str]] = None):

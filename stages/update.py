@@ -309,7 +309,11 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     rows.mapInArrow(project_batches, PROJECTIONS_SCHEMA).coalesce(1).write.mode(
         "overwrite"
     ).parquet(staging)
-    (part,) = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
+    parts = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
+    if not parts:  # a run of error rows only: nothing to project
+        hadoopfs.delete(spark, staging)
+        return 0
+    (part,) = parts
     if not hadoopfs.rename(spark, part, final):
         raise OSError(f"could not rename {part} to {final}")
     hadoopfs.delete(spark, staging)
