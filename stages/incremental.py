@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
@@ -391,6 +392,20 @@ def featurize_incremental(
     live = table.live_runs(records)
     written_ms = {r["run"]: r.get("written_ms") for r in records}
 
+    # Planning reads file metadata only: pack the listing into one task per core
+    # (Spark's default 4 MB open cost per file made ~30-file tasks: 2.7 s of tasks
+    # for 1100 files here), and let the plan's join shuffle into few partitions.
+    planning = ExitStack()
+    planning.enter_context(
+        _session_conf(
+            spark,
+            {
+                "spark.sql.files.openCostInBytes": "1",
+                "spark.sql.files.maxPartitionBytes": str(2**40),
+                "spark.sql.shuffle.partitions": str(spark.sparkContext.defaultParallelism),
+            },
+        )
+    )
     images = read_images(spark, input_path)
     meta = images.select("path", "length", "modificationTime")
     stats = images.agg(
@@ -411,6 +426,7 @@ def featurize_incremental(
         )
     n_listed = len(listed_files)
     if n_listed == 0 and not prune:
+        planning.close()
         raise UsageError(
             f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
         )
@@ -474,6 +490,7 @@ def featurize_incremental(
             .count()
             .collect()
         )
+        planning.close()
         counts: Dict[str, int] = {}
         for r in summary:
             counts[r["status"]] = counts.get(r["status"], 0) + int(r["count"])
@@ -567,6 +584,7 @@ def featurize_incremental(
         }
         table.commit(record, log)
     finally:
+        planning.close()
         plan.unpersist()
     seconds = time.perf_counter() - t0
     report = IncrementalReport(

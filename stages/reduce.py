@@ -139,13 +139,18 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
 
 
 def read_feature_matrix(
-    spark, features: str, files: Optional[List[str]] = None, persist: bool = True
+    spark,
+    features: str,
+    files: Optional[List[str]] = None,
+    persist: bool = True,
+    allow_empty: bool = False,
 ):
     """Validate a features Parquet and open it as an IndexedRowMatrix.
 
     ``files`` restricts the read to those Parquet files of ``features`` (the rows
     a ``reduce --update`` adds); ``persist=False`` for a single pass (its
-    projection) keeps no copy of the batches.
+    projection) keeps no copy of the batches.  With ``allow_empty``, features
+    without a usable row give ``(None, info, None)`` instead of an error.
 
     The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
     then disk) and each becomes one block of usable rows in the Python workers,
@@ -198,6 +203,8 @@ def read_feature_matrix(
     # Footers give the row count for free; one row gives the vector length.
     total = df.count()
     first = df.where(F.col("features").isNotNull()).select(F.size("features")).first()
+    if first is None and allow_empty:
+        return None, {"rows_total": total, "features_model": spec or {}}, None
     if first is None:
         raise UsageError(
             f"features {features} have 0 usable rows ({total} error rows): "

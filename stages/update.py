@@ -167,28 +167,22 @@ def update_reduce(
         summary["update"] = info_update
         return summary
     else:
-        from pyspark.sql import functions as F
-
         new_uris = [uris[n] for n in new]
         d = model.fit.n_features
         added = None
         new_rows = new_errors = 0
         if new_uris:
-            df_new = spark.read.parquet(*new_uris)
-            new_rows = df_new.count()
-            usable = df_new.where(F.col("error").isNull() & F.col("features").isNotNull())
-            if usable.limit(1).count():
-                matrix, info, handle = read_feature_matrix(
-                    spark, features, files=new_uris, persist=False
+            matrix, info, handle = read_feature_matrix(
+                spark, features, files=new_uris, persist=False, allow_empty=True
+            )
+            if model_identity(info["features_model"]) != model_identity(model.features_model):
+                raise UsageError(
+                    f"the rows added to {features} were made by another model than "
+                    f"the one in {results}: featurize them with the same --weights"
                 )
+            new_rows = int(info["rows_total"])
+            if matrix is not None:
                 try:
-                    if model_identity(info["features_model"]) != model_identity(
-                        model.features_model
-                    ):
-                        raise UsageError(
-                            f"the rows added to {features} were made by another model than "
-                            f"the one in {results}: featurize them with the same --weights"
-                        )
                     added = matrix.compute_column_summary_statistics(d)
                     lengths = sorted(info["lengths"].value | {info["n_features"]})
                 finally:
