@@ -408,22 +408,7 @@ def featurize_incremental(
     )
     images = read_images(spark, input_path)
     meta = images.select("path", "length", "modificationTime")
-    stats = images.agg(
-        F.count("*").alias("n"), F.max(F.when(F.col("path").contains("%"), F.col("path")))
-    ).first()
-    n_scanned = int(stats[0])
     listed_files = images._jdf.inputFiles()
-    url_encoded = _paths_are_url_encoded(spark, stats[1])
-    empties = None
-    if len(listed_files) > n_scanned:  # zero-byte files: the scan drops them
-        empties = _empty_file_rows(spark, images, listed_files, url_encoded, spec)
-        meta = meta.unionByName(
-            empties.select(
-                "path",
-                F.lit(0).cast("long").alias("length"),
-                F.lit(None).cast("timestamp").alias("modificationTime"),
-            )
-        )
     n_listed = len(listed_files)
     if n_listed == 0 and not prune:
         planning.close()
@@ -445,7 +430,6 @@ def featurize_incremental(
         if any(ms is not None for ms in written_ms.values())
         else None
     )
-    joined = meta.join(old, "path", "full_outer")
     mtime_ms = (F.unix_micros(F.col("modificationTime")) / 1000).cast("long")
     legacy_changed = (
         F.col("old_length").isNull() & (mtime_ms > F.coalesce(written[F.col("run")], F.lit(0)))
@@ -472,25 +456,53 @@ def featurize_incremental(
         .when(changed_cond, F.lit("changed"))
         .otherwise(F.lit("same"))
     )
-    plan = joined.select("path", "length", "modificationTime", "run", status.alias("status"))
-    if prune:
-        prefix = _qualified_prefix(spark, input_path)
-        plan = plan.withColumn(
-            "status",
-            F.when(
-                (F.col("status") == "gone") & F.col("path").startswith(prefix), F.lit("pruned")
-            ).otherwise(F.col("status")),
+    prefix = _qualified_prefix(spark, input_path) if prune else None
+
+    def make_plan(listing):
+        plan = listing.join(old, "path", "full_outer").select(
+            "path", "length", "modificationTime", "run", status.alias("status")
         )
-    plan = plan.cache()
-    try:
-        # One job for every count: (status, run, zero-byte) of the rows that change.
+        if prune:
+            plan = plan.withColumn(
+                "status",
+                F.when(
+                    (F.col("status") == "gone") & F.col("path").startswith(prefix),
+                    F.lit("pruned"),
+                ).otherwise(F.col("status")),
+            )
+        plan = plan.cache()
+        # One job for every count: (status, run, zero-byte) groups, and a path holding
+        # '%' (to tell how this filesystem spells paths).
         summary = (
-            plan.where(F.col("status").isin("new", "changed", "pruned"))
-            .groupBy("status", "run", (F.col("length") == 0).alias("empty"))
-            .count()
+            plan.groupBy("status", "run", (F.col("length") == 0).alias("empty"))
+            .agg(
+                F.count("*").alias("count"),
+                F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
+            )
             .collect()
         )
+        return plan, summary
+
+    plan, summary = make_plan(meta)
+    try:
+        n_scanned = sum(int(r["count"]) for r in summary if r["status"] not in ("gone", "pruned"))
+        pct = max((r["pct"] for r in summary if r["pct"]), default=None)
+        url_encoded = _paths_are_url_encoded(spark, pct)
+        empties = None
+        if n_listed > n_scanned:  # zero-byte files: the scan drops them, the index lists them
+            empties = _empty_file_rows(spark, images, listed_files, url_encoded, spec)
+            plan.unpersist()
+            plan, summary = make_plan(
+                meta.unionByName(
+                    empties.select(
+                        "path",
+                        F.lit(0).cast("long").alias("length"),
+                        F.lit(None).cast("timestamp").alias("modificationTime"),
+                    )
+                )
+            )
         planning.close()
+        summary = [r for r in summary if r["status"] in ("new", "changed", "pruned")]
         counts: Dict[str, int] = {}
         for r in summary:
             counts[r["status"]] = counts.get(r["status"], 0) + int(r["count"])

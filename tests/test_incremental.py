@@ -201,3 +201,22 @@ def test_a_run_killed_mid_write_then_rerun_gives_one_row_per_image(spark, tmp_pa
     assert report.new == 30 and report.images == 30
     assert not list(staging.glob("run=*"))
     one_row_each(features, {f"{f.parent.name}/{f.name}" for f in SAMPLE_FILES[:40]})
+
+
+def test_zero_byte_and_corrupt_files_become_error_rows_once(spark, tmp_path):
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(SAMPLE_FILES[:3], bucket)
+    (bucket / "Kiwi").mkdir(exist_ok=True)
+    (bucket / "Kiwi" / "empty.jpg").write_bytes(b"")
+    (bucket / "Kiwi" / "text.jpg").write_bytes(b"not a jpeg")
+    first = featurize_incremental(spark, str(bucket), str(features))
+    assert (first.new, first.images, first.errors) == (5, 5, 2)
+    rows = one_row_each(
+        features,
+        {f"{f.parent.name}/{f.name}" for f in SAMPLE_FILES[:3]}
+        | {"Kiwi/empty.jpg", "Kiwi/text.jpg"},
+    )
+    assert rows["Kiwi/empty.jpg"][1] == "empty file (0 bytes)" and rows["Kiwi/empty.jpg"][0] is None
+    assert rows["Kiwi/text.jpg"][1] and rows["Kiwi/text.jpg"][0] is None
+    again = featurize_incremental(spark, str(bucket), str(features))
+    assert again.run is None and again.listed == 5
