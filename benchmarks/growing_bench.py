@@ -380,9 +380,7 @@ def parent(args) -> int:
                 "listing": ["--local-sizes", args.local_sizes, "--s3-keys", str(args.s3_keys)],
             }[part]
             t = time.perf_counter()
-            res = run_worker(
-                script, [*common, *extra], RESULTS_DIR / "logs" / f"growing_{part}.log"
-            )
+            res = run_worker(script, [*common, *extra], LOG_DIR / f"{part}.log")
             res["wall_s"] = time.perf_counter() - t
             results["parts"][part] = res
             print(f"## {part}\n{json.dumps(res, indent=2)}", flush=True)
