@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -97,6 +98,7 @@ def test_adding_20_images_featurizes_exactly_20(spark, grown, sample_features):
     assert {r[0] for r in df.select("run").distinct().collect()} == runs
     table = FeaturesTable(spark, str(features))
     assert [r["run"] for r in table.records()] == sorted(runs)
+    assert len(pd.read_parquet(features, columns=["path"]).drop_duplicates()) == 50
     # And so does DuckDB, through the hive-style run folders.
     duckdb = pytest.importorskip("duckdb")
     glob = str(features / "run=*" / "*.parquet")
