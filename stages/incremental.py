@@ -210,6 +210,9 @@ class FeaturesTable:
             if pending:
                 log(f"featurize: finishing the commit of run {rec['run']} (a run died after it)")
                 self._finish(rec, log)
+        for name, _dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}"):
+            if name.startswith(".") and name.endswith(".tmp"):  # a record never renamed in
+                hadoopfs.delete(self.spark, f"{self.uri}/{RUNS_DIR}/{name}")
         for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{STAGING_DIR}"):
             run = name[len(RUN_PREFIX) :] if name.startswith(RUN_PREFIX) else None
             if is_dir and run not in committed:
