@@ -7,6 +7,9 @@
     fruits-pipeline emr up --bucket B [cluster options]       # prints the cluster id
     fruits-pipeline emr submit CLUSTER featurize s3://B/Test/ s3://B/Features/ [options]
     fruits-pipeline emr submit CLUSTER reduce s3://B/Features/ s3://B/Results/ --k 50
+    fruits-pipeline emr submit CLUSTER featurize s3://B/Test/ s3://B/Features/ --incremental
+    fruits-pipeline emr submit CLUSTER reduce s3://B/Features/ s3://B/Results/ --update
+    fruits-pipeline emr submit CLUSTER watch s3://B/Test/ s3://B/Features/ --available-now
     fruits-pipeline emr run s3://B/Test/ s3://B/Results/ [cluster and stage options]
     fruits-pipeline emr status CLUSTER | emr down CLUSTER | emr policy --bucket B
 
@@ -177,14 +180,31 @@ def _options(args, bucket: Optional[str] = None) -> spec.ClusterOptions:
 
 def _stage_adders() -> Dict[str, Callable[[argparse.ArgumentParser], None]]:
     # The stages' own option definitions: the EMR step accepts exactly what the stage does.
-    from stages.cli import _add_featurize_options, _add_reduce_options
+    from stages.cli import (
+        _add_featurize_options,
+        _add_incremental_options,
+        _add_reduce_options,
+        _add_update_options,
+    )
+    from stages.watch import add_watch_options
 
-    return {"featurize": _add_featurize_options, "reduce": _add_reduce_options}
+    def both(*adders):
+        def add(p: argparse.ArgumentParser) -> None:
+            for adder in adders:
+                adder(p)
+
+        return add
+
+    return {
+        "featurize": both(_add_featurize_options, _add_incremental_options),
+        "reduce": both(_add_reduce_options, _add_update_options),
+        "watch": both(_add_featurize_options, add_watch_options),
+    }
 
 
 def _add_stage_options(p: argparse.ArgumentParser, stage: str) -> None:
     _stage_adders()[stage](p)
-    if stage == "featurize":
+    if stage in ("featurize", "watch"):
         # On EMR the nodes have network: Keras' alpha-1.0 ImageNet weights are the real path.
         p.set_defaults(weights="imagenet")
         for action in p._actions:
@@ -201,7 +221,7 @@ def _stage_argv(args, stage: str) -> List[str]:
     probe = argparse.ArgumentParser(add_help=False)
     _stage_adders()[stage](probe)
     values = dict(vars(args))
-    if stage == "featurize" and values.get("weights") == "bundled":
+    if stage in ("featurize", "watch") and values.get("weights") == "bundled":
         values.update(_bundled_on_nodes(values.get("alpha")))
     argv: List[str] = []
     for action in probe._actions:
@@ -227,6 +247,38 @@ def _bundled_on_nodes(alpha: Optional[float]) -> Dict[str, Any]:
             f"--weights bundled is MobileNetV2 alpha {BUNDLED_ALPHA}, not {alpha}: drop --alpha"
         )
     return {"weights": f"{spec.NODE_WEIGHTS_DIR}/{BUNDLED_WEIGHTS.name}", "alpha": BUNDLED_ALPHA}
+
+
+def _check_growing_args(args, stage: str) -> None:
+    """The checks ``fruits-pipeline featurize/reduce/watch`` make before starting, made
+    before a step is added (a step that fails at once still costs a cluster's time)."""
+    if stage == "featurize":
+        if getattr(args, "prune", False) and not getattr(args, "incremental", False):
+            raise UsageError("--prune only works with --incremental")
+        if getattr(args, "incremental", False) and getattr(args, "overwrite", False):
+            raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
+    if stage == "reduce" and getattr(args, "update", False) and getattr(args, "overwrite", False):
+        raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
+    if stage == "watch":
+        from stages.watch import watch_options_from_args
+
+        if getattr(args, "overwrite", False):
+            raise UsageError("watch adds to FEATURES: drop --overwrite")
+        opts = watch_options_from_args(args)
+        if not opts.available_now and opts.stop_after is None:
+            raise UsageError(
+                "a watch step without --available-now or --stop-after never ends and holds "
+                "the cluster's step queue: give one of them"
+            )
+
+
+def _keeps_output(args, stage: str) -> bool:
+    """Whether the stage adds to an existing output (so it may, or must, exist)."""
+    return bool(
+        getattr(args, "incremental", False)
+        or (stage == "reduce" and getattr(args, "update", False))
+        or stage == "watch"
+    )
 
 
 # ------------------------------------------------------------------ commands
@@ -307,10 +359,13 @@ def _cmd_submit(args) -> int:
 
     region = _region(args)
     stage = args.stage
+    _check_growing_args(args, stage)
     stage_args = _stage_argv(args, stage)
     s3 = emr.client("s3", region)
-    guard.check_buckets(s3, [args.input, args.output])
-    emr.check_s3_paths(s3, [args.input], [args.output], args.overwrite)
+    extra = [args.results] if getattr(args, "results", None) else []
+    guard.check_buckets(s3, [args.input, args.output, *extra])
+    keeps = _keeps_output(args, stage)
+    emr.check_s3_paths(s3, [args.input], [] if keeps else [args.output], args.overwrite)
     emr_client = emr.client("emr", region)
     code = emr.cluster_code_uri(emr.cluster_info(emr_client, args.cluster))
     guard.check_buckets(s3, [code])
@@ -344,6 +399,8 @@ def _cmd_run(args) -> int:
     from cluster import emr
     from stages.cli import default_features_path
 
+    _check_growing_args(args, "featurize")
+    _check_growing_args(args, "reduce")
     bucket = _run_bucket(args)
     opts = _options(args, bucket=bucket)
     features = args.features or default_features_path(args.results)
@@ -352,7 +409,9 @@ def _cmd_run(args) -> int:
     # GDPR first: every bucket read or written, before anything is uploaded or created.
     regions = guard.check_buckets(s3, [args.input, features, args.results], extra=[bucket])
     _same_region(regions[bucket], opts, log)
-    emr.check_s3_paths(s3, [args.input], [features, args.results], args.overwrite)
+    outputs = [] if getattr(args, "incremental", False) else [features]
+    outputs += [] if getattr(args, "update", False) else [args.results]
+    emr.check_s3_paths(s3, [args.input], outputs, args.overwrite)
     featurize_argv = _stage_argv(args, "featurize")
     reduce_argv = _stage_argv(args, "reduce")
     code = _upload_code(args, opts, s3)
@@ -462,6 +521,11 @@ def register(sub) -> None:
             ("INPUT", "OUTPUT"),
         ),
         ("reduce", "features Parquet -> PCA results", ("FEATURES", "RESULTS")),
+        (
+            "watch",
+            "Structured Streaming over INPUT into FEATURES (needs --available-now or --stop-after)",
+            ("INPUT", "FEATURES"),
+        ),
     ):
         sp = ssub.add_parser(stage, help=helptext)
         _flags(sp)

@@ -68,7 +68,11 @@ NOTEBOOK_NAME = "fruits_pipeline.ipynb"
 DIST_NAME = "fruits-pipeline"
 BOOTSTRAP_NAME = "bootstrap-emr.sh"
 REQUIREMENTS_NAME = "requirements-emr.txt"
-STAGE_SCRIPTS: Dict[str, str] = {"featurize": "featurize.py", "reduce": "reduce.py"}
+STAGE_SCRIPTS: Dict[str, str] = {
+    "featurize": "featurize.py",
+    "reduce": "reduce.py",
+    "watch": "watch.py",
+}
 # Where the bootstrap copies the bundled weights, for steps given --weights bundled (the
 # installed package has them too, as stages/weights/*.h5 in site-packages).
 NODE_WEIGHTS_DIR = "/opt/fruits-pipeline/weights"
@@ -513,7 +517,7 @@ def stage_step(
 
     Parameters
     ----------
-    stage : {"featurize", "reduce"}
+    stage : {"featurize", "reduce", "watch"}
     input_uri, output_uri : str
         S3 URIs (``s3://``, ``s3a://``, ``s3n://``), passed through unchanged.
     code : str

@@ -131,6 +131,31 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_incremental_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a growing bucket")
+    g.add_argument(
+        "--incremental",
+        action="store_true",
+        help="featurize only the images not yet in OUTPUT (or whose size or time changed); "
+        "each run commits atomically as OUTPUT/run=ID/",
+    )
+    g.add_argument(
+        "--prune",
+        action="store_true",
+        help="with --incremental: also drop the rows of images no longer under INPUT",
+    )
+
+
+def _add_update_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a growing bucket")
+    g.add_argument(
+        "--update",
+        action="store_true",
+        help="merge the statistics of the rows added to FEATURES since RESULTS was fitted "
+        "into its saved ones, refit and re-project (k kept unless --k/--variance)",
+    )
+
+
 def _add_reduce_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reduce options")
     k = g.add_mutually_exclusive_group()
@@ -184,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="OUTPUT", help="features Parquet folder or URI")
     _add_featurize_options(p)
+    _add_incremental_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_featurize)
 
@@ -193,8 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("features", metavar="FEATURES")
     p.add_argument("results", metavar="RESULTS")
     _add_reduce_options(p)
+    _add_update_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing RESULTS")
     p.set_defaults(func=_cmd_reduce)
+
+    p = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="Structured Streaming: featurize images as they land (checkpointed, exactly once)",
+    )
+    p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
+    p.add_argument("output", metavar="FEATURES", help="features folder (one run per micro-batch)")
+    _add_featurize_options(p)
+    from stages.watch import add_watch_options
+
+    add_watch_options(p)
+    p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("run", parents=[common], help="featurize then reduce")
     p.add_argument("input", metavar="INPUT")
@@ -252,10 +292,32 @@ def _cmd_featurize(args) -> int:
     from stages.featurize import featurize
     from stages.outputs import check_disjoint
 
+    if args.prune and not args.incremental:
+        raise UsageError("--prune only works with --incremental")
+    if args.incremental and args.overwrite:
+        raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
     check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])  # before the JVM starts
     if args.engine:
         check_engine(args.engine)  # before the JVM starts
     spark = _session(args, "fruits-pipeline featurize")
+    if args.incremental:
+        from stages.incremental import featurize_incremental
+
+        inc = featurize_incremental(
+            spark,
+            args.input,
+            args.output,
+            weights=args.weights,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            partitions=args.partitions,
+            prune=args.prune,
+            log=_logger(args),
+            engine=args.engine,
+        )
+        if not args.quiet:
+            print(json.dumps(inc.to_dict()))
+        return 0
     report = featurize(
         spark,
         args.input,
@@ -286,8 +348,26 @@ def _cmd_reduce(args) -> int:
     from stages.outputs import check_disjoint
     from stages.reduce import reduce_features
 
+    if args.update and args.overwrite:
+        raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
     check_disjoint([("RESULTS", args.results, "FEATURES", args.features)])  # before the JVM
     spark = _session(args, "fruits-pipeline reduce")
+    if args.update:
+        from stages.update import update_reduce
+
+        summary = update_reduce(
+            spark,
+            args.features,
+            args.results,
+            k=args.k,
+            variance=args.variance,
+            check=args.check,
+            log=_logger(args),
+        )
+        if not args.quiet:
+            keys = ("rows", "error_rows", "k", "results", "update")
+            print(json.dumps({k: summary.get(k) for k in keys}))
+        return 0
     summary = reduce_features(
         spark,
         args.features,
@@ -353,6 +433,17 @@ def _cmd_run(args) -> int:
     )
     if not args.quiet:
         print(json.dumps({k: summary[k] for k in ("rows", "error_rows", "k", "results")}))
+    return 0
+
+
+def _cmd_watch(args) -> int:
+    from stages.watch import watch, watch_options_from_args
+
+    opts = watch_options_from_args(args)  # checked before the JVM starts
+    spark = _session(args, "fruits-pipeline watch")
+    report = watch(spark, args.input, args.output, opts, log=_logger(args))
+    if not args.quiet:
+        print(json.dumps(report))
     return 0
 
 

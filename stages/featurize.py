@@ -42,7 +42,9 @@ __all__ = [
     "METADATA_KEY",
     "FeaturizeReport",
     "featurize",
+    "featurize_frame",
     "featurize_partition",
+    "FeaturizedFrame",
     "label_from_path",
     "features_schema",
     "read_model_spec",
@@ -470,16 +472,133 @@ class _HadoopScan:
         return _empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
 
 
+@dataclass
+class FeaturizedFrame:
+    """The lazy features DataFrame of :func:`featurize_frame` and its counters.
+
+    Write ``df`` under :attr:`settings` (``_session_conf``: Arrow batches of one
+    model batch, so a batch of 12 MP photos stays small); the counters are filled
+    once it has been written (one action).  Call :meth:`release` after that.
+    """
+
+    df: Any
+    partitions: int
+    settings: Dict[str, str]
+    _broadcast: Any
+    _counts: Tuple[Any, Any]
+    _builds: Any
+    _pids: Any
+
+    @property
+    def images(self) -> int:
+        """Rows written (the scanned images)."""
+        return int(self._counts[0].value)
+
+    @property
+    def errors(self) -> int:
+        """Error rows written."""
+        return int(self._counts[1].value)
+
+    @property
+    def model_builds(self) -> int:
+        """Models built by the Python workers for this frame."""
+        return int(self._builds.value)
+
+    @property
+    def worker_pids(self) -> List[int]:
+        """Python workers that featurized rows."""
+        return sorted(self._pids.value)
+
+    def release(self) -> None:
+        """Drop the model's broadcast from the executors (if this frame made it)."""
+        if self._broadcast is not None:
+            self._broadcast.unpersist()
+
+
+def featurize_frame(
+    spark,
+    images,
+    spec: ModelSpec,
+    payload,
+    batch_size: int = 64,
+    url_encoded: bool = False,
+    partitions: Optional[int] = None,
+    broadcast=None,
+    to_paths=None,
+) -> FeaturizedFrame:
+    """Featurize a ``binaryFile`` DataFrame: the one code path of every stage-1 job.
+
+    ``featurize``, ``featurize --incremental`` and each micro-batch of ``watch``
+    call it: the model is broadcast once, each partition goes through
+    :func:`featurize_partition` in Arrow batches (same model cache, same error
+    rows, the decode and engine ``spec`` records).
+
+    Parameters
+    ----------
+    spark : SparkSession
+    images : DataFrame
+        With ``path`` and ``content`` (Spark's ``binaryFile`` columns); batch or
+        a micro-batch of a stream.
+    spec, payload
+        From :func:`stages.engine.prepare_model` (``spec`` as written to the
+        metadata: engine, decode options).
+    batch_size : int
+    url_encoded : bool
+        See :func:`label_from_path`.
+    partitions : int, optional
+        Coalesce to at most this many tasks (a micro-batch comes one file a task).
+    broadcast : Broadcast, optional
+        ``payload`` already broadcast (a stream reuses one for every batch);
+        :meth:`FeaturizedFrame.release` then leaves it alone.
+    to_paths : callable, optional
+        Maps a batch's scanned paths to the paths written (see :class:`_LocalScan`).
+
+    Returns
+    -------
+    FeaturizedFrame
+        ``df`` has the :func:`features_schema` columns; nothing has run yet.
+    """
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    sc = spark.sparkContext
+    bc = broadcast if broadcast is not None else sc.broadcast(payload)
+    # Workers cache the built model under the weights' hash: a second job with the
+    # same weights (a warm run) reuses it and never even reads the broadcast.
+    model_key = f"{spec.weights_sha256}:{spec.alpha}:{spec.engine}"
+    builds = sc.accumulator(0)
+    pids = sc.accumulator(set(), SetAccumulator())
+    counts = (sc.accumulator(0), sc.accumulator(0))
+    schema = features_schema(spec)
+    arrow_schema = to_arrow_schema(schema)
+    alpha_, engine_, draft = spec.alpha, spec.engine, spec.jpeg_draft
+    exif = spec.exif_orientation
+    source = images.select("path", "content")
+    if partitions is not None and source.rdd.getNumPartitions() > partitions:
+        source = source.coalesce(partitions)
+    n_tasks = source.rdd.getNumPartitions()
+
+    def run(batches):
+        return featurize_partition(
+            batches, bc, model_key, alpha_, batch_size, url_encoded, engine_, builds, pids,
+            counts, arrow_schema, draft, exif, to_paths,
+        )  # fmt: skip
+
+    # Arrow both ways: no Python object per row in, none per float out.
+    out = source.mapInArrow(run, schema)
+    # Rows reach the workers as Arrow batches of one model batch: a batch of 12 MP
+    # photos stays a few hundred MB.
+    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
+    owned = bc if broadcast is None else None
+    return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids)
+
+
 def _featurize_scan(
     spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
     exif_orientation, engine, jpeg_draft,
 ) -> FeaturizeReport:  # fmt: skip
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
-    from pyspark.sql.pandas.types import to_arrow_schema
-
     spec, payload = prepare_model(weights, alpha, engine, log)
     spec = replace(spec, exif_orientation=bool(exif_orientation), jpeg_draft=jpeg_draft)
-    url_encoded = scan.url_encoded
     sc = spark.sparkContext
     n_images = scan.n_images
     n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
@@ -489,78 +608,43 @@ def _featurize_scan(
         f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} "
         f"engine={spec.engine}{loops}"
     )
-
-    bc = sc.broadcast(payload)
-    # Workers cache the built model under the weights' hash: a second job with the
-    # same weights (a warm run) reuses it and never even reads the broadcast.
-    model_key = f"{spec.weights_sha256}:{spec.alpha}:{spec.engine}"
-    engine_ = spec.engine
-    schema = features_schema(spec)
-    arrow_schema = to_arrow_schema(schema)
-    builds = sc.accumulator(0)
-    pids = sc.accumulator(set(), SetAccumulator())
-    counts = (sc.accumulator(0), sc.accumulator(0))
-    alpha_ = spec.alpha
     to_paths, paths_bc = scan.rows(sc)
     open_cost, split = _packing(max(1, n_images), n_parts, scan.total_bytes, scan.largest)
-    with _session_conf(
-        spark,
-        {
-            "spark.sql.files.openCostInBytes": str(open_cost),
-            "spark.sql.files.maxPartitionBytes": str(split),
-            # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
-            # that cap above ours.
-            "spark.sql.files.minPartitionNum": "1",
-            # Rows reach the workers as Arrow batches of one model batch: a batch of
-            # 12 MP photos stays a few hundred MB.
-            "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size),
-        },
-    ):
+    packing = {
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(split),
+        # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
+        # that cap above ours.
+        "spark.sql.files.minPartitionNum": "1",
+    }
+    with _session_conf(spark, packing):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
-        images = scan.images.select("path", "content")
-        n_tasks = images.rdd.getNumPartitions()
-
-        def run(batches):
-            return featurize_partition(
-                batches,
-                bc,
-                model_key,
-                alpha_,
-                batch_size,
-                url_encoded,
-                engine_,
-                builds,
-                pids,
-                counts,
-                arrow_schema,
-                jpeg_draft,
-                exif_orientation,
-                to_paths,
-            )
-
-        # Arrow both ways: no Python object per row in, none per float out.
-        out = images.mapInArrow(run, schema)
+        frame = featurize_frame(
+            spark, scan.images, spec, payload, batch_size, scan.url_encoded, to_paths=to_paths
+        )
+        out = frame.df
         extra = scan.extra_rows(spark, spec)
         n_extra = 0
         if extra is not None:
             out = out.unionByName(extra)
             n_extra = extra.count()
-        out.write.mode("errorifexists").parquet(target)
-    bc.unpersist()
+        with _session_conf(spark, frame.settings):
+            out.write.mode("errorifexists").parquet(target)
+    frame.release()
     if paths_bc is not None:
         paths_bc.unpersist()
 
     return FeaturizeReport(
         input=input_path,
         output=output_path,
-        images=int(counts[0].value) + n_extra,
-        errors=int(counts[1].value) + n_extra,
-        partitions=n_tasks,
+        images=frame.images + n_extra,
+        errors=frame.errors + n_extra,
+        partitions=frame.partitions,
         seconds=0.0,
         model=spec.to_dict(),
-        model_builds=int(builds.value),
-        worker_pids=sorted(pids.value),
+        model_builds=frame.model_builds,
+        worker_pids=frame.worker_pids,
     )
 
 

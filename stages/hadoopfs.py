@@ -9,17 +9,21 @@ from __future__ import annotations
 from typing import List, Tuple
 
 __all__ = [
+    "bucket_missing",
     "delete",
     "java_message",
     "mkdirs",
-    "rename",
     "exists",
     "has_data",
+    "list_dir",
     "list_files",
     "parquet_footer",
     "read_bytes",
+    "read_text",
+    "rename",
     "write_bytes",
     "write_text",
+    "write_text_atomic",
 ]
 
 
@@ -74,16 +78,70 @@ def has_data(spark, uri: str) -> bool:
 
 
 def list_files(spark, uri: str, suffix: str = "") -> List[Tuple[str, int]]:
-    """``(uri, size)`` of the files under ``uri`` (recursive) whose name ends with ``suffix``."""
+    """``(uri, size)`` of the files under ``uri`` (recursive) whose name ends with ``suffix``.
+
+    Like Spark's and pyarrow's readers, skips every file or folder below ``uri``
+    whose name starts with ``_`` or ``.`` (``_SUCCESS``, a job's ``_temporary``,
+    an unfinished run's ``_staging``).
+    """
     fs, path = _fs_and_path(spark, uri)
+    root = fs.makeQualified(path).toString().rstrip("/") + "/"
     out = []
     it = fs.listFiles(path, True)
     while it.hasNext():
         st = it.next()
-        name = st.getPath().getName()
-        if name.endswith(suffix) and not name.startswith(("_", ".")):
-            out.append((st.getPath().toString(), int(st.getLen())))
+        full = st.getPath().toString()
+        rel = full[len(root) :] if full.startswith(root) else st.getPath().getName()
+        if full.endswith(suffix) and not any(p.startswith(("_", ".")) for p in rel.split("/")):
+            out.append((full, int(st.getLen())))
     return out
+
+
+def list_dir(spark, uri: str) -> List[Tuple[str, bool, int, int]]:
+    """``(name, is_dir, size, mtime_ms)`` of the entries directly in ``uri`` ([] if absent)."""
+    if not exists(spark, uri):
+        return []
+    fs, path = _fs_and_path(spark, uri)
+    return [
+        (
+            st.getPath().getName(),
+            bool(st.isDirectory()),
+            int(st.getLen()),
+            int(st.getModificationTime()),
+        )
+        for st in fs.listStatus(path)
+    ]
+
+
+def rename(spark, src: str, dst: str) -> bool:
+    """Rename ``src`` to ``dst`` (a folder: atomic on local disks and HDFS; on S3 a
+    copy then a delete per object).  The parent of ``dst`` is created if needed."""
+    fs, s = _fs_and_path(spark, src)
+    _, d = _fs_and_path(spark, dst)
+    parent = d.getParent()
+    if parent is not None and not fs.exists(parent):
+        fs.mkdirs(parent)
+    return bool(fs.rename(s, d))
+
+
+def write_text_atomic(spark, uri: str, text: str) -> None:
+    """Write a small file so that readers see all of it or none of it.
+
+    A hidden temporary file beside it is renamed into place (one object PUT on
+    S3, where a file only appears once closed).  Refuses to replace ``uri``.
+    """
+    fs, path = _fs_and_path(spark, uri)
+    tmp = path.getParent().toString() + "/." + path.getName() + ".tmp"
+    write_bytes(spark, tmp, text.encode("utf-8"))
+    _, tpath = _fs_and_path(spark, tmp)
+    if not fs.rename(tpath, path):
+        fs.delete(tpath, False)
+        raise OSError(f"could not rename {tmp} to {uri} (does it exist already?)")
+
+
+def read_text(spark, uri: str) -> str:
+    """Read a small UTF-8 text file."""
+    return read_bytes(spark, uri).decode("utf-8")
 
 
 def write_text(spark, uri: str, text: str) -> None:
@@ -138,14 +196,6 @@ def mkdirs(spark, uri: str) -> None:
     fs, path = _fs_and_path(spark, uri)
     if not fs.mkdirs(path):
         raise OSError(f"cannot create {uri}")
-
-
-def rename(spark, src: str, dst: str) -> None:
-    """Move ``src`` to ``dst`` (a rename on local and HDFS, a copy on object stores)."""
-    fs, path = _fs_and_path(spark, src)
-    _, target = _fs_and_path(spark, dst)
-    if not fs.rename(path, target):
-        raise OSError(f"cannot rename {src} to {dst}")
 
 
 def java_message(exc: BaseException) -> str:

@@ -133,8 +133,10 @@ def atomic_output(spark, output: str, overwrite: bool) -> Iterator[str]:
         old: Optional[str] = None
         if hadoopfs.exists(spark, output):
             old = _sibling(output, "old")
-            hadoopfs.rename(spark, output, old)
-        hadoopfs.rename(spark, temp, output)
+            if not hadoopfs.rename(spark, output, old):
+                raise OSError(f"cannot move the old {output} aside to {old}")
+        if not hadoopfs.rename(spark, temp, output):
+            raise OSError(f"cannot move the new output {temp} to {output}")
         done = True
         if old is not None:
             hadoopfs.delete(spark, old)

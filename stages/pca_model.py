@@ -1,8 +1,11 @@
 """The fitted PCA saved in ``RESULTS/pca_model/``, and how to use it on new photos.
 
 ``pca_model/arrays.npz`` holds ``mean``, ``std``, ``components`` (d x k),
-``eigenvalues`` and ``explained_variance_ratio``; ``pca_model/model.json`` holds the
-scalars and what made the features (model, alpha, weights source and SHA-256).
+``eigenvalues`` and ``explained_variance_ratio``, and ``m2``, the centred
+cross-product (d x d, float64) that with ``n_samples`` and ``mean`` is the fit's
+sufficient statistics (``reduce --update`` merges new rows into them);
+``pca_model/model.json`` holds the scalars, what made the features (model, alpha,
+weights source and SHA-256) and which feature files the statistics cover.
 
 >>> from stages.pca_model import PCAModel
 >>> model = PCAModel.load("demo-output/Results")              # doctest: +SKIP
@@ -16,11 +19,11 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
-from linalg.kernels import PCAFit, project
+from linalg.kernels import BlockMoments, PCAFit, project
 
 __all__ = ["PCAModel"]
 
@@ -37,10 +40,26 @@ class PCAModel:
     fit : PCAFit
     features_model : dict
         What made the features (``stages.model.ModelSpec`` as a dict), or empty.
+    m2 : ndarray of shape (n_features, n_features), optional
+        Centred cross-product of the rows fitted: with ``fit.n_samples`` and
+        ``fit.mean``, their exact moments.
+    statistics : dict
+        What those moments cover: ``files`` (the feature Parquet files, relative to
+        the features folder),
+        ``error_rows``, ``rows_total``, ``requested`` (``k`` / ``variance``).
     """
 
     fit: PCAFit
     features_model: Dict[str, Any] = field(default_factory=dict)
+    m2: Optional[np.ndarray] = None
+    statistics: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def moments(self) -> Optional[BlockMoments]:
+        """The saved sufficient statistics, if this model kept them."""
+        if self.m2 is None:
+            return None
+        return BlockMoments(self.fit.n_samples, self.fit.mean, self.m2)
 
     @property
     def n_components(self) -> int:
@@ -129,6 +148,7 @@ class PCAModel:
     def to_files(self) -> Dict[str, bytes]:
         """The two files of ``pca_model/``, by name."""
         buf = io.BytesIO()
+        extra = {} if self.m2 is None else {"m2": self.m2}
         np.savez(
             buf,
             mean=self.fit.mean,
@@ -136,6 +156,7 @@ class PCAModel:
             components=self.fit.components,
             eigenvalues=self.fit.eigenvalues,
             explained_variance_ratio=self.fit.explained_variance_ratio,
+            **extra,
         )
         meta = {
             "n_samples": self.fit.n_samples,
@@ -145,6 +166,8 @@ class PCAModel:
             "transform": "((x - mean) / std) @ components; columns with std == 0 map to 0",
             "features_model": self.features_model,
         }
+        if self.statistics:
+            meta["statistics"] = self.statistics
         return {ARRAYS: buf.getvalue(), META: json.dumps(meta, indent=2).encode()}
 
     @classmethod
@@ -160,7 +183,8 @@ class PCAModel:
                 eigenvalues=z["eigenvalues"],
                 explained_variance_ratio=z["explained_variance_ratio"],
             )
-        return cls(fit, m.get("features_model") or {})
+            m2 = z["m2"] if "m2" in z.files else None
+        return cls(fit, m.get("features_model") or {}, m2, m.get("statistics") or {})
 
     @classmethod
     def load(cls, results: str, spark=None) -> PCAModel:

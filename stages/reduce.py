@@ -43,6 +43,7 @@ from stages.featurize import METADATA_KEY, SetAccumulator
 from stages.model import model_identity
 from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
+from stages.update import feature_file_keys
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
 
@@ -135,8 +136,19 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
         return list(pool.map(one, files))
 
 
-def read_feature_matrix(spark, features: str):
+def read_feature_matrix(
+    spark,
+    features: str,
+    files: Optional[List[str]] = None,
+    persist: bool = True,
+    allow_empty: bool = False,
+):
     """Validate a features Parquet and open it as a KeyedRowMatrix.
+
+    ``files`` restricts the read to those Parquet files of ``features`` (the rows
+    a ``reduce --update`` adds); ``persist=False`` for a single pass (its
+    projection) keeps no copy of the batches.  With ``allow_empty``, features
+    without a usable row give ``(None, info, None)`` instead of an error.
 
     The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
     then disk) and each becomes one block of usable rows in the Python workers,
@@ -159,15 +171,22 @@ def read_feature_matrix(spark, features: str):
             f"features {features} do not exist: "
             f"run `fruits-pipeline featurize INPUT {features}` first"
         )
-    files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-    if not files:
-        raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
-    if not hadoopfs.exists(spark, features.rstrip("/") + "/_SUCCESS"):
-        raise UsageError(
-            f"features {features} have no _SUCCESS marker: the run that wrote them did not "
-            "finish (or another tool wrote them); featurize again"
-        )
-    df = spark.read.parquet(features)
+    if files is None:
+        files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
+        if not files:
+            raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
+        base = features.rstrip("/")
+        # Committed: Spark's _SUCCESS (featurize), or run records (featurize --incremental).
+        if not hadoopfs.exists(spark, base + "/_SUCCESS") and not hadoopfs.list_dir(
+            spark, base + "/_runs"
+        ):
+            raise UsageError(
+                f"features {features} have no _SUCCESS marker: the run that wrote them did "
+                "not finish (or another tool wrote them); featurize again"
+            )
+        df = spark.read.parquet(features)
+    else:
+        df = spark.read.parquet(*files)
     _check_features_schema(df, features)
     models = _models_of(spark, files)
     distinct = {model_identity(m): m for m in models}
@@ -191,6 +210,8 @@ def read_feature_matrix(spark, features: str):
     # Footers give the row count for free; one row gives the vector length.
     total = df.count()
     first = df.where(F.col("features").isNotNull()).select(F.size("features")).first()
+    if first is None and allow_empty:
+        return None, {"rows_total": total, "features_model": spec or {}}, None
     if first is None:
         raise UsageError(
             f"features {features} have 0 usable rows ({total} error rows): "
@@ -198,7 +219,7 @@ def read_feature_matrix(spark, features: str):
         )
     d = int(first[0])
     raw, schema, handle = to_arrow_batches(
-        df.select("path", "label", "features", "error"), persist=True
+        df.select("path", "label", "features", "error"), persist=persist
     )
     lengths = spark.sparkContext.accumulator(set(), SetAccumulator())
     blocks = raw.mapPartitionsWithIndex(
@@ -209,6 +230,7 @@ def read_feature_matrix(spark, features: str):
         "n_features": d,
         "features_model": spec or {},
         "files": len(files),
+        "file_uris": files,
         "lengths": lengths,
     }
     return KeyedRowMatrix(blocks, n_cols=d), info, handle
@@ -322,7 +344,17 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
 
         with matrix.project(fit.projection_matrix(), fit.mean) as projected:
             _write_projections(spark, projected, target.rstrip("/") + "/projections")
-        model = PCAModel(fit, info["features_model"])
+        model = PCAModel(
+            fit,
+            info["features_model"],
+            m2=moments.m2,
+            statistics={
+                "files": sorted(feature_file_keys(spark, features, info["file_uris"])),
+                "rows_total": info["rows_total"],
+                "error_rows": info["error_rows"],
+                "requested": {"k": k, "variance": variance},
+            },
+        )
         model.save(spark, target)
         t_write = time.perf_counter()
     finally:

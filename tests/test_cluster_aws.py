@@ -193,6 +193,7 @@ def test_emr_up_creates_the_cluster_in_paris(eu_bucket, s3, emr_eu, capsys):
         wheel,
         "reduce.py",
         "requirements-emr.txt",
+        "watch.py",
     ]
     # the bootstrap installs that wheel
     assert action["Args"] == [code + wheel]
@@ -361,6 +362,51 @@ def test_submit_reduce_passes_k_and_overwrite(cluster_id, s3, emr_eu, capsys):
         "50",
         "--overwrite",
     ]
+
+
+def test_submit_incremental_featurize_adds_to_an_existing_features(cluster_id, s3, emr_eu):
+    s3.put_object(Bucket=BUCKET, Key="Features/run=1/part-0.parquet", Body=b"PAR1")
+    argv = [
+        "emr", "submit", cluster_id, "featurize", "s3://fruits-eu/Test/", "s3://fruits-eu/Features/",
+        "--incremental", "--prune", "--no-wait", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
+    args = listed["Config"]["Args"]
+    assert args[5].endswith("/featurize.py")
+    assert args[6:] == [
+        "s3://fruits-eu/Test/", "s3://fruits-eu/Features/", "--weights", "imagenet",
+        "--batch-size", "64", "--incremental", "--prune",
+    ]  # fmt: skip
+
+
+def test_submit_reduce_update_may_find_its_results(cluster_id, s3, emr_eu, capsys):
+    s3.put_object(Bucket=BUCKET, Key="Features/run=1/part-0.parquet", Body=b"PAR1")
+    s3.put_object(Bucket=BUCKET, Key="Results/pca_model/model.json", Body=b"{}")
+    argv = [
+        "emr", "submit", cluster_id, "reduce", "s3://fruits-eu/Features/", "s3://fruits-eu/Results/",
+        "--update", "--no-wait", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
+    assert listed["Config"]["Args"][6:] == [
+        "s3://fruits-eu/Features/", "s3://fruits-eu/Results/", "--update",
+    ]  # fmt: skip
+
+
+def test_submit_watch_available_now_is_a_step(cluster_id, s3, emr_eu, capsys):
+    base = ["emr", "submit", cluster_id, "watch", "s3://fruits-eu/Test/", "s3://fruits-eu/F/"]
+    assert main([*base, "--trigger", "30s", "--quiet"]) == 2
+    _one_line_error(capsys, "never ends")
+    argv = [*base, "--available-now", "--results", "s3://fruits-eu/Results/", "--no-wait"]
+    assert main([*argv, "--quiet"]) == 0
+    (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
+    args = listed["Config"]["Args"]
+    assert args[5].endswith("/watch.py")
+    assert args[6:] == [
+        "s3://fruits-eu/Test/", "s3://fruits-eu/F/", "--weights", "imagenet",
+        "--batch-size", "64", "--available-now", "--results", "s3://fruits-eu/Results/",
+    ]  # fmt: skip
 
 
 def test_submit_bundled_weights_use_the_copy_on_the_nodes(cluster_id, emr_eu, capsys):

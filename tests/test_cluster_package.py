@@ -187,6 +187,7 @@ def test_bundle_files_and_version():
         bundle.wheel,
         "featurize.py",
         "reduce.py",
+        "watch.py",
         "bootstrap-emr.sh",
         "requirements-emr.txt",
     }
@@ -195,6 +196,7 @@ def test_bundle_files_and_version():
     assert bundle.uri("fruits-eu") == f"s3://fruits-eu/code/{bundle.version}/"
     assert bundle.files["featurize.py"] == (ROOT / "stages" / "featurize.py").read_bytes()
     assert b"stages.cli" in bundle.files["reduce.py"]
+    assert b"stages.cli" in bundle.files["watch.py"]
     reqs = bundle.files["requirements-emr.txt"].decode().splitlines()
     assert reqs == [f"{n}=={v}" for n, v in package.bootstrap_pins().items()]
 

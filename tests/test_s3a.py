@@ -297,3 +297,27 @@ def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
     table = _read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
     assert table.num_rows == 10 and table.column("error").null_count == 10
     assert set(table.column("label").to_pylist()) == {"Kiwi"}
+
+
+def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sample_bucket):
+    from stages.incremental import featurize_incremental
+    from stages.reduce import reduce_features
+    from stages.update import update_reduce
+
+    features, results = f"s3a://{BUCKET}/Growing/", f"s3a://{BUCKET}/GrowingResults/"
+    first = featurize_incremental(s3a_spark, f"{IMAGES}Kiwi/", features)
+    reduce_features(s3a_spark, features, results, k=3)
+    # A Hadoop glob as INPUT: yesterday's prefix plus today's.
+    second = featurize_incremental(s3a_spark, f"{IMAGES}{{Kiwi,Lemon}}/", features)
+    assert (first.images, second.new, second.images) == (10, 10, 10)
+    keys = list_keys(moto_s3_client, "Growing/")
+    assert not [k for k in keys if "_staging" in k or "_temporary" in k]
+    assert sorted(k for k in keys if k.startswith("Growing/_runs/")) == sorted(
+        f"Growing/_runs/{r}.json" for r in (first.run, second.run)
+    )
+    table = _read_parquet_from_bucket(moto_s3_client, "Growing/run=")
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 20
+    summary = update_reduce(s3a_spark, features, results)
+    assert summary["update"]["mode"] == "merge" and summary["rows"] == 20
+    assert not [k for k in list_keys(moto_s3_client, "GrowingResults/") if "_update" in k]

@@ -1,0 +1,337 @@
+"""``reduce --update``: merge the rows added since a PCA was fitted into its saved moments.
+
+A full ``reduce`` saves its sufficient statistics in ``pca_model/`` (count,
+mean, centred cross-product ``M2`` in float64) and the names of the feature files
+they cover.  An update reads only the files added since for the statistics pass,
+merges (Chan–Golub–LeVeque: exact up to rounding, the same merge the full pass
+does between partitions), refits (``k`` kept, or ``--k`` / ``--variance`` given
+again) and re-projects every row.  When a covered file is gone (rows replaced or
+pruned by ``featurize --incremental --prune``), subtracting moments would cancel
+catastrophically, so the update says so and makes a full pass instead.
+
+The new ``RESULTS`` is written to ``RESULTS/_update/`` and swapped in once
+complete (``_update/_READY``); an update that dies before leaves ``RESULTS`` as
+it was, one that dies during the swap is finished by the next update.
+
+:func:`project_run` projects one committed run of the features table with a
+saved model (``watch --results``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from stages import hadoopfs
+from stages.errors import UsageError
+
+__all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
+
+_PARTS = ("projections", "pca_model", "index", "summary.json")
+
+
+def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) -> Dict[str, str]:
+    """``{path relative to features: uri}`` of its Parquet files (what a model covers).
+
+    Spark names every file it writes with a per-job UUID and a run's files never
+    change once committed, so a relative path names the same rows for good.
+    """
+    if uris is None:
+        uris = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
+    fs, path = hadoopfs._fs_and_path(spark, features)
+    root = fs.makeQualified(path).toString().rstrip("/") + "/"
+    return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
+
+
+def _swap_in(spark, results: str, tmp: str, log: Callable[[str], None]) -> None:
+    for part in _PARTS:
+        src, dst = f"{tmp}/{part}", f"{results}/{part}"
+        if hadoopfs.exists(spark, src):
+            hadoopfs.delete(spark, dst)
+            if not hadoopfs.rename(spark, src, dst):
+                raise OSError(f"could not rename {src} to {dst}")
+    hadoopfs.delete(spark, tmp)
+
+
+def update_reduce(
+    spark,
+    features: str,
+    results: str,
+    k: Optional[int] = None,
+    variance: Optional[float] = None,
+    check: Optional[str] = None,
+    log=None,
+) -> Dict[str, Any]:
+    """Update ``results`` with the feature rows added since its model was fitted.
+
+    Parameters
+    ----------
+    spark : SparkSession
+    features, results : str
+    k, variance : optional
+        A new choice of components; default: the one the model was fitted with.
+    check : {"spark-ml"}, optional
+    log : callable, optional
+
+    Returns
+    -------
+    dict
+        The new summary (also ``RESULTS/summary.json``), with ``update``: ``mode``
+        (``merge``, ``full`` or ``none``), the new and gone files, the reason.
+
+    Raises
+    ------
+    UsageError
+        No saved model or statistics, bad arguments, features of another model.
+    """
+    from linalg.kernels import fit_pca_from_moments, merge_moments
+    from stages.model import model_identity
+    from stages.pca_model import PCAModel
+    from stages.reduce import _write_projections, read_feature_matrix, reduce_features
+
+    log = log or (lambda msg: None)
+    if k is not None and variance is not None:
+        raise UsageError("give --k or --variance, not both")
+    if k is not None and k < 1:
+        raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
+    if variance is not None and not 0.0 < variance <= 1.0:
+        raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
+    results = results.rstrip("/")
+    tmp = f"{results}/_update"
+    if hadoopfs.exists(spark, f"{tmp}/_READY"):
+        log("reduce --update: finishing the swap of an update that died during it")
+        _swap_in(spark, results, tmp, log)
+    if not hadoopfs.has_data(spark, results):
+        log(f"reduce --update: {results} does not exist yet: a full reduce creates it")
+        summary = reduce_features(
+            spark, features, results, k=k, variance=variance, check=check, log=log
+        )
+        summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
+        return summary
+    if not hadoopfs.exists(spark, f"{results}/pca_model"):
+        raise UsageError(
+            f"{results} holds no pca_model: run `fruits-pipeline reduce {features} {results}` first"
+        )
+    if not hadoopfs.exists(spark, features):
+        raise UsageError(f"features {features} do not exist")
+    model = PCAModel.load(results, spark)
+    if model.moments is None or "files" not in model.statistics:
+        raise UsageError(
+            f"the model in {results} kept no statistics (made by an older version): "
+            "run `fruits-pipeline reduce --overwrite` once"
+        )
+    covered = set(model.statistics["files"])
+    if hadoopfs.exists(spark, features.rstrip("/") + "/_runs"):
+        from stages.incremental import RUN_PREFIX, FeaturesTable
+
+        table = FeaturesTable(spark, features)
+        table.recover(log)
+        # A plain featurize's files moved, unchanged, into the first run: same rows.
+        for rec in table.records():
+            if rec.get("kind") == "migrate":
+                for name in rec["files"]:
+                    if name in covered:
+                        covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
+    stats = model.statistics
+    requested = (
+        stats.get("requested") or {"k": model.n_components, "variance": None}
+        if k is None and variance is None
+        else {"k": k, "variance": variance}
+    )
+    uris = feature_file_keys(spark, features)
+    gone = sorted(covered - set(uris))
+    new = sorted(set(uris) - covered)
+    if hadoopfs.exists(spark, tmp):
+        hadoopfs.delete(spark, tmp)  # an update that died before it was complete
+    t0 = time.perf_counter()
+    info_update: Dict[str, Any] = {"new_files": len(new), "gone_files": len(gone)}
+
+    if gone:
+        reason = (
+            f"{len(gone)} feature files the model covered are gone (rows replaced or pruned): "
+            "subtracting their moments is not exact, so this is a full pass"
+        )
+        log(f"reduce --update: {reason}")
+        summary = reduce_features(spark, features, tmp, check=check, log=log, **requested)
+        info_update.update({"mode": "full", "reason": reason})
+    elif not new and requested == stats.get("requested"):
+        log(
+            "reduce --update: no feature file added since the model was fitted: "
+            f"{results} is current"
+        )
+        summary = json.loads(hadoopfs.read_text(spark, f"{results}/summary.json"))
+        info_update.update({"mode": "none", "seconds": time.perf_counter() - t0})
+        summary["update"] = info_update
+        return summary
+    else:
+        new_uris = [uris[n] for n in new]
+        d = model.fit.n_features
+        added = None
+        new_rows = new_errors = 0
+        if new_uris:
+            matrix, info, handle = read_feature_matrix(
+                spark, features, files=new_uris, persist=False, allow_empty=True
+            )
+            if model_identity(info["features_model"]) != model_identity(model.features_model):
+                raise UsageError(
+                    f"the rows added to {features} were made by another model than "
+                    f"the one in {results}: featurize them with the same --weights"
+                )
+            new_rows = int(info["rows_total"])
+            if matrix is not None:
+                try:
+                    added = matrix.compute_moments(d)
+                    lengths = sorted(info["lengths"].value | {info["n_features"]})
+                finally:
+                    handle.unpersist(False)
+                if lengths != [d]:
+                    raise UsageError(
+                        f"the rows added to {features} have vectors of lengths "
+                        f"{', '.join(map(str, lengths))}, the model {d}: featurize them again"
+                    )
+            new_errors = new_rows - (added.n if added is not None else 0)
+        merged = model.moments if added is None else merge_moments(model.moments, added)
+        t_stats = time.perf_counter()
+        log(
+            f"reduce --update: {len(new)} new feature files, {new_rows} rows "
+            f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
+        )
+        fit = fit_pca_from_moments(merged, **requested)
+        t_fit = time.perf_counter()
+        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
+        try:
+            with matrix.project(fit.projection_matrix(), fit.mean) as projected:
+                _write_projections(spark, projected, f"{tmp}/projections")
+        finally:
+            handle.unpersist(False)
+        error_rows = int(stats.get("error_rows", 0)) + new_errors
+        new_model = PCAModel(
+            fit,
+            model.features_model,
+            m2=merged.m2,
+            statistics={
+                "files": sorted(uris),
+                "rows_total": merged.n + error_rows,
+                "error_rows": error_rows,
+                "requested": requested,
+            },
+        )
+        new_model.save(spark, tmp)
+        t_write = time.perf_counter()
+        cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
+        log(f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance")
+        summary = {
+            "features": features,
+            "results": results,
+            "rows": merged.n,
+            "error_rows": error_rows,
+            "n_features": d,
+            "k": fit.n_components,
+            "requested": requested,
+            "cumulative_explained_variance": cum,
+            "explained_variance_ratio": fit.explained_variance_ratio[: fit.n_components].tolist(),
+            "features_model": model.features_model,
+            "timings_s": {
+                "read_and_statistics": t_stats - t0,
+                "eigh": t_fit - t_stats,
+                "project_and_write": t_write - t_fit,
+                "reduce_total": t_write - t0,
+            },
+        }
+        if check == "spark-ml":
+            from stages.reduce import spark_ml_check
+
+            summary["spark_ml_check"] = spark_ml_check(spark, features, tmp, new_model)
+        info_update["mode"] = "merge"
+    info_update["seconds"] = time.perf_counter() - t0
+    summary["results"] = results
+    summary["update"] = info_update
+    if "index" not in summary and hadoopfs.exists(spark, f"{tmp}/projections"):
+        # The search index follows the new PCA (an old one would be refused as stale).
+        # Its thumbnails are read again from every image: the one part of an update
+        # whose cost grows with the bucket, not with what is new.
+        from stages.search import build_index
+
+        summary["index"] = build_index(spark, tmp, log=log)
+    hadoopfs.write_text(spark, f"{tmp}/summary.json", json.dumps(summary, indent=2))
+    hadoopfs.write_text(spark, f"{tmp}/_READY", "")
+    _swap_in(spark, results, tmp, log)
+    log(
+        f"reduce --update: wrote {results} in {info_update['seconds']:.1f} s "
+        f"({info_update['mode']})"
+    )
+    return summary
+
+
+def project_run(spark, table, run: str, model, results: str) -> int:
+    """Project the usable rows of one committed run into
+    ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place)."""
+    from pyspark.sql import functions as F
+
+    from stages.reduce import PROJECTIONS_SCHEMA
+
+    results = results.rstrip("/")
+    final = f"{results}/projections/watch-{run}.parquet"
+    if hadoopfs.exists(spark, final):
+        return 0
+    W = model.fit.projection_matrix()
+    mean = model.fit.mean
+    d = model.fit.n_features
+
+    def project_batches(batches):
+        import pyarrow as pa
+
+        from linalg.kernels import project
+
+        for b in batches:
+            n = b.num_rows
+            X = b.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, d)
+            P = project(X, W, mean)
+            k = P.shape[1]
+            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+            yield pa.RecordBatch.from_arrays(
+                [
+                    b.column("path"),
+                    b.column("label"),
+                    pa.ListArray.from_arrays(offsets, pa.array(P.reshape(-1))),
+                ],
+                names=["path", "label", "pca"],
+            )
+
+    rows = (
+        spark.read.parquet(table.run_uri(run))
+        .where(F.col("error").isNull() & F.col("features").isNotNull())
+        .select("path", "label", "features")
+    )
+    staging = f"{results}/_staging/watch-{run}"
+    rows.mapInArrow(project_batches, PROJECTIONS_SCHEMA).coalesce(1).write.mode(
+        "overwrite"
+    ).parquet(staging)
+    parts = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
+    if not parts:  # a run of error rows only: nothing to project
+        hadoopfs.delete(spark, staging)
+        return 0
+    (part,) = parts
+    if not hadoopfs.rename(spark, part, final):
+        raise OSError(f"could not rename {part} to {final}")
+    hadoopfs.delete(spark, staging)
+    return int(spark.read.parquet(final).count())
+
+
+def project_pending(spark, table, model, results: str, log: Callable[[str], None]) -> int:
+    """Project the live runs the model neither covers nor has projected yet (a watch
+    that died between a run's commit and its projection)."""
+    covered = set(model.statistics.get("files", []))
+    done = 0
+    for run in table.live_runs():
+        uris = [u for u, _ in hadoopfs.list_files(spark, table.run_uri(run), ".parquet")]
+        names = set(feature_file_keys(spark, table.uri, uris))
+        if names and not names <= covered:
+            n = project_run(spark, table, run, model, results)
+            if n:
+                log(f"watch: run {run}: {n} rows projected (left over by a previous watch)")
+                done += n
+    return done

@@ -1,0 +1,360 @@
+"""``fruits-pipeline watch``: featurize images as they land, with Structured Streaming.
+
+Spark's ``binaryFile`` streaming source lists INPUT at every trigger and hands
+each micro-batch (the files not seen before, tracked in the checkpoint) to
+``foreachBatch``, which runs the featurize code path
+(:func:`stages.featurize.featurize_frame`: same broadcast weights, same model
+cache, same error rows) and commits the rows as one run of the features table
+(:mod:`stages.incremental`).  Exactly once across restarts:
+
+* Spark writes a batch's file list to the checkpoint before running it and
+  replays the same batch (same id, same files) after a crash;
+* each committed run's record names the query and the batch, so a replayed
+  batch that had already committed is skipped, and one that had not finds its
+  aborted staging folder deleted and runs again;
+* paths already in the table (from ``featurize --incremental``) are skipped.
+
+``--available-now`` processes what is there and stops (a cron job or an EMR
+step); ``--trigger 10s`` keeps going.  With ``--results``, each committed run is
+also projected with the saved PCA model into
+``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+if __name__ == "__main__" and not __package__:  # spark-submit stages/watch.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from stages.errors import UsageError
+
+__all__ = ["WatchOptions", "add_watch_options", "watch", "watch_options_from_args"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds?|m|min|minutes?|h|hours?)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``10s``, ``500ms``, ``2min``, ``1h`` or ``30 seconds``."""
+    m = _DURATION.match(text)
+    if not m:
+        raise UsageError(f"--trigger {text!r} is not a duration: use e.g. 10s, 500ms, 2min")
+    unit = m.group(2)
+    unit = unit.rstrip("s") if unit.startswith(("second", "minute", "hour")) else unit
+    scale = {"second": 1, "minute": 60, "hour": 3600}.get(unit, _UNIT_SECONDS.get(unit, 1))
+    seconds = float(m.group(1)) * scale
+    if seconds <= 0:
+        raise UsageError(f"--trigger {text!r} must be more than 0")
+    return seconds
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """The options of a ``watch`` query (checked before the JVM starts)."""
+
+    weights: str = "bundled"
+    alpha: Optional[float] = None
+    batch_size: Optional[int] = None  # the engine's default
+    partitions: Optional[int] = None
+    engine: Optional[str] = None  # stages.engine.default_engine()
+    trigger_seconds: Optional[float] = 10.0
+    available_now: bool = False
+    checkpoint: Optional[str] = None
+    results: Optional[str] = None
+    max_files_per_trigger: Optional[int] = None
+    stop_after: Optional[float] = None
+
+
+def add_watch_options(p: argparse.ArgumentParser) -> None:
+    """The ``watch`` options (also used by ``emr submit ... watch``)."""
+    g = p.add_argument_group("watch options")
+    when = g.add_mutually_exclusive_group()
+    when.add_argument(
+        "--trigger",
+        default=None,
+        metavar="DURATION",
+        help="a micro-batch every DURATION (e.g. 10s, 2min; default 10s); runs until stopped",
+    )
+    when.add_argument(
+        "--available-now",
+        action="store_true",
+        help="process every image not yet processed, then stop (cron / EMR step)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        help="Structured Streaming checkpoint (default FEATURES/_watch_checkpoint)",
+    )
+    g.add_argument(
+        "--results",
+        default=None,
+        help="also project each new image with the PCA model saved in this RESULTS",
+    )
+    g.add_argument(
+        "--max-files-per-trigger",
+        type=int,
+        default=None,
+        help="at most this many new images per micro-batch",
+    )
+    g.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the query after this many seconds (default: run until killed)",
+    )
+
+
+def watch_options_from_args(args) -> WatchOptions:
+    """:class:`WatchOptions` from parsed arguments; bad values raise :class:`UsageError`."""
+    if args.max_files_per_trigger is not None and args.max_files_per_trigger < 1:
+        raise UsageError(f"--max-files-per-trigger {args.max_files_per_trigger} must be >= 1")
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise UsageError(f"--stop-after {args.stop_after} must be more than 0 seconds")
+    return WatchOptions(
+        weights=args.weights,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        partitions=args.partitions,
+        engine=getattr(args, "engine", None),
+        trigger_seconds=None if args.available_now else parse_duration(args.trigger or "10s"),
+        available_now=bool(args.available_now),
+        checkpoint=args.checkpoint,
+        results=args.results,
+        max_files_per_trigger=args.max_files_per_trigger,
+        stop_after=args.stop_after,
+    )
+
+
+class _Sink:
+    """The ``foreachBatch`` function: one committed run per non-empty micro-batch."""
+
+    def __init__(self, spark, input_path, table, spec, weights, opts: WatchOptions, model, log):
+        self.spark = spark
+        self.input = input_path
+        self.table = table
+        self.spec = spec
+        self.opts = opts
+        self.model = model
+        self.log = log
+        self.bc = spark.sparkContext.broadcast(weights)
+        self.weights = weights
+        self.query_id: Optional[str] = None
+        self.started = threading.Event()
+        self.done: set = set()
+        self.committed: set = set()
+        self.known = None  # DataFrame of the paths in the table at start (cached)
+        self.totals = {"batches": 0, "images": 0, "errors": 0, "runs": [], "skipped_batches": 0}
+
+    def __call__(self, batch_df, batch_id: int) -> None:
+        from pyspark.sql import functions as F
+
+        from stages.featurize import (
+            _paths_are_url_encoded,
+            _session_conf,
+            choose_partitions,
+            featurize_frame,
+        )
+        from stages.incremental import _now_iso, incremental_schema, new_run_id
+
+        self.started.wait()  # the query id is known once start() has returned
+        t0 = time.time()
+        if batch_id in self.done:
+            self.totals["skipped_batches"] += 1
+            self.log(f"watch: batch {batch_id} was committed before a restart: skipped")
+            return
+        table = self.table
+        spark = self.spark
+        meta = batch_df.select("path", "length", "modificationTime").collect()
+        paths = spark.createDataFrame([(r[0],) for r in meta], "path string")
+        # Paths the table held when the query started (read once), plus the ones this
+        # query committed since: one writer at a time, so nothing else adds any.
+        known = {r[0] for r in self.known.join(F.broadcast(paths), "path", "left_semi").collect()}
+        todo_rows = [r for r in meta if r[0] not in known and r[0] not in self.committed]
+        self.totals["batches"] += 1
+        if not todo_rows:
+            self.log(f"watch: batch {batch_id}: 0 new images")
+            return
+        run = new_run_id()
+        started = _now_iso()
+        todo = spark.createDataFrame(
+            todo_rows, "path string, length long, modificationTime timestamp"
+        )
+        pct = next((r[0] for r in todo_rows if "%" in r[0]), None)
+        n = len(todo_rows)
+        n_parts = choose_partitions(n, spark.sparkContext.defaultParallelism, self.opts.partitions)
+        source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
+        frame = featurize_frame(
+            spark,
+            source,
+            self.spec,
+            self.weights,
+            self.opts.batch_size,
+            _paths_are_url_encoded(spark, pct),
+            partitions=n_parts,
+            broadcast=self.bc,
+        )
+        schema = incremental_schema(self.spec)
+        out = frame.df.join(F.broadcast(todo), "path").select(
+            *[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema]
+        )
+        with _session_conf(spark, frame.settings):
+            out.write.mode("errorifexists").parquet(table.staging_uri(run))
+        record = {
+            "run": run,
+            "kind": "watch",
+            "input": self.input,
+            "query": self.query_id,
+            "batch": int(batch_id),
+            "started": started,
+            "committed": _now_iso(),
+            "rows": frame.images,
+            "new": frame.images,
+            "errors": frame.errors,
+            "model": self.spec.to_dict(),
+            "removes": [],
+        }
+        table.commit(record, self.log)
+        self.done.add(batch_id)
+        self.committed.update(r[0] for r in todo_rows)
+        t1 = time.time()
+        oldest = min(r[2].timestamp() for r in todo_rows if r[2] is not None)
+        self.totals["images"] += frame.images
+        self.totals["errors"] += frame.errors
+        self.totals["runs"].append(run)
+        projected = ""
+        if self.model is not None:
+            from stages.update import project_run
+
+            rows = project_run(spark, table, run, self.model, self.opts.results)
+            projected = f", {rows} projected"
+        self.log(
+            f"watch: batch {batch_id}: {frame.images} new images ({frame.errors} errors) "
+            f"in run {run}, {frame.images / max(t1 - t0, 1e-9):.1f} img/s, "
+            f"lag {t1 - oldest:.1f} s from the oldest file landing{projected}"
+        )
+
+
+def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -> Dict[str, Any]:
+    """Run the streaming query until it stops (``available_now``, ``stop_after``, Ctrl-C).
+
+    Parameters
+    ----------
+    spark : SparkSession
+    input_path : str
+        Folder or URI of ``<Class>/<image>.jpg`` files, watched for new ones.
+    features : str
+        The features table (:mod:`stages.incremental` layout).
+    opts : WatchOptions
+    log : callable, optional
+        One line per micro-batch.
+
+    Returns
+    -------
+    dict
+        Batches, images, errors, the runs committed.
+
+    Raises
+    ------
+    UsageError
+        Missing input, features or PCA model of another model.
+    """
+    from stages import hadoopfs
+    from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
+    from stages.featurize import IMAGE_GLOB
+    from stages.incremental import FeaturesTable, check_same_model
+    from stages.model import model_identity
+
+    log = log or (lambda msg: None)
+    if not hadoopfs.exists(spark, input_path):
+        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
+    if hadoopfs.bucket_missing(spark, features):
+        raise UsageError(f"the bucket of output {features} does not exist: create it first")
+    engine = opts.engine or default_engine()
+    if opts.batch_size is None:
+        opts = dataclasses.replace(opts, batch_size=DEFAULT_BATCH.get(engine, 64))
+    spec, weights = prepare_model(opts.weights, opts.alpha, engine, log)
+    table = FeaturesTable(spark, features)
+    if hadoopfs.has_data(spark, features):
+        table.recover(log)
+        if table.records() or table.flat_files():
+            check_same_model(table.model(), spec, f"features {features}")
+        if table.flat_files():
+            table.migrate_flat(log)
+    model = None
+    if opts.results:
+        from stages.pca_model import PCAModel
+
+        if not hadoopfs.exists(spark, opts.results.rstrip("/") + "/pca_model"):
+            raise UsageError(
+                f"--results {opts.results} holds no pca_model: run `fruits-pipeline reduce` first"
+            )
+        model = PCAModel.load(opts.results, spark)
+        if model_identity(model.features_model) != model_identity(spec.to_dict()):
+            raise UsageError(
+                f"the PCA model in {opts.results} was fitted on features of another model "
+                f"({model.features_model.get('weights_source')}): give the same --weights"
+            )
+        from stages.update import project_pending
+
+        project_pending(spark, table, model, opts.results, log)
+    checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
+
+    sink = _Sink(spark, input_path, table, spec, weights, opts, model, log)
+    schema = "path string, modificationTime timestamp, length long, content binary"
+    reader = (
+        spark.readStream.format("binaryFile")
+        .schema(schema)
+        .option("pathGlobFilter", IMAGE_GLOB)
+        .option("recursiveFileLookup", "true")
+    )
+    if opts.max_files_per_trigger:
+        reader = reader.option("maxFilesPerTrigger", opts.max_files_per_trigger)
+    writer = reader.load(input_path).writeStream.foreachBatch(sink)
+    writer = writer.option("checkpointLocation", checkpoint).queryName("fruits-pipeline-watch")
+    if opts.available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{opts.trigger_seconds} seconds")
+    query = writer.start()
+    sink.query_id = str(query.id)
+    sink.done = {
+        int(r["batch"])
+        for r in table.records()
+        if r.get("kind") == "watch" and r.get("query") == sink.query_id
+    }
+    sink.known = table.read_runs(table.live_runs(), spec).select("path").cache()
+    sink.started.set()
+    mode = "available-now" if opts.available_now else f"every {opts.trigger_seconds:g} s"
+    log(f"watch: query {sink.query_id} on {input_path} -> {features} ({mode}), {checkpoint}")
+    try:
+        if opts.stop_after is not None:
+            query.awaitTermination(opts.stop_after)
+        else:
+            query.awaitTermination()
+    except KeyboardInterrupt:
+        log("watch: interrupted: stopping the query (the checkpoint keeps its place)")
+    finally:
+        query.stop()
+        sink.bc.unpersist()
+        sink.known.unpersist()
+    return {
+        "query": sink.query_id,
+        "checkpoint": checkpoint,
+        **{k: v for k, v in sink.totals.items()},
+    }
+
+
+if __name__ == "__main__":
+    from stages.cli import main
+
+    sys.exit(main(["watch", *sys.argv[1:]]))
