@@ -231,7 +231,7 @@ def _stage_argv(args, stage: str) -> List[str]:
         if action.nargs == 0:  # a flag
             if value != action.default:  # store_true given, or store_false given
                 argv.append(action.option_strings[0])
-        elif value is not None:
+        elif value is not None and value != action.default:  # the node's default is the same
             argv += [action.option_strings[0], str(value)]
     if getattr(args, "overwrite", False):
         argv.append("--overwrite")

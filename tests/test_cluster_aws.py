@@ -373,10 +373,10 @@ def test_submit_incremental_featurize_adds_to_an_existing_features(cluster_id, s
     assert main(argv) == 0
     (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
     args = listed["Config"]["Args"]
-    assert args[5].endswith("/featurize.py")
-    assert args[6:] == [
+    assert args[3].endswith("/featurize.py")  # no --py-files: the nodes have the project
+    assert args[4:] == [
         "s3://fruits-eu/Test/", "s3://fruits-eu/Features/", "--weights", "imagenet",
-        "--batch-size", "64", "--incremental", "--prune",
+        "--incremental", "--prune",
     ]  # fmt: skip
 
 
@@ -389,7 +389,7 @@ def test_submit_reduce_update_may_find_its_results(cluster_id, s3, emr_eu, capsy
     ]  # fmt: skip
     assert main(argv) == 0
     (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
-    assert listed["Config"]["Args"][6:] == [
+    assert listed["Config"]["Args"][4:] == [
         "s3://fruits-eu/Features/", "s3://fruits-eu/Results/", "--update",
     ]  # fmt: skip
 
@@ -402,10 +402,10 @@ def test_submit_watch_available_now_is_a_step(cluster_id, s3, emr_eu, capsys):
     assert main([*argv, "--quiet"]) == 0
     (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
     args = listed["Config"]["Args"]
-    assert args[5].endswith("/watch.py")
-    assert args[6:] == [
+    assert args[3].endswith("/watch.py")
+    assert args[4:] == [
         "s3://fruits-eu/Test/", "s3://fruits-eu/F/", "--weights", "imagenet",
-        "--batch-size", "64", "--available-now", "--results", "s3://fruits-eu/Results/",
+        "--available-now", "--results", "s3://fruits-eu/Results/",
     ]  # fmt: skip
 
 
