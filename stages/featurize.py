@@ -48,8 +48,10 @@ __all__ = [
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 METADATA_KEY = "fruits_pipeline"
 # Above this many images per task, we add whole waves of tasks (a straggler or a retry
-# then costs one small task); below it, one task per slot keeps per-task overhead low.
-IMAGES_PER_PARTITION = 512
+# then costs one task: 2048 images are ~5 s of LiteRT work per core at alpha 0.35, ~20 s at
+# 1.0); below it, one task per slot.  Each extra task costs ~0.11 CPU s in its Python
+# worker (PySpark's per-task set-up; benchmarks/README.md), ~8% of a 512-image task.
+IMAGES_PER_PARTITION = 2048
 
 
 @dataclass
