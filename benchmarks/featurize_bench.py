@@ -118,8 +118,11 @@ def init_tf_threads(threads: int) -> float:
     t0 = time.perf_counter()
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # TensorFlow already ran here (the driver's TFLite conversion): all cores
     _ = (tf.constant(1.0) + 1.0).numpy()  # starts the runtime: later settings are refused
     return time.perf_counter() - t0
 
