@@ -7,7 +7,9 @@ Output columns: ``path`` (the URI as Spark gives it), ``label`` (the parent
 folder's name as on disk), ``features`` (array<float>[1280], null on error),
 ``error`` (the reason, null when fine).  The ``features`` field's metadata, stored
 in every Parquet footer by Spark, records what made the features (model, alpha,
-input size, weights source and SHA-256, library versions).
+input size, weights source and SHA-256, engine, library versions).  The model runs
+on the workers as :mod:`stages.engine` says (LiteRT by default); rows travel as Arrow
+batches both ways (``mapInArrow``).
 """
 
 from __future__ import annotations
