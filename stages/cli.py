@@ -73,8 +73,8 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         default=None,
         metavar="K",
-        help="decode large JPEGs at reduced scale, keeping >= K x 224 px (3x faster on 12 MP "
-        "photos, features within cosine 0.9996 at K=2); default 0, full decode",
+        help="decode large JPEGs at reduced scale, keeping >= K x 224 px (~3x faster on 12 MP "
+        "photos, features within cosine 0.9996 at K=2); default off, full decode",
     )
     g.add_argument(
         "--batch-size",
