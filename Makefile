@@ -42,6 +42,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/featurize_bench.py --quick
+	$(PY) benchmarks/decode_bench.py --quick
 	$(PY) benchmarks/reduce_bench.py --quick
 	$(PY) benchmarks/instance_sizes.py --quick
 	$(PY) benchmarks/search_bench.py --quick

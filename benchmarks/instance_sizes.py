@@ -189,7 +189,7 @@ def model(args) -> int:
     ]
     assumptions = [
         f"per-core throughput {rate:.1f} img/s ({inputs['source']})",
-        f"fixed per run {fixed:.0f} s (cold: workers, TensorFlow import, model build)",
+        f"fixed per run {fixed:.0f} s (cold one-off: driver conversion, workers, model build)",
         f"cluster start-up {args.startup_min:g} min, billed; per-second billing, 1 min minimum",
         f"per-node efficiency {args.efficiency:g} (NodeManager, DataNode, OS)",
         f"S3 first-byte latency {args.s3_get_ms:g} ms per image, overlapped with inference",

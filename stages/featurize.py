@@ -7,7 +7,9 @@ Output columns: ``path`` (the URI as Spark gives it), ``label`` (the parent
 folder's name as on disk), ``features`` (array<float>[1280], null on error),
 ``error`` (the reason, null when fine).  The ``features`` field's metadata, stored
 in every Parquet footer by Spark, records what made the features (model, alpha,
-input size, weights source and SHA-256, library versions).
+input size, weights source and SHA-256, engine, library versions).  The model runs
+on the workers as :mod:`stages.engine` says (LiteRT by default); rows travel as Arrow
+batches both ways (``mapInArrow``).
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ __all__ = [
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 METADATA_KEY = "fruits_pipeline"
+# Parquet tries a dictionary for every column first; for 1280 floats a row it always falls
+# back, after hashing them all: the JVM's top cost of the job (profiled).  Writer options.
+NO_DICTIONARY = {"parquet.enable.dictionary#features.list.element": "false"}
 # Above this many images per task, we add whole waves of tasks (a straggler or a retry
-# then costs one small task); below it, one task per slot keeps per-task overhead low.
-IMAGES_PER_PARTITION = 512
+# then costs one task: 2048 images are ~5 s of LiteRT work per core at alpha 0.35, ~20 s at
+# 1.0); below it, one task per slot.  Each extra task costs ~0.11 CPU s in its Python
+# worker (PySpark's per-task set-up; benchmarks/README.md), ~8% of a 512-image task.
+IMAGES_PER_PARTITION = 2048
 
 
 @dataclass
@@ -630,7 +637,7 @@ def _featurize_scan(
             out = out.unionByName(extra)
             n_extra = extra.count()
         with _session_conf(spark, frame.settings):
-            out.write.mode("errorifexists").parquet(target)
+            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(target)
     frame.release()
     if paths_bc is not None:
         paths_bc.unpersist()

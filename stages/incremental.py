@@ -359,6 +359,7 @@ def featurize_incremental(
 
     from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
     from stages.featurize import (
+        NO_DICTIONARY,
         _empty_file_rows,
         _paths_are_url_encoded,
         _session_conf,
@@ -581,7 +582,7 @@ def featurize_incremental(
         staged = table.staging_uri(run)
         log(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
         with _session_conf(spark, frame.settings if frame is not None else {}):
-            out.write.mode("errorifexists").parquet(staged)
+            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(staged)
         images_done = (frame.images if frame is not None else 0) + n_empty_todo
         errors = (frame.errors if frame is not None else 0) + n_empty_todo
         written_rows = images_done + carried

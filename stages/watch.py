@@ -159,6 +159,7 @@ class _Sink:
         from pyspark.sql import functions as F
 
         from stages.featurize import (
+            NO_DICTIONARY,
             _paths_are_url_encoded,
             _session_conf,
             choose_partitions,
@@ -208,7 +209,7 @@ class _Sink:
             *[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema]
         )
         with _session_conf(spark, frame.settings):
-            out.write.mode("errorifexists").parquet(table.staging_uri(run))
+            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(table.staging_uri(run))
         record = {
             "run": run,
             "kind": "watch",

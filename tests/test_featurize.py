@@ -108,6 +108,12 @@ def test_labels_keep_spaces_and_the_model_metadata_is_stored(spark, sample_featu
     assert meta["name"] == "MobileNetV2" and meta["alpha"] == 0.35
     assert meta["weights_source"].startswith("bundled:") and len(meta["weights_sha256"]) == 64
     assert meta["input_size"] == 224 and meta["engine"] == "litert"
+    # No Parquet dictionary for the floats (always abandoned, costly), one for the labels.
+    part = next(sample_features.glob("part-*.parquet"))
+    chunks = pq.ParquetFile(part).metadata.row_group(0)
+    by_path = {chunks.column(i).path_in_schema: chunks.column(i) for i in range(4)}
+    assert not by_path["features.list.element"].has_dictionary_page
+    assert by_path["label"].has_dictionary_page
     assert meta["versions"]["ai_edge_litert"] and meta["versions"]["tflite_converter"]
 
 

@@ -38,9 +38,9 @@ def test_every_task_gets_the_same_image_count(sizes, n_parts):
 
 def test_partitions_from_the_image_count():
     assert choose_partitions(1000, 2) == 2  # one task per core
-    assert choose_partitions(5000, 2) == 10  # at most 512 images a task, whole waves
-    assert choose_partitions(4099, 2) == 10
-    assert choose_partitions(100_000, 8) == 200
+    assert choose_partitions(5000, 2) == 4  # at most 2048 images a task, whole waves
+    assert choose_partitions(4099, 2) == 4
+    assert choose_partitions(100_000, 8) == 56
     assert choose_partitions(3, 8) == 3  # never an empty task
     assert choose_partitions(1000, 2, requested=7) == 7
 
@@ -53,6 +53,6 @@ def test_tasks_come_in_full_waves_of_equal_tasks(n, slots):
     assert math.ceil(n / q) == p  # what the packing gives is what was chosen
     if n >= slots * slots:
         assert p % slots == 0  # every wave full
-        assert q <= max(512, math.ceil(n / slots))  # small tasks
+        assert q <= max(2048, math.ceil(n / slots))  # small enough tasks
     else:
         assert p <= slots  # one wave
