@@ -7,14 +7,17 @@ CLI := $(VENV)/bin/fruits-pipeline
 DEMO_OUT ?= demo-output
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	# Test-only S3A jars for Spark (hadoop-aws 3.3.1 + aws-java-sdk-bundle): no Maven here.
-	$(PY) -m pip install --quiet --no-deps 'sagemaker_pyspark==1.4.5'
+	$(PY) -m pip install -qq --upgrade pip
+	@# -qq: errors still show; setuptools' generic note on editable installs of a flat
+	@# layout (our fixed top level) does not.
+	$(PY) -m pip install -qq -e '.[test]'
+	# S3A connector jars for s3a:// (hadoop-aws 3.3.1 + its AWS SDK bundle) from PyPI, not Maven;
+	# --no-deps: the package pins pyspark 3.3.0. stages/s3a.py checks their SHA-256.
+	$(PY) -m pip install -qq --no-deps 'sagemaker_pyspark==1.4.5'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +31,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# While editing: no JVM, no TensorFlow, no extra processes (kernels, parameters, packing,
+# EMR spec and guard, report pieces). The whole suite is `make test` (CI).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not cluster and not jvm and not tensorflow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check stages linalg cluster tests benchmarks
@@ -36,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/featurize_bench.py --quick
 	$(PY) benchmarks/reduce_bench.py --quick
 	$(PY) benchmarks/instance_sizes.py --quick
+	$(PY) benchmarks/search_bench.py --quick
 
 clean:
 	rm -rf $(DEMO_OUT) spark-warehouse .pytest_cache

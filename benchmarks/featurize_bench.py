@@ -1,24 +1,37 @@
-"""Stage 1 throughput: the Spark featurize job against a single process doing the same work.
+"""Stage 1 throughput: the Spark featurize job against single processes doing the same work.
 
-The baseline decodes the same JPEGs from disk with :func:`stages.images.decode_image`,
-preprocesses them and runs :func:`stages.model.local_featurizer` in batches of 64, on
-the same cores.  Every figure is a ratio to a baseline measured in the same run:
+Two baselines, each a single Python process on the same cores decoding the same JPEGs
+from disk with :func:`stages.images.decode_image` and :func:`preprocess`, in each
+engine's default batches (``stages.engine.DEFAULT_BATCH``): **Keras**
+(:func:`stages.model.local_featurizer`, a compiled ``tf.function``, batches of 64) and
+**LiteRT** (:func:`stages.engine.litert_featurizer` on the flatbuffer the Spark job
+broadcasts, XNNPACK with as many threads as cores, batches of 8).  The Spark job runs
+its default engine (LiteRT) and batch.  Every figure is a ratio to a baseline measured
+in the same run:
 
-* **cold**: the first job of a fresh SparkSession (workers start, TensorFlow import,
-  model build, graph tracing) against a fresh process's first pass (TensorFlow
-  import, weights, model build, first pass); the JVM start is reported apart.
-* **warm**: a second job in the same session (new output) against a warm pass of
-  the baseline run in the *same* driver process, interleaved with the Spark runs.
+* **cold**: the first job of a fresh SparkSession (driver: weights and, for random
+  weights, TensorFlow import and conversion; workers start, interpreter build) against
+  a fresh process's first pass (imports, weights or conversion, build, pass 1); the
+  JVM start is reported apart.  Each subprocess has an empty conversion cache.
+* **warm**: a second job in the same session (new output) against warm passes of
+  both baselines run in the *same* driver process, interleaved with the Spark runs.
 * **steady**: ``(N - 64) / (t_N - t_64)`` from a full run and a 64-image run, so the
   per-job one-off costs drop out.
+* **whole process** (``--whole``): wall time of ``python -m stages.cli featurize`` as
+  a user runs it (JVM start included) against plain single-process scripts (Keras,
+  LiteRT) that list, decode, featurize and write the same Parquet columns; plus the
+  cold start of ``make demo``'s featurize (100 sample images) with each engine.
 
-Each configuration runs in its own subprocess (``--_worker``): one SparkSession per
+Image counts other than the folder's (``--sizes 1000,4099,5000``) are built by
+copying the folder's images (under new names) into the work folder.  Each
+configuration runs in its own subprocess (``--_worker``): one SparkSession per
 master, and memory that is its own.  Python worker RSS is sampled in a thread.
 
 Usage::
 
-    python benchmarks/featurize_bench.py --quick      # alpha 0.35, local[2], ~2 min
-    python benchmarks/featurize_bench.py              # both alphas, best of 3, sweep
+    python benchmarks/featurize_bench.py --quick      # alpha 0.35, 1000 images, ~3 min
+    python benchmarks/featurize_bench.py              # alphas 0.35 and 1.0, best of 3, sweep
+    python benchmarks/featurize_bench.py --sizes 1000,4099,5000 --alphas 0.35 --whole
     python benchmarks/featurize_bench.py --profile    # + cProfile inside the workers
 """
 
@@ -31,6 +44,7 @@ import os
 import pstats
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,8 +124,10 @@ def init_tf_threads(threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def baseline_pass(files: Sequence[str], featurize: Callable) -> Dict[str, float]:
-    """One single-process pass: read, decode, preprocess, infer in batches of 64."""
+def baseline_pass(
+    files: Sequence[str], featurize: Callable, batch: int = BATCH
+) -> Dict[str, float]:
+    """One single-process pass: read, decode, preprocess, infer in batches of ``batch``."""
     import numpy as np
     import psutil
 
@@ -121,10 +137,10 @@ def baseline_pass(files: Sequence[str], featurize: Callable) -> Dict[str, float]
     sys0 = psutil.cpu_times()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    for i in range(0, len(files), BATCH):
+    for i in range(0, len(files), batch):
         a = time.perf_counter()
         blobs = []
-        for p in files[i : i + BATCH]:
+        for p in files[i : i + batch]:
             with open(p, "rb") as fh:
                 blobs.append(fh.read())
         b = time.perf_counter()
@@ -151,30 +167,75 @@ def baseline_pass(files: Sequence[str], featurize: Callable) -> Dict[str, float]
     }
 
 
+def make_copies(src: str, dst: Path, n: int) -> Path:
+    """``n`` images in ``dst``: the images of ``src`` copied round-robin under new names."""
+    files = list_images(src)
+    if dst.exists() and len(list_images(str(dst))) == n:
+        return dst
+    shutil.rmtree(dst, ignore_errors=True)
+    for i in range(n):
+        f = Path(files[i % len(files)])
+        target = dst / f.parent.name / f"c{i // len(files)}_{f.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+    return dst
+
+
+def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
+    """A single-process featurizer: ``{"featurize", "import_s", "build_s"}``.
+
+    ``threads`` 0: all cores.  Keras imports TensorFlow (intra-op threads set first);
+    LiteRT imports only ``ai_edge_litert`` for the bundled weights (the shipped
+    flatbuffer), TensorFlow too for others (the conversion, cached per process).
+    """
+    if engine == "keras":
+        t_import = init_tf_threads(threads)
+        from stages.model import local_featurizer, resolve_weights
+
+        t0 = time.perf_counter()
+        spec, weights = resolve_weights(weights_for(alpha), alpha)
+        featurize = local_featurizer(weights, spec.alpha)
+    else:
+        t0 = time.perf_counter()
+        from stages.engine import litert_featurizer, prepare_model
+
+        t_import = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _, model = prepare_model(weights_for(alpha), alpha, "litert")
+        featurize = litert_featurizer(model, threads or os.cpu_count() or 1)
+    from stages.engine import DEFAULT_BATCH
+
+    batch = DEFAULT_BATCH[engine]
+    return {
+        "featurize": lambda files: baseline_pass(files, featurize, batch),
+        "infer": featurize,
+        "batch": batch,
+        "import_s": t_import,
+        "build_s": time.perf_counter() - t0,
+    }
+
+
 # ---------------------------------------------------------------- workers (subprocesses)
 
 
 def worker_baseline(args) -> Dict[str, Any]:
-    """A fresh process: cold pass (TF import + weights + build + pass 1), then warm passes."""
-    t_tf = init_tf_threads(args.threads)
-    from stages.model import local_featurizer, resolve_weights
-
+    """A fresh process: cold pass (imports + weights + build + pass 1), then warm passes."""
     t0 = time.perf_counter()
-    spec, weights = resolve_weights(weights_for(args.alpha), args.alpha)
-    featurize = local_featurizer(weights, spec.alpha)
-    t_build = time.perf_counter() - t0
+    m = baseline_model(args.engine, args.alpha, args.threads)
     files = list_images(args.images)
-    cold = baseline_pass(files, featurize)
-    warm = [_baseline(files, featurize, args) for _ in range(args.repeats)]
+    cold = m["featurize"](files)
+    cold_total = time.perf_counter() - t0
+    warm = [_baseline(files, m["featurize"], args) for _ in range(args.repeats)]
     return {
         "kind": "baseline",
-        "alpha": spec.alpha,
+        "engine": args.engine,
+        "alpha": args.alpha,
         "threads": args.threads,
-        "tf_import_s": t_tf,
-        "weights_and_build_s": t_build,
+        "import_s": m["import_s"],
+        "weights_and_build_s": m["build_s"],
         "cold_pass": cold,
-        "cold_total_s": t_tf + t_build + cold["seconds"],
-        "cold_img_s": len(files) / (t_tf + t_build + cold["seconds"]),
+        "cold_total_s": cold_total,
+        "cold_img_s": len(files) / cold_total,
         "warm_passes": warm,
         "max_rss_mib": max_rss_mib(),
     }
@@ -184,9 +245,9 @@ def _quiet(args) -> Dict[str, float]:
     return wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else {}
 
 
-def _baseline(files: Sequence[str], featurize: Callable, args) -> Dict[str, Any]:
+def _baseline(files: Sequence[str], run_pass: Callable, args) -> Dict[str, Any]:
     quiet = _quiet(args)
-    return {**baseline_pass(files, featurize), "quiet": quiet}
+    return {**run_pass(files), "quiet": quiet}
 
 
 def _spark_run(
@@ -203,9 +264,9 @@ def _spark_run(
             out,
             weights=weights_for(args.alpha),
             alpha=args.alpha,
-            batch_size=BATCH,
             partitions=partitions,
             overwrite=True,
+            engine=args.engine,
         )
         wall = time.perf_counter() - t0
     d = report.to_dict()
@@ -229,10 +290,8 @@ def _spark_run(
 
 def worker_spark(args) -> Dict[str, Any]:
     """One SparkSession on ``args.master``: cold job, then warm jobs interleaved with
-    single-process passes in this driver, then the partition sweep."""
+    single-process Keras and LiteRT passes in this driver, then the partition sweep."""
     cores = cores_of(args.master)
-    t_tf = init_tf_threads(cores)
-    from stages.model import local_featurizer, resolve_weights
     from stages.session import spark_session
 
     work = Path(args.workdir) / f"spark-{os.getpid()}"
@@ -252,19 +311,22 @@ def worker_spark(args) -> Dict[str, Any]:
         "master": args.master,
         "cores": cores,
         "alpha": args.alpha,
-        "driver_tf_import_s": t_tf,
+        "engine": args.engine,
         "session_start_s": t_session,
     }
     result["cold"] = _spark_run(spark, args.images, str(work / "cold"), args)
     files = list_images(args.images)
-    t0 = time.perf_counter()
-    spec, weights = resolve_weights(weights_for(args.alpha), args.alpha)
-    local = local_featurizer(weights, spec.alpha)
-    baseline_pass(files[:BATCH], local)  # traces the graph: not part of the timed passes
-    result["baseline_build_s"] = time.perf_counter() - t0
-    result["baseline"], result["warm"], result["small"] = [], [], []
+    result["baseline"] = {"keras": [], "litert": []}
+    models = {}
+    for engine in args.baselines:
+        t0 = time.perf_counter()
+        models[engine] = baseline_model(engine, args.alpha, cores)["featurize"]
+        models[engine](files[:BATCH])  # traces / warms: not timed
+        result[f"baseline_{engine}_build_s"] = time.perf_counter() - t0
+    result["warm"], result["small"] = [], []
     for r in range(args.repeats):
-        result["baseline"].append(_baseline(files, local, args))
+        for engine in args.baselines:
+            result["baseline"][engine].append(_baseline(files, models[engine], args))
         result["warm"].append(_spark_run(spark, args.images, str(work / f"warm{r}"), args))
         if args.small:
             result["small"].append(_spark_run(spark, args.small, str(work / f"small{r}"), args))
@@ -278,8 +340,9 @@ def worker_spark(args) -> Dict[str, Any]:
         best["partitions_requested"] = p
         best["repeats"] = [x["seconds"] for x in runs]
         result["sweep"].append(best)
-    if args.partitions:
-        result["baseline"].append(_baseline(files, local, args))  # drift check after the sweep
+    if args.partitions:  # drift check after the sweep
+        for engine in args.baselines:
+            result["baseline"][engine].append(_baseline(files, models[engine], args))
     if args.profile:
         result["profile"] = _profile_job(spark, work, args)
     spark.stop()
@@ -287,15 +350,70 @@ def worker_spark(args) -> Dict[str, Any]:
     return result
 
 
+def worker_script(args) -> Dict[str, Any]:
+    """A plain single-process script, start to finish: list, decode, featurize, write.
+
+    What a user would write without Spark (same decode, batches of 64, the same
+    Parquet columns); timed by the parent as a whole process.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.images import DecodeError, decode_image, preprocess
+
+    m = baseline_model(args.engine, args.alpha, 0)
+    featurize, batch = m["infer"], m["batch"]
+    files = list_images(args.images)
+    paths, labels, feats, errors = [], [], [], []
+    for i in range(0, len(files), batch):
+        ok, arrays = [], []
+        for f in files[i : i + batch]:
+            with open(f, "rb") as fh:
+                data = fh.read()
+            try:
+                arrays.append(decode_image(data))
+                ok.append(f)
+            except DecodeError as exc:
+                paths.append(f)
+                labels.append(Path(f).parent.name)
+                feats.append(None)
+                errors.append(str(exc))
+        if arrays:
+            out = featurize(preprocess(np.stack(arrays)))
+            paths += ok
+            labels += [Path(f).parent.name for f in ok]
+            feats += list(out)
+            errors += [None] * len(ok)
+    valid = np.array([f is not None for f in feats], dtype=bool)
+    values = np.concatenate([f for f in feats if f is not None] or [np.zeros(0, np.float32)])
+    offsets = np.zeros(len(feats) + 1, np.int32)
+    offsets[1:] = np.cumsum(valid) * 1280
+    features = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(values.ravel()), mask=pa.array(~valid)
+    )
+    table_ = pa.table(
+        {
+            "path": paths,
+            "label": labels,
+            "features": features,
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table_, str(Path(args.out) / "part-0.parquet"))
+    return {"kind": "script", "engine": args.engine, "images": len(files)}
+
+
 # ---------------------------------------------------------------- profiling inside workers
 
 
-def _profiled_featurize_partition(rows, *a, **kw):
+def _profiled_featurize_partition(batches, *a, **kw):
     """Executor side: :func:`stages.featurize.featurize_partition` under cProfile.
 
     The profiler stays on while the generator is suspended, so the serialiser's work
-    on the yielded rows (pickling to the JVM) and the reads of the next rows are in
-    the profile too (as top-level calls).
+    on the yielded Arrow batches (writing to the JVM) and the reads of the next input
+    batches are in the profile too (as top-level calls).
     """
     import cProfile
     import os as os_
@@ -308,9 +426,9 @@ def _profiled_featurize_partition(rows, *a, **kw):
     n = 0
     prof.enable()
     try:
-        for row in sf.featurize_partition(rows, *a, **kw):
-            n += 1
-            yield row
+        for batch in sf.featurize_partition(batches, *a, **kw):
+            n += batch.num_rows
+            yield batch
     finally:
         prof.disable()
         wall = time_.perf_counter() - t0
@@ -347,8 +465,8 @@ def _profile_job(spark, work: Path, args) -> Dict[str, Any]:
 
         return inner
 
-    saved = sf.resolve_weights, sf.check_output, sf._paths_are_url_encoded
-    sf.resolve_weights = timed("driver: resolve_weights (build + load h5)", sf.resolve_weights)
+    saved = sf.prepare_model, sf.check_output, sf._paths_are_url_encoded
+    sf.prepare_model = timed("driver: prepare_model (weights, flatbuffer)", sf.prepare_model)
     sf.check_output = timed("driver: check_output", sf.check_output)
     sf._paths_are_url_encoded = timed("driver: url-encoding check", sf._paths_are_url_encoded)
     shutil.rmtree(PROFILE_DIR, ignore_errors=True)
@@ -356,7 +474,7 @@ def _profile_job(spark, work: Path, args) -> Dict[str, Any]:
     try:
         run = _spark_run(spark, args.images, str(work / "profiled"), args)
     finally:
-        sf.resolve_weights, sf.check_output, sf._paths_are_url_encoded = saved
+        sf.prepare_model, sf.check_output, sf._paths_are_url_encoded = saved
     jobs = spark_jobs(spark, start_ms)
     files = sorted(glob.glob(f"{PROFILE_DIR}/task-*.prof"))
     tasks = []
@@ -412,14 +530,15 @@ def _union_s(intervals: Sequence[Any]) -> float:
 
 # Buckets for the executor-side profile: (label, regex on "file:line(function)").
 _BUCKETS = [
-    ("model build (get_featurizer)", r"_build_featurizer|get_featurizer"),
+    ("model build (get_featurizer)", r"_build_featurizer|get_featurizer|litert_featurizer"),
+    ("inference (LiteRT invoke)", r"\(invoke\)|method 'Invoke'"),
     ("inference (TF graph)", r"TFE_Py_Execute|quick_execute|_call_flat|__call__.*polymorphic"),
     ("JPEG decode + resize (Pillow)", r"decode_image"),
     ("preprocess (uint8 -> float32)", r"\(preprocess\)"),
-    ("features to Python lists (tolist)", r"method 'tolist'"),
-    ("rows JVM -> Python (read, unpickle)", r"load_stream|_read_with_length|read_int|loads"),
-    ("rows Python -> JVM (pickle, write)", r"dump_stream|dumps|_write_with_length|write_int"),
-    ("broadcast value (weights)", r"broadcast\.py.*value|_load"),
+    ("input Arrow batch to bytes (as_py)", r"method 'as_py'|\(as_py\)"),
+    ("output Arrow batch (from_arrays)", r"from_arrays"),
+    ("Arrow JVM <-> Python", r"ipc|_load_from_socket|read_batch|write_batch|dump_stream"),
+    ("broadcast value (model)", r"broadcast\.py.*value|_load"),
 ]
 
 
@@ -457,13 +576,15 @@ def _best(runs: Sequence[Dict[str, Any]], key: str = "seconds") -> Dict[str, Any
     return min(runs, key=lambda r: r[key])
 
 
-def summarise(alpha_runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per alpha: cold, warm and steady throughput and their ratios."""
+def _best_img_s(passes: Sequence[Dict[str, Any]]) -> float:
+    return max((p["img_s"] for p in passes), default=float("nan"))
+
+
+def summarise(pairs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per image count and alpha: cold, warm and steady throughput and their ratios."""
     rows = []
-    for pair in alpha_runs:
-        base, sp = pair["baseline"], pair["spark"]
-        b_warm = max(p["img_s"] for p in sp["baseline"])
-        b_warm_fresh = max(p["img_s"] for p in base["warm_passes"])
+    for pair in pairs:
+        bases, sp = pair["baseline"], pair["spark"]
         warm = _best(sp["warm"])
         small = _best(sp["small"]) if sp["small"] else None
         n_full, n_small = warm["images"], small["images"] if small else 0
@@ -472,87 +593,108 @@ def summarise(alpha_runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if small and warm["seconds"] > small["seconds"]
             else float("nan")
         )
-        cold_job = sp["driver_tf_import_s"] + sp["cold"]["seconds"]
-        cold_img_s = sp["cold"]["images"] / cold_job
-        rows.append(
-            {
-                "alpha": sp["alpha"],
-                "weights": weights_for(sp["alpha"]),
-                "images": n_full,
-                "tasks": warm["tasks"],
-                "baseline_cold_img_s": base["cold_img_s"],
-                "spark_cold_img_s": cold_img_s,
-                "cold_ratio": cold_img_s / base["cold_img_s"],
-                "baseline_warm_img_s": b_warm,
-                "baseline_warm_img_s_fresh_process": b_warm_fresh,
-                "spark_warm_img_s": warm["img_s"],
-                "warm_ratio": warm["img_s"] / b_warm,
-                "spark_steady_img_s": steady,
-                "steady_ratio": steady / b_warm,
-                "session_start_s": sp["session_start_s"],
-                "driver_tf_import_s": sp["driver_tf_import_s"],
-                "cold_job_s": cold_job,
-                "warm_job_s": warm["seconds"],
-                "small_job_s": small["seconds"] if small else None,
-                "one_off_cold_s": cold_job - n_full / steady if steady == steady else None,
-                "one_off_warm_s": warm["seconds"] - n_full / steady if steady == steady else None,
-                "model_builds_warm": warm["model_builds"],
-                "baseline_tf_import_s": base["tf_import_s"],
-                "baseline_build_s": base["weights_and_build_s"],
-                "baseline_decode_share": _best(sp["baseline"])["decode_preprocess_s"]
-                / _best(sp["baseline"])["seconds"],
-                "worker_peak_mib": max(
-                    r["memory"]["worker_peak_mib"] for r in [sp["cold"], *sp["warm"]]
-                ),
-                "workers_sum_peak_mib": max(
-                    r["memory"]["workers_sum_peak_mib"] for r in [sp["cold"], *sp["warm"]]
-                ),
-                "baseline_process_peak_mib": base["max_rss_mib"],
-                "warm_repeats_s": [r["seconds"] for r in sp["warm"]],
-                "baseline_repeats_s": [r["seconds"] for r in sp["baseline"]],
-                "warm_cpu_s": warm["cpu_s"],
-                "others_share_baseline": _best(sp["baseline"])["others_share"],
-                "others_share_warm": warm["others_share"],
-                "cpu_s_per_1000_baseline": 1000 * _best(sp["baseline"])["cpu_s"] / n_full,
-                "cpu_s_per_1000_warm": 1000 * sum(warm["cpu_s"].values()) / n_full,
-                # Steady state per executor core (what a cluster of many cores approaches).
-                "img_per_core_s": (steady if steady == steady else warm["img_s"]) / sp["cores"],
-            }
-        )
+        cold_img_s = sp["cold"]["images"] / sp["cold"]["seconds"]
+        row: Dict[str, Any] = {
+            "images": n_full,
+            "alpha": sp["alpha"],
+            "weights": weights_for(sp["alpha"]),
+            "engine": sp["engine"],
+            "tasks": warm["tasks"],
+            "spark_cold_img_s": cold_img_s,
+            "spark_warm_img_s": warm["img_s"],
+            "spark_steady_img_s": steady,
+            "session_start_s": sp["session_start_s"],
+            "cold_job_s": sp["cold"]["seconds"],
+            "warm_job_s": warm["seconds"],
+            "small_job_s": small["seconds"] if small else None,
+            "one_off_cold_s": sp["cold"]["seconds"] - n_full / steady if steady == steady else None,
+            "one_off_warm_s": warm["seconds"] - n_full / steady if steady == steady else None,
+            "model_builds_cold": sp["cold"]["model_builds"],
+            "model_builds_warm": warm["model_builds"],
+            "worker_peak_mib": max(
+                r["memory"]["worker_peak_mib"] for r in [sp["cold"], *sp["warm"]]
+            ),
+            "workers_sum_peak_mib": max(
+                r["memory"]["workers_sum_peak_mib"] for r in [sp["cold"], *sp["warm"]]
+            ),
+            "warm_repeats_s": [r["seconds"] for r in sp["warm"]],
+            "warm_cpu_s": warm["cpu_s"],
+            "others_share_warm": warm["others_share"],
+            "cpu_s_per_1000_warm": 1000 * sum(warm["cpu_s"].values()) / n_full,
+            # Steady state per executor core (what a cluster of many cores approaches).
+            "img_per_core_s": (steady if steady == steady else warm["img_s"]) / sp["cores"],
+        }
+        for engine, base in bases.items():
+            in_driver = sp["baseline"].get(engine) or []
+            b_warm = _best_img_s(in_driver)
+            row.update(
+                {
+                    f"{engine}_cold_img_s": base["cold_img_s"],
+                    f"{engine}_cold_s": base["cold_total_s"],
+                    f"{engine}_warm_img_s": b_warm,
+                    f"{engine}_warm_img_s_fresh_process": _best_img_s(base["warm_passes"]),
+                    f"{engine}_process_peak_mib": base["max_rss_mib"],
+                    f"{engine}_import_s": base["import_s"],
+                    f"{engine}_build_s": base["weights_and_build_s"],
+                    f"cold_ratio_{engine}": cold_img_s / base["cold_img_s"],
+                    f"warm_ratio_{engine}": warm["img_s"] / b_warm,
+                    f"steady_ratio_{engine}": steady / b_warm,
+                    f"{engine}_decode_share": (
+                        _best(in_driver)["decode_preprocess_s"] / _best(in_driver)["seconds"]
+                        if in_driver
+                        else None
+                    ),
+                    f"others_share_{engine}": _best(in_driver)["others_share"]
+                    if in_driver
+                    else None,
+                }
+            )
+        rows.append(row)
     return rows
 
 
-def print_tables(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], profiles) -> List[str]:
+def _r(row: Dict[str, Any], key: str) -> Any:
+    return row.get(key, float("nan"))
+
+
+def print_tables(
+    rows: List[Dict[str, Any]],
+    sweep: List[Dict[str, Any]],
+    profiles,
+    whole: Optional[Dict[str, Any]] = None,
+) -> List[str]:
     """Print and return the tables."""
     out = []
     out.append(
         table(
             [
+                "images",
                 "alpha",
-                "weights",
                 "tasks",
-                "baseline cold img/s",
-                "spark cold img/s",
-                "cold ratio",
-                "baseline warm img/s",
-                "spark warm img/s",
-                "warm ratio",
-                "spark steady img/s",
-                "steady ratio",
+                "Keras warm img/s",
+                "LiteRT warm img/s",
+                "Spark warm img/s",
+                "warm ÷ Keras",
+                "warm ÷ LiteRT",
+                "cold ÷ Keras",
+                "cold ÷ LiteRT",
+                "steady ÷ LiteRT",
+                "worker peak MiB",
             ],
             [
                 [
+                    r["images"],
                     r["alpha"],
-                    r["weights"],
                     r["tasks"],
-                    r["baseline_cold_img_s"],
-                    r["spark_cold_img_s"],
-                    r["cold_ratio"],
-                    r["baseline_warm_img_s"],
+                    _r(r, "keras_warm_img_s"),
+                    _r(r, "litert_warm_img_s"),
                     r["spark_warm_img_s"],
-                    r["warm_ratio"],
-                    r["spark_steady_img_s"],
-                    r["steady_ratio"],
+                    _r(r, "warm_ratio_keras"),
+                    _r(r, "warm_ratio_litert"),
+                    _r(r, "cold_ratio_keras"),
+                    _r(r, "cold_ratio_litert"),
+                    _r(r, "steady_ratio_litert"),
+                    r["worker_peak_mib"],
                 ]
                 for r in rows
             ],
@@ -561,39 +703,39 @@ def print_tables(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], profil
     out.append(
         table(
             [
+                "images",
                 "alpha",
                 "session start s",
-                "driver TF import s",
-                "cold job s",
-                "warm job s",
+                "Spark cold job s",
+                "Keras cold s",
+                "LiteRT cold s",
+                "Spark warm job s",
                 f"{SMALL}-img warm job s",
                 "one-off cold s",
                 "one-off warm s",
-                "model builds / warm job",
-                "baseline decode share",
-                "worker peak RSS MiB",
-                "workers sum MiB",
-                "baseline process MiB",
-                "CPU s / 1000 img (base / spark)",
-                "others' CPU (base / spark)",
+                "builds cold / warm",
+                "LiteRT decode share",
+                "Keras / LiteRT process MiB",
+                "others' CPU (Spark warm)",
             ],
             [
                 [
+                    r["images"],
                     r["alpha"],
                     r["session_start_s"],
-                    r["driver_tf_import_s"],
                     r["cold_job_s"],
+                    _r(r, "keras_cold_s"),
+                    _r(r, "litert_cold_s"),
                     r["warm_job_s"],
                     r["small_job_s"],
                     r["one_off_cold_s"],
                     r["one_off_warm_s"],
-                    r["model_builds_warm"],
-                    r["baseline_decode_share"],
-                    r["worker_peak_mib"],
-                    r["workers_sum_peak_mib"],
-                    r["baseline_process_peak_mib"],
-                    f"{r['cpu_s_per_1000_baseline']:.1f} / {r['cpu_s_per_1000_warm']:.1f}",
-                    f"{r['others_share_baseline']:.0%} / {r['others_share_warm']:.0%}",
+                    f"{r['model_builds_cold']} / {r['model_builds_warm']}",
+                    _r(r, "litert_decode_share"),
+                    "{:.0f} / {:.0f}".format(
+                        _r(r, "keras_process_peak_mib"), _r(r, "litert_process_peak_mib")
+                    ),
+                    f"{r['others_share_warm']:.0%}",
                 ]
                 for r in rows
             ],
@@ -605,20 +747,21 @@ def print_tables(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], profil
                 [
                     "master",
                     "alpha",
+                    "images",
                     "partitions",
                     "tasks",
                     "img/s",
-                    "ratio",
-                    "baseline img/s",
+                    "÷ LiteRT",
+                    "LiteRT img/s",
                     "worker peak MiB",
                     "workers",
-                    "model builds",
                     "others' CPU",
                 ],
                 [
                     [
                         s["master"],
                         s["alpha"],
+                        s["images"],
                         s["partitions_requested"],
                         s["tasks"],
                         s["img_s"],
@@ -626,11 +769,40 @@ def print_tables(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], profil
                         s["baseline_img_s"],
                         s["memory"]["worker_peak_mib"],
                         s["memory"]["workers_seen"],
-                        s["model_builds"],
                         f"{s['others_share']:.0%}",
                     ]
                     for s in sweep
                 ],
+            )
+        )
+    if whole:
+        out.append(
+            table(
+                [
+                    "images",
+                    "fruits-pipeline featurize s",
+                    "Keras script s",
+                    "LiteRT script s",
+                    "CLI vs Keras script",
+                    "CLI vs LiteRT script",
+                ],
+                [
+                    [
+                        w["images"],
+                        w["cli_s"],
+                        w["keras_script_s"],
+                        w["litert_script_s"],
+                        w["keras_script_s"] / w["cli_s"],
+                        w["litert_script_s"] / w["cli_s"],
+                    ]
+                    for w in whole["sizes"]
+                ],
+            )
+        )
+        out.append(
+            table(
+                ["make demo's featurize (100 images), whole process", "seconds"],
+                [[f"--engine {e}", s] for e, s in whole["demo_cold_s"].items()],
             )
         )
     for prof in profiles:
@@ -653,31 +825,35 @@ def print_tables(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], profil
             for t in prof["top"]
             if t["what"].startswith("self:")
         ][:10]
-        out.append(f"profile alpha={prof['alpha']}\n" + table(["where", "seconds"], lines))
+        out.append(
+            f"profile alpha={prof['alpha']} images={prof['images']}\n"
+            + table(["where", "seconds"], lines)
+        )
     for t in out:
         print(t + "\n")
     return out
 
 
 def plot(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], path: Path) -> None:
-    """Ratios per alpha, and img/s against partitions per master."""
+    """Warm ratios per image count and alpha, and img/s against partitions."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 6, 4.5), squeeze=False)
     ax = axes[0][0]
-    kinds = ["cold_ratio", "warm_ratio", "steady_ratio"]
-    width = 0.25
-    for i, kind in enumerate(kinds):
+    kinds = [("warm_ratio_keras", "warm ÷ Keras"), ("warm_ratio_litert", "warm ÷ LiteRT")]
+    width = 0.35
+    for i, (kind, label) in enumerate(kinds):
         ax.bar(
             [j + i * width for j in range(len(rows))],
-            [r[kind] for r in rows],
+            [r.get(kind, float("nan")) for r in rows],
             width,
-            label=kind.replace("_", " "),
+            label=label,
         )
-    ax.axhline(0.9, color="k", ls="--", lw=1, label="goal 0.9")
-    ax.set_xticks([j + width for j in range(len(rows))])
-    ax.set_xticklabels([f"alpha {r['alpha']}" for r in rows])
-    ax.set_ylabel("Spark img/s / single-process img/s")
-    ax.set_title("featurize vs single process (local[2])")
+    ax.axhline(4.0, color="k", ls="--", lw=1, label="goal ÷ Keras 4")
+    ax.axhline(0.95, color="grey", ls=":", lw=1, label="goal ÷ LiteRT 0.95")
+    ax.set_xticks([j + width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['images']} img\nalpha {r['alpha']}" for r in rows], fontsize=8)
+    ax.set_ylabel("Spark img/s ÷ single-process img/s")
+    ax.set_title("featurize (LiteRT engine, local[2]) vs single processes")
     ax.legend(fontsize=8)
     if sweep:
         ax = axes[0][1]
@@ -690,14 +866,70 @@ def plot(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], path: Path) ->
                 label=master,
             )
         ax.set_xscale("log", base=2)
-        ax.axhline(0.9, color="k", ls="--", lw=1)
+        ax.axhline(0.95, color="k", ls="--", lw=1)
         ax.set_xlabel("partitions")
-        ax.set_ylabel("ratio to single process (same cores)")
-        ax.set_title(f"partition sweep, alpha {sweep[0]['alpha']}")
+        ax.set_ylabel("ratio to single-process LiteRT (same cores)")
+        ax.set_title(f"partition sweep, alpha {sweep[0]['alpha']}, {sweep[0]['images']} images")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _fresh_cache(work: Path, name: str) -> None:
+    """An empty TFLite conversion cache for the next subprocess (cold means cold)."""
+    path = work / "cache" / name
+    shutil.rmtree(path, ignore_errors=True)
+    os.environ["FRUITS_CACHE"] = str(path)
+
+
+def _timed_process(cmd: Sequence[str], log: Path) -> float:
+    """Wall seconds of a whole process, as ``time`` gives them; fails loudly."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [env.get("FRUITS_BENCH_CODE", ""), str(ROOT), env.get("PYTHONPATH", "")] if p
+    )
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc={proc.returncode}), see {log}")
+    return seconds
+
+
+def whole_process(args, inputs: Dict[int, str], work: Path) -> Dict[str, Any]:
+    """``fruits-pipeline featurize`` against plain scripts, each a whole process."""
+    script = str(Path(__file__).resolve())
+    py = sys.executable
+    out: Dict[str, Any] = {"sizes": [], "demo_cold_s": {}}
+    for size, images in inputs.items():
+        print(f"  whole process, {size} images: CLI, Keras script, LiteRT script ...", flush=True)
+        row: Dict[str, Any] = {"images": size}
+        _quiet(args)
+        _fresh_cache(work, f"whole-cli-{size}")
+        row["cli_s"] = _timed_process(
+            [py, "-m", "stages.cli", "featurize", images, str(work / "whole-out"), "--overwrite"],
+            work / f"log-whole-cli-{size}.txt",
+        )
+        for engine in ("keras", "litert"):
+            _quiet(args)
+            _fresh_cache(work, f"whole-{engine}-{size}")
+            row[f"{engine}_script_s"] = _timed_process(
+                [py, script, "--_worker", "script", "--engine", engine, "--images", images]
+                + ["--out", str(work / f"whole-{engine}"), "--workdir", str(work)],
+                work / f"log-whole-{engine}-{size}.txt",
+            )
+        out["sizes"].append(row)
+    for engine in ("litert", "keras"):
+        print(f"  make demo's featurize on the sample, --engine {engine} ...", flush=True)
+        _quiet(args)
+        out["demo_cold_s"][engine] = _timed_process(
+            [py, "-m", "stages.cli", "featurize", str(SAMPLE_IMAGES), str(work / "demo-out")]
+            + ["--weights", "bundled", "--engine", engine, "--overwrite"],
+            work / f"log-demo-{engine}.txt",
+        )
+    return out
 
 
 def parent(args) -> int:
@@ -705,13 +937,16 @@ def parent(args) -> int:
     script = Path(__file__).resolve()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    n_images = len(list_images(args.images))
+    n_folder = len(list_images(args.images))
+    sizes = args.sizes or [n_folder]
+    inputs = {
+        n: args.images if n == n_folder else str(make_copies(args.images, work / f"copies-{n}", n))
+        for n in sizes
+    }
     small = make_subset(args.images, work / "small", SMALL)
     info = machine_info()
-    print(f"featurize bench: {n_images} images under {args.images}; load {info['loadavg_1_5_15']}")
+    print(f"featurize bench: {sizes} images from {args.images}; load {info['loadavg_1_5_15']}")
     common = [
-        "--images",
-        args.images,
         "--workdir",
         str(work),
         "--quiet-wait",
@@ -721,38 +956,36 @@ def parent(args) -> int:
     ]
     pairs = []
     profiles = []
-    for alpha in args.alphas:
-        print(f"  alpha {alpha}: single process (fresh) ...", flush=True)
-        base = run_worker(
-            script,
-            ["--_worker", "baseline", "--alpha", str(alpha), "--threads", "0", *common],
-            work / f"log-baseline-{alpha}.txt",
-        )
-        print(f"  alpha {alpha}: Spark local[2], cold + {args.repeats} warm ...", flush=True)
-        extra = ["--profile"] if args.profile else []
-        sp = run_worker(
-            script,
-            [
-                "--_worker",
-                "spark",
-                "--master",
-                "local[2]",
-                "--alpha",
-                str(alpha),
-                "--small",
-                str(small),
-                *common,
-                *extra,
-            ],
-            work / f"log-spark-{alpha}.txt",
-        )
-        pairs.append({"baseline": base, "spark": sp})
-        if "profile" in sp:
-            sp["profile"]["alpha"] = alpha
-            profiles.append(sp["profile"])
+    for size, images in inputs.items():
+        for alpha in args.alphas:
+            bases = {}
+            for engine in args.baselines:
+                print(f"  {size} images, alpha {alpha}: {engine} single process ...", flush=True)
+                _fresh_cache(work, f"base-{engine}-{size}-{alpha}")
+                bases[engine] = run_worker(
+                    script,
+                    ["--_worker", "baseline", "--engine", engine, "--alpha", str(alpha)]
+                    + ["--threads", "0", "--images", images, *common],
+                    work / f"log-baseline-{engine}-{size}-{alpha}.txt",
+                )
+            print(f"  {size} images, alpha {alpha}: Spark local[2], cold + warm ...", flush=True)
+            _fresh_cache(work, f"spark-{size}-{alpha}")
+            extra = ["--profile"] if args.profile else []
+            sp = run_worker(
+                script,
+                ["--_worker", "spark", "--master", "local[2]", "--alpha", str(alpha)]
+                + ["--images", images, "--small", str(small), *common, *extra]
+                + ["--baselines", ",".join(args.baselines)],
+                work / f"log-spark-{size}-{alpha}.txt",
+            )
+            pairs.append({"size": size, "baseline": bases, "spark": sp})
+            if "profile" in sp:
+                sp["profile"].update(alpha=alpha, images=size)
+                profiles.append(sp["profile"])
     sweep: List[Dict[str, Any]] = []
     sweep_raw = []
     if args.partitions:
+        images = inputs[args.sweep_size] if args.sweep_size in inputs else args.images
         for master in args.masters:
             print(
                 f"  sweep {master} alpha {args.sweep_alpha}: partitions {args.partitions} ...",
@@ -760,46 +993,42 @@ def parent(args) -> int:
             )
             sp = run_worker(
                 script,
-                [
-                    "--_worker",
-                    "spark",
-                    "--master",
-                    master,
-                    "--alpha",
-                    str(args.sweep_alpha),
-                    "--partitions",
-                    ",".join(map(str, args.partitions)),
-                    "--sweep-repeats",
-                    str(args.sweep_repeats),
-                    *common[:6],
-                    "--repeats",
-                    "1",
-                ],
+                ["--_worker", "spark", "--master", master, "--alpha", str(args.sweep_alpha)]
+                + ["--partitions", ",".join(map(str, args.partitions))]
+                + ["--sweep-repeats", str(args.sweep_repeats), "--images", images]
+                + [*common[:4], "--repeats", "1", "--baselines", "litert"],
                 work / f"log-sweep-{master}.txt",
             )
             sweep_raw.append(sp)
-            b = max(p["img_s"] for p in sp["baseline"])
+            b = _best_img_s(sp["baseline"]["litert"])
             for s in sp["sweep"]:
                 s.update(
                     master=master, alpha=args.sweep_alpha, baseline_img_s=b, ratio=s["img_s"] / b
                 )
                 sweep.append(s)
+    whole = whole_process(args, inputs, work) if args.whole else None
     rows = summarise(pairs)
     info["loadavg_end"] = list(os.getloadavg())
     print()
-    tables = print_tables(rows, sweep, profiles)
+    tables = print_tables(rows, sweep, profiles, whole)
     stem = args.stem or ("featurize_quick" if args.quick else "featurize")
     data = {
         "benchmark": "featurize",
         "command": " ".join(["python", "benchmarks/featurize_bench.py", *sys.argv[1:]]),
         "machine": info,
-        "images": n_images,
+        "sizes": sizes,
         "input": args.images,
         "summary": rows,
         "sweep": sweep,
+        "whole_process": whole,
         "raw": {"pairs": pairs, "sweep": sweep_raw},
-        "goal": {"ratio": 0.9, "met_warm": all(r["warm_ratio"] >= 0.9 for r in rows)},
-        "img_per_core_s": {str(r["alpha"]): r["img_per_core_s"] for r in rows},
+        "goal": {
+            "warm_ratio_keras": 4.0,
+            "warm_ratio_litert": 0.95,
+            "worker_peak_mib": 400,
+            "demo_cold_s": 10,
+        },
+        "img_per_core_s": {f"{r['alpha']}@{r['images']}": r["img_per_core_s"] for r in rows},
     }
     path = write_results(stem, data, tables)
     plot(rows, sweep, RESULTS_DIR / f"{stem}.png")
@@ -811,25 +1040,41 @@ def build_parser() -> argparse.ArgumentParser:
     """Command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--quick", action="store_true", help="alpha 0.35, one warm run, no sweep (~2 min)"
+        "--quick", action="store_true", help="alpha 0.35, one warm run, no sweep (~3 min)"
     )
     p.add_argument(
         "--images",
         default=str(SHARED_IMAGES if SHARED_IMAGES.is_dir() else SAMPLE_IMAGES),
         help="folder of <Class>/<image>.jpg (default: the 1000 shared images)",
     )
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="image counts, comma-separated, made by copying --images (default: as many as "
+        "the folder holds)",
+    )
     p.add_argument("--alphas", default=None, help="comma-separated (default 0.35,1.0; quick 0.35)")
+    p.add_argument(
+        "--baselines", default="keras,litert", help="single-process engines, comma-separated"
+    )
     p.add_argument(
         "--repeats", type=int, default=None, help="warm runs, best kept (default 3; quick 1)"
     )
     p.add_argument(
         "--partitions",
         default=None,
-        help="sweep, comma-separated (default 1,2,4,8,32,128; quick none)",
+        help="sweep, comma-separated (default 1,2,4,8,16,32; quick none)",
     )
-    p.add_argument("--masters", default="local[1],local[2]", help="sweep masters, comma-separated")
+    p.add_argument("--masters", default="local[2]", help="sweep masters, comma-separated")
     p.add_argument("--sweep-alpha", type=float, default=0.35)
+    p.add_argument("--sweep-size", type=int, default=None, help="sweep image count (a --sizes)")
     p.add_argument("--sweep-repeats", type=int, default=1)
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="also whole-process times: fruits-pipeline featurize vs plain scripts, and the "
+        "demo's cold start",
+    )
     p.add_argument(
         "--profile", action="store_true", help="also a warm job under cProfile in the workers"
     )
@@ -848,11 +1093,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="/tmp/fruits-bench-featurize")
     p.add_argument("--stem", default=None, help="results/<stem>.json|png")
     # Worker-only options.
-    p.add_argument("--_worker", choices=["baseline", "spark"], default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--_worker", choices=["baseline", "spark", "script"], default=None, help=argparse.SUPPRESS
+    )
     p.add_argument("--alpha", type=float, default=0.35, help=argparse.SUPPRESS)
+    p.add_argument("--engine", default="litert", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--master", default="local[2]", help=argparse.SUPPRESS)
     p.add_argument("--small", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -860,12 +1109,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Entry point (parent or ``--_worker``)."""
     quiet_env()
     args = build_parser().parse_args(argv)
+    args.baselines = [b for b in args.baselines.split(",") if b]
     if args._worker:
         args.partitions = [int(x) for x in args.partitions.split(",")] if args.partitions else []
         args.repeats = args.repeats if args.repeats is not None else 1
         args.quiet_wait = args.quiet_wait or 0.0
-        fn = worker_baseline if args._worker == "baseline" else worker_spark
-        emit(fn(args))
+        fn = {"baseline": worker_baseline, "spark": worker_spark, "script": worker_script}
+        emit(fn[args._worker](args))
         return 0
     # Workers run in the work folder (so that a --code copy wins over ./stages): absolute paths.
     args.images = str(Path(args.images).resolve())
@@ -875,11 +1125,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.alphas = [
         float(a) for a in (args.alphas or ("0.35" if args.quick else "0.35,1.0")).split(",")
     ]
+    args.sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if args.quick else 30.0
     if args.partitions is None:
-        args.partitions = "" if args.quick else "1,2,4,8,32,128"
+        args.partitions = "" if args.quick else "1,2,4,8,16,32"
     args.partitions = [int(x) for x in args.partitions.split(",") if x]
     args.masters = [m for m in args.masters.split(",") if m]
     return parent(args)

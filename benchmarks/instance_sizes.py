@@ -73,42 +73,19 @@ class NodeType:
     threads_per_slot: int
 
 
-# Used only when cluster.spec has no table.  Same assumptions as there.
-_FALLBACK = {
-    # name: (vCPU, GiB, EC2 USD/h, EMR USD/h)
-    "m5.large": (2, 8, 0.112, 0.024),
-    "m5.xlarge": (4, 16, 0.224, 0.048),
-    "m5.2xlarge": (8, 32, 0.448, 0.096),
-    "c5.xlarge": (4, 8, 0.202, 0.043),
-    "r5.xlarge": (4, 32, 0.296, 0.063),
-}
-
-
 def node_types() -> Tuple[Dict[str, NodeType], str]:
-    """The instance table: ``cluster.spec``'s when present, else the fallback."""
-    try:
-        from cluster import spec  # another engineer's module: used when it has a table
+    """The instance table: ``cluster.spec``'s instance types and executor layout."""
+    from cluster import spec
 
-        out = {}
-        for name in TYPES:
-            it = spec.INSTANCE_TYPES[name]
-            lay = spec.executor_layout(name)
-            out[name] = NodeType(
-                name,
-                it.vcpu,
-                it.memory_gib,
-                it.ec2_usd,
-                it.emr_usd,
-                lay.executors_per_node,
-                lay.task_cpus,
-            )
-        return out, "cluster.spec.INSTANCE_TYPES + executor_layout"
-    except (ImportError, AttributeError, KeyError):
-        out = {
-            name: NodeType(name, v, g, e, m, max(1, v - 1), 1)
-            for name, (v, g, e, m) in _FALLBACK.items()
-        }
-        return out, "benchmarks/instance_sizes.py fallback table"
+    out = {}
+    for name in TYPES:
+        it = spec.INSTANCE_TYPES[name]
+        lay = spec.executor_layout(name)
+        out[name] = NodeType(
+            name, it.vcpu, it.memory_gib, it.ec2_usd, it.emr_usd, lay.executors_per_node,
+            lay.task_cpus,
+        )  # fmt: skip
+    return out, "cluster.spec.INSTANCE_TYPES + executor_layout"
 
 
 def latest_featurize(alpha: float) -> Optional[Dict[str, Any]]:
@@ -337,41 +314,16 @@ def emr_sweep(args) -> int:
         )
     partitions = [int(p) for p in args.partitions.split(",")]
     emr = boto3.client("emr", region_name=args.region)
-    try:
-        from cluster import emr as cemr
-        from cluster import spec as cspec
-    except ImportError:
-        cemr = cspec = None
+    from cluster import emr as cemr
+    from cluster import spec as cspec
+
     step_ids: List[Tuple[int, str]] = []
     for p in partitions:
         out = f"{args.output.rstrip('/')}/sweep-p{p}/"
         stage_args = ["--partitions", str(p), "--weights", args.weights, "--overwrite"]
-        if cspec is not None and hasattr(cspec, "stage_step"):
-            step = cspec.stage_step("featurize", args.input, out, args.code, stage_args)
-            step["Name"] = f"bench featurize p={p}"
-        else:
-            step = {
-                "Name": f"bench featurize p={p}",
-                "ActionOnFailure": "CONTINUE",
-                "HadoopJarStep": {
-                    "Jar": "command-runner.jar",
-                    "Args": [
-                        "spark-submit",
-                        "--deploy-mode",
-                        "cluster",
-                        "--py-files",
-                        args.code + "fruits_pipeline.zip",
-                        args.code + "featurize.py",
-                        args.input,
-                        out,
-                        *stage_args,
-                    ],
-                },
-            }
-        if cemr is not None:
-            sid = cemr.add_step(emr, args.cluster_id, step, log=print)
-        else:
-            sid = emr.add_job_flow_steps(JobFlowId=args.cluster_id, Steps=[step])["StepIds"][0]
+        step = cspec.stage_step("featurize", args.input, out, args.code, stage_args)
+        step["Name"] = f"bench featurize p={p}"
+        sid = cemr.add_step(emr, args.cluster_id, step, log=print)
         step_ids.append((p, sid))
     rows = []
     for p, sid in step_ids:  # steps run one after another (EMR's default concurrency 1)
@@ -417,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--region", default="eu-west-3")
     g.add_argument("--input", default=None, help="s3://bucket/Test/")
     g.add_argument("--output", default=None, help="s3://bucket/bench/")
-    g.add_argument("--code", default=None, help="s3://bucket/code/<version>/ (zip + scripts)")
+    g.add_argument("--code", default=None, help="s3://bucket/code/<version>/ (wheel + scripts)")
     g.add_argument("--weights", default="imagenet")
     g.add_argument("--images", type=int, default=None, help="image count of --input (for img/s)")
     g.add_argument("--partitions", default="8,16,32,64")

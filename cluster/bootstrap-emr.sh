@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# EMR bootstrap action of fruits-pipeline.  Runs on every node (primary, core, task) as the
-# hadoop user, before YARN and Spark start, so a failure here fails the cluster at once
-# instead of the first Spark task an hour later.
+# EMR bootstrap action of fruits-pipeline.  Runs on every node (primary, core, task; also
+# the nodes managed scaling adds later) as the hadoop user, before YARN and Spark start,
+# so a failure here fails the cluster at once instead of the first Spark task an hour later.
 #
-#   usage: bootstrap-emr.sh s3://BUCKET/code/VERSION/
+#   usage: bootstrap-emr.sh s3://BUCKET/code/VERSION/fruits_pipeline-VERSION-py3-none-any.whl
 #
-# EMR 7.6.0 runs PySpark on Python 3.9 by default; our libraries go to Python 3.11, which
-# the spark-env classification of the cluster makes Spark use.  pyspark itself is EMR's
-# Spark 3.5.3 (spark-submit puts it on PYTHONPATH): never pip-install it here.
+# EMR 7.6.0 runs PySpark on Python 3.9 by default; our libraries and the project itself go
+# to Python 3.11, which the spark-env and livy-env classifications make Spark and Livy use.
+# Steps, Livy sessions and notebook kernels then all import this one installed copy.
+# pyspark itself is EMR's Spark 3.5.3 (spark-submit and Livy put it on PYTHONPATH): never
+# pip-install it here.
 set -euo pipefail
 
-CODE_URI="${1:?usage: bootstrap-emr.sh s3://BUCKET/code/VERSION/}"
-PYTHON=/usr/bin/python3.11
-WEIGHTS_DIR=/opt/fruits-pipeline/weights
+WHEEL_URI="${1:?usage: bootstrap-emr.sh s3://BUCKET/code/VERSION/fruits_pipeline-...-py3-none-any.whl}"
+# Overridable only so that tests/test_cluster_package.py can run this script in a sandbox.
+PYTHON="${FRUITS_BOOTSTRAP_PYTHON:-/usr/bin/python3.11}"
+WEIGHTS_DIR="${FRUITS_BOOTSTRAP_WEIGHTS_DIR:-/opt/fruits-pipeline/weights}"
 
 # Exact versions inside pyproject.toml's ranges (tests/test_cluster_package.py checks that
 # they agree).  numpy stays < 2: pyspark 3.5's Arrow and ML paths are not numpy-2 clean.
+# matplotlib: the notebook's figures and the report, drawn on the driver.
 PINS=(
   "tensorflow-cpu==2.21.0"
+  "ai-edge-litert==2.3.0"
   "numpy==1.26.4"
   "scipy==1.17.1"
   "pandas==2.2.3"
   "pyarrow==17.0.0"
   "pillow==13.0.0"
   "boto3==1.44.8"
+  "matplotlib==3.11.2"
+  "faiss-cpu==1.15.1"
 )
 
 log() { echo "fruits-pipeline bootstrap: $*" >&2; }
@@ -37,25 +44,37 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
   sudo dnf install -y -q python3.11-pip
 fi
 
+# Fetched first: a wrong code URI fails the node in seconds, not after installing TensorFlow.
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+wheel="$tmp/${WHEEL_URI##*/}"
+aws s3 cp --only-show-errors "$WHEEL_URI" "$wheel"
+
 log "pip install ${PINS[*]}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check "${PINS[@]}"
 # Fail here, with the reason in the bootstrap log, rather than in a Spark task.
-"$PYTHON" -c "import numpy, scipy, pandas, pyarrow, PIL, tensorflow; print('tensorflow', tensorflow.__version__)"
+"$PYTHON" -c "import numpy, scipy, pandas, pyarrow, PIL, matplotlib, tensorflow; print('tensorflow', tensorflow.__version__)"
+# The default featurize engine (LiteRT): an x86_64 wheel only, so no Graviton (aarch64) nodes.
+"$PYTHON" -c "from ai_edge_litert.interpreter import Interpreter; print('ai-edge-litert ok')"
 
-# --weights bundled: h5py cannot open an .h5 inside the --py-files zip, so each node gets
-# the bundled weights on local disk (the step passes their path).
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-aws s3 cp --only-show-errors "${CODE_URI%/}/fruits_pipeline.zip" "$tmp/fruits_pipeline.zip"
+# The project: the wheel `emr up` built from the same files as s3://B/code/VERSION/.
+# --no-deps: the pins above are its dependencies, and pyspark comes from EMR.
+log "pip install ${wheel##*/}"
+sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check \
+  --no-deps --no-index "$wheel"
+# Import what a step imports before Spark is there (pyspark is imported lazily), and find
+# the bundled weights inside the installed package.
+bundled="$(cd / && "$PYTHON" -c '
+import cluster.spec, linalg.distributed, stages.cli, stages.featurize, stages.notebook
+import stages.reduce, stages.report
+from stages.model import BUNDLED_WEIGHTS
+assert BUNDLED_WEIGHTS.is_file(), BUNDLED_WEIGHTS
+print(BUNDLED_WEIGHTS.parent)
+')"
+
+# --weights bundled in a step: the copy on each node's local disk (the step passes its path).
 sudo mkdir -p "$WEIGHTS_DIR"
-sudo "$PYTHON" - "$tmp/fruits_pipeline.zip" "$WEIGHTS_DIR" <<'PY'
-import os, sys, zipfile
-src, dest = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(src) as zf:
-    for name in zf.namelist():
-        if name.startswith("stages/weights/") and not name.endswith("/"):
-            with open(os.path.join(dest, os.path.basename(name)), "wb") as out:
-                out.write(zf.read(name))
-PY
+# With the pre-converted TFLite model beside it, the LiteRT engine needs no conversion.
+sudo cp "$bundled"/*.h5 "$bundled"/*.tflite "$bundled"/NOTICE.md "$bundled"/SHA256SUMS "$WEIGHTS_DIR"/
 sudo chmod -R a+rX "$WEIGHTS_DIR"
-log "done: $(ls "$WEIGHTS_DIR" | tr '\n' ' ')"
+log "done: $("$PYTHON" -m pip show fruits-pipeline 2>/dev/null | grep -m1 '^Version:'), weights in $WEIGHTS_DIR: $(ls "$WEIGHTS_DIR" | tr '\n' ' ')"

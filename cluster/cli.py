@@ -97,8 +97,18 @@ def _log(args) -> Callable[[str], None]:
     return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
-def _add_cluster_options(p: argparse.ArgumentParser, bucket_required: bool) -> None:
+def _add_cluster_options(
+    p: argparse.ArgumentParser, bucket_required: bool, engine_option: bool = True
+) -> None:
     g = p.add_argument_group("cluster options")
+    if engine_option:  # `emr run` has the featurize stage's own --engine
+        g.add_argument(
+            "--engine",
+            choices=sorted(spec.PYTHON_WORKER_MIB),
+            default="litert",
+            help="featurize engine the executors are sized for (default litert; keras "
+            "workers need 2 GiB each)",
+        )
     g.add_argument(
         "--bucket",
         required=bucket_required,
@@ -148,6 +158,7 @@ def _options(args, bucket: Optional[str] = None) -> spec.ClusterOptions:
             bucket=bucket or args.bucket,
             region=_region(args),
             instance_type=args.instance_type,
+            engine=getattr(args, "engine", None) or "litert",
             core=args.core,
             task=args.task,
             spot=args.spot,
@@ -218,7 +229,7 @@ def _stage_argv(args, stage: str) -> List[str]:
             continue
         value = values[action.dest]
         if action.nargs == 0:  # a flag
-            if value and value != action.default:
+            if value != action.default:  # store_true given, or store_false given
                 argv.append(action.option_strings[0])
         elif value is not None:
             argv += [action.option_strings[0], str(value)]
@@ -270,15 +281,6 @@ def _keeps_output(args, stage: str) -> bool:
     )
 
 
-def _check_reduce_args(args) -> None:
-    k = getattr(args, "k", None)
-    variance = getattr(args, "variance", None)
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1]")
-
-
 # ------------------------------------------------------------------ commands
 
 
@@ -297,9 +299,15 @@ def _cmd_bucket_create(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from cluster.package import build_bundle
+    from cluster import emr
+    from cluster.package import build_bundle, emr_notebook
 
     opts = _options(args)
+    # The same checks as `up`, in the same order: a plan that `up` would refuse is refused.
+    s3 = emr.client("s3", opts.region)
+    _same_region(guard.check_bucket(s3, opts.bucket), opts, _log(args))
+    if opts.notebook:
+        emr_notebook(opts.bucket)  # `up` refuses a missing notebook before uploading: so do we
     bundle = build_bundle()
     request = spec.build_request(opts, bundle.uri(opts.bucket))
     cost = spec.hourly_cost(opts)
@@ -313,9 +321,13 @@ def _cmd_plan(args) -> int:
 
 
 def _upload_code(args, opts: spec.ClusterOptions, s3) -> str:
-    from cluster.package import build_bundle, upload_bundle
+    from cluster.package import build_bundle, emr_notebook, upload_bundle, upload_notebook
 
-    return upload_bundle(s3, opts.bucket, build_bundle(), _log(args))
+    notebook = emr_notebook(opts.bucket) if opts.notebook else None  # a missing one: exit 2
+    code = upload_bundle(s3, opts.bucket, build_bundle(), _log(args))
+    if notebook is not None:
+        upload_notebook(s3, opts.bucket, notebook, _log(args))
+    return code
 
 
 def _same_region(bucket_region: str, opts: spec.ClusterOptions, log) -> None:
@@ -347,8 +359,6 @@ def _cmd_submit(args) -> int:
 
     region = _region(args)
     stage = args.stage
-    if stage == "reduce":
-        _check_reduce_args(args)
     _check_growing_args(args, stage)
     stage_args = _stage_argv(args, stage)
     s3 = emr.client("s3", region)
@@ -389,7 +399,6 @@ def _cmd_run(args) -> int:
     from cluster import emr
     from stages.cli import default_features_path
 
-    _check_reduce_args(args)
     _check_growing_args(args, "featurize")
     _check_growing_args(args, "reduce")
     bucket = _run_bucket(args)
@@ -487,10 +496,12 @@ def register(sub) -> None:
     esub = e.add_subparsers(dest="emr_command", metavar="ACTION")
     esub.required = True
 
-    p = esub.add_parser("plan", help="print the run_job_flow request; create nothing")
+    p = esub.add_parser(
+        "plan", help="run every check `up` runs, print the run_job_flow request; create nothing"
+    )
     _flags(p)
     _add_cluster_options(p, bucket_required=True)
-    p.set_defaults(func=_cmd_plan)
+    p.set_defaults(func=_aws_errors(_cmd_plan))
 
     p = esub.add_parser("up", help="check GDPR, upload the code, start a cluster, print its id")
     _flags(p)
@@ -532,7 +543,7 @@ def register(sub) -> None:
     p.add_argument("input", metavar="INPUT", help="s3://B/Test/")
     p.add_argument("results", metavar="RESULTS", help="s3://B/Results/")
     p.add_argument("--features", default=None, help="default: Features beside RESULTS")
-    _add_cluster_options(p, bucket_required=False)
+    _add_cluster_options(p, bucket_required=False, engine_option=False)
     _add_stage_options(p, "featurize")
     _add_stage_options(p, "reduce")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

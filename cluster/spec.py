@@ -4,15 +4,18 @@
 
 Layout in the bucket ``B`` (the IAM policy of :mod:`cluster.policy` follows it)::
 
-    s3://B/code/<version>/   fruits_pipeline.zip, featurize.py, reduce.py,
-                             bootstrap-emr.sh, requirements-emr.txt
+    s3://B/code/<version>/   fruits_pipeline-<wheel version>-py3-none-any.whl,
+                             featurize.py, reduce.py, bootstrap-emr.sh, requirements-emr.txt
     s3://B/logs/emr/         EMR's LogUri (step and container logs)
-    s3://B/jupyter/          notebooks, with --notebook (JupyterHub S3 persistence)
+    s3://B/jupyter/jovyan/   notebooks, with --notebook (JupyterHub S3 persistence;
+                             jovyan is JupyterHub's default user)
     s3://B/Test/ Features/ Results/   the data (by convention; any prefix works)
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,27 +24,33 @@ from stages.errors import UsageError
 
 __all__ = [
     "BOOTSTRAP_NAME",
+    "DIST_NAME",
     "INSTANCE_TYPES",
+    "JUPYTER_USER",
+    "LIVY_SESSION_TIMEOUT",
     "NODE_WEIGHTS_DIR",
+    "NOTEBOOK_NAME",
     "PYTHON",
     "RELEASE_LABEL",
     "REQUIREMENTS_NAME",
     "STAGE_SCRIPTS",
-    "ZIP_NAME",
     "ClusterOptions",
     "ExecutorLayout",
     "InstanceType",
     "build_request",
     "code_uri",
+    "code_version",
     "configurations",
     "executor_layout",
     "hourly_cost",
+    "livy_session_configs",
     "log_uri",
+    "notebook_key",
     "spark_defaults",
     "stage_step",
     "step_log_uri",
-    "total_slots",
     "validate_options",
+    "wheel_name",
 ]
 
 RELEASE_LABEL = "emr-7.6.0"  # Spark 3.5.3, Amazon Linux 2023
@@ -52,7 +61,11 @@ PYTHON = "/usr/bin/python3.11"
 CODE_PREFIX = "code/"
 LOG_PREFIX = "logs/emr/"
 JUPYTER_PREFIX = "jupyter/"
-ZIP_NAME = "fruits_pipeline.zip"
+# JupyterHub on EMR keeps each user's notebooks in s3://B/jupyter/<user>/; jovyan is the
+# default (and only, until you add users) one.
+JUPYTER_USER = "jovyan"
+NOTEBOOK_NAME = "fruits_pipeline.ipynb"
+DIST_NAME = "fruits-pipeline"
 BOOTSTRAP_NAME = "bootstrap-emr.sh"
 REQUIREMENTS_NAME = "requirements-emr.txt"
 STAGE_SCRIPTS: Dict[str, str] = {
@@ -60,9 +73,13 @@ STAGE_SCRIPTS: Dict[str, str] = {
     "reduce": "reduce.py",
     "watch": "watch.py",
 }
-# Where the bootstrap unpacks the bundled weights: an .h5 inside the zip on
-# --py-files cannot be opened by h5py.
+# Where the bootstrap copies the bundled weights, for steps given --weights bundled (the
+# installed package has them too, as stages/weights/*.h5 in site-packages).
 NODE_WEIGHTS_DIR = "/opt/fruits-pipeline/weights"
+# Livy ends a notebook session idle this long.  An open session is a running YARN
+# application, and EMR never counts a cluster with one as idle: without this limit a
+# forgotten notebook would keep the cluster (and the bill) alive past its idle timeout.
+LIVY_SESSION_TIMEOUT = "1h"
 
 TAGS: Dict[str, str] = {"project": "fruits-pipeline", "data-residency": "eu"}
 CODE_TAG = "code-uri"  # lets `emr submit` find the code a cluster was bootstrapped with
@@ -101,9 +118,14 @@ INSTANCE_TYPES: Dict[str, InstanceType] = {
     )
 }
 
-# A Python worker holds ~0.6 GB after building MobileNetV2 and peaks near 1.9 GB RSS with
-# alpha 1.0 and batches of 64 (measured); 2 GiB each leaves a little margin.
-PYTHON_WORKER_MIB = 2048
+# Memory of one Python worker, per featurize engine (stages.engine), from measured peaks
+# (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 8, peak RSS
+# ~0.3 GB at alpha 1.0.  Keras: ~0.6 GB after building MobileNetV2, peaking near 1.9 GB
+# with alpha 1.0 and batches of 64.
+PYTHON_WORKER_MIB: Dict[str, int] = {"litert": 768, "keras": 2048}
+# The Python driver converts the Keras model to TFLite for --weights imagenet/.h5/random
+# (TensorFlow import + build + conversion: 1.06 GB peak RSS at alpha 1.0, measured).
+DRIVER_PYTHON_MIB = 1536
 # Spark's floor for memoryOverhead: JVM off-heap, netty, Arrow buffers of mapInArrow.
 JVM_OVERHEAD_MIB = 384
 # Executor heap floor: Spark refuses < 450 MiB; 640 MiB leaves ~200 MiB of unified
@@ -129,10 +151,19 @@ class ExecutorLayout:
     heap_mib: int
     overhead_mib: int
     python_mib: int
+    engine: str = "litert"
+    driver_heap_mib: int = MIN_HEAP_MIB
+    driver_overhead_mib: int = JVM_OVERHEAD_MIB + DRIVER_PYTHON_MIB
+    driver_slots: int = 1
 
 
-def executor_layout(instance_type: str) -> ExecutorLayout:
+def executor_layout(instance_type: str, engine: str = "litert") -> ExecutorLayout:
     """Size executors so YARN never kills a container for its Python worker's memory.
+
+    ``engine`` is the featurize engine the cluster is sized for: a LiteRT worker needs
+    a third of a Keras worker's memory, so memory-bound types run more of them.  The
+    driver's container (a YARN container on a core node in cluster deploy mode) holds
+    the TFLite conversion; it takes ``driver_slots`` executors' room.
 
     Python memory is counted in ``spark.executor.memoryOverhead`` rather than
     ``spark.executor.pyspark.memory``: the latter sets ``RLIMIT_AS`` on each worker, a
@@ -146,13 +177,21 @@ def executor_layout(instance_type: str) -> ExecutorLayout:
         Unknown instance type, or one too small for a single Python worker.
     """
     it = _instance(instance_type)
-    slot_min = MIN_HEAP_MIB + JVM_OVERHEAD_MIB + PYTHON_WORKER_MIB
-    workers = min(it.vcpu, it.yarn_mib // slot_min)
-    if workers < 1:  # pragma: no cover - every type in the table fits one
+    if engine not in PYTHON_WORKER_MIB:
+        raise UsageError(f"unknown --engine {engine!r}: use {' or '.join(PYTHON_WORKER_MIB)}")
+    python = PYTHON_WORKER_MIB[engine]
+    slot_min = MIN_HEAP_MIB + JVM_OVERHEAD_MIB + python
+    fit = min(it.vcpu, it.yarn_mib // slot_min)
+    if fit < 1:  # pragma: no cover - every type in the table fits one
         raise UsageError(f"{instance_type} has too little YARN memory for one Python worker")
-    task_cpus = it.vcpu // workers  # memory-bound types (c5) give each worker more threads
+    # A divisor of the vCPUs, so no core idles: memory-bound types (c5) give each
+    # worker more threads instead.
+    workers = max(w for w in range(1, fit + 1) if it.vcpu % w == 0)
+    task_cpus = it.vcpu // workers
     container = (it.yarn_mib // workers) // 128 * 128
-    overhead = JVM_OVERHEAD_MIB + PYTHON_WORKER_MIB
+    overhead = JVM_OVERHEAD_MIB + python
+    driver_overhead = JVM_OVERHEAD_MIB + DRIVER_PYTHON_MIB
+    driver_slots = math.ceil((MIN_HEAP_MIB + driver_overhead) / container)
     return ExecutorLayout(
         instance_type=it.name,
         executors_per_node=workers,
@@ -161,22 +200,26 @@ def executor_layout(instance_type: str) -> ExecutorLayout:
         container_mib=container,
         heap_mib=container - overhead,
         overhead_mib=overhead,
-        python_mib=PYTHON_WORKER_MIB,
+        python_mib=python,
+        engine=engine,
+        driver_heap_mib=driver_slots * container - driver_overhead,
+        driver_overhead_mib=driver_overhead,
+        driver_slots=driver_slots,
     )
 
 
-def spark_defaults(instance_type: str) -> Dict[str, str]:
+def spark_defaults(instance_type: str, engine: str = "litert") -> Dict[str, str]:
     """The ``spark-defaults`` classification for core/task nodes of ``instance_type``."""
-    lay = executor_layout(instance_type)
+    lay = executor_layout(instance_type, engine)
     return {
         "spark.executor.cores": str(lay.cores),
         "spark.task.cpus": str(lay.task_cpus),
         "spark.executor.memory": f"{lay.heap_mib}m",
         "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
         "spark.driver.cores": "1",
-        "spark.driver.memory": f"{lay.heap_mib}m",
-        # the Python driver imports TensorFlow and builds the model to read the weights
-        "spark.driver.memoryOverhead": f"{lay.overhead_mib}m",
+        "spark.driver.memory": f"{lay.driver_heap_mib}m",
+        # the Python driver imports TensorFlow, builds the model and converts it
+        "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
         "spark.pyspark.python": PYTHON,
         "spark.pyspark.driver.python": PYTHON,
         # one model build per worker, not per task (8x slower without, measured)
@@ -200,6 +243,7 @@ class ClusterOptions:
     bucket: str
     region: str = DEFAULT_REGION
     instance_type: str = "m5.large"
+    engine: str = "litert"
     core: int = 2
     task: int = 0
     spot: bool = False
@@ -218,7 +262,7 @@ def validate_options(opts: ClusterOptions) -> ClusterOptions:
     """Return ``opts`` if consistent; raise :class:`UsageError` with the fix otherwise."""
     check_region(opts.region)
     validate_bucket_name(opts.bucket)
-    _instance(opts.instance_type)
+    executor_layout(opts.instance_type, opts.engine)
     if opts.core < 1:
         raise UsageError(f"--core {opts.core} must be at least 1 (core nodes run the driver)")
     if opts.task < 0:
@@ -240,6 +284,27 @@ def validate_options(opts: ClusterOptions) -> ClusterOptions:
 def code_uri(bucket: str, version: str) -> str:
     """``s3://B/code/<version>/``, where ``emr up`` uploads the code."""
     return f"s3://{bucket}/{CODE_PREFIX}{version}/"
+
+
+def code_version(code: str) -> str:
+    """The ``<version>`` of ``s3://B/code/<version>/``."""
+    return code.rstrip("/").rsplit("/", 1)[-1]
+
+
+def wheel_name(version: str) -> str:
+    """The wheel of code version ``0.1.0-<sha>``: ``fruits_pipeline-0.1.0+<sha>-py3-none-any.whl``.
+
+    The content hash becomes a PEP 440 local version label, so ``pip show
+    fruits-pipeline`` on a node names the code folder it came from.
+    """
+    base, _, local = version.partition("-")
+    full = f"{base}+{local.replace('-', '.')}" if local else base
+    return f"{DIST_NAME.replace('-', '_')}-{full}-py3-none-any.whl"
+
+
+def notebook_key(name: str = NOTEBOOK_NAME) -> str:
+    """``jupyter/jovyan/<name>``: where JupyterHub's default user finds a notebook."""
+    return f"{JUPYTER_PREFIX}{JUPYTER_USER}/{name}"
 
 
 def log_uri(bucket: str) -> str:
@@ -266,20 +331,82 @@ def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
                 }
             ],
         },
-        {"Classification": "spark-defaults", "Properties": spark_defaults(opts.instance_type)},
+        {
+            "Classification": "spark-defaults",
+            "Properties": spark_defaults(opts.instance_type, opts.engine),
+        },
     ]
     if opts.notebook:
-        # JupyterHub saves notebooks to s3://B/jupyter/ instead of the primary's disk.
-        confs.append(
+        confs += [
+            # JupyterHub saves notebooks to s3://B/jupyter/<user>/, not the primary's disk.
             {
                 "Classification": "jupyter-s3-conf",
                 "Properties": {
                     "s3.persistence.enabled": "true",
                     "s3.persistence.bucket": opts.bucket,
                 },
-            }
-        )
+            },
+            # Livy's PySpark sessions: the driver in a YARN container on a core node (as a
+            # step's), not on the primary beside JupyterHub, YARN and HDFS daemons.
+            {
+                "Classification": "livy-conf",
+                "Properties": {
+                    "livy.spark.deploy-mode": "cluster",
+                    "livy.server.session.timeout-check": "true",
+                    "livy.server.session.timeout": LIVY_SESSION_TIMEOUT,
+                },
+            },
+            # Livy starts the session's Python from spark.pyspark.python, else from
+            # PYSPARK_PYTHON: the 3.11 the bootstrap installed the project into.
+            {
+                "Classification": "livy-env",
+                "Properties": {},
+                "Configurations": [
+                    {
+                        "Classification": "export",
+                        "Properties": {"PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON},
+                    }
+                ],
+            },
+            {
+                "Classification": "jupyter-sparkmagic-conf",
+                "Properties": {
+                    "session_configs": json.dumps(
+                        livy_session_configs(opts.instance_type, opts.engine), sort_keys=True
+                    )
+                },
+            },
+        ]
     return confs
+
+
+def livy_session_configs(instance_type: str, engine: str = "litert") -> Dict[str, Any]:
+    """Sparkmagic's ``session_configs``: what every PySpark kernel asks Livy for.
+
+    Sparkmagic sends its own defaults with each new session (``driverMemory`` 1000M,
+    ``executorCores`` 2), and they override ``spark-defaults``.  Two cores would put two
+    Python workers, two TensorFlow models, in an executor sized for one, and YARN would
+    kill it in the middle of a featurize.  So the session asks for exactly the layout of
+    :func:`spark_defaults`: the driver sized like a step's (the model is built once in
+    its Python process, inside the container's overhead), one Python worker per
+    executor, and Python 3.11 on the driver (``spark.yarn.appMasterEnv``, cluster mode)
+    and the executors.
+    """
+    lay = executor_layout(instance_type, engine)
+    return {
+        "driverMemory": f"{lay.driver_heap_mib}m",
+        "driverCores": 1,
+        "executorMemory": f"{lay.heap_mib}m",
+        "executorCores": lay.cores,
+        "conf": {
+            "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
+            "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
+            "spark.task.cpus": str(lay.task_cpus),
+            "spark.pyspark.python": PYTHON,
+            "spark.pyspark.driver.python": PYTHON,
+            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": PYTHON,
+        },
+    }
 
 
 def build_request(
@@ -295,7 +422,8 @@ def build_request(
     opts : ClusterOptions
         Validated here.
     code : str
-        ``s3://B/code/<version>/`` (:func:`code_uri`): the bootstrap script's folder.
+        ``s3://B/code/<version>/`` (:func:`code_uri`): the bootstrap script's folder,
+        and the wheel it installs (:func:`wheel_name`).
     steps : sequence of dict
         Steps to run at start (:func:`stage_step`); ``emr run`` passes both stages.
     keep_alive : bool
@@ -334,8 +462,11 @@ def build_request(
         "Instances": instances,
         "BootstrapActions": [
             {
-                "Name": "fruits-pipeline libraries (python3.11)",
-                "ScriptBootstrapAction": {"Path": code + BOOTSTRAP_NAME, "Args": [code]},
+                "Name": "fruits-pipeline and its libraries (python3.11)",
+                "ScriptBootstrapAction": {
+                    "Path": code + BOOTSTRAP_NAME,
+                    "Args": [code + wheel_name(code_version(code))],
+                },
             }
         ],
         "Configurations": configurations(opts),
@@ -379,13 +510,18 @@ def stage_step(
 ) -> Dict[str, Any]:
     """One EMR step: ``spark-submit --deploy-mode cluster`` of a stage script.
 
+    No ``--py-files``: the step imports the project the bootstrap installed on every node
+    (the same version: ``emr submit`` uses the code of the cluster's ``code-uri`` tag),
+    as Livy sessions do.  One copy of the code per node; its package data (weights,
+    log4j2 config) are real files, which libraries that open paths (h5py, log4j) need.
+
     Parameters
     ----------
     stage : {"featurize", "reduce", "watch"}
     input_uri, output_uri : str
         S3 URIs (``s3://``, ``s3a://``, ``s3n://``), passed through unchanged.
     code : str
-        ``s3://B/code/<version>/`` holding the zip and the stage scripts.
+        ``s3://B/code/<version>/`` holding the stage scripts.
     stage_args : sequence of str
         The stage's own options (``--k 50``, ``--weights imagenet``, ...).
     action_on_failure : str
@@ -399,8 +535,6 @@ def stage_step(
         "spark-submit",
         "--deploy-mode",
         "cluster",
-        "--py-files",
-        code + ZIP_NAME,
         code + STAGE_SCRIPTS[stage],
         input_uri,
         output_uri,
@@ -451,9 +585,3 @@ def _group(name: str, role: str, instance_type: str, count: int, market: str = "
         "InstanceType": instance_type,
         "InstanceCount": count,
     }
-
-
-def total_slots(opts: ClusterOptions) -> int:
-    """Concurrent featurize tasks on the cluster at start, after the driver's container."""
-    lay = executor_layout(opts.instance_type)
-    return max(0, (opts.core + opts.task) * lay.executors_per_node - 1)

@@ -3,7 +3,7 @@
 ``linalg.kernels`` holds pure numpy kernels over one block of rows (moments, the
 Chan-Golub-LeVeque merge, covariance, correlation, eigendecomposition, projection);
 they never import pyspark.  ``linalg.distributed`` applies them over an RDD of row
-blocks with ``treeAggregate`` (``RowMatrix``, ``IndexedRowMatrix``).
+blocks with ``treeAggregate`` (``RowMatrix``, ``KeyedRowMatrix``).
 """
 
 from linalg.kernels import (

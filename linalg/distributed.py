@@ -1,22 +1,25 @@
 """Distributed matrices over Spark RDDs of numpy row blocks.
 
 ``RowMatrix`` is an RDD of 2-d float blocks (one or more per partition) and
-``IndexedRowMatrix`` an RDD of :class:`IndexedBlock` whose rows carry a stable
-int64 index and an opaque per-row payload (the reduce stage keeps each row's
-``path`` and ``label`` there), so a projection keeps track of its rows without a
-join.  The pure kernels of :mod:`linalg.kernels` do the arithmetic; this module
-only moves blocks around.
+``KeyedRowMatrix`` an RDD of :class:`KeyedBlock`, whose rows carry an opaque
+per-row payload (the reduce stage keeps each row's ``path`` and ``label`` there),
+so a projection keeps track of its rows without a join.  The pure kernels of
+:mod:`linalg.kernels` do the arithmetic; this module only moves blocks around.
 
 Methods named ``compute_*`` launch a Spark job; each docstring states its passes
 over the data and its memory on the executors and on the driver (``d`` is the
 number of columns, ``b`` the rows of the largest block, ``P`` the partitions).
+``project`` is lazy: the matrix it returns owns the broadcast of ``W``, which
+:meth:`RowMatrix.release` (or leaving its ``with`` block) destroys once the jobs
+that read it are done.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional
 
 import numpy as np
 
@@ -24,22 +27,54 @@ from linalg.kernels import (
     BlockMoments,
     PCAFit,
     block_moments,
-    correlation_from_covariance,
     covariance,
-    eigh_descending,
     fit_pca_from_moments,
     merge_moments,
     project,
 )
 
-__all__ = ["IndexedBlock", "RowMatrix", "IndexedRowMatrix", "tree_depth"]
+__all__ = [
+    "KeyedBlock",
+    "KeyedRowMatrix",
+    "RowMatrix",
+    "aggregate_budget",
+    "parse_byte_size",
+    "tree_depth",
+]
 
-# What one treeAggregate level may send to one reducer (and, at the top, to the driver).
-_AGGREGATE_BUDGET_BYTES = 256 * 1024 * 1024
+# Spark's default spark.driver.maxResultSize, used when it is 0 (unlimited) or unset.
+DEFAULT_MAX_RESULT_SIZE = 1024**3
+_BYTE_SUFFIXES = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+_BYTE_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtp]?b?)\s*$", re.IGNORECASE)
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes in a Spark size string (``"1g"``, ``"512m"``, ``"2048"``: bytes).
+
+    Suffixes are binary (``k`` = 1024), with or without a trailing ``b``, as in
+    Spark's ``spark.driver.maxResultSize``.
+    """
+    m = _BYTE_SIZE.match(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size such as 1g, 512m or 1048576")
+    suffix = m.group(2).lower()
+    unit = suffix[:-1] if len(suffix) == 2 else suffix  # "mb" -> "m"; "b" stays
+    return int(m.group(1)) * _BYTE_SUFFIXES[unit]
+
+
+def aggregate_budget(sc) -> int:
+    """What one ``treeAggregate`` level may gather at once: half of the driver's
+    ``spark.driver.maxResultSize`` (1g when unset or 0, i.e. unlimited).
+
+    Half, because PySpark's ``treeAggregate`` may leave a couple more partitions
+    than the fan-in for its last level, and pickled arrays carry headers.
+    """
+    limit = parse_byte_size(sc.getConf().get("spark.driver.maxResultSize", "1g"))
+    return (limit or DEFAULT_MAX_RESULT_SIZE) // 2
 
 
 def tree_depth(
-    n_partitions: int, aggregate_bytes: int, budget: int = _AGGREGATE_BUDGET_BYTES
+    n_partitions: int, aggregate_bytes: int, budget: int = DEFAULT_MAX_RESULT_SIZE // 2
 ) -> int:
     """``treeAggregate`` depth from the aggregate's size.
 
@@ -66,18 +101,17 @@ def _merge_optional(a: Optional[BlockMoments], b: Optional[BlockMoments]) -> Opt
 
 
 @dataclass
-class IndexedBlock:
-    """A block of rows with their stable indices and a per-row payload.
+class KeyedBlock:
+    """A block of rows with a per-row payload.
 
     Attributes
     ----------
-    index : ndarray of shape (n_rows,), int64
     X : ndarray of shape (n_rows, n_cols)
     keys : object, optional
-        Carried along untouched (e.g. a pyarrow table of ``path`` and ``label``).
+        Carried along untouched, row for row (e.g. a pyarrow table of ``path`` and
+        ``label``).
     """
 
-    index: np.ndarray
     X: np.ndarray
     keys: Any = None
 
@@ -93,26 +127,29 @@ class RowMatrix:
     blocks : pyspark.RDD of ndarray
         Blocks of shape (n_i, n_cols); empty blocks and partitions are allowed.
     n_cols : int, optional
-        Known number of columns (else taken from the statistics pass).
+        Known number of columns (else taken from the moments pass).
     """
 
     def __init__(self, blocks, n_cols: Optional[int] = None):
         self.blocks = blocks
         self._n_cols = n_cols
+        self._broadcasts: List[Any] = []
 
     @property
     def num_partitions(self) -> int:
         """Partitions of the underlying RDD."""
         return self.blocks.getNumPartitions()
 
-    def compute_column_summary_statistics(self, n_cols: Optional[int] = None) -> BlockMoments:
+    def compute_moments(self, n_cols: Optional[int] = None) -> BlockMoments:
         """Count, column means and centred cross-product ``M2`` in one pass.
 
         One ``treeAggregate`` over the data: every block gives its moments with
-        one float64 GEMM, blocks merge with Chan-Golub-LeVeque.
+        one float64 syrk, blocks merge with Chan-Golub-LeVeque.  The tree is as
+        deep as :func:`tree_depth` needs to keep each level under
+        :func:`aggregate_budget`.
 
         Memory: executors ``O(b d + d^2)``; driver ``O(d^2)`` times the fan-in of
-        the last tree level (:func:`tree_depth`).
+        the last tree level.
 
         Returns
         -------
@@ -120,7 +157,8 @@ class RowMatrix:
             ``n == 0`` (and ``d`` from ``n_cols``) for an empty matrix.
         """
         d = n_cols or self._n_cols or 1
-        depth = tree_depth(self.num_partitions, 8 * d * d)
+        budget = aggregate_budget(self.blocks.context)
+        depth = tree_depth(self.num_partitions, 8 * (d * d + d), budget)
         result = self.blocks.treeAggregate(
             None,
             lambda acc, X: _merge_optional(acc, block_moments(X)),
@@ -133,84 +171,8 @@ class RowMatrix:
         return result
 
     def compute_covariance(self) -> np.ndarray:
-        """Unbiased covariance (n_cols, n_cols): one pass, as
-        :meth:`compute_column_summary_statistics`."""
-        return covariance(self.compute_column_summary_statistics())
-
-    def compute_principal_components_and_explained_variance(
-        self, k: int, standardize: bool = False
-    ) -> Tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` principal components and their explained-variance ratios.
-
-        One pass over the data, then a float64 ``eigh`` of the d x d covariance
-        (or correlation, with ``standardize=True``) on the driver.
-
-        Memory: as :meth:`compute_column_summary_statistics`, plus ``O(d^2)`` for
-        the eigendecomposition on the driver.
-
-        Returns
-        -------
-        components : ndarray of shape (n_cols, k)
-            Deterministic signs (largest-|x| entry positive).
-        explained_variance_ratio : ndarray of shape (k,)
-        """
-        cov = self.compute_covariance()
-        if standardize:
-            cov, _ = correlation_from_covariance(cov)
-        if not 1 <= k <= cov.shape[0]:
-            raise ValueError(f"k={k} must be between 1 and n_features={cov.shape[0]}")
-        w, V = eigh_descending(cov)
-        trace = float(np.trace(cov))
-        ratio = w / trace if trace > 0 else np.zeros_like(w)
-        return V[:, :k], ratio[:k]
-
-    def multiply(self, W: np.ndarray, mean: Optional[np.ndarray] = None) -> RowMatrix:
-        """``(self - mean) @ W`` as a new RowMatrix; ``W`` and ``mean`` are broadcast.
-
-        Lazy (no job). Memory: executors ``O(b d + d k)``; driver ``O(d k)``.
-        """
-        sc = self.blocks.context
-        bw = sc.broadcast((np.asarray(W, dtype=np.float64), mean))
-
-        def mul(X):
-            W_, m_ = bw.value
-            return project(X, W_, m_)
-
-        return RowMatrix(self.blocks.map(mul), n_cols=int(W.shape[1]))
-
-
-class IndexedRowMatrix:
-    """Rows keyed by a stable index, in blocks that also carry a per-row payload.
-
-    Parameters
-    ----------
-    blocks : pyspark.RDD of IndexedBlock
-    n_cols : int, optional
-    """
-
-    def __init__(self, blocks, n_cols: Optional[int] = None):
-        self.blocks = blocks
-        self._n_cols = n_cols
-
-    def to_row_matrix(self) -> RowMatrix:
-        """Drop the indices (lazy)."""
-        return RowMatrix(self.blocks.map(lambda b: b.X), n_cols=self._n_cols)
-
-    def compute_column_summary_statistics(self, n_cols: Optional[int] = None) -> BlockMoments:
-        """See :meth:`RowMatrix.compute_column_summary_statistics` (one pass)."""
-        return self.to_row_matrix().compute_column_summary_statistics(n_cols)
-
-    def compute_covariance(self) -> np.ndarray:
-        """See :meth:`RowMatrix.compute_covariance` (one pass)."""
-        return self.to_row_matrix().compute_covariance()
-
-    def compute_principal_components_and_explained_variance(
-        self, k: int, standardize: bool = False
-    ) -> Tuple[np.ndarray, np.ndarray]:
-        """See :meth:`RowMatrix.compute_principal_components_and_explained_variance`."""
-        return self.to_row_matrix().compute_principal_components_and_explained_variance(
-            k, standardize
-        )
+        """Unbiased covariance (n_cols, n_cols): one pass, as :meth:`compute_moments`."""
+        return covariance(self.compute_moments())
 
     def compute_pca(
         self,
@@ -220,23 +182,80 @@ class IndexedRowMatrix:
     ) -> PCAFit:
         """Standardise-then-PCA fit (Spark ML ``StandardScaler + PCA`` conventions).
 
-        One pass over the data, one ``eigh`` of the correlation on the driver.
+        One pass over the data (:meth:`compute_moments`), then
+        :func:`linalg.kernels.fit_pca_from_moments` on the driver: one float64
+        ``eigh`` of the d x d correlation, ``O(d^2)`` memory.
         """
-        return fit_pca_from_moments(
-            self.compute_column_summary_statistics(n_cols), k=k, variance=variance
-        )
+        return fit_pca_from_moments(self.compute_moments(n_cols), k=k, variance=variance)
 
-    def multiply(self, W: np.ndarray, mean: Optional[np.ndarray] = None) -> IndexedRowMatrix:
-        """``(X - mean) @ W`` per block, keeping each row's index and payload (lazy).
+    def _with_broadcast(self, W: np.ndarray, mean: Optional[np.ndarray]):
+        W = np.asarray(W, dtype=np.float64)
+        if mean is not None:
+            mean = np.asarray(mean, dtype=np.float64)
+        return W, self.blocks.context.broadcast((W, mean))
 
-        ``W`` (d x k) and ``mean`` are broadcast once. Memory: executors
+    def project(self, W: np.ndarray, mean: Optional[np.ndarray] = None) -> RowMatrix:
+        """``(self - mean) @ W`` as a new RowMatrix (:func:`linalg.kernels.project`).
+
+        Lazy (no job). ``W`` (d x k) and ``mean`` are broadcast once; the new
+        matrix owns the broadcast (:meth:`release`). Memory: executors
         ``O(b d + d k)``; driver ``O(d k)``.
         """
-        sc = self.blocks.context
-        bw = sc.broadcast((np.asarray(W, dtype=np.float64), mean))
+        W, bw = self._with_broadcast(W, mean)
 
-        def mul(block: IndexedBlock) -> IndexedBlock:
+        def mul(X):
             W_, m_ = bw.value
-            return IndexedBlock(block.index, project(block.X, W_, m_), block.keys)
+            return project(X, W_, m_)
 
-        return IndexedRowMatrix(self.blocks.map(mul), n_cols=int(W.shape[1]))
+        out = RowMatrix(self.blocks.map(mul), n_cols=int(W.shape[1]))
+        out._broadcasts.append(bw)
+        return out
+
+    def release(self) -> None:
+        """Destroy the broadcasts this matrix owns (its blocks cannot be computed after)."""
+        while self._broadcasts:
+            self._broadcasts.pop().destroy()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class KeyedRowMatrix(RowMatrix):
+    """A RowMatrix whose blocks are :class:`KeyedBlock`: each row keeps its payload.
+
+    Parameters
+    ----------
+    blocks : pyspark.RDD of KeyedBlock
+    n_cols : int, optional
+    """
+
+    def to_row_matrix(self) -> RowMatrix:
+        """Drop the payload (lazy)."""
+        return RowMatrix(self.blocks.map(lambda b: b.X), n_cols=self._n_cols)
+
+    def compute_moments(self, n_cols: Optional[int] = None) -> BlockMoments:
+        """See :meth:`RowMatrix.compute_moments` (one pass)."""
+        moments = self.to_row_matrix().compute_moments(n_cols)
+        if moments.n:
+            self._n_cols = moments.n_features
+        return moments
+
+    def project(self, W: np.ndarray, mean: Optional[np.ndarray] = None) -> KeyedRowMatrix:
+        """``(X - mean) @ W`` per block, keeping each row's payload (lazy).
+
+        ``W`` (d x k) and ``mean`` are broadcast once; the new matrix owns the
+        broadcast (:meth:`release`). Memory: executors ``O(b d + d k)``; driver
+        ``O(d k)``.
+        """
+        W, bw = self._with_broadcast(W, mean)
+
+        def mul(block: KeyedBlock) -> KeyedBlock:
+            W_, m_ = bw.value
+            return KeyedBlock(project(block.X, W_, m_), block.keys)
+
+        out = KeyedRowMatrix(self.blocks.map(mul), n_cols=int(W.shape[1]))
+        out._broadcasts.append(bw)
+        return out

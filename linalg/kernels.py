@@ -33,6 +33,7 @@ __all__ = [
     "fit_pca_from_moments",
     "standardize",
     "project",
+    "pca_answer_problems",
 ]
 
 
@@ -351,3 +352,58 @@ def project(X: np.ndarray, W: np.ndarray, mean: np.ndarray | None = None) -> np.
     if mean is not None:
         X = X - mean
     return X @ W
+
+
+def pca_answer_problems(
+    components: np.ndarray,
+    explained_variance_ratio: np.ndarray,
+    projected_variance: np.ndarray,
+    total_variance: float,
+    rtol: float = 1e-6,
+) -> list[str]:
+    """What is wrong with a PCA answer given by someone else (Spark ML), if anything.
+
+    A valid answer has orthonormal components, ratios in [0, 1] summing to at most 1,
+    and each ratio equal to the variance the data actually has along its component,
+    over the total variance.  That last test needs only the answer and the data, so
+    it catches an SVD that returned wrong vectors or wrong singular values without
+    trusting any other PCA.
+
+    Parameters
+    ----------
+    components : ndarray of shape (n_features, k)
+    explained_variance_ratio : ndarray of shape (k,)
+    projected_variance : ndarray of shape (k,)
+        Sample variance (ddof=1) of the data projected on each component.
+    total_variance : float
+        Trace of the data's covariance (the number of non-constant columns for
+        standardised data).
+    rtol : float
+        Relative tolerance of the ratio-versus-variance test.
+
+    Returns
+    -------
+    list of str
+        One sentence per problem; empty when the answer is valid.
+    """
+    V = np.asarray(components, dtype=np.float64)
+    ratio = np.asarray(explained_variance_ratio, dtype=np.float64)
+    var = np.asarray(projected_variance, dtype=np.float64)
+    problems: list[str] = []
+    if not (np.isfinite(V).all() and np.isfinite(ratio).all()):
+        return ["its components or explained variances are not finite"]
+    gram_err = float(np.abs(V.T @ V - np.eye(V.shape[1])).max()) if V.size else 0.0
+    if gram_err > 1e-8:
+        problems.append(f"its components are not orthonormal (max |V'V - I| = {gram_err:.2g})")
+    if (ratio < -1e-12).any() or (ratio > 1 + 1e-9).any() or ratio.sum() > 1 + 1e-9:
+        problems.append(f"its explained variances sum to {ratio.sum():.6g} (at most 1 is possible)")
+    claimed = ratio * float(total_variance)
+    scale = max(float(np.abs(var).max(initial=0.0)), 1e-12 * float(total_variance), 1e-300)
+    rel = np.abs(claimed - var) / scale
+    if rel.size and float(rel.max()) > rtol:
+        i = int(np.argmax(rel))
+        problems.append(
+            f"component {i + 1} claims {ratio[i]:.4g} of the variance but the data has "
+            f"{var[i] / float(total_variance):.4g} along it"
+        )
+    return problems

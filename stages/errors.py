@@ -1,10 +1,103 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""Errors the CLI reports in one line: what went wrong, how to fix it, and the exit code.
+
+:class:`UsageError` is ours (a bad argument or input, exit 2).  :func:`explain` turns
+any other exception, Java ones included, into such a line: the failures a user can
+cause and fix (a corrupt Parquet file, a folder left by a killed run, S3 refusing
+access, no S3 connector) keep exit code 2; anything else is a failed run, exit 1.
+"""
 
 from __future__ import annotations
+
+import re
+from typing import List, Tuple
+
+__all__ = ["UsageError", "EXIT_USAGE", "EXIT_FAILED", "explain", "exception_text"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 
 class UsageError(Exception):
     """A bad argument or input: the message says what is wrong and how to fix it."""
 
 
-EXIT_USAGE = 2
+def exception_text(exc: BaseException) -> str:
+    """The messages of ``exc`` and of every cause, Java causes included, one per line."""
+    parts: List[str] = []
+    seen = set()
+    cur = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        java = getattr(cur, "java_exception", None)
+        if java is not None:
+            try:
+                jcur, depth = java, 0
+                while jcur is not None and depth < 20:
+                    parts.append(str(jcur.toString()))
+                    jcur, depth = jcur.getCause(), depth + 1
+            except Exception:  # the JVM may be gone
+                pass
+        parts.append(f"{type(cur).__name__}: {cur}")
+        cur = cur.__cause__ or cur.__context__
+    return "\n".join(parts)
+
+
+def _path_in(text: str) -> str:
+    m = re.search(r"((?:file|s3a?|hdfs|gs|abfss?):/+[^\s'\"\]\),]+)", text)
+    return m.group(1).rstrip(".:;") if m else "the input"
+
+
+# (pattern in the exception text, exit code, message); the first match wins.
+_KNOWN: List[Tuple[str, int, str]] = [
+    (
+        r"ClassNotFoundException: (?:Class )?org\.apache\.hadoop\.fs\.s3a\.S3AFileSystem",
+        EXIT_USAGE,
+        "s3a:// needs Hadoop's S3A connector jars: install them with "
+        "`pip install --no-deps sagemaker_pyspark==1.4.5` (`make install` does)",
+    ),
+    (
+        r"UNABLE_TO_INFER_SCHEMA",
+        EXIT_USAGE,
+        "{path} holds no readable Parquet data (a run that was killed leaves only "
+        "_temporary/): write it again",
+    ),
+    (
+        r"is not a Parquet file|Could not read footer|CannotReadFooter|"
+        r"FAILED_READ_FILE.*(?:parquet|Parquet)|expected magic number",
+        EXIT_USAGE,
+        "{path} is not a readable Parquet file (corrupt or truncated): write it again "
+        "or remove the file",
+    ),
+    (
+        r"AccessDenied|Access Denied|403 Forbidden|Status Code: 403",
+        EXIT_USAGE,
+        "access denied by S3 on {path}: check the credentials (AWS_PROFILE, "
+        "AWS_ACCESS_KEY_ID) and the bucket policy",
+    ),
+    (
+        r"NoSuchBucket|Bucket does not exist|UnknownStoreException",
+        EXIT_USAGE,
+        "the bucket of {path} does not exist: create it first",
+    ),
+    (
+        r"OutOfMemoryError",
+        EXIT_FAILED,
+        "out of memory: raise FRUITS_DRIVER_MEMORY (driver) or pass "
+        "--conf spark.executor.memory=... and retry",
+    ),
+]
+
+
+def explain(exc: BaseException) -> Tuple[int, str]:
+    """``(exit code, one-line message)`` for ``exc``."""
+    if isinstance(exc, UsageError):
+        return EXIT_USAGE, str(exc).splitlines()[0] if str(exc) else "bad input"
+    text = exception_text(exc)
+    for pattern, code, message in _KNOWN:
+        if re.search(pattern, text):
+            return code, message.format(path=_path_in(text))
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    head = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if len(head) > 300:
+        head = head[:297] + "..."
+    return EXIT_FAILED, f"the run failed: {head}"

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,9 +30,12 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
+from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
-from stages.model import ModelSpec, get_featurizer, resolve_weights
+from stages.listing import LocalListing, file_uri, make_view, view_index, walk_images
+from stages.model import ModelSpec, get_featurizer
+from stages.outputs import atomic_output, check_disjoint
 
 __all__ = [
     "IMAGE_GLOB",
@@ -48,9 +53,9 @@ __all__ = [
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 METADATA_KEY = "fruits_pipeline"
-# Above this many images per task, we add tasks (retries and stragglers stay cheap);
-# below it, one task per core keeps batches full and per-task overhead low.
-IMAGES_PER_PARTITION = 2048
+# Above this many images per task, we add whole waves of tasks (a straggler or a retry
+# then costs one small task); below it, one task per slot keeps per-task overhead low.
+IMAGES_PER_PARTITION = 512
 
 
 @dataclass
@@ -111,69 +116,97 @@ def features_schema(spec: Optional[ModelSpec] = None):
 
 
 def featurize_partition(
-    rows: Iterable[Tuple[str, bytes]],
-    broadcast_weights,
+    batches: Iterable[Any],
+    broadcast_model,
     model_key: str,
     alpha: float,
     batch_size: int,
     url_encoded: bool,
+    engine: str = "keras",
     builds=None,
     pids=None,
     counts=None,
-) -> Iterator[Tuple[str, str, Optional[List[float]], Optional[str]]]:
-    """Featurize one partition of ``(path, content)`` rows, in batches.
+    schema=None,
+    jpeg_draft: int = 0,
+    exif_orientation: bool = True,
+    to_paths=None,
+) -> Iterator[Any]:
+    """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
-    Runs on the executors.  A row that cannot be decoded is yielded at once with
-    its reason and no features; the model is only built if a row decodes.
-    ``counts``, a pair of accumulators, receives the rows and the error rows.
+    Runs on the executors (``mapInArrow``).  Each output batch holds one model
+    batch's rows, features as one float32 buffer (no Python object per float).  A
+    row that cannot be decoded gets its reason in ``error`` and null features; the
+    model is only built if a row decodes.  ``counts``, a pair of accumulators,
+    receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
+    ones written (a local INPUT is scanned through a view of symlinks).
     """
     import os
 
+    import pyarrow as pa
     from pyspark import TaskContext
 
+    if schema is None:
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(features_schema())
+    list_type = schema.field("features").type
     ctx = TaskContext.get()
     threads = max(1, ctx.cpus()) if ctx is not None else 1
     featurizer = None
-    paths: List[str] = []
-    labels: List[str] = []
-    arrays: List[np.ndarray] = []
     seen = bad = 0
 
-    def flush():
+    def model_batch(paths, contents):
         nonlocal featurizer, bad
-        if featurizer is None:
-            on_build = (lambda: builds.add(1)) if builds is not None else None
-            featurizer = get_featurizer(broadcast_weights, model_key, alpha, threads, on_build)
-            if pids is not None:
-                pids.add({os.getpid()})
-        feats = featurizer(preprocess(np.stack(arrays)))
-        finite = np.isfinite(feats).all(axis=1)
-        for p, lab, f, ok in zip(paths, labels, feats, finite):
-            if ok:
-                yield (p, lab, f.tolist(), None)
-            else:
-                bad += 1
-                yield (p, lab, None, "model output is not finite")
-        paths.clear()
-        labels.clear()
-        arrays.clear()
+        labels = [label_from_path(p, url_encoded) for p in paths]
+        errors: List[Optional[str]] = [None] * len(paths)
+        arrays = []
+        for i, content in enumerate(contents):
+            try:
+                arrays.append(
+                    decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
+                )
+            except DecodeError as exc:
+                errors[i] = str(exc)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        if arrays:
+            if featurizer is None:
+                on_build = (lambda: builds.add(1)) if builds is not None else None
+                featurizer = get_featurizer(
+                    broadcast_model, model_key, alpha, threads, on_build, engine
+                )
+                if pids is not None:
+                    pids.add({os.getpid()})
+            feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
+            finite = np.isfinite(feats).all(axis=1)
+            decoded = np.flatnonzero(ok)
+            for i in decoded[~finite]:
+                errors[i] = "model output is not finite"
+            ok[decoded[~finite]] = False
+            feats = feats[finite]
+        else:
+            feats = np.zeros((0, 0), np.float32)
+        bad += int((~ok).sum())
+        # The model's own width: 1280 up to alpha 1.0, more above (1792 at 1.4).
+        offsets = np.zeros(len(paths) + 1, np.int32)
+        offsets[1:] = np.cumsum(ok) * feats.shape[1]
+        features = pa.ListArray.from_arrays(
+            pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
+        )
+        columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
+        columns += [features, pa.array(errors, pa.string())]
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    for path, content in rows:
-        seen += 1
-        label = label_from_path(path, url_encoded)
-        try:
-            arr = decode_image(content)
-        except DecodeError as exc:
-            bad += 1
-            yield (path, label, None, str(exc))
-            continue
-        paths.append(path)
-        labels.append(label)
-        arrays.append(arr)
-        if len(arrays) >= batch_size:
-            yield from flush()
-    if arrays:
-        yield from flush()
+    for batch in batches:
+        paths = batch.column(0).to_pylist()
+        if to_paths is not None:
+            paths = to_paths(paths)
+        contents = batch.column(1)
+        seen += len(paths)
+        for i in range(0, len(paths), batch_size):
+            yield model_batch(
+                paths[i : i + batch_size],
+                [c.as_py() for c in contents[i : i + batch_size]],
+            )
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.
@@ -227,10 +260,24 @@ def _packing(n_images: int, n_parts: int, total: int, largest: int) -> Tuple[int
 
 
 def choose_partitions(n_images: int, parallelism: int, requested: Optional[int] = None) -> int:
-    """Partitions from the image count: one per core, more past 2048 images a task."""
+    """Tasks from the image count, in full waves: a multiple of the slots.
+
+    One task per slot up to :data:`IMAGES_PER_PARTITION` images a task, then whole
+    waves more.  The count is one that :func:`_packing` gives exactly (equal image
+    counts ``q``, so ``ceil(n / q)`` tasks); with fewer images than slots, one each.
+    """
     if requested is not None:
         return max(1, min(requested, n_images))
-    return max(1, min(n_images, max(parallelism, math.ceil(n_images / IMAGES_PER_PARTITION))))
+    slots = max(1, parallelism)
+    if n_images <= slots:
+        return max(1, n_images)
+    waves = max(1, math.ceil(n_images / (slots * IMAGES_PER_PARTITION)))
+    for w in range(waves, n_images // slots + 1):
+        p = w * slots
+        if math.ceil(n_images / math.ceil(n_images / p)) == p:
+            return p
+    # Few images per slot (n < slots^2): no multiple packs exactly; one wave, equal tasks.
+    return math.ceil(n_images / math.ceil(n_images / slots))
 
 
 def read_images(spark, input_path: str):
@@ -243,28 +290,19 @@ def read_images(spark, input_path: str):
     )
 
 
-def check_output(spark, output_path: str, overwrite: bool) -> None:
-    """Refuse to replace an existing output without ``overwrite``, or to start a job
-    whose output bucket does not exist (it would fail only at the end)."""
-    if hadoopfs.bucket_missing(spark, output_path):
-        raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
-    if not overwrite and hadoopfs.has_data(spark, output_path):
-        raise UsageError(
-            f"output {output_path} already exists: pass --overwrite to replace it, "
-            "or choose another path"
-        )
-
-
 def featurize(
     spark,
     input_path: str,
     output_path: str,
     weights: str = "bundled",
     alpha: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     overwrite: bool = False,
     log=None,
+    exif_orientation: bool = True,
+    engine: Optional[str] = None,
+    jpeg_draft: int = 0,
 ) -> FeaturizeReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
@@ -277,13 +315,24 @@ def featurize(
         ``imagenet``, ``bundled``, ``random:SEED`` or a ``.h5`` path (see
         :func:`stages.model.resolve_weights`).
     alpha : float, optional
-    batch_size : int
-        Images per model call.
+    batch_size : int, optional
+        Images per model call (default 8 with LiteRT, 64 with Keras).
     partitions : int, optional
         Tasks; default from the image count (:func:`choose_partitions`).
     overwrite : bool
     log : callable, optional
         Receives one progress line per step.
+    exif_orientation : bool
+        Turn photos as their EXIF orientation tag says (phones store them sideways);
+        recorded in the features' metadata.
+    engine : {"litert", "keras"}, optional
+        How the workers run the model (:mod:`stages.engine`; default LiteRT where
+        ai-edge-litert is installed); recorded in the features' metadata.
+    jpeg_draft : int
+        0 (default): full JPEG decode, as Keras' ``load_img``.  ``k >= 1``: Pillow's
+        draft mode, decoding large JPEGs at 1/2 to 1/8 scale while they stay at
+        least ``k * 224`` px (see :func:`stages.images.decode_image`); recorded in
+        the metadata.
 
     Returns
     -------
@@ -294,96 +343,147 @@ def featurize(
     UsageError
         Missing input, no images, bad weights, existing output.
     """
-    from pyspark.sql import functions as F
-
     log = log or (lambda msg: None)
+    engine = engine or default_engine()
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH.get(engine, 64)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if partitions is not None and partitions < 1:
         raise UsageError(f"--partitions {partitions} must be at least 1")
+    if jpeg_draft < 0:
+        raise UsageError(f"--jpeg-draft {jpeg_draft} must be 0 (off) or at least 1")
+    check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
-    check_output(spark, output_path, overwrite)
-
-    images = read_images(spark, input_path)
-    # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
-    stats = images.agg(
-        F.count("*").alias("n"),
-        F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
-        F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
-        F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
-    ).first()
-    n_images = int(stats["n"])
-    # Spark's file scan silently drops zero-byte files; the file index still lists
-    # them.  Count them without shipping the listing to Python.
-    listed = images._jdf.inputFiles()
-    n_empty = len(listed) - n_images
-    if n_images + n_empty == 0:
-        raise UsageError(
-            f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
-        )
-    spec, weight_arrays = resolve_weights(weights, alpha)
-    url_encoded = _paths_are_url_encoded(spark, stats["pct"])
-    sc = spark.sparkContext
-    n_parts = choose_partitions(n_images, sc.defaultParallelism, partitions)
-    log(
-        f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
-        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source}"
-    )
-
-    total = int(stats["bytes"])
-    open_cost, split = _packing(n_images, n_parts, total, int(stats["largest"]))
-    with _session_conf(
-        spark,
-        {
-            "spark.sql.files.openCostInBytes": str(open_cost),
-            "spark.sql.files.maxPartitionBytes": str(split),
-            # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
-            # that cap above ours.
-            "spark.sql.files.minPartitionNum": "1",
-        },
-    ):
-        # Same DataFrame, so the file listing is reused; the split settings are read
-        # when this new query is planned.
-        frame = featurize_frame(spark, images, spec, weight_arrays, batch_size, url_encoded)
-        out = frame.df
-        n_tasks = frame.partitions
-        if n_empty > 0:
-            out = out.unionByName(_empty_file_rows(spark, images, listed, url_encoded, spec))
-        mode = "overwrite" if overwrite else "errorifexists"
-        out.write.mode(mode).parquet(output_path)
-    frame.release()
-
-    seconds = time.perf_counter() - t0
-    report = FeaturizeReport(
-        input=input_path,
-        output=output_path,
-        images=frame.images + n_empty,
-        errors=frame.errors + n_empty,
-        partitions=n_tasks,
-        seconds=seconds,
-        model=spec.to_dict(),
-        model_builds=frame.model_builds,
-        worker_pids=frame.worker_pids,
-    )
+    view = None
+    try:
+        with atomic_output(spark, output_path, overwrite) as target:
+            if is_local(input_path):
+                local = walk_images(local_path(input_path))
+                if not local.files and not local.errors:
+                    raise UsageError(_no_images(input_path))
+                view = make_view([p for p, _ in local.files])
+                scan = _LocalScan(spark, local, view)
+            else:
+                scan = _HadoopScan(spark, input_path)
+            report = _featurize_scan(
+                spark, scan, input_path, output_path, target, weights, alpha, batch_size,
+                partitions, log, exif_orientation, engine, jpeg_draft,
+            )  # fmt: skip
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+    report.seconds = time.perf_counter() - t0
     log(
         f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
-        f"in {seconds:.1f} s, {report.images_per_second:.1f} img/s"
+        f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
     )
     return report
+
+
+def _no_images(input_path: str) -> str:
+    return f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+
+
+def is_local(uri: str) -> bool:
+    """Whether ``uri`` is a local path or a ``file:`` URI."""
+    scheme = urlparse(uri).scheme
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def local_path(uri: str) -> str:
+    """The filesystem path of a local path or ``file:`` URI."""
+    return urlparse(uri).path if uri.startswith("file:") else uri
+
+
+def escape_glob(uri: str) -> str:
+    """``uri`` with Hadoop's glob characters escaped, so Spark reads it literally."""
+    return re.sub(r"([\\\[\]{}*?])", r"\\\1", uri)
+
+
+class _LocalScan:
+    """A local INPUT: listed by :func:`stages.listing.walk_images`, scanned through
+    its view; rows map back to the real paths by the view's index."""
+
+    def __init__(self, spark, local: LocalListing, view: str) -> None:
+        self.images = read_images(spark, view)
+        self.n_images = len(local.files)
+        self.total_bytes = sum(size for _, size in local.files)
+        self.largest = max((size for _, size in local.files), default=0)
+        self.url_encoded = False
+        self.cycles = local.cycles
+        self._paths = [file_uri(p) for p, _ in local.files]
+        self._errors = [(file_uri(p), reason) for p, reason in local.errors]
+
+    def rows(self, sc):
+        """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
+        paths = sc.broadcast(self._paths)
+
+        def real(scanned):
+            table = paths.value
+            return [table[view_index(p)] for p in scanned]
+
+        return real, paths
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the files that cannot be read, or None."""
+        if not self._errors:
+            return None
+        rows = [(p, label_from_path(p), None, reason) for p, reason in self._errors]
+        return spark.createDataFrame(rows, features_schema(spec))
+
+
+class _HadoopScan:
+    """An INPUT on a Hadoop filesystem (s3a, EMRFS s3, hdfs): Spark's own listing."""
+
+    def __init__(self, spark, input_path: str) -> None:
+        from pyspark.sql import functions as F
+
+        self.images = read_images(spark, escape_glob(input_path))
+        # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
+        stats = self.images.agg(
+            F.count("*").alias("n"),
+            F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
+            F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
+            F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
+        ).first()
+        self.n_images = int(stats["n"])
+        self.total_bytes = int(stats["bytes"])
+        self.largest = int(stats["largest"])
+        self.cycles = 0
+        # Spark's file scan silently drops zero-byte files; the file index still lists
+        # them.  Count them without shipping the listing to Python.
+        self._listed = self.images._jdf.inputFiles()
+        self._n_empty = len(self._listed) - self.n_images
+        if self.n_images + self._n_empty == 0:
+            raise UsageError(_no_images(input_path))
+        self.url_encoded = _paths_are_url_encoded(spark, stats["pct"])
+
+    def rows(self, sc):
+        """``(paths mapper, broadcast)``: none here, Spark's paths are the real ones."""
+        return None, None
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the zero-byte files the scan dropped, or None."""
+        if self._n_empty <= 0:
+            return None
+        return _empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
 
 
 @dataclass
 class FeaturizedFrame:
     """The lazy features DataFrame of :func:`featurize_frame` and its counters.
 
-    The counters are filled once ``df`` has been written (one action);
-    call :meth:`release` after that.
+    Write ``df`` under :attr:`settings` (``_session_conf``: Arrow batches of one
+    model batch, so a batch of 12 MP photos stays small); the counters are filled
+    once it has been written (one action).  Call :meth:`release` after that.
     """
 
     df: Any
     partitions: int
+    settings: Dict[str, str]
     _broadcast: Any
     _counts: Tuple[Any, Any]
     _builds: Any
@@ -410,7 +510,7 @@ class FeaturizedFrame:
         return sorted(self._pids.value)
 
     def release(self) -> None:
-        """Drop the weights' broadcast from the executors (if this frame made it)."""
+        """Drop the model's broadcast from the executors (if this frame made it)."""
         if self._broadcast is not None:
             self._broadcast.unpersist()
 
@@ -419,17 +519,19 @@ def featurize_frame(
     spark,
     images,
     spec: ModelSpec,
-    weight_arrays,
+    payload,
     batch_size: int = 64,
     url_encoded: bool = False,
     partitions: Optional[int] = None,
     broadcast=None,
+    to_paths=None,
 ) -> FeaturizedFrame:
     """Featurize a ``binaryFile`` DataFrame: the one code path of every stage-1 job.
 
     ``featurize``, ``featurize --incremental`` and each micro-batch of ``watch``
-    call it: the weights are broadcast once, each partition goes through
-    :func:`featurize_partition` (same model cache, same error rows).
+    call it: the model is broadcast once, each partition goes through
+    :func:`featurize_partition` in Arrow batches (same model cache, same error
+    rows, the decode and engine ``spec`` records).
 
     Parameters
     ----------
@@ -437,52 +539,113 @@ def featurize_frame(
     images : DataFrame
         With ``path`` and ``content`` (Spark's ``binaryFile`` columns); batch or
         a micro-batch of a stream.
-    spec, weight_arrays
-        From :func:`stages.model.resolve_weights`.
+    spec, payload
+        From :func:`stages.engine.prepare_model` (``spec`` as written to the
+        metadata: engine, decode options).
     batch_size : int
     url_encoded : bool
         See :func:`label_from_path`.
     partitions : int, optional
         Coalesce to at most this many tasks (a micro-batch comes one file a task).
     broadcast : Broadcast, optional
-        ``weight_arrays`` already broadcast (a stream reuses one for every batch);
+        ``payload`` already broadcast (a stream reuses one for every batch);
         :meth:`FeaturizedFrame.release` then leaves it alone.
+    to_paths : callable, optional
+        Maps a batch's scanned paths to the paths written (see :class:`_LocalScan`).
 
     Returns
     -------
     FeaturizedFrame
         ``df`` has the :func:`features_schema` columns; nothing has run yet.
     """
+    from pyspark.sql.pandas.types import to_arrow_schema
+
     sc = spark.sparkContext
-    bc = broadcast if broadcast is not None else sc.broadcast(weight_arrays)
+    bc = broadcast if broadcast is not None else sc.broadcast(payload)
     # Workers cache the built model under the weights' hash: a second job with the
     # same weights (a warm run) reuses it and never even reads the broadcast.
-    model_key = f"{spec.weights_sha256}:{spec.alpha}"
+    model_key = f"{spec.weights_sha256}:{spec.alpha}:{spec.engine}"
     builds = sc.accumulator(0)
     pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
-    alpha_ = spec.alpha
-    rdd = images.select("path", "content").rdd
-    if partitions is not None and rdd.getNumPartitions() > partitions:
-        rdd = rdd.coalesce(partitions)
-    n_tasks = rdd.getNumPartitions()
+    schema = features_schema(spec)
+    arrow_schema = to_arrow_schema(schema)
+    alpha_, engine_, draft = spec.alpha, spec.engine, spec.jpeg_draft
+    exif = spec.exif_orientation
+    source = images.select("path", "content")
+    if partitions is not None and source.rdd.getNumPartitions() > partitions:
+        source = source.coalesce(partitions)
+    n_tasks = source.rdd.getNumPartitions()
 
-    def run(rows):
+    def run(batches):
         return featurize_partition(
-            ((r[0], r[1]) for r in rows),
-            bc,
-            model_key,
-            alpha_,
-            batch_size,
-            url_encoded,
-            builds,
-            pids,
-            counts,
-        )
+            batches, bc, model_key, alpha_, batch_size, url_encoded, engine_, builds, pids,
+            counts, arrow_schema, draft, exif, to_paths,
+        )  # fmt: skip
 
-    out = spark.createDataFrame(rdd.mapPartitions(run), features_schema(spec), verifySchema=False)
+    # Arrow both ways: no Python object per row in, none per float out.
+    out = source.mapInArrow(run, schema)
+    # Rows reach the workers as Arrow batches of one model batch: a batch of 12 MP
+    # photos stays a few hundred MB.
+    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
     owned = bc if broadcast is None else None
-    return FeaturizedFrame(out, n_tasks, owned, counts, builds, pids)
+    return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids)
+
+
+def _featurize_scan(
+    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
+    exif_orientation, engine, jpeg_draft,
+) -> FeaturizeReport:  # fmt: skip
+    """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
+    spec, payload = prepare_model(weights, alpha, engine, log)
+    spec = replace(spec, exif_orientation=bool(exif_orientation), jpeg_draft=jpeg_draft)
+    sc = spark.sparkContext
+    n_images = scan.n_images
+    n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
+    loops = f" ({scan.cycles} folder link(s) to a folder already listed)" if scan.cycles else ""
+    log(
+        f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
+        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} "
+        f"engine={spec.engine}{loops}"
+    )
+    to_paths, paths_bc = scan.rows(sc)
+    open_cost, split = _packing(max(1, n_images), n_parts, scan.total_bytes, scan.largest)
+    packing = {
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(split),
+        # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
+        # that cap above ours.
+        "spark.sql.files.minPartitionNum": "1",
+    }
+    with _session_conf(spark, packing):
+        # Same DataFrame, so the file listing is reused; the split settings are read
+        # when this new query is planned.
+        frame = featurize_frame(
+            spark, scan.images, spec, payload, batch_size, scan.url_encoded, to_paths=to_paths
+        )
+        out = frame.df
+        extra = scan.extra_rows(spark, spec)
+        n_extra = 0
+        if extra is not None:
+            out = out.unionByName(extra)
+            n_extra = extra.count()
+        with _session_conf(spark, frame.settings):
+            out.write.mode("errorifexists").parquet(target)
+    frame.release()
+    if paths_bc is not None:
+        paths_bc.unpersist()
+
+    return FeaturizeReport(
+        input=input_path,
+        output=output_path,
+        images=frame.images + n_extra,
+        errors=frame.errors + n_extra,
+        partitions=frame.partitions,
+        seconds=0.0,
+        model=spec.to_dict(),
+        model_builds=frame.model_builds,
+        worker_pids=frame.worker_pids,
+    )
 
 
 def _scan_spelling(uri: str, url_encoded: bool) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import List, Tuple
 
 __all__ = [
+    "bucket_missing",
     "delete",
+    "java_message",
+    "mkdirs",
     "exists",
     "has_data",
     "list_dir",
@@ -136,14 +139,14 @@ def write_text_atomic(spark, uri: str, text: str) -> None:
         raise OSError(f"could not rename {tmp} to {uri} (does it exist already?)")
 
 
-def write_text(spark, uri: str, text: str) -> None:
-    """Write (replace) a small UTF-8 text file."""
-    write_bytes(spark, uri, text.encode("utf-8"))
-
-
 def read_text(spark, uri: str) -> str:
     """Read a small UTF-8 text file."""
     return read_bytes(spark, uri).decode("utf-8")
+
+
+def write_text(spark, uri: str, text: str) -> None:
+    """Write (replace) a small UTF-8 text file."""
+    write_bytes(spark, uri, text.encode("utf-8"))
 
 
 def write_bytes(spark, uri: str, data: bytes) -> None:
@@ -186,3 +189,21 @@ def parquet_footer(spark, uri: str) -> dict:
         return {str(k): str(kv.get(k)) for k in kv.keySet()}
     finally:
         reader.close()
+
+
+def mkdirs(spark, uri: str) -> None:
+    """Create the folder ``uri`` and its parents; raises ``OSError`` if it cannot."""
+    fs, path = _fs_and_path(spark, uri)
+    if not fs.mkdirs(path):
+        raise OSError(f"cannot create {uri}")
+
+
+def java_message(exc: BaseException) -> str:
+    """The short message of a Java (or Python) exception, for a one-line error."""
+    java = getattr(exc, "java_exception", None)
+    if java is not None:
+        try:
+            return str(java.getMessage() or java.getClass().getSimpleName())
+        except Exception:  # the JVM may be gone
+            pass
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -336,10 +336,11 @@ def featurize_incremental(
     output_path: str,
     weights: str = "bundled",
     alpha: Optional[float] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     prune: bool = False,
     log=None,
+    engine: Optional[str] = None,
 ) -> IncrementalReport:
     """Featurize only the images not yet in ``output_path`` (or changed since).
 
@@ -352,7 +353,7 @@ def featurize_incremental(
     ----------
     spark : SparkSession
     input_path, output_path : str
-    weights, alpha, batch_size, partitions
+    weights, alpha, batch_size, partitions, engine
         As :func:`stages.featurize.featurize`.
     prune : bool
     log : callable, optional
@@ -368,6 +369,7 @@ def featurize_incremental(
     """
     from pyspark.sql import functions as F
 
+    from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
     from stages.featurize import (
         _empty_file_rows,
         _paths_are_url_encoded,
@@ -376,9 +378,11 @@ def featurize_incremental(
         featurize_frame,
         read_images,
     )
-    from stages.model import resolve_weights
 
     log = log or (lambda msg: None)
+    engine = engine or default_engine()
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH.get(engine, 64)
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size} must be at least 1")
     if partitions is not None and partitions < 1:
@@ -394,7 +398,7 @@ def featurize_incremental(
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
     table = FeaturesTable(spark, output_path)
-    spec, weight_arrays = resolve_weights(weights, alpha)
+    spec, weight_arrays = prepare_model(weights, alpha, engine, log)
     fresh = not hadoopfs.has_data(spark, output_path)
     if not fresh:
         table.recover(log)
@@ -588,7 +592,8 @@ def featurize_incremental(
         out = out.select(*[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema])
         staged = table.staging_uri(run)
         log(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
-        out.write.mode("errorifexists").parquet(staged)
+        with _session_conf(spark, frame.settings if frame is not None else {}):
+            out.write.mode("errorifexists").parquet(staged)
         images_done = (frame.images if frame is not None else 0) + n_empty_todo
         errors = (frame.errors if frame is not None else 0) + n_empty_todo
         written_rows = images_done + carried

@@ -73,16 +73,24 @@ class PCAModel:
             raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
         return project(X, self.fit.projection_matrix(), self.fit.mean)
 
-    def project_images(self, paths: Iterable[str], batch_size: int = 64) -> np.ndarray:
-        """Featurize local image files with the same weights, then project them.
+    def featurizer(self):
+        """The MobileNetV2 that made the features (same engine), built in this process.
+
+        The weights are resolved again and checked against the SHA-256 and alpha
+        recorded in the model.
+
+        Returns
+        -------
+        callable
+            ``f(x)``: preprocessed float32 (n, 224, 224, 3) to float32 (n, 1280).
 
         Raises
         ------
         ValueError
-            If an image cannot be decoded, or the weights no longer match.
+            If the model records nothing, or the weights no longer match.
         """
-        from stages.images import decode_image, preprocess
-        from stages.model import local_featurizer, resolve_weights
+        from stages.engine import litert_featurizer, prepare_model
+        from stages.model import local_featurizer
 
         spec = self.features_model
         if not spec:
@@ -92,22 +100,48 @@ class PCAModel:
             source = "bundled"
         elif source.startswith("file:"):
             source = source[len("file:") :]
-        got, weights = resolve_weights(source, spec["alpha"])
-        if got.weights_sha256 != spec["weights_sha256"]:
+        # The engine that made the features (older features: Keras).
+        engine = spec.get("engine", "keras")
+        got, payload = prepare_model(source, spec["alpha"], engine)
+        if got.weights_sha256 != spec["weights_sha256"] or float(got.alpha) != float(spec["alpha"]):
             raise ValueError(
-                f"weights {source} are not the ones that made the features "
-                f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]})"
+                f"weights {source} (alpha {got.alpha}) are not the ones that made the features "
+                f"(sha256 {got.weights_sha256[:12]} != {spec['weights_sha256'][:12]}, "
+                f"alpha {spec['alpha']})"
             )
-        featurize = local_featurizer(weights, got.alpha)
+        if engine == "litert":
+            return litert_featurizer(payload, threads=os.cpu_count() or 1)
+        return local_featurizer(payload, got.alpha)
+
+    def project_images(self, paths: Iterable[str], batch_size: int = 64) -> np.ndarray:
+        """Featurize local image files with the same model and decode, then project them.
+
+        Raises
+        ------
+        ValueError
+            If an image cannot be decoded, or the weights no longer match.
+        """
+        from stages.images import decode_image, preprocess
+
+        featurize = self.featurizer()
+        spec = self.features_model
         images = []
         for p in paths:
             with open(p, "rb") as fh:
-                images.append(decode_image(fh.read()))
+                images.append(
+                    decode_image(  # the decode that made the features
+                        fh.read(),
+                        exif_orientation=spec.get("exif_orientation", False),
+                        draft=int(spec.get("jpeg_draft", 0)),
+                    )
+                )
         feats = [
             featurize(preprocess(np.stack(images[i : i + batch_size])))
             for i in range(0, len(images), batch_size)
         ]
-        return self.transform(np.concatenate(feats) if feats else np.zeros((0, 1280)))
+        return self.transform(
+            np.concatenate(feats) if feats else np.zeros((0, self.fit.n_features))
+        )
 
     # ------------------------------------------------------------------ storage
 

@@ -5,15 +5,17 @@ Runs as ``fruits-pipeline reduce FEATURES RESULTS`` or, as an EMR step does,
 
 Data flow (the features are read once):
 
-1. ``mapInArrow`` turns each Arrow batch of the features into one
-   :class:`linalg.distributed.IndexedBlock` (float32 rows, stable int64 index,
-   ``path`` and ``label`` kept as Arrow arrays): no Python object per row.  Error
-   rows are dropped there and counted.  The blocks are cached.
-2. One ``treeAggregate`` (``IndexedRowMatrix.compute_pca``) collects count, mean
+1. :func:`stages.arrow_rdd.to_arrow_batches` turns the features into an RDD of
+   Arrow record batches (persisted in the JVM, no Python object per row); each
+   batch becomes one :class:`linalg.distributed.KeyedBlock` (float32 rows, with
+   ``path`` and ``label`` kept as Arrow arrays).  Error rows are dropped there and
+   counted.
+2. One ``treeAggregate`` (``KeyedRowMatrix.compute_moments``) collects count, mean
    and centred cross-product in float64; the driver eigendecomposes the
-   correlation matrix (d x d).
-3. The projection (d x k) and the mean are broadcast; each block is projected
-   with one GEMM and written back through ``mapInArrow`` to Parquet.
+   correlation matrix (d x d) with :func:`linalg.kernels.fit_pca_from_moments`.
+3. The projection (d x k) and the mean are broadcast (``KeyedRowMatrix.project``);
+   each block is projected with one GEMM, turned back into an Arrow batch and
+   written to Parquet (:func:`stages.arrow_rdd.from_arrow_batches`).
 
 ``RESULTS/`` gets ``projections/`` (``path, label, pca array<double>[k]``),
 ``pca_model/`` (see :mod:`stages.pca_model`) and ``summary.json``.
@@ -33,12 +35,13 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
 
 import numpy as np
 
-from linalg.distributed import IndexedBlock, IndexedRowMatrix
-from linalg.kernels import fit_pca_from_moments
+from linalg.distributed import KeyedBlock, KeyedRowMatrix
+from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
 from stages.errors import UsageError
-from stages.featurize import METADATA_KEY, SetAccumulator, check_output
+from stages.featurize import METADATA_KEY, SetAccumulator
 from stages.model import model_identity
+from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
 from stages.update import feature_file_keys
 
@@ -49,20 +52,17 @@ _SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 
 
 def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths) -> Iterator[Any]:
-    """Arrow batches of one partition to IndexedBlocks of usable rows (executors).
+    """Arrow batches of one partition to KeyedBlocks of usable rows (executors).
 
     Error rows (``error`` set or ``features`` null) are dropped; rows whose vector
     is not ``d`` long are dropped and their lengths reported through the
     ``lengths`` accumulator, which the driver checks before writing anything.
-    The stable row index is ``partition << 33 | position``, like Spark's
-    ``monotonically_increasing_id``.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from stages.arrow_rdd import read_batch
 
-    offset = index << 33
     for data in batches:
         batch = read_batch(data, schema)
         n = batch.num_rows
@@ -73,16 +73,14 @@ def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths
         if pc.any(bad).as_py():
             lengths.add({int(x) for x in pc.unique(pc.filter(sizes, bad)).to_pylist()})
             ok = pc.and_(ok, pc.invert(bad))
-        keep = np.asarray(ok.to_numpy(zero_copy_only=False))
-        rows = np.nonzero(keep)[0]
-        good = batch if len(rows) == n else batch.filter(ok)  # filter copies every column
-        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), d)
+        rows = int(pc.sum(ok).as_py() or 0)
+        good = batch if rows == n else batch.filter(ok)  # filter copies every column
+        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(rows, d)
         keys = pa.table({"path": good.column("path"), "label": good.column("label")})
-        yield IndexedBlock((offset + rows).astype(np.int64), X, keys)
-        offset += n
+        yield KeyedBlock(X, keys)
 
 
-def _projection_batch(block: IndexedBlock) -> bytes:
+def _projection_batch(block: KeyedBlock) -> bytes:
     """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
     import pyarrow as pa
 
@@ -145,7 +143,7 @@ def read_feature_matrix(
     persist: bool = True,
     allow_empty: bool = False,
 ):
-    """Validate a features Parquet and open it as an IndexedRowMatrix.
+    """Validate a features Parquet and open it as a KeyedRowMatrix.
 
     ``files`` restricts the read to those Parquet files of ``features`` (the rows
     a ``reduce --update`` adds); ``persist=False`` for a single pass (its
@@ -160,7 +158,7 @@ def read_feature_matrix(
 
     Returns
     -------
-    matrix : IndexedRowMatrix
+    matrix : KeyedRowMatrix
     info : dict
         ``rows_total``, ``n_features``, ``features_model``, ``files``,
         ``lengths`` (an accumulator of the wrong lengths seen).
@@ -177,6 +175,15 @@ def read_feature_matrix(
         files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
         if not files:
             raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
+        base = features.rstrip("/")
+        # Committed: Spark's _SUCCESS (featurize), or run records (featurize --incremental).
+        if not hadoopfs.exists(spark, base + "/_SUCCESS") and not hadoopfs.list_dir(
+            spark, base + "/_runs"
+        ):
+            raise UsageError(
+                f"features {features} have no _SUCCESS marker: the run that wrote them did "
+                "not finish (or another tool wrote them); featurize again"
+            )
         df = spark.read.parquet(features)
     else:
         df = spark.read.parquet(*files)
@@ -226,10 +233,10 @@ def read_feature_matrix(
         "file_uris": files,
         "lengths": lengths,
     }
-    return IndexedRowMatrix(blocks, n_cols=d), info, handle
+    return KeyedRowMatrix(blocks, n_cols=d), info, handle
 
 
-def _write_projections(spark, projected: IndexedRowMatrix, uri: str) -> None:
+def _write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
     from stages.arrow_rdd import from_arrow_batches
 
     schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
@@ -247,6 +254,7 @@ def reduce_features(
     overwrite: bool = False,
     log=None,
     featurize_report: Optional[Dict[str, Any]] = None,
+    index: bool = True,
 ) -> Dict[str, Any]:
     """Run stage 2 and return the summary written to ``RESULTS/summary.json``.
 
@@ -266,6 +274,8 @@ def reduce_features(
     log : callable, optional
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
+    index : bool
+        Also build ``RESULTS/index/`` (:func:`stages.search.build_index`).
 
     Raises
     ------
@@ -281,7 +291,17 @@ def reduce_features(
         raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
     if variance is not None and not 0.0 < variance <= 1.0:
         raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
-    check_output(spark, results, overwrite)
+    check_disjoint([("RESULTS", results, "FEATURES", features)])
+    with atomic_output(spark, results, overwrite) as target:
+        summary = _reduce(
+            spark, features, results, target, k, variance, check, log, featurize_report, index
+        )
+    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+    return summary
+
+
+def _reduce(spark, features, results, target, k, variance, check, log, featurize_report, index):
+    """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
     matrix, info, handle = read_feature_matrix(spark, features)
     try:
@@ -289,13 +309,18 @@ def reduce_features(
         if k is not None and k > d:
             raise UsageError(f"--k {k} must be between 1 and the feature length {d}")
         # The one pass over the data: count, mean, centred cross-product (treeAggregate).
-        moments = matrix.compute_column_summary_statistics(d)
+        moments = matrix.compute_moments(d)
         t_read = time.perf_counter()
         lengths = sorted(info["lengths"].value | {d})
         if len(lengths) > 1:
             raise UsageError(
                 f"features {features} mix vectors of lengths {', '.join(map(str, lengths))}: "
                 "every vector must come from the same model; featurize again"
+            )
+        if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all()):
+            raise UsageError(
+                f"features {features} hold NaN or infinite values in rows without an error: "
+                "they were not written by `fruits-pipeline featurize`; featurize again"
             )
         info["rows"] = moments.n
         info["error_rows"] = info["rows_total"] - moments.n
@@ -306,14 +331,19 @@ def reduce_features(
             )
         log(f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)")
         fit = fit_pca_from_moments(moments, k=k, variance=variance)
+        rank = min(moments.n - 1, int(np.count_nonzero(fit.std > 0)))
+        if k is not None and k > rank:
+            raise UsageError(
+                f"--k {k} is above the rank {rank} of these features ({moments.n} rows, "
+                f"{int(np.count_nonzero(fit.std > 0))} non-constant columns): components past "
+                f"{rank} carry no variance; use --k {rank} or less, or --variance"
+            )
         t_fit = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
-        if overwrite and hadoopfs.exists(spark, results):
-            hadoopfs.delete(spark, results)
-        projected = matrix.multiply(fit.projection_matrix(), fit.mean)
-        _write_projections(spark, projected, results.rstrip("/") + "/projections")
+        with matrix.project(fit.projection_matrix(), fit.mean) as projected:
+            _write_projections(spark, projected, target.rstrip("/") + "/projections")
         model = PCAModel(
             fit,
             info["features_model"],
@@ -325,7 +355,7 @@ def reduce_features(
                 "requested": {"k": k, "variance": variance},
             },
         )
-        model.save(spark, results)
+        model.save(spark, target)
         t_write = time.perf_counter()
     finally:
         handle.unpersist(False)
@@ -353,20 +383,48 @@ def reduce_features(
         summary["timings_s"]["featurize"] = featurize_report.get("seconds")
     if check == "spark-ml":
         log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
-        summary["spark_ml_check"] = spark_ml_check(spark, features, results, model)
-    hadoopfs.write_text(spark, results.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
-    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+        summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
+    if index:
+        from stages.search import build_index
+
+        summary["index"] = build_index(spark, target, log=log)
+    hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     return summary
 
 
+SPARK_ML_INVALID = (
+    "Spark ML's PCA returned invalid components: its LAPACK SVD failed on this "
+    "rank-deficient covariance"
+)
+
+
+def spark_lapack(spark) -> str:
+    """The LAPACK Spark ML's SVD runs on: ``JNILAPACK`` (native) or ``F2jLAPACK`` (pure Java)."""
+    try:
+        lapack = spark.sparkContext._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance()
+        return str(lapack.getClass().getSimpleName())
+    except Exception:  # an older Spark without dev.ludovic.netlib: say so, do not fail
+        return "unknown"
+
+
 def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[str, Any]:
-    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows and
-    compare: eigenvalue ratios (relative error), components (|cos|, for eigenvalues
-    separated from their neighbours), projections (max abs difference after sign
-    alignment, over the scale of the projections); all computed on the cluster.
+    """Fit Spark ML ``StandardScaler(withMean, withStd) + PCA(k)`` on the same rows,
+    verify Spark's answer on its own terms, then compare it with ours.
+
+    Spark's answer is checked first (:func:`linalg.kernels.pca_answer_problems`:
+    orthonormal components, ratios that sum to at most 1 and equal the variance its
+    own projections have): Spark ML's SVD (Breeze, LAPACK ``dgesdd``) in netlib's
+    pure-Java F2J LAPACK sometimes returns wrong vectors with no error on a
+    rank-deficient covariance, and a wrong reference is no reference.  When it is
+    invalid, ``spark_ml_valid`` is False with the reason, and nothing is compared.
+    Otherwise: eigenvalue ratios (relative error), components (|cos|, for
+    eigenvalues separated from their neighbours), projections (max abs difference
+    after sign alignment, over the scale of the projections); all computed on the
+    cluster.
     """
     from pyspark.ml.feature import PCA, StandardScaler
     from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
     k = model.n_components
@@ -380,10 +438,24 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(rows)
     scaled = scaler.transform(rows)
     pca = PCA(k=k, inputCol="z", outputCol="p").fit(scaled)
-    theirs = pca.transform(scaled).select("path", vector_to_array("p").alias("theirs"))
+    projected = pca.transform(scaled).cache()
     pc = pca.pc.toArray()  # (d, k)
     ratio_theirs = np.asarray(pca.explainedVariance.toArray())
+    # Standardised columns have variance 1, constant ones 0: the trace is a count.
+    total = float(np.count_nonzero(scaler.std.toArray() > 0))
+    var_theirs = np.asarray(
+        projected.select(Summarizer.variance(projected.p).alias("v")).first()["v"].toArray()
+    )
+    theirs = projected.select("path", vector_to_array("p").alias("theirs"))
     t_fit = time.perf_counter()
+    check: Dict[str, Any] = {"k": k, "spark_lapack": spark_lapack(spark)}
+    problems = pca_answer_problems(pc, ratio_theirs, var_theirs, total)
+    check["spark_ml_valid"] = not problems
+    if problems:
+        projected.unpersist()
+        check["spark_ml_invalid"] = f"{SPARK_ML_INVALID} ({'; '.join(problems)})"
+        check["spark_ml_fit_transform_s"] = t_fit - t0
+        return check
 
     ours_c = fit.components
     cos = np.abs(np.sum(ours_c * pc, axis=0)) / (
@@ -420,25 +492,28 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         )
         .first()
     )
+    projected.unpersist()
     t_cmp = time.perf_counter()
     scale = float(diff["scale"] or 0.0)
-    return {
-        "k": k,
-        "rows_compared": int(diff["n"]),
-        "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
-        "components_well_separated": int(separated.sum()),
-        "components_min_abs_cos_well_separated": float(cos[separated].min())
-        if separated.any()
-        else None,
-        "components_min_abs_cos_all": float(cos.min()),
-        "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
-        "projection_scale": scale,
-        "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
-        if scale
-        else 0.0,
-        "spark_ml_fit_transform_s": t_fit - t0,
-        "compare_s": t_cmp - t_fit,
-    }
+    check.update(
+        {
+            "rows_compared": int(diff["n"]),
+            "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
+            "components_well_separated": int(separated.sum()),
+            "components_min_abs_cos_well_separated": float(cos[separated].min())
+            if separated.any()
+            else None,
+            "components_min_abs_cos_all": float(cos.min()),
+            "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
+            "projection_scale": scale,
+            "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
+            if scale
+            else 0.0,
+            "spark_ml_fit_transform_s": t_fit - t0,
+            "compare_s": t_cmp - t_fit,
+        }
+    )
+    return check
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from stages.errors import UsageError
 
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
-_PARTS = ("projections", "pca_model", "summary.json")
+_PARTS = ("projections", "pca_model", "index", "summary.json")
 
 
 def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) -> Dict[str, str]:
@@ -183,7 +183,7 @@ def update_reduce(
             new_rows = int(info["rows_total"])
             if matrix is not None:
                 try:
-                    added = matrix.compute_column_summary_statistics(d)
+                    added = matrix.compute_moments(d)
                     lengths = sorted(info["lengths"].value | {info["n_features"]})
                 finally:
                     handle.unpersist(False)
@@ -203,8 +203,8 @@ def update_reduce(
         t_fit = time.perf_counter()
         matrix, info, handle = read_feature_matrix(spark, features, persist=False)
         try:
-            projected = matrix.multiply(fit.projection_matrix(), fit.mean)
-            _write_projections(spark, projected, f"{tmp}/projections")
+            with matrix.project(fit.projection_matrix(), fit.mean) as projected:
+                _write_projections(spark, projected, f"{tmp}/projections")
         finally:
             handle.unpersist(False)
         error_rows = int(stats.get("error_rows", 0)) + new_errors
@@ -249,6 +249,13 @@ def update_reduce(
     info_update["seconds"] = time.perf_counter() - t0
     summary["results"] = results
     summary["update"] = info_update
+    if "index" not in summary and hadoopfs.exists(spark, f"{tmp}/projections"):
+        # The search index follows the new PCA (an old one would be refused as stale).
+        # Its thumbnails are read again from every image: the one part of an update
+        # whose cost grows with the bucket, not with what is new.
+        from stages.search import build_index
+
+        summary["index"] = build_index(spark, tmp, log=log)
     hadoopfs.write_text(spark, f"{tmp}/summary.json", json.dumps(summary, indent=2))
     hadoopfs.write_text(spark, f"{tmp}/_READY", "")
     _swap_in(spark, results, tmp, log)

@@ -23,6 +23,7 @@ also projected with the saved PCA model into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import threading
@@ -62,8 +63,9 @@ class WatchOptions:
 
     weights: str = "bundled"
     alpha: Optional[float] = None
-    batch_size: int = 64
+    batch_size: Optional[int] = None  # the engine's default
     partitions: Optional[int] = None
+    engine: Optional[str] = None  # stages.engine.default_engine()
     trigger_seconds: Optional[float] = 10.0
     available_now: bool = False
     checkpoint: Optional[str] = None
@@ -123,6 +125,7 @@ def watch_options_from_args(args) -> WatchOptions:
         alpha=args.alpha,
         batch_size=args.batch_size,
         partitions=args.partitions,
+        engine=getattr(args, "engine", None),
         trigger_seconds=None if args.available_now else parse_duration(args.trigger or "10s"),
         available_now=bool(args.available_now),
         checkpoint=args.checkpoint,
@@ -155,7 +158,12 @@ class _Sink:
     def __call__(self, batch_df, batch_id: int) -> None:
         from pyspark.sql import functions as F
 
-        from stages.featurize import _paths_are_url_encoded, choose_partitions, featurize_frame
+        from stages.featurize import (
+            _paths_are_url_encoded,
+            _session_conf,
+            choose_partitions,
+            featurize_frame,
+        )
         from stages.incremental import _now_iso, incremental_schema, new_run_id
 
         self.started.wait()  # the query id is known once start() has returned
@@ -199,7 +207,8 @@ class _Sink:
         out = frame.df.join(F.broadcast(todo), "path").select(
             *[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema]
         )
-        out.write.mode("errorifexists").parquet(table.staging_uri(run))
+        with _session_conf(spark, frame.settings):
+            out.write.mode("errorifexists").parquet(table.staging_uri(run))
         record = {
             "run": run,
             "kind": "watch",
@@ -260,16 +269,20 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         Missing input, features or PCA model of another model.
     """
     from stages import hadoopfs
+    from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
     from stages.featurize import IMAGE_GLOB
     from stages.incremental import FeaturesTable, check_same_model
-    from stages.model import model_identity, resolve_weights
+    from stages.model import model_identity
 
     log = log or (lambda msg: None)
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, features):
         raise UsageError(f"the bucket of output {features} does not exist: create it first")
-    spec, weights = resolve_weights(opts.weights, opts.alpha)
+    engine = opts.engine or default_engine()
+    if opts.batch_size is None:
+        opts = dataclasses.replace(opts, batch_size=DEFAULT_BATCH.get(engine, 64))
+    spec, weights = prepare_model(opts.weights, opts.alpha, engine, log)
     table = FeaturesTable(spark, features)
     if hadoopfs.has_data(spark, features):
         table.recover(log)

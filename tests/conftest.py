@@ -3,13 +3,13 @@ bundled sample featurized once."""
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
@@ -19,18 +19,40 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "fruits360"
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["FRUITS_SPARK_UI"] = "0"
+# The CLI's run logs go to a throw-away folder, not the developer's ~/.cache.
+os.environ["FRUITS_LOG_DIR"] = tempfile.mkdtemp(prefix="fruits-test-logs-")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that needs the JVM (the ``spark`` fixture, directly or through
+    another fixture) ``jvm``, so ``make test-fast`` can leave them out."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.jvm)
 
 
 def s3a_jars() -> List[str]:
-    """Hadoop's S3A connector jars shipped by the PyPI package sagemaker_pyspark
-    (tests only; on EMR, s3:// goes through EMRFS). Found without importing it."""
-    spec = importlib.util.find_spec("sagemaker_pyspark")
-    if spec is None or spec.origin is None:
+    """Hadoop's S3A connector jars (:mod:`stages.s3a`), or [] where they are missing."""
+    from stages.errors import UsageError
+    from stages.s3a import find_jars
+
+    try:
+        return find_jars()
+    except UsageError:
         return []
-    jars = os.path.join(os.path.dirname(spec.origin), "jars")
-    wanted = ["hadoop-aws-3.3.1.jar", "aws-java-sdk-bundle-1.11.901.jar"]
-    found = [j for w in wanted for j in glob.glob(os.path.join(jars, w))]
-    return found if len(found) == len(wanted) else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tflite_cache(tmp_path_factory):
+    """A fresh driver-side TFLite conversion cache for the session (and its subprocesses)."""
+    path = tmp_path_factory.mktemp("fruits_cache")
+    old = os.environ.get("FRUITS_CACHE")
+    os.environ["FRUITS_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FRUITS_CACHE", None)
+    else:
+        os.environ["FRUITS_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
@@ -67,9 +89,63 @@ def spark(keras_home):
 
 @pytest.fixture(scope="session")
 def sample_features(spark, tmp_path_factory) -> Path:
-    """The bundled sample featurized once with the bundled weights."""
+    """The bundled sample featurized once with the bundled weights (default engine, LiteRT)."""
     from stages.featurize import featurize
 
     out = tmp_path_factory.mktemp("sample") / "Features"
     featurize(spark, str(SAMPLE), str(out), weights="bundled")
     return out
+
+
+@pytest.fixture(scope="session")
+def keras_sample_features(spark, tmp_path_factory) -> Path:
+    """The bundled sample featurized once by the Keras engine (the reference)."""
+    from stages.featurize import featurize
+
+    out = tmp_path_factory.mktemp("sample_keras") / "Features"
+    featurize(spark, str(SAMPLE), str(out), weights="bundled", engine="keras")
+    return out
+
+
+def leave_out(source: Path, dest: Path, classes: int = 10) -> List[Tuple[Path, str]]:
+    """Copy ``source``'s ``<Class>/*.jpg`` to ``dest`` except one photo in each of
+    ``classes`` classes spread over the alphabet; returns the left-out (photo, class)."""
+    names = sorted(p.name for p in source.iterdir() if p.is_dir())
+    step = max(1, len(names) // classes)
+    chosen = set(names[::step][:classes])
+    left: List[Tuple[Path, str]] = []
+    for name in names:
+        photos = sorted((source / name).glob("*.jpg"))
+        (dest / name).mkdir(parents=True)
+        out = photos[len(photos) // 2] if name in chosen else None
+        for photo in photos:
+            if photo == out:
+                left.append((photo, name))
+            else:
+                shutil.copyfile(photo, dest / name / photo.name)
+    return left
+
+
+def left_out_results(spark, source: Path, tmp: Path) -> Tuple[Path, List[Tuple[Path, str]]]:
+    """RESULTS (with its index) of ``source`` less 10 photos, and those photos."""
+    from stages.featurize import featurize
+    from stages.reduce import reduce_features
+
+    left = leave_out(source, tmp / "Images")
+    featurize(spark, str(tmp / "Images"), str(tmp / "Features"), weights="bundled")
+    reduce_features(spark, str(tmp / "Features"), str(tmp / "Results"), variance=0.95)
+    return tmp / "Results", left
+
+
+@pytest.fixture(scope="session")
+def sample_left_out(spark, tmp_path_factory) -> Tuple[Path, List[Tuple[Path, str]]]:
+    """RESULTS of the bundled sample less one photo in each class, and those photos."""
+    return left_out_results(spark, SAMPLE, tmp_path_factory.mktemp("left_out"))
+
+
+@pytest.fixture(scope="session")
+def sample_engine(sample_left_out):
+    """The query engine (model + PCA + index) on :func:`sample_left_out`."""
+    from stages.search import QueryEngine
+
+    return QueryEngine(str(sample_left_out[0]))

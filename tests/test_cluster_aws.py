@@ -186,20 +186,25 @@ def test_emr_up_creates_the_cluster_in_paris(eu_bucket, s3, emr_eu, capsys):
     (action,) = emr_eu.list_bootstrap_actions(ClusterId=cluster)["BootstrapActions"]
     assert action["ScriptPath"] == code + "bootstrap-emr.sh"
     prefix = code[len(f"s3://{BUCKET}/") :]
+    wheel = spec.wheel_name(spec.code_version(code))
     assert sorted(k[len(prefix) :] for k in _keys(s3, BUCKET, prefix)) == [
         "bootstrap-emr.sh",
         "featurize.py",
-        "fruits_pipeline.zip",
+        wheel,
         "reduce.py",
         "requirements-emr.txt",
         "watch.py",
     ]
+    # the bootstrap installs that wheel
+    assert action["Args"] == [code + wheel]
+    assert _keys(s3, BUCKET, "jupyter/") == []  # no --notebook, no notebook
 
 
-def test_emr_up_with_task_nodes_and_notebook(eu_bucket, emr_eu, capsys):
-    argv = ["emr", "up", "--bucket", eu_bucket, "--task", "1", "--notebook", "--quiet"]
+def test_emr_up_with_task_nodes_and_notebook(eu_bucket, s3, emr_eu, capsys):
+    argv = ["emr", "up", "--bucket", eu_bucket, "--task", "1", "--notebook"]
     assert main(argv) == 0
-    cluster = capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    cluster = captured.out.strip()
     info = emr_eu.describe_cluster(ClusterId=cluster)["Cluster"]
     assert sorted(a["Name"] for a in info["Applications"]) == ["JupyterHub", "Livy", "Spark"]
     roles = {
@@ -207,6 +212,31 @@ def test_emr_up_with_task_nodes_and_notebook(eu_bucket, emr_eu, capsys):
         for g in emr_eu.list_instance_groups(ClusterId=cluster)["InstanceGroups"]
     }
     assert roles == {"MASTER", "CORE", "TASK"}
+    # what EMR received: Livy sessions on Python 3.11 with the steps' layout
+    confs = {c["Classification"]: c for c in info["Configurations"]}
+    assert confs["jupyter-s3-conf"]["Properties"]["s3.persistence.bucket"] == BUCKET
+    assert confs["livy-conf"]["Properties"]["livy.spark.deploy-mode"] == "cluster"
+    (export,) = confs["livy-env"]["Configurations"]
+    assert export["Properties"]["PYSPARK_PYTHON"] == spec.PYTHON
+    session = json.loads(confs["jupyter-sparkmagic-conf"]["Properties"]["session_configs"])
+    assert session == spec.livy_session_configs("m5.large")
+    assert session["executorCores"] == 1  # m5.large: one Python worker per executor
+    assert session["conf"]["spark.yarn.appMasterEnv.PYSPARK_PYTHON"] == spec.PYTHON
+    # the notebook, where JupyterHub's default user opens it, ready for the cluster
+    key = "jupyter/jovyan/fruits_pipeline.ipynb"
+    assert f"emr: notebook uploaded to s3://{BUCKET}/{key}" in captured.err
+    nb = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert nb["metadata"]["kernelspec"]["name"] == "pysparkkernel"
+    (params,) = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert 'INPUT = "s3://fruits-eu/Test/"' in "".join(params["source"])
+
+
+def test_emr_up_notebook_keeps_a_notebook_jupyterhub_saved(eu_bucket, s3, capsys):
+    key = "jupyter/jovyan/fruits_pipeline.ipynb"
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b'{"edited": "by the user"}')
+    assert main(["emr", "up", "--bucket", eu_bucket, "--notebook"]) == 0
+    assert "exists (JupyterHub saved it): left as it is" in capsys.readouterr().err
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == b'{"edited": "by the user"}'
 
 
 @pytest.mark.parametrize("region", ["us-east-1", "eu-west-2"])
@@ -296,10 +326,15 @@ def test_submit_featurize_adds_the_step_it_should(cluster_id, emr_eu, capsys):
     args = step["Config"]["Args"]
     assert step["Config"]["Jar"] == "command-runner.jar"
     assert step["ActionOnFailure"] == "CONTINUE"
-    assert args[:4] == ["spark-submit", "--deploy-mode", "cluster", "--py-files"]
-    assert args[4].startswith(code) and args[4].endswith("/fruits_pipeline.zip")
-    assert args[5] == args[4].replace("fruits_pipeline.zip", "featurize.py")
-    assert args[6:] == [
+    # no --py-files: the step imports the project the bootstrap installed
+    assert args[:3] == ["spark-submit", "--deploy-mode", "cluster"]
+    assert args[3].startswith(code) and args[3].endswith("/featurize.py")
+    tags = {
+        t["Key"]: t["Value"]
+        for t in emr_eu.describe_cluster(ClusterId=cluster_id)["Cluster"]["Tags"]
+    }
+    assert args[3] == tags["code-uri"] + "featurize.py"
+    assert args[4:] == [
         "s3://fruits-eu/Test/",
         "s3://fruits-eu/Features/",
         "--weights",
@@ -319,8 +354,8 @@ def test_submit_reduce_passes_k_and_overwrite(cluster_id, s3, emr_eu, capsys):
     assert main(argv) == 0
     (listed,) = emr_eu.list_steps(ClusterId=cluster_id)["Steps"]
     args = listed["Config"]["Args"]
-    assert args[5].endswith("/reduce.py")
-    assert args[6:] == [
+    assert args[3].endswith("/reduce.py")
+    assert args[4:] == [
         "s3://fruits-eu/Features/",
         "s3://fruits-eu/Results/",
         "--k",
@@ -508,8 +543,8 @@ def test_run_no_wait_starts_a_self_terminating_cluster_with_both_steps(eu_bucket
     assert {s["ActionOnFailure"] for s in steps} == {"TERMINATE_CLUSTER"}
     featurize_args = steps[0]["Config"]["Args"]
     reduce_args = steps[1]["Config"]["Args"]
-    assert featurize_args[6:8] == ["s3://fruits-eu/Test/", "s3://fruits-eu/Features"]
-    assert reduce_args[6:] == ["s3://fruits-eu/Features", "s3://fruits-eu/Results/", "--k", "50"]
+    assert featurize_args[4:6] == ["s3://fruits-eu/Test/", "s3://fruits-eu/Features"]
+    assert reduce_args[4:] == ["s3://fruits-eu/Features", "s3://fruits-eu/Results/", "--k", "50"]
 
 
 def test_run_waits_for_both_steps_then_terminates(eu_bucket, emr_eu, monkeypatch, capsys):

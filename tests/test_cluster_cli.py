@@ -57,23 +57,6 @@ def _one_line(capsys) -> str:
             "the paths span buckets bucket-one, bucket-two: pass --bucket",
         ),
         (
-            ["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"],
-            "--k 0 must be at least 1",
-        ),
-        (
-            [
-                "emr",
-                "submit",
-                "j-1",
-                "reduce",
-                "s3://fruits-eu/F/",
-                "s3://fruits-eu/R/",
-                "--variance",
-                "1.5",
-            ],
-            "--variance 1.5 must be in (0, 1]",
-        ),
-        (
             [
                 "emr",
                 "submit",
@@ -108,9 +91,20 @@ def test_no_credentials_is_one_line(monkeypatch, capsys, tmp_path):
     assert "no AWS credentials" in _one_line(capsys)
 
 
+def _eu_bucket(name: str = "fruits-eu", region: str = "eu-west-3") -> None:
+    import boto3
+
+    # us-east-1 is the one region that takes no location constraint.
+    where = {} if region == "us-east-1" else {"LocationConstraint": region}
+    boto3.client("s3", region_name=region).create_bucket(
+        Bucket=name, **({"CreateBucketConfiguration": where} if where else {})
+    )
+
+
 def test_plan_prints_the_request_and_creates_nothing(capsys):
     import boto3
 
+    _eu_bucket()
     argv = ["emr", "plan", "--bucket", "fruits-eu", "--core", "3", "--instance-type", "m5.xlarge"]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -124,7 +118,29 @@ def test_plan_prints_the_request_and_creates_nothing(capsys):
     assert "4 x m5.xlarge in eu-west-3" in captured.err
     assert "nothing created" in captured.err
     assert boto3.client("emr", region_name="eu-west-3").list_clusters()["Clusters"] == []
-    assert boto3.client("s3", region_name="eu-west-3").list_buckets()["Buckets"] == []
+    s3 = boto3.client("s3", region_name="eu-west-3")
+    assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["fruits-eu"]
+    assert "Contents" not in s3.list_objects_v2(Bucket="fruits-eu")  # no code uploaded
+
+
+def test_plan_refuses_a_bucket_outside_the_eu_as_up_does(capsys):
+    # Regression: the dry run skipped the bucket-location (GDPR) check that `up` makes.
+    _eu_bucket("fruits-us", "us-east-1")
+    results = {}
+    for action in ("plan", "up"):
+        code = main(["emr", action, "--bucket", "fruits-us", "--region", "eu-west-3"])
+        results[action] = (code, _one_line(capsys))
+    assert results["plan"] == results["up"]
+    assert results["plan"][0] == 2 and "outside the EU" in results["plan"][1]
+
+
+def test_plan_refuses_a_missing_bucket_as_up_does(capsys):
+    results = {}
+    for action in ("plan", "up"):
+        code = main(["emr", action, "--bucket", "fruits-none"])
+        results[action] = (code, _one_line(capsys))
+    assert results["plan"] == results["up"]
+    assert results["plan"][0] == 2 and "does not exist" in results["plan"][1]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +151,7 @@ def test_plan_prints_the_request_and_creates_nothing(capsys):
     ],
 )
 def test_quiet_is_accepted_at_each_level(capsys, argv):
+    _eu_bucket()
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.err == ""
@@ -174,5 +191,22 @@ def test_help_lists_the_aws_commands():
 
 def test_region_defaults_to_paris_not_to_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    _eu_bucket()
     assert main(["emr", "plan", "--bucket", "fruits-eu"]) == 0
     assert "in eu-west-3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/R/", "--k", "0"],
+         "argument --k: 0 must be at least 1"),
+        (["emr", "submit", "j-1", "reduce", "s3://fruits-eu/F/", "s3://fruits-eu/R/",
+          "--variance", "1.5"], "argument --variance: 1.5 must be in (0, 1]"),
+    ],
+)  # fmt: skip
+def test_emr_stage_options_are_checked_by_the_same_parser_before_aws(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert fragment in _one_line(capsys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cluster import spec
@@ -59,7 +61,22 @@ def test_bootstrap_action_runs_the_versioned_script():
     (action,) = req["BootstrapActions"]
     script = action["ScriptBootstrapAction"]
     assert script["Path"] == "s3://fruits-eu/code/0.1.0-abc/bootstrap-emr.sh"
-    assert script["Args"] == ["s3://fruits-eu/code/0.1.0-abc/"]
+    # the wheel of the same code folder, its content hash as a PEP 440 local version
+    assert script["Args"] == [
+        "s3://fruits-eu/code/0.1.0-abc/fruits_pipeline-0.1.0+abc-py3-none-any.whl"
+    ]
+
+
+@pytest.mark.parametrize(
+    "version, wheel",
+    [
+        ("0.1.0-0123456789ab", "fruits_pipeline-0.1.0+0123456789ab-py3-none-any.whl"),
+        ("0.2.0", "fruits_pipeline-0.2.0-py3-none-any.whl"),
+    ],
+)
+def test_wheel_name_follows_the_code_version(version, wheel):
+    assert spec.wheel_name(version) == wheel
+    assert spec.code_version(code_uri(BUCKET, version)) == version
 
 
 def test_spark_env_points_pyspark_at_python311():
@@ -74,7 +91,8 @@ def test_spark_env_points_pyspark_at_python311():
 
 def test_notebook_adds_jupyterhub_livy_and_s3_persistence():
     plain = build_request(ClusterOptions(bucket=BUCKET), CODE)
-    assert not [c for c in plain["Configurations"] if c["Classification"] == "jupyter-s3-conf"]
+    notebook_only = ("jupyter-s3-conf", "livy-conf", "livy-env", "jupyter-sparkmagic-conf")
+    assert not [c for c in plain["Configurations"] if c["Classification"] in notebook_only]
     req = build_request(ClusterOptions(bucket=BUCKET, notebook=True), CODE)
     assert [a["Name"] for a in req["Applications"]] == ["Spark", "JupyterHub", "Livy"]
     conf = _classification(req, "jupyter-s3-conf")
@@ -82,6 +100,46 @@ def test_notebook_adds_jupyterhub_livy_and_s3_persistence():
         "s3.persistence.enabled": "true",
         "s3.persistence.bucket": "fruits-eu",
     }
+    assert spec.notebook_key() == "jupyter/jovyan/fruits_pipeline.ipynb"
+
+
+def test_notebook_livy_sessions_run_python311_in_cluster_mode_with_a_timeout():
+    req = build_request(ClusterOptions(bucket=BUCKET, notebook=True), CODE)
+    livy = _classification(req, "livy-conf")["Properties"]
+    assert livy["livy.spark.deploy-mode"] == "cluster"  # the driver on a core node
+    assert livy["livy.server.session.timeout-check"] == "true"
+    assert livy["livy.server.session.timeout"] == "1h"
+    (export,) = _classification(req, "livy-env")["Configurations"]
+    assert export["Classification"] == "export"
+    assert export["Properties"]["PYSPARK_PYTHON"] == "/usr/bin/python3.11"
+
+
+@pytest.mark.parametrize("instance_type", ["m5.large", "c5.xlarge", "r5.xlarge"])
+def test_notebook_sessions_get_the_step_layout_not_sparkmagics_defaults(instance_type):
+    opts = ClusterOptions(bucket=BUCKET, notebook=True, instance_type=instance_type)
+    req = build_request(opts, CODE)
+    props = _classification(req, "jupyter-sparkmagic-conf")["Properties"]
+    # EMR writes each property into sparkmagic's config.json: nested objects as JSON text
+    session = json.loads(props["session_configs"])
+    defaults = _classification(req, "spark-defaults")["Properties"]
+    lay = spec.executor_layout(instance_type)
+    # sparkmagic's own executorCores 2 would put two Python workers in a one-worker executor
+    assert session["executorCores"] == lay.cores == int(defaults["spark.executor.cores"])
+    assert session["conf"]["spark.task.cpus"] == defaults["spark.task.cpus"]
+    assert session["executorCores"] // int(session["conf"]["spark.task.cpus"]) == 1
+    assert session["executorMemory"] == defaults["spark.executor.memory"]
+    assert (
+        session["conf"]["spark.executor.memoryOverhead"]
+        == (defaults["spark.executor.memoryOverhead"])
+    )
+    # the driver builds the model once in its Python process: a step driver's container
+    assert session["driverMemory"] == defaults["spark.driver.memory"]
+    overhead = _mib(session["conf"]["spark.driver.memoryOverhead"])
+    assert overhead >= spec.DRIVER_PYTHON_MIB  # the driver builds and converts the model
+    assert session["conf"]["spark.driver.memoryOverhead"] == defaults["spark.driver.memoryOverhead"]
+    conf = session["conf"]
+    assert conf["spark.pyspark.python"] == "/usr/bin/python3.11"
+    assert conf["spark.yarn.appMasterEnv.PYSPARK_PYTHON"] == "/usr/bin/python3.11"
 
 
 def test_task_nodes_on_spot_with_managed_scaling():
@@ -130,8 +188,6 @@ def test_featurize_step_arguments():
         "spark-submit",
         "--deploy-mode",
         "cluster",
-        "--py-files",
-        "s3://fruits-eu/code/0.1.0-abc/fruits_pipeline.zip",
         "s3://fruits-eu/code/0.1.0-abc/featurize.py",
         "s3://fruits-eu/Test/",
         "s3://fruits-eu/Features/",
@@ -151,8 +207,8 @@ def test_reduce_step_terminates_cluster_on_failure_when_asked():
     )
     args = step["HadoopJarStep"]["Args"]
     assert step["ActionOnFailure"] == "TERMINATE_CLUSTER"
-    assert args[5] == "s3://fruits-eu/code/0.1.0-abc/reduce.py"
-    assert args[6:] == ["s3a://fruits-eu/Features/", "s3a://fruits-eu/Results/", "--k", "50"]
+    assert args[3] == "s3://fruits-eu/code/0.1.0-abc/reduce.py"
+    assert args[4:] == ["s3a://fruits-eu/Features/", "s3a://fruits-eu/Results/", "--k", "50"]
 
 
 @pytest.mark.parametrize(
@@ -188,10 +244,12 @@ def test_validate_options_refuses(opts, match):
         spec.validate_options(ClusterOptions(**kwargs))
 
 
+@pytest.mark.parametrize("engine", ["litert", "keras"])
 @pytest.mark.parametrize("instance_type", sorted(spec.INSTANCE_TYPES))
-def test_spark_defaults_fit_yarn_with_2g_per_python_worker(instance_type):
+def test_spark_defaults_fit_yarn_with_the_engines_python_worker(instance_type, engine):
     it = spec.INSTANCE_TYPES[instance_type]
-    conf = spec.spark_defaults(instance_type)
+    conf = spec.spark_defaults(instance_type, engine)
+    lay = spec.executor_layout(instance_type, engine)
     cores = int(conf["spark.executor.cores"])
     task_cpus = int(conf["spark.task.cpus"])
     heap = _mib(conf["spark.executor.memory"])
@@ -201,12 +259,17 @@ def test_spark_defaults_fit_yarn_with_2g_per_python_worker(instance_type):
     assert executors_per_node >= 1
     # what YARN hands out on one node stays within its memory
     assert executors_per_node * (heap + overhead) <= it.yarn_mib
-    # each Python worker gets >= 2 GiB beside Spark's 384 MiB off-heap floor
-    assert (overhead - 384) / workers_per_executor >= 2048
+    # each Python worker gets its engine's measured need beside Spark's 384 MiB floor
+    need = {"litert": 768, "keras": 2048}[engine]
+    assert (overhead - 384) / workers_per_executor >= need
     assert heap >= 450  # Spark refuses smaller executors
-    # the driver's container is no larger than an executor's: it displaces exactly one
+    assert executors_per_node * task_cpus == it.vcpu  # no idle core
+    # the driver's Python has room for the TFLite conversion (1.06 GB measured), and
+    # its container takes the room of driver_slots executors, no more
+    assert _mib(conf["spark.driver.memoryOverhead"]) - 384 >= 1536
     driver = _mib(conf["spark.driver.memory"]) + _mib(conf["spark.driver.memoryOverhead"])
-    assert driver <= heap + overhead
+    assert _mib(conf["spark.driver.memory"]) >= 450
+    assert driver <= lay.driver_slots * (heap + overhead)
 
 
 def test_m5_large_runs_two_single_core_executors_per_node():
@@ -214,13 +277,22 @@ def test_m5_large_runs_two_single_core_executors_per_node():
     assert conf["spark.executor.cores"] == "1"
     per_executor = _mib(conf["spark.executor.memory"]) + _mib(conf["spark.executor.memoryOverhead"])
     assert 2 * per_executor <= 6144
-    assert spec.total_slots(ClusterOptions(bucket=BUCKET)) == 3  # 2 nodes x 2, minus the driver
 
 
-def test_memory_bound_c5_gives_each_worker_two_threads():
-    conf = spec.spark_defaults("c5.xlarge")  # 4 vCPU but only 6 GiB for YARN
+def test_memory_bound_c5_gives_each_keras_worker_two_threads():
+    conf = spec.spark_defaults("c5.xlarge", "keras")  # 4 vCPU but only 6 GiB for YARN
     assert conf["spark.task.cpus"] == "2"
     assert conf["spark.executor.cores"] == "2"
+
+
+def test_litert_workers_fit_where_keras_workers_do_not():
+    # 8 GiB, 4 vCPU: r5.xlarge and m5.xlarge run 4 either way; with LiteRT the executor
+    # heap gets what the Keras worker held.
+    lite, keras = spec.executor_layout("m5.xlarge"), spec.executor_layout("m5.xlarge", "keras")
+    assert lite.executors_per_node == keras.executors_per_node == 4
+    assert lite.heap_mib - keras.heap_mib == 2048 - 768
+    with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
+        spec.executor_layout("m5.large", "onnx")
 
 
 def test_regression_no_pyspark_memory_rlimit_for_tensorflow():

@@ -56,8 +56,15 @@ def keras_reference(files) -> np.ndarray:
     return np.asarray(model.predict_on_batch(x))
 
 
-def test_spark_features_equal_single_process_keras(sample_features):
-    got = read_features(sample_features)
+def _by_file(features: Path, files) -> np.ndarray:
+    got = read_features(features)
+    rows = [got[f"{f.parent.name}/{f.name}"] for f in files]
+    assert all(err is None and label == f.parent.name for (label, _, err), f in zip(rows, files))
+    return np.stack([feats for _, feats, _ in rows])
+
+
+def test_keras_engine_equals_single_process_keras(keras_sample_features):
+    got = read_features(keras_sample_features)
     files = sorted(SAMPLE.glob("*/*.jpg"))
     assert len(got) == len(files) == 100
     ref = keras_reference(files)
@@ -73,6 +80,26 @@ def test_spark_features_equal_single_process_keras(sample_features):
     assert 0.2 < (allf == 0).mean() < 0.9 and allf.std() > 0.1
 
 
+def assert_litert_agrees(lite: np.ndarray, keras: np.ndarray) -> None:
+    """The LiteRT engine's agreement with Keras: max |d| <= 2e-4, cosine >= 0.99999 per row."""
+    assert lite.shape == keras.shape and lite.dtype == np.float32
+    assert np.abs(lite - keras).max() <= 2e-4
+    lite64, keras64 = lite.astype(np.float64), keras.astype(np.float64)
+    norms = np.linalg.norm(lite64, axis=1) * np.linalg.norm(keras64, axis=1)
+    cos = (lite64 * keras64).sum(1) / norms
+    assert cos.min() >= 0.99999
+
+
+def test_litert_engine_agrees_with_the_keras_engine(sample_features, keras_sample_features):
+    files = sorted(SAMPLE.glob("*/*.jpg"))
+    lite = _by_file(sample_features, files)
+    keras = _by_file(keras_sample_features, files)
+    assert len(files) == 100
+    assert_litert_agrees(lite, keras)
+    # Not equal by construction: two runtimes, two summation orders.
+    assert not np.array_equal(lite, keras)
+
+
 def test_labels_keep_spaces_and_the_model_metadata_is_stored(spark, sample_features):
     labels = {v[0] for v in read_features(sample_features).values()}
     assert "Apple Braeburn" in labels and "Apple Granny Smith" in labels
@@ -80,7 +107,16 @@ def test_labels_keep_spaces_and_the_model_metadata_is_stored(spark, sample_featu
     meta = read_model_spec(spark.read.parquet(str(sample_features)).schema)
     assert meta["name"] == "MobileNetV2" and meta["alpha"] == 0.35
     assert meta["weights_source"].startswith("bundled:") and len(meta["weights_sha256"]) == 64
-    assert meta["input_size"] == 224 and meta["versions"]["tensorflow"]
+    assert meta["input_size"] == 224 and meta["engine"] == "litert"
+    assert meta["versions"]["ai_edge_litert"] and meta["versions"]["tflite_converter"]
+
+
+def test_keras_engine_is_recorded(spark, sample_features, keras_sample_features):
+    keras = read_model_spec(spark.read.parquet(str(keras_sample_features)).schema)
+    lite = read_model_spec(spark.read.parquet(str(sample_features)).schema)
+    assert keras["engine"] == "keras" and keras["versions"]["tensorflow"]
+    # Same weights, same model identity: the reduce may mix the two engines' features.
+    assert keras["weights_sha256"] == lite["weights_sha256"]
 
 
 @pytest.mark.parametrize(
@@ -96,9 +132,9 @@ def test_label_from_path(path, encoded, label):
     assert label_from_path(path, encoded) == label
 
 
-def _jpeg(mode: str, color) -> bytes:
+def _jpeg_of(photo: Path, mode: str) -> bytes:
     buf = io.BytesIO()
-    Image.new(mode, (64, 48), color).save(buf, format="JPEG")
+    Image.open(photo).convert(mode).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -120,8 +156,9 @@ def messy_input(tmp_path_factory) -> Path:
     buf = io.BytesIO()
     Image.open(good[1]).save(buf, format="PNG")
     (odd / "really_png.jpg").write_bytes(buf.getvalue())
-    (odd / "gray.JPG").write_bytes(_jpeg("L", 128))
-    (odd / "cmyk.jpeg").write_bytes(_jpeg("CMYK", (10, 200, 30, 5)))
+    # Other modes of a real photo (a flat colour is refused: test_no_image_lost.py).
+    (odd / "gray.JPG").write_bytes(_jpeg_of(good[2], "L"))
+    (odd / "cmyk.jpeg").write_bytes(_jpeg_of(good[2], "CMYK"))
     (odd / "notes.txt").write_text("not an image, not a .jpg: ignored")
     return root
 
@@ -164,30 +201,71 @@ def test_png_gray_and_cmyk_are_featurized_like_keras(messy_input, messy_features
     got = read_features(messy_features)
     names = ["really_png.jpg", "gray.JPG", "cmyk.jpeg"]
     ref = keras_reference([messy_input / "50%off" / n for n in names])
-    for n, r in zip(names, ref):
-        _, feats, err = got[f"50%off/{n}"]
-        assert err is None
-        assert np.abs(feats - r).max() <= 1e-5
+    assert all(got[f"50%off/{n}"][2] is None for n in names)
+    assert_litert_agrees(np.stack([got[f"50%off/{n}"][1] for n in names]), ref)
 
 
-def test_model_built_once_per_worker_and_keras_home_untouched(spark, keras_home, tmp_path):
+def _worker_modules(batches):
+    """mapInArrow probe: this Python worker's pid and which heavy modules it holds."""
+    import os
+    import sys
+
+    import pyarrow as pa
+
+    for _ in batches:
+        held = [m for m in ("tensorflow", "keras", "h5py") if m in sys.modules]
+        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "held": [",".join(held)]})
+
+
+def test_litert_workers_build_once_import_no_tensorflow_read_no_weights(
+    spark, keras_home, tmp_path
+):
+    sc = spark.sparkContext
     # Workers see the empty read-only KERAS_HOME: weights can only come by broadcast.
-    seen = (
-        spark.sparkContext.parallelize([0], 1).map(lambda _: os.environ.get("KERAS_HOME")).collect()
-    )
+    seen = sc.parallelize([0], 1).map(lambda _: os.environ.get("KERAS_HOME")).collect()
     assert seen == [str(keras_home)]
+    # Another executor environment gets its own pool of fresh Python workers, none of
+    # which ran an earlier test's Keras job.
+    sc.environment["FRUITS_TEST_WORKER_POOL"] = "litert-only"
+    try:
+        report = featurize(
+            spark,
+            str(SAMPLE),
+            str(tmp_path / "F"),
+            weights="random:7",
+            alpha=0.35,
+            partitions=6,
+            batch_size=8,
+        )
+        probe = (
+            spark.range(0, 12, numPartitions=12)
+            .mapInArrow(_worker_modules, "pid long, held string")
+            .collect()
+        )
+    finally:
+        del sc.environment["FRUITS_TEST_WORKER_POOL"]
+    assert report.model["engine"] == "litert"
+    assert report.partitions == 6 and report.images == 100 and report.errors == 0
+    # One build per Python worker process, not one per task (local[2]: two workers).
+    assert report.model_builds == len(report.worker_pids) < report.partitions
+    # The probe ran in the very workers that featurized: they hold no TensorFlow.
+    assert set(report.worker_pids) <= {r["pid"] for r in probe}
+    assert {r["held"] for r in probe} == {""}
+    assert list(keras_home.iterdir()) == []
+
+
+def test_keras_engine_builds_once_per_worker(spark, keras_home, tmp_path):
     report = featurize(
         spark,
-        str(SAMPLE),
+        str(SAMPLE / "Kiwi"),
         str(tmp_path / "F"),
         weights="random:7",
         alpha=0.35,
-        partitions=6,
-        batch_size=8,
+        partitions=4,
+        batch_size=4,
+        engine="keras",
     )
-    assert report.partitions == 6 and report.images == 100 and report.errors == 0
-    # One build per Python worker process, not one per task: local[2] runs two
-    # workers at a time (PySpark may keep a third idle one from earlier jobs).
+    assert report.model["engine"] == "keras" and report.images == 10 and report.errors == 0
     assert report.model_builds == len(report.worker_pids) < report.partitions
     assert list(keras_home.iterdir()) == []
 
@@ -210,7 +288,14 @@ def test_overwrite_replaces(spark, tmp_path):
     out = tmp_path / "F"
     featurize(spark, str(SAMPLE / "Kiwi"), str(out), weights="random:2", alpha=0.35)
     report = featurize(
-        spark, str(SAMPLE / "Lemon"), str(out), weights="random:2", alpha=0.35, overwrite=True
+        spark,
+        str(SAMPLE / "Lemon"),
+        str(out),
+        weights="random:2",
+        alpha=0.35,
+        overwrite=True,
+        jpeg_draft=2,
     )
     labels = {v[0] for v in read_features(out).values()}
     assert report.images == 10 and labels == {"Lemon"}
+    assert read_model_spec(spark.read.parquet(str(out)).schema)["jpeg_draft"] == 2

@@ -18,12 +18,15 @@ from linalg.kernels import (
     covariance,
     eigh_descending,
     fit_pca_from_moments,
+    flip_signs,
     merge_moments,
+    pca_answer_problems,
     project,
     standardize,
 )
 
 FLOATS = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=64)
+SMALL = st.floats(-1.0, 1.0, allow_nan=False, allow_infinity=False, width=64)
 
 
 @st.composite
@@ -119,15 +122,23 @@ def test_eigh_descending_signs_deterministic(X):
     assert np.all(np.diff(w) <= 1e-9 * max(1.0, abs(w[0])))
     idx = np.argmax(np.abs(V), axis=0)
     assert np.all(V[idx, np.arange(V.shape[1])] > 0)
-    # The same matrix with flipped input signs gives the same vectors.
-    w2, V2 = eigh_descending(S.copy())
-    np.testing.assert_array_equal(V, V2)
     np.testing.assert_allclose(S @ V, V * w, atol=1e-8 * max(1.0, float(np.abs(S).max())))
+    # Flip the signs of some input coordinates: S2 = D S D has eigenvectors D V, which
+    # LAPACK may return with any column signs; ours must come back as flip_signs(D V).
+    # Only where the eigenvector is unique (separated eigenvalue) and its largest
+    # entry is unambiguous is that a property.
+    d = np.where(np.arange(S.shape[0]) % 2 == 0, -1.0, 1.0)
+    w2, V2 = eigh_descending(S * np.outer(d, d))
+    scale = max(1.0, float(np.abs(w).max()))
+    np.testing.assert_allclose(w2, w, atol=1e-9 * scale)
+    expected = flip_signs(d[:, None] * V)
+    gaps = np.minimum(np.abs(np.diff(w, prepend=np.inf)), np.abs(np.diff(w, append=-np.inf)))
+    top2 = np.sort(np.abs(V), axis=0)[-2:] if V.shape[0] > 1 else np.array([[0.0], [1.0]])
+    clear = (gaps > 1e-6 * scale) & (top2[1] - top2[0] > 1e-6)
+    np.testing.assert_allclose(V2[:, clear], expected[:, clear], atol=1e-6)
 
 
 def test_eigh_sign_flip_is_deterministic_on_negated_vectors():
-    from linalg.kernels import flip_signs
-
     rng = np.random.default_rng(1)
     V = np.linalg.qr(rng.standard_normal((5, 5)))[0]
     np.testing.assert_array_equal(flip_signs(V), flip_signs(-V))
@@ -214,14 +225,35 @@ def test_merge_refuses_mixed_widths():
 
 
 @settings(max_examples=30, deadline=None)
-@given(arrays(np.float64, st.tuples(st.integers(1, 10), st.integers(1, 5)), elements=FLOATS))
-def test_project_subtracts_mean_before_the_product(X):
+@given(
+    arrays(np.float64, st.tuples(st.integers(1, 10), st.integers(1, 5)), elements=SMALL),
+    st.sampled_from([1e3, 1e6, -1e6]),
+)
+def test_project_is_exact_under_a_large_shift_of_the_data_and_mean(X, shift):
+    # Subtracting the mean before the product keeps the projection exact when the mean
+    # is large against the spread; folding it into an offset (X @ W - mean @ W) would
+    # lose the spread to cancellation.
     rng = np.random.default_rng(0)
     W = rng.standard_normal((X.shape[1], 2))
     mean = X.mean(axis=0)
-    np.testing.assert_allclose(
-        project(X, W, mean), (X - mean) @ W, atol=1e-9 * max(1.0, float(np.abs(X).max()))
-    )
+    ref = project(X, W, mean)
+    shifted = project(X + shift, W, mean + shift)
+    # X + shift is rounded to ulp(shift); that error, carried by W, is the bound.
+    bound = 4 * np.spacing(abs(shift)) * np.abs(W).sum(axis=0)
+    assert np.all(np.abs(shifted - ref) <= bound)
+
+
+def test_folding_the_mean_into_an_offset_fails_where_project_holds():
+    rng = np.random.default_rng(3)
+    X = 1e9 + rng.standard_normal((200, 50)) * 1e-4
+    W = rng.standard_normal((50, 2))
+    mean = X.mean(axis=0)
+    exact = (X - 1e9 - (mean - 1e9)) @ W  # the spread, computed without the offset
+    folded = X @ W - mean @ W
+    ours = project(X, W, mean)
+    scale = np.abs(exact).max()
+    assert np.abs(folded - exact).max() > 1e-4 * scale
+    np.testing.assert_allclose(ours, exact, atol=1e-6 * scale)
 
 
 def test_constant_column_whose_mean_rounds_has_zero_std():
@@ -232,3 +264,64 @@ def test_constant_column_whose_mean_rounds_has_zero_std():
     fit = fit_pca_from_moments(block_moments(X), k=1)
     np.testing.assert_array_equal(fit.std, [0.0, 0.0])
     np.testing.assert_array_equal(fit.eigenvalues, [0.0, 0.0])
+
+
+# ------------------------------------------------- checking someone else's PCA answer
+
+
+def _answer(X: np.ndarray, k: int):
+    """A correct PCA answer on standardised X: components, ratios, projected variances."""
+    fit = fit_pca_from_moments(block_moments(X), k=k)
+    Z = standardize(X, fit.mean, fit.std)
+    V = fit.components
+    total = float(np.count_nonzero(fit.std > 0))
+    return V, fit.explained_variance_ratio[:k], (Z @ V).var(axis=0, ddof=1), total, Z
+
+
+def _data(seed: int, n: int, d: int, factor: float) -> np.ndarray:
+    """Columns of mixed scales and offsets sharing one common factor (weight ``factor``)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) + factor * rng.standard_normal((n, 1))
+    return X * 10.0 ** rng.uniform(-2, 2, d) + rng.uniform(-1e3, 1e3, d)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(3, 25),
+    st.integers(2, 8),
+    st.integers(1, 8),
+    st.floats(0, 3),
+)
+def test_a_correct_pca_answer_has_no_problems(seed, n, d, k, factor):
+    k = min(k, d)
+    V, ratio, var, total, _ = _answer(_data(seed, n, d, factor), k)
+    assert pca_answer_problems(V, ratio, var, total) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(8, 25), st.integers(3, 8))
+def test_wrong_vectors_or_wrong_ratios_are_caught(seed, n, d):
+    V, ratio, var, total, Z = _answer(_data(seed, n, d, factor=3.0), 2)
+    # What F2J's dgesdd did: singular values too large (ratios too small, the sum of
+    # all of them above the trace) while the vectors stay orthonormal.
+    assert any("claims" in p for p in pca_answer_problems(V, ratio / 3, var, total))
+    # Orthonormal vectors that are not eigenvectors: turn the first towards the
+    # direction of least variance; the data's variance along it no longer matches.
+    low = np.linalg.eigh(np.cov(Z, rowvar=False))[1][:, 0]
+    low = low - V @ (V.T @ low)
+    low /= np.linalg.norm(low)
+    R = V.copy()
+    R[:, 0] = (V[:, 0] + low) / np.sqrt(2)
+    var_r = (Z @ R).var(axis=0, ddof=1)
+    assert any("claims" in p for p in pca_answer_problems(R, ratio, var_r, total))
+    assert any("orthonormal" in p for p in pca_answer_problems(V * 2, ratio, var, total))
+    assert pca_answer_problems(V, ratio * np.nan, var, total) == [
+        "its components or explained variances are not finite"
+    ]
+
+
+def test_ratios_summing_above_one_are_caught():
+    V = np.eye(3)[:, :2]
+    problems = pca_answer_problems(V, np.array([0.7, 0.6]), np.array([2.1, 1.8]), 3.0)
+    assert any("sum to 1.3" in p for p in problems)

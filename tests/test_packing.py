@@ -38,6 +38,21 @@ def test_every_task_gets_the_same_image_count(sizes, n_parts):
 
 def test_partitions_from_the_image_count():
     assert choose_partitions(1000, 2) == 2  # one task per core
-    assert choose_partitions(100_000, 8) == 49  # at most 2048 images a task
+    assert choose_partitions(5000, 2) == 10  # at most 512 images a task, whole waves
+    assert choose_partitions(4099, 2) == 10
+    assert choose_partitions(100_000, 8) == 200
     assert choose_partitions(3, 8) == 3  # never an empty task
     assert choose_partitions(1000, 2, requested=7) == 7
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 300_000), st.integers(1, 64))
+def test_tasks_come_in_full_waves_of_equal_tasks(n, slots):
+    p = choose_partitions(n, slots)
+    q = math.ceil(n / p)
+    assert math.ceil(n / q) == p  # what the packing gives is what was chosen
+    if n >= slots * slots:
+        assert p % slots == 0  # every wave full
+        assert q <= max(512, math.ceil(n / slots))  # small tasks
+    else:
+        assert p <= slots  # one wave

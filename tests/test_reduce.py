@@ -28,6 +28,36 @@ def results(spark, sample_features, tmp_path_factory) -> Path:
     return out
 
 
+def _full_rank_features(path: Path, n: int = 400, d: int = 48, seed: int = 7) -> Path:
+    """A features table Spark ML's SVD is reliable on: n > d, full rank, separated
+    eigenvalues (a few strong factors over noise), float32 like the real ones."""
+    rng = np.random.default_rng(seed)
+    factors = rng.standard_normal((n, 4)) * np.array([6.0, 4.0, 2.5, 1.5])
+    X = factors @ rng.standard_normal((4, d)) + rng.standard_normal((n, d))
+    X = (X * rng.uniform(0.1, 10, d) + rng.uniform(-50, 50, d)).astype(np.float32)
+    table = pa.table(
+        {
+            "path": [f"file:/synthetic/C{i % 5}/{i}.jpg" for i in range(n)],
+            "label": [f"C{i % 5}" for i in range(n)],
+            "features": pa.array(list(X), pa.list_(pa.float32())),
+            "error": pa.array([None] * n, pa.string()),
+        }
+    )
+    path.mkdir(parents=True)
+    pq.write_table(table, path / "part-00000.parquet")
+    (path / "_SUCCESS").touch()  # committed, as a finished Spark write leaves it
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_rank_results(spark, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("full_rank")
+    features = _full_rank_features(base / "Features")
+    out = base / "Results"
+    reduce_features(spark, str(features), str(out), k=6, check="spark-ml")
+    return out
+
+
 def _numpy_reference(features: Path, k: int):
     t = pq.read_table(features).to_pydict()
     X = np.array([f for f, e in zip(t["features"], t["error"]) if e is None], dtype=np.float64)
@@ -40,13 +70,50 @@ def _numpy_reference(features: Path, k: int):
     return X, paths, w[::-1], V[:, ::-1][:, :k], Z
 
 
-def test_agrees_with_spark_ml_on_real_features(results):
-    check = json.loads((results / "summary.json").read_text())["spark_ml_check"]
-    assert check["rows_compared"] == 100 and check["k"] == 8
+def test_agrees_with_spark_ml_where_spark_ml_is_verified_valid(full_rank_results):
+    check = json.loads((full_rank_results / "summary.json").read_text())["spark_ml_check"]
+    assert check["spark_ml_valid"] is True, check.get("spark_ml_invalid")
+    assert check["spark_lapack"] in ("F2jLAPACK", "JNILAPACK")
+    assert check["rows_compared"] == 400 and check["k"] == 6
     assert check["explained_variance_ratio_max_rel_err"] <= 1e-9
-    assert check["components_well_separated"] >= 6
+    assert check["components_well_separated"] == 6
     assert check["components_min_abs_cos_well_separated"] >= 1 - 1e-9
     assert check["projection_max_abs_diff_over_scale"] <= 1e-8
+
+
+def test_spark_ml_check_on_rank_deficient_real_features_never_blames_our_pca(results):
+    # 100 rows x 1280 features: Spark ML's pure-Java SVD sometimes fails here.  The
+    # check either verifies Spark's answer and agrees, or says Spark's answer is
+    # invalid, with the reason; it never reports a disagreement with a wrong reference.
+    check = json.loads((results / "summary.json").read_text())["spark_ml_check"]
+    if check["spark_ml_valid"]:
+        assert check["explained_variance_ratio_max_rel_err"] <= 1e-9
+        assert check["components_min_abs_cos_well_separated"] >= 1 - 1e-9
+        assert check["projection_max_abs_diff_over_scale"] <= 1e-8
+    else:
+        assert check["spark_ml_invalid"].startswith("Spark ML's PCA returned invalid components")
+        assert "rows_compared" not in check
+
+
+def test_an_invalid_spark_ml_answer_is_named_not_compared(spark, tmp_path, monkeypatch):
+    # What F2J's dgesdd does on a rank-deficient covariance, made deterministic:
+    # singular values too large, so every explained-variance ratio is too small.
+    from pyspark.ml.feature import PCAModel as SparkPCAModel
+    from pyspark.ml.linalg import Vectors
+
+    real = SparkPCAModel.explainedVariance
+    monkeypatch.setattr(
+        SparkPCAModel,
+        "explainedVariance",
+        property(lambda self: Vectors.dense(real.fget(self).toArray() / 3)),
+    )
+    features = _full_rank_features(tmp_path / "Features", n=120, d=16)
+    summary = reduce_features(spark, str(features), str(tmp_path / "R"), k=3, check="spark-ml")
+    check = summary["spark_ml_check"]
+    assert check["spark_ml_valid"] is False
+    assert "its LAPACK SVD failed" in check["spark_ml_invalid"]
+    assert "component 1 claims" in check["spark_ml_invalid"]
+    assert "explained_variance_ratio_max_rel_err" not in check
 
 
 def test_agrees_with_numpy_and_keeps_path_and_label(results, sample_features):
@@ -99,6 +166,7 @@ def test_more_partitions_than_rows_and_error_rows_skipped(spark, sample_features
         pq.write_table(t.slice(i, 1), src / f"part-{i:05d}.parquet")
     for i in range(7, 12):
         pq.write_table(t.slice(0, 0), src / f"part-{i:05d}.parquet")
+    (src / "_SUCCESS").touch()
     s = reduce_features(spark, str(src), str(tmp_path / "R"), k=3)
     assert s["rows"] == 5 and s["error_rows"] == 2 and s["k"] == 3
     assert len(pq.read_table(tmp_path / "R" / "projections")) == 5
@@ -130,6 +198,7 @@ def test_bad_features_are_refused(spark, sample_features, tmp_path):
     wrong = tmp_path / "wrong"
     wrong.mkdir()
     pq.write_table(pa.table({"path": ["a"], "vec": [[1.0, 2.0]]}), wrong / "part-0.parquet")
+    (wrong / "_SUCCESS").touch()
     _expect_refusal(spark, wrong, r, r"not a features table: no column label, features, error", k=1)
 
     t = pq.read_table(sample_features).slice(0, 4)
@@ -145,11 +214,13 @@ def test_bad_features_are_refused(spark, sample_features, tmp_path):
         ),
         mixed / "part-0.parquet",
     )
+    (mixed / "_SUCCESS").touch()
     _expect_refusal(spark, mixed, r, r"mix vectors of lengths 640, 1280", k=1)
 
     one = tmp_path / "one"
     one.mkdir()
     pq.write_table(t.slice(0, 1), one / "part-0.parquet")
+    (one / "_SUCCESS").touch()
     _expect_refusal(spark, one, r, r"have 1 usable rows .* a PCA needs at least 2", k=1)
 
 

@@ -151,6 +151,20 @@ def test_reduce_reads_and_writes_the_bucket(moto_s3_client, s3a_features, s3a_re
     )
 
 
+def test_reduce_indexes_the_bucket_with_thumbnails_read_from_it(moto_s3_client, s3a_results):
+    keys = set(list_keys(moto_s3_client, "Results/"))
+    for name in ("index.json", "rows.parquet", "vectors.npy", "thumbs.bin", "thumbs_offsets.npy"):
+        assert f"Results/index/{name}" in keys, sorted(keys)
+    assert not [k for k in keys if ".fruits-" in k], sorted(keys)
+    meta = json.loads(
+        moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/index.json")["Body"].read()
+    )
+    assert meta["rows"] == 100 and meta["dims"] == 5 and meta["kind"] == "exact"
+    assert meta["thumbnails"]["missing"] == 0
+    thumbs = moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/thumbs.bin")["Body"]
+    assert thumbs.read(3) == b"\xff\xd8\xff"  # the first thumbnail is a JPEG
+
+
 def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
     moto_s3_client, s3a_results
 ):
@@ -256,6 +270,33 @@ def test_cli_missing_s3a_prefix_exits_2_with_one_line(
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(message), err
     assert list_keys(moto_s3_client, "Out/") == []
+
+
+def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
+    moto_s3_endpoint, moto_s3_client, s3a_sample_bucket, tmp_path
+):
+    # Regression: s3a:// from `fruits-pipeline` failed with ClassNotFoundException
+    # (S3AFileSystem) and a 50-line Java trace; the connector was wired only in tests.
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ)
+    env["AWS_ENDPOINT_URL_S3"] = moto_s3_endpoint  # the S3-specific one wins, as in boto3
+    env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there
+    env["FRUITS_LOG_DIR"] = str(tmp_path)
+    out = f"s3a://{BUCKET}/CliFeatures/"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "featurize", f"s3a://{BUCKET}/Test/Kiwi/", out,
+         "--weights", "random:0", "--alpha", "0.35", "--quiet", "--master", "local[2]"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = _read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
+    assert table.num_rows == 10 and table.column("error").null_count == 10
+    assert set(table.column("label").to_pylist()) == {"Kiwi"}
 
 
 def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sample_bucket):

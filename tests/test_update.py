@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -77,6 +78,11 @@ def test_update_merges_only_the_new_rows_and_equals_a_full_reduce(spark, growing
     assert_same_pca(root / "Results", root / "Full")
     assert json.loads((root / "Results" / "summary.json").read_text())["update"]["mode"] == "merge"
     assert not (root / "Results" / "_update").exists()
+    # The search index follows the updated PCA: 70 rows, built on the new arrays.
+    index = json.loads((root / "Results" / "index" / "index.json").read_text())
+    arrays = (root / "Results" / "pca_model" / "arrays.npz").read_bytes()
+    assert index["rows"] == 70
+    assert index["pca_arrays_sha256"] == hashlib.sha256(arrays).hexdigest()
     # Nothing new since: nothing rewritten.
     before = (root / "Results" / "pca_model" / "arrays.npz").stat().st_mtime_ns
     again = update_reduce(spark, str(features), str(root / "Results"))

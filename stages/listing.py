@@ -1,0 +1,136 @@
+"""Every image file under a local INPUT, exactly once, and a view Spark can scan.
+
+Spark's file scan has rules that lose or multiply a user's photos: it skips every
+file or folder whose name starts with ``_`` or ``.`` (``_DSC0001.JPG`` is how Nikon and
+Sony cameras name Adobe-RGB photos), drops zero-byte files, follows folder symlinks
+round a loop (``A/up -> ..`` turned 2 photos into 82 rows), reads names in the JVM's
+locale, and takes paths as globs (``[``, ``{``) or fails on a ``:`` in a name.
+
+So for a local INPUT we list the files ourselves (:func:`walk_images`): Python's walk,
+symlinks followed with each real folder visited once, names as the filesystem has
+them, whatever the locale.  Spark then scans a *view* (:func:`make_view`): a
+temporary folder of symlinks named ``<shard>/<index>.jpg`` that point at those files,
+which no Spark rule can lose; the index maps each row back to its real path.
+
+The rule for names: every file whose name ends in ``.jpg`` or ``.jpeg`` (any case)
+is an image file and gets exactly one row, hidden names included.  A macOS
+AppleDouble file (``._photo.jpg``, metadata Finder leaves on other filesystems) is
+such a file too: it becomes an error row that says what it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import List, Tuple
+
+__all__ = ["IMAGE_NAME", "LocalListing", "walk_images", "make_view", "file_uri"]
+
+IMAGE_NAME = re.compile(r".*\.jpe?g\Z", re.IGNORECASE | re.DOTALL)
+_SHARD = 10_000  # view files per folder: listing stays fast, no folder grows huge
+
+
+def file_uri(path: str) -> str:
+    """The ``path`` column's spelling of a local file: ``file:`` + absolute path, as
+    Spark's ``binaryFile`` spells it (not percent-encoded)."""
+    return "file:" + os.path.abspath(path)
+
+
+@dataclass
+class LocalListing:
+    """The image files under a local folder.
+
+    Attributes
+    ----------
+    files : list of (path, size)
+        Readable regular files (after following symlinks), absolute paths.
+    errors : list of (path, reason)
+        Image files that cannot be read: broken or looping symlinks, no permission,
+        zero bytes.
+    cycles : int
+        Folder symlinks not followed because they lead back to a folder already seen.
+    """
+
+    files: List[Tuple[str, int]] = field(default_factory=list)
+    errors: List[Tuple[str, str]] = field(default_factory=list)
+    cycles: int = 0
+
+
+def walk_images(top: str) -> LocalListing:
+    """List every image file under ``top`` once (see the module's rule).
+
+    Folder symlinks are followed; a folder reached a second time (a loop, or two
+    links to one folder) is not walked again, so each file is listed once, under the
+    first path that reached it.
+    """
+    out = LocalListing()
+    seen = set()
+    top = os.path.abspath(top)
+    try:
+        st = os.stat(top)
+        seen.add((st.st_dev, st.st_ino))
+    except OSError:
+        return out
+    for root, dirs, files in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            try:
+                st = os.stat(os.path.join(root, d))
+            except OSError:
+                continue  # a broken folder link holds nothing to list
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                out.cycles += 1
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirs[:] = keep
+        for name in sorted(files):
+            if not IMAGE_NAME.match(name):
+                continue
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                reason = {
+                    errno.ENOENT: "broken symbolic link (its target does not exist)",
+                    errno.ELOOP: "symbolic link loop",
+                    errno.EACCES: "permission denied",
+                }.get(exc.errno, f"cannot stat file: {exc.strerror}")
+                out.errors.append((path, reason))
+                continue
+            if not os.access(path, os.R_OK):
+                out.errors.append((path, "permission denied"))
+            elif st.st_size == 0:
+                out.errors.append((path, "empty file (0 bytes)"))
+            else:
+                out.files.append((path, int(st.st_size)))
+    return out
+
+
+def make_view(paths: List[str]) -> str:
+    """A temporary folder of symlinks ``<shard>/<index>.jpg`` -> ``paths[index]``.
+
+    The caller deletes it (``shutil.rmtree``) when the job is done.
+    """
+    view = tempfile.mkdtemp(prefix="fruits-view-")
+    try:
+        for i, path in enumerate(paths):
+            shard = os.path.join(view, str(i // _SHARD))
+            if i % _SHARD == 0:
+                os.mkdir(shard)
+            os.symlink(path, os.path.join(shard, f"{i}.jpg"))
+    except BaseException:
+        shutil.rmtree(view, ignore_errors=True)
+        raise
+    return view
+
+
+def view_index(view_path: str) -> int:
+    """The index encoded in a view file's URI (``.../<shard>/<index>.jpg``)."""
+    name = view_path.rsplit("/", 1)[-1]
+    return int(name[: -len(".jpg")])

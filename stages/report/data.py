@@ -1,0 +1,291 @@
+"""What the report shows, read from a ``RESULTS`` folder (and the features it names).
+
+Every read goes through :mod:`stages.fs`: a local ``RESULTS`` with pyarrow and plain
+files (no Spark, a second or two), any URI Spark reads given a SparkSession.  Only
+small things reach the driver: two components per row, the error rows, and a few
+thumbnails' bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import unquote
+
+import numpy as np
+
+from stages.errors import UsageError
+from stages.fs import FileSystem, HadoopFileSystem, filesystem, local_path
+
+__all__ = [
+    "MAX_ERROR_ROWS",
+    "THUMBNAILS_PER_CLASS",
+    "THUMBNAIL_PX",
+    "ReportData",
+    "load_results",
+    "open_results",
+]
+
+THUMBNAILS_PER_CLASS = 4
+THUMBNAIL_PX = 80
+# The page lists at most this many error rows (the counts per class are complete).
+MAX_ERROR_ROWS = 500
+_HOW = "give the folder written by `fruits-pipeline reduce FEATURES RESULTS` (or `run`)"
+
+
+@dataclass
+class ReportData:
+    """What the page shows, read from a RESULTS folder by :func:`load_results`.
+
+    Attributes
+    ----------
+    results : str
+    summary : dict
+        ``summary.json``.
+    explained_variance_ratio : ndarray of shape (n_features,)
+        Every component's share (``pca_model/arrays.npz``), not only the first k.
+    paths, labels : list of str, length n_samples
+    pcs : ndarray of shape (n_samples, min(k, 2))
+        The first two principal components of each row.
+    errors : list of (path, label, reason), or None when the features were not reachable
+    error_counts : dict
+        Error rows per class (all of them, ``errors`` may be cut at ``MAX_ERROR_ROWS``).
+    thumbnails : dict
+        Class -> list of ``(path, data URI)``.
+    notes : list of str
+        What the page could not show, and why.
+    """
+
+    results: str
+    summary: Dict[str, Any]
+    explained_variance_ratio: np.ndarray
+    paths: List[str]
+    labels: List[str]
+    pcs: np.ndarray
+    errors: Optional[List[Tuple[str, str, str]]] = None
+    error_counts: Dict[str, int] = field(default_factory=dict)
+    thumbnails: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        """Number of components kept."""
+        return int(self.summary["k"])
+
+    @property
+    def features(self) -> Optional[str]:
+        """The features Parquet the PCA was fitted on, as ``summary.json`` names it."""
+        featurize = self.summary.get("featurize") or {}
+        return featurize.get("output") or self.summary.get("features")
+
+    def class_counts(self) -> Dict[str, int]:
+        """Rows in the PCA per class, by class name."""
+        return dict(sorted(Counter(self.labels).items()))
+
+
+def open_results(results: str, spark=None) -> FileSystem:
+    """The filesystem that reads ``results``: Hadoop's given ``spark``, else the local one.
+
+    Raises
+    ------
+    UsageError
+        ``results`` is not local and no SparkSession is given.
+    """
+    if spark is None and local_path(results) is None:
+        raise UsageError(
+            f"RESULTS {results} is not a local path: copy it first "
+            f"(`aws s3 cp --recursive {results} Results/`, then `fruits-pipeline report Results`) "
+            "or call stages.report.write_report(results, spark=spark)"
+        )
+    return filesystem(spark)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _read_summary(fs: FileSystem, base: str, results: str) -> Dict[str, Any]:
+    uri = f"{base}/summary.json"
+    if not fs.exists(uri):
+        raise UsageError(f"{results} has no summary.json, so it is not a RESULTS folder: {_HOW}")
+    try:
+        summary = json.loads(fs.read_text(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(
+            f"{uri} is not valid JSON ({exc}): re-run `fruits-pipeline reduce` with --overwrite"
+        ) from None
+    missing = [key for key in ("rows", "k") if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise UsageError(
+            f"{uri} has no {', '.join(missing)}: it was not written by `fruits-pipeline reduce`; "
+            "re-run it with --overwrite"
+        )
+    return summary
+
+
+def _read_ratio(fs: FileSystem, base: str, results: str) -> np.ndarray:
+    uri = f"{base}/pca_model/arrays.npz"
+    if not fs.exists(uri):
+        raise UsageError(f"{results} has no pca_model/arrays.npz: {_HOW}")
+    try:
+        with np.load(io.BytesIO(fs.read_bytes(uri))) as z:
+            return np.asarray(z["explained_variance_ratio"], dtype=np.float64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(
+            f"{uri} is not a PCA model ({exc}): re-run `fruits-pipeline reduce` with --overwrite"
+        ) from None
+
+
+def _leading_components(pca) -> np.ndarray:
+    """An Arrow list column of equal-length rows as an (n, length) float64 array."""
+    import pyarrow.compute as pc
+
+    n = len(pca)
+    lengths = pc.min_max(pc.list_value_length(pca)).as_py() if n else {"min": 0, "max": 0}
+    if lengths["min"] != lengths["max"]:
+        raise ValueError(f"pca arrays of {lengths['min']} to {lengths['max']} values")
+    values = pc.list_flatten(pca).to_numpy(zero_copy_only=False)
+    # Every row has as many values (one fit): the flat buffer is (n, length).
+    return np.asarray(values, dtype=np.float64).reshape(n, int(lengths["min"] or 0))
+
+
+def _read_projections(
+    fs: FileSystem, base: str, results: str
+) -> Tuple[List[str], List[str], np.ndarray]:
+    uri = f"{base}/projections"
+    if not fs.exists(uri):
+        raise UsageError(f"{results} has no projections/: {_HOW}")
+    try:
+        table = fs.read_parquet(uri, ["path", "label", "pca"], list_head=("pca", 2))
+        pcs = _leading_components(table.column("pca").combine_chunks())
+        return table.column("path").to_pylist(), table.column("label").to_pylist(), pcs
+    except UsageError:
+        raise
+    except Exception as exc:  # pyarrow's and Spark's errors for a bad table differ
+        raise UsageError(
+            f"{uri} is not a projections table ({_first_line(exc)}): "
+            "re-run `fruits-pipeline reduce` with --overwrite"
+        ) from None
+
+
+def _error_rows(
+    fs: FileSystem, uri: str, limit: int
+) -> Tuple[List[Tuple[str, str, str]], Dict[str, int]]:
+    """The first ``limit`` error rows by path, and the error rows per class."""
+    table = fs.read_parquet(uri, ["path", "label", "error"], where_valid="error")
+    counts = Counter(table.column("label").to_pylist())
+    table = table.sort_by("path").slice(0, limit)
+    cols = [table.column(c).to_pylist() for c in ("path", "label", "error")]
+    return list(zip(*cols)), dict(counts)
+
+
+def _read_errors(fs: FileSystem, data: ReportData, base: str) -> None:
+    features = data.features
+    if not features:
+        data.notes.append("summary.json names no features Parquet: error rows not shown.")
+        return
+    candidates = [features]
+    if local_path(features) is not None and not os.path.isabs(local_path(features) or ""):
+        # A relative path was relative to where the run started; try beside RESULTS too.
+        candidates.append(os.path.join(os.path.dirname(base), os.path.basename(features)))
+    for uri in candidates:
+        try:
+            if not fs.exists(uri):
+                continue
+            data.errors, data.error_counts = _error_rows(fs, uri, MAX_ERROR_ROWS)
+            return
+        except Exception as exc:  # unreadable or not a features table: say so, go on
+            data.notes.append(f"could not read error rows from {uri}: {_first_line(exc)}")
+            return
+    how = (
+        ""
+        if isinstance(fs, HadoopFileSystem)
+        else " (an s3:// path needs write_report(..., spark=spark))"
+    )
+    data.notes.append(f"features {features} not reachable from here{how}: error rows not shown.")
+
+
+def _image_bytes(fs: FileSystem, uri: str) -> Optional[bytes]:
+    # Some filesystems give %20 for a space: try the unquoted spelling too.
+    for candidate in dict.fromkeys((uri, unquote(uri))):
+        try:
+            return fs.read_bytes(candidate)
+        except OSError:
+            continue
+    return None
+
+
+def _thumbnail(data: bytes, px: int) -> Optional[str]:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, much faster
+            img = img.convert("RGB")
+            img.thumbnail((px, px))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _read_thumbnails(fs: FileSystem, data: ReportData, per_class: int) -> None:
+    by_class: Dict[str, List[str]] = {}
+    for p, label in zip(data.paths, data.labels):
+        by_class.setdefault(label, []).append(p)
+    skipped: List[str] = []
+    for label in sorted(by_class):
+        shown = []
+        for p in sorted(by_class[label])[:per_class]:
+            raw = _image_bytes(fs, p)
+            uri = _thumbnail(raw, THUMBNAIL_PX) if raw else None
+            if uri is None:
+                skipped.append(p)
+            else:
+                shown.append((p, uri))
+        data.thumbnails[label] = shown
+    if skipped:
+        data.notes.append(
+            f"{len(skipped)} thumbnail(s) skipped: image not readable from here "
+            f"(e.g. {skipped[0]}); copy the images locally or pass a SparkSession."
+        )
+
+
+def load_results(
+    results: str, spark=None, thumbnails_per_class: int = THUMBNAILS_PER_CLASS
+) -> ReportData:
+    """Read what the report shows from ``results``.
+
+    Parameters
+    ----------
+    results : str
+        A RESULTS folder: a local path or ``file:`` URI; any URI Spark reads when
+        ``spark`` is given.
+    spark : SparkSession, optional
+        Read through Spark instead of pyarrow (needed for ``s3://``).
+    thumbnails_per_class : int
+
+    Raises
+    ------
+    UsageError
+        ``results`` is missing, is not a RESULTS folder, or is remote without ``spark``.
+    """
+    fs = open_results(results, spark)
+    base = results.rstrip("/") or "/"
+    if not fs.exists(base):
+        raise UsageError(f"RESULTS {results} does not exist: {_HOW}")
+    summary = _read_summary(fs, base, results)
+    ratio = _read_ratio(fs, base, results)
+    paths, labels, pcs = _read_projections(fs, base, results)
+    data = ReportData(results, summary, ratio, paths, labels, pcs)
+    _read_errors(fs, data, base)
+    if thumbnails_per_class > 0:
+        _read_thumbnails(fs, data, thumbnails_per_class)
+    return data

@@ -1,0 +1,104 @@
+"""``fruits-pipeline index | similar | serve``: the search index and the app on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from stages.errors import UsageError
+
+TOP_MAX = 50
+
+
+def _top(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= TOP_MAX:
+        raise argparse.ArgumentTypeError(f"{value} must be between 1 and {TOP_MAX}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535)")
+    return value
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    """Add the three subcommands to the ``fruits-pipeline`` parser."""
+    p = sub.add_parser(
+        "index", parents=[common], help="(re)build RESULTS/index: search index and thumbnails"
+    )
+    p.add_argument("results", metavar="RESULTS")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("similar", help="the images of RESULTS most similar to a photo")
+    p.add_argument("photo", metavar="PHOTO", help="a local image file")
+    p.add_argument("results", metavar="RESULTS", help="a local RESULTS folder with index/")
+    p.add_argument("--top", type=_top, default=10, help="matches to return (default 10)")
+    p.add_argument("--json", action="store_true", help="print the answer object as JSON")
+    p.set_defaults(func=_cmd_similar)
+
+    p = sub.add_parser("serve", help="the web app: upload or take a photo, see the matches")
+    p.add_argument("results", metavar="RESULTS", help="a local RESULTS folder with index/")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_index(args) -> int:
+    from stages.cli import _logger, _session
+    from stages.search import build_index
+
+    local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
+    if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
+        raise UsageError(f"{args.results} has no projections/: give a RESULTS folder of `reduce`")
+    spark = _session(args, "fruits-pipeline index")
+    meta = build_index(spark, args.results, log=_logger(args))
+    if not args.quiet:
+        keys = ("rows", "dims", "kind", "recall_at_10", "no_match_distance")
+        print(json.dumps({k: meta[k] for k in keys}))
+    return 0
+
+
+def _cmd_similar(args) -> int:
+    from stages.search import BadImage, QueryEngine
+
+    try:
+        with open(args.photo, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.photo}: {exc.strerror}") from None
+    engine = QueryEngine(args.results)
+    try:
+        answer = engine.similar_bytes(data, args.top)
+    except BadImage as exc:
+        raise UsageError(f"{args.photo}: {exc}") from None
+    if args.json:
+        print(json.dumps(answer, ensure_ascii=False))
+        return 0
+    print(answer["verdict"])
+    for rank, m in enumerate(answer["matches"], 1):
+        print(f"{rank:3d}  {m['distance']:9.3f}  {m['label']:<24}  {m['path']}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from stages.serve import serve
+
+    serve(args.results, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from stages.cli import main
+
+    sys.exit(main())

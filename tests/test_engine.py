@@ -1,0 +1,114 @@
+"""The inference engines: the shipped and cached TFLite flatbuffers, the LiteRT featurizer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from stages import engine
+from stages.errors import UsageError
+from stages.images import decode_image, preprocess
+from tests.conftest import ROOT, SAMPLE
+
+
+@pytest.fixture
+def fresh_prepared(monkeypatch):
+    """No driver-side memo of an earlier preparation."""
+    monkeypatch.setattr(engine, "_PREPARED", {})
+
+
+def _sample_batch(n: int) -> np.ndarray:
+    files = sorted(SAMPLE.glob("*/*.jpg"))[:: 100 // n][:n]
+    return preprocess(np.stack([decode_image(f.read_bytes()) for f in files]))
+
+
+def test_bundled_model_needs_no_tensorflow_on_the_driver(tmp_path):
+    # Also the copy the EMR bootstrap puts on each node (the step passes its .h5 path).
+    for f in engine.BUNDLED_WEIGHTS.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    code = (
+        "import sys\n"
+        "from stages.engine import prepare_model\n"
+        "spec, data = prepare_model('bundled')\n"
+        "assert data[4:8] == b'TFL3', data[:8]\n"
+        "assert spec.engine == 'litert' and spec.alpha == 0.35\n"
+        "copy, same = prepare_model(sys.argv[1], None, 'litert')\n"
+        "assert same == data and copy.weights_sha256 == spec.weights_sha256\n"
+        "assert copy.weights_source == 'file:' + sys.argv[1], copy.weights_source\n"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'h5py') if m in sys.modules))\n"
+    )
+    h5 = tmp_path / engine.BUNDLED_WEIGHTS.name
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(h5.resolve())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_altered_bundled_flatbuffer_is_refused(tmp_path, fresh_prepared):
+    for f in engine.BUNDLED_WEIGHTS.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    altered = tmp_path / engine.BUNDLED_TFLITE.name
+    data = bytearray(altered.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
+        engine.bundled_tflite(tmp_path / engine.BUNDLED_WEIGHTS.name)
+    with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
+        engine.prepare_model(str(tmp_path / engine.BUNDLED_WEIGHTS.name), None, "litert")
+
+
+def test_unknown_engine_missing_litert_and_the_default(monkeypatch):
+    with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
+        engine.check_engine("onnx")
+    assert engine.default_engine() == "litert"
+    monkeypatch.setattr(engine, "litert_version", lambda: "")
+    with pytest.raises(UsageError, match="needs the ai-edge-litert package.*--engine keras"):
+        engine.check_engine("litert")
+    engine.check_engine("keras")  # the reference engine needs no LiteRT
+    assert engine.default_engine() == "keras"  # where no wheel exists (Python 3.9, aarch64)
+
+
+def test_litert_featurizer_is_batch_independent():
+    spec, data = engine.prepare_model("bundled")
+    x = _sample_batch(5)
+    one = engine.litert_featurizer(data, threads=1)
+    whole = one(x)
+    assert whole.shape == (5, 1280) and whole.dtype == np.float32
+    parts = np.concatenate([one(x[:2]), one(x[2:]), one(x[:1])])[:5]
+    two_threads = engine.litert_featurizer(data, threads=2)(x)
+    np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(two_threads, whole, rtol=0, atol=1e-6)
+    assert whole.std() > 0.1 and (whole >= 0).all()  # ReLU6 then average pooling
+
+
+@pytest.mark.slow
+def test_conversion_is_cached_by_weights_alpha_and_converter(
+    tflite_cache, monkeypatch, fresh_prepared
+):
+    lines = []
+    spec, data = engine.prepare_model("random:5", 0.35, "litert", log=lines.append)
+    assert spec.engine == "litert" and len(lines) == 1 and "converting" in lines[0]
+    cached = list((tflite_cache / "tflite").glob(f"{spec.weights_sha256}-alpha0.35-tf*.tflite"))
+    assert len(cached) == 1 and cached[0].read_bytes() == data
+
+    def no_conversion(*a, **kw):
+        raise AssertionError("converted again")
+
+    # A second run (a new driver: no memo) reads the cache.
+    monkeypatch.setattr(engine, "_PREPARED", {})
+    monkeypatch.setattr(engine, "convert_to_tflite", no_conversion)
+    again, data2 = engine.prepare_model("random:5", 0.35, "litert", log=lines.append)
+    assert data2 == data and again.weights_sha256 == spec.weights_sha256 and len(lines) == 1
+    # A damaged cache entry is converted again, not used.
+    cached[0].write_bytes(data[:1000])
+    monkeypatch.setattr(engine, "_PREPARED", {})
+    with pytest.raises(AssertionError, match="converted again"):
+        engine.prepare_model("random:5", 0.35, "litert")

@@ -1,0 +1,316 @@
+"""The search index, the query decode and ``similar``: exact search against numpy,
+the HNSW index's recall, the label vote on photos left out of the results."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from stages.cli import main
+from stages.search import (
+    MAX_UPLOAD_BYTES,
+    BadImage,
+    QueryEngine,
+    SearchIndex,
+    VectorIndex,
+    build_index_files,
+    decode_upload,
+    make_thumbnail,
+    vote,
+)
+from tests.conftest import SAMPLE, SHARED_DATA, left_out_results
+
+PHOTO = SAMPLE / "Kiwi" / "4_100.jpg"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    crc = struct.pack(">I", zlib.crc32(chunk) & 0xFFFFFFFF)
+    idat = zlib.compress(b"\0" * 1024)
+    idat_chunk = b"IDAT" + idat
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + crc
+        + struct.pack(">I", len(idat))
+        + idat_chunk
+        + struct.pack(">I", zlib.crc32(idat_chunk) & 0xFFFFFFFF)
+    )
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bad_inputs():
+    """(name, bytes, HTTP status, message fragment) of every kind of bad upload."""
+    jpeg = PHOTO.read_bytes()
+    return [
+        ("empty", b"", 400, "empty"),
+        ("text", b"name,label\nbanana,1\n" * 50, 415, "not an image"),
+        ("truncated", jpeg[: len(jpeg) // 2], 422, "cannot decode"),
+        ("flat", _png(np.full((120, 160, 3), 200, np.uint8)), 422, "one flat colour"),
+        ("too-big", jpeg + b"\0" * (MAX_UPLOAD_BYTES + 1), 413, "over the limit of 10 MB"),
+        ("bomb", _png_header(12_000, 10_000), 413, "12000x10000 pixels, over the limit"),
+        ("huge-bomb", _png_header(30_000, 30_000), 413, "decompression bomb"),
+    ]
+
+
+def _ids(cases):
+    return [c[0] for c in cases]
+
+
+# ------------------------------------------------------------------------------ fast
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=arrays(
+        np.float32,
+        st.tuples(st.integers(1, 60), st.integers(1, 8)),
+        elements=st.floats(-100, 100, width=32),
+    ),
+    top=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_search_is_numpy_brute_force(data, top, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(scale=50, size=(3, data.shape[1])).astype(np.float32)
+    q[0] = data[rng.integers(len(data))]  # a query that is a row: distance 0
+    ids, dist = VectorIndex(data).search(q, top)
+    ref = np.sqrt(((q.astype(np.float64)[:, None, :] - data.astype(np.float64)) ** 2).sum(-1))
+    m = min(top, len(data))
+    assert ids.shape == dist.shape == (3, m)
+    for i in range(3):
+        order = np.lexsort((np.arange(len(data)), ref[i]))[:m]
+        np.testing.assert_allclose(dist[i], ref[i][order], rtol=1e-12, atol=1e-9)
+        # Equal distances may come in either order only when they are ties.
+        np.testing.assert_allclose(ref[i][ids[i]], ref[i][order], rtol=1e-12, atol=1e-9)
+        assert len(set(ids[i].tolist())) == m
+
+
+def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10, size=(40, d))
+    return (centres[rng.integers(40, size=n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def test_hnsw_index_above_the_exact_limit_records_its_recall(tmp_path):
+    vectors = _clustered(3000, 16)
+    n = len(vectors)
+    files = build_index_files(
+        [f"/b/c{i % 40}/{i}.jpg" for i in range(n)],
+        [f"c{i % 40}" for i in range(n)],
+        vectors,
+        [None] * n,
+        "0" * 64,
+        {},
+        exact_max_elements=16_000,
+    )
+    meta = json.loads(files["index.json"])
+    assert meta["kind"] == "faiss-hnsw" and meta["rows"] == n and meta["dims"] == 16
+    assert 0.9 <= meta["recall_at_10"] <= 1.0
+    (tmp_path / "index").mkdir()
+    for name, data in files.items():
+        (tmp_path / "index" / name).write_bytes(data)
+    index = SearchIndex(str(tmp_path))
+    assert index.vectors.kind == "faiss-hnsw"
+    q = vectors[:50] + 0.01
+    approx, d_approx = index.vectors.search(q, 10)
+    exact, d_exact = index.vectors.search(q, 10, exact=True)
+    assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]) >= 0.9
+    np.testing.assert_array_equal(approx[:, 0], np.arange(50))  # each row finds itself
+    assert index.thumbnail(0) is None
+
+
+def test_exact_index_below_the_limit(tmp_path):
+    vectors = _clustered(200, 5)
+    thumb = make_thumbnail(PHOTO.read_bytes())
+    files = build_index_files(
+        [str(i) for i in range(200)], ["a"] * 200, vectors, [thumb] * 200, "0" * 64, {}
+    )
+    meta = json.loads(files["index.json"])
+    assert meta["kind"] == "exact" and meta["recall_at_10"] == 1.0
+    assert "hnsw.faiss" not in files
+    nd = meta["neighbour_distance"]
+    assert 0 < nd["p50"] <= nd["p95"] <= nd["p99"] <= nd["max"]
+    assert meta["no_match_distance"] == pytest.approx(1.5 * nd["p99"])
+    from PIL import Image
+
+    with Image.open(io.BytesIO(thumb)) as img:
+        assert img.format == "JPEG" and max(img.size) == 96
+
+
+@pytest.mark.parametrize(
+    ("labels", "dist", "expected"),
+    [
+        (["a", "b", "a"], [1, 2, 3], {"label": "a", "count": 2, "of": 3}),
+        (["b", "a", "a", "b"], [1, 2, 3, 4], {"label": "b", "count": 2, "of": 4}),
+        (["c"], [5], {"label": "c", "count": 1, "of": 1}),
+    ],
+)
+def test_vote(labels, dist, expected):
+    assert vote(labels, dist) == expected
+
+
+@pytest.mark.parametrize(("name", "data", "status", "match"), bad_inputs(), ids=_ids(bad_inputs()))
+def test_bad_query_images(name, data, status, match):
+    with pytest.raises(BadImage, match=match) as exc:
+        decode_upload(data)
+    assert exc.value.status == status
+
+
+def test_query_decode_is_featurize_decode():
+    from stages.images import decode_image
+
+    data = PHOTO.read_bytes()
+    np.testing.assert_array_equal(decode_upload(data), decode_image(data))
+
+
+def test_similar_without_index_is_one_line(capsys, tmp_path):
+    assert main(["similar", str(PHOTO), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fruits-pipeline: error: {tmp_path} has no pca_model/: give a RESULTS folder of `reduce`"
+    ]
+
+
+def test_similar_on_s3_results_says_how_to_copy(capsys):
+    assert main(["similar", str(PHOTO), "s3://b/Results"]) == 2
+    assert "aws s3 sync s3://b/Results/ ./Results/" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def _votes(engine, left):
+    return [(engine.similar_bytes(p.read_bytes())["vote"]["label"], label) for p, label in left]
+
+
+@pytest.mark.slow
+def test_left_out_sample_photos_vote_their_class(sample_engine, sample_left_out):
+    results, left = sample_left_out
+    assert len(left) == 10 and len({lab for _, lab in left}) == 10
+    index = SearchIndex(str(results))
+    assert len(index.paths) == 90 and not set(map(str, (p for p, _ in left))) & set(index.paths)
+    votes = _votes(sample_engine, left)
+    assert sum(got == want for got, want in votes) >= 9, votes
+    answer = sample_engine.similar_bytes(left[0][0].read_bytes())
+    assert answer["close_match"] and answer["verdict"].startswith(answer["vote"]["label"])
+    assert len(answer["matches"]) == 10
+    assert [m["distance"] for m in answer["matches"]] == sorted(
+        m["distance"] for m in answer["matches"]
+    )
+    assert all(m["thumbnail"].startswith("data:image/jpeg;base64,") for m in answer["matches"])
+    assert answer["model"]["weights_sha256"] == index.meta["features_model"]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_non_fruit_images_get_no_close_match(sample_engine, sample_left_out):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    gradient = np.zeros((200, 300, 3), np.uint8)
+    gradient[..., 0] = np.linspace(0, 255, 300)
+    gradient[..., 2] = 255 - gradient[..., 0]
+    images = [
+        Image.fromarray((rng.random((160, 200, 3)) * 255).astype(np.uint8)),  # noise
+        Image.fromarray(gradient),  # blue to red
+        Image.fromarray(
+            np.kron([[0, 255] * 8, [255, 0] * 8] * 8, np.ones((12, 12))).astype(np.uint8)
+        ),  # checkerboard
+    ]
+    for img in images:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        answer = sample_engine.similar_bytes(buf.getvalue())
+        assert not answer["close_match"], answer["verdict"]
+        assert answer["verdict"].startswith("no close match")
+    # ...while every left-out fruit photo has one.
+    _, left = sample_left_out
+    assert all(sample_engine.similar_bytes(p.read_bytes())["close_match"] for p, _ in left)
+
+
+@pytest.mark.slow
+def test_similar_json_and_text(sample_left_out, sample_engine, capsys):
+    results, left = sample_left_out
+    photo, label = left[0]
+    assert main(["similar", str(photo), str(results), "--top", "5", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    expected = sample_engine.similar_bytes(photo.read_bytes(), 5)
+    assert [m["path"] for m in answer["matches"]] == [m["path"] for m in expected["matches"]]
+    assert answer["vote"] == expected["vote"] and answer["vote"]["label"] == label
+    assert set(answer) >= {"vote", "matches", "model"}
+    assert set(answer["matches"][0]) >= {"path", "label", "distance", "thumbnail"}
+    assert main(["similar", str(photo), str(results), "--top", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{label} — 3 of the 3 nearest" and len(out) == 4
+
+
+@pytest.mark.slow
+def test_index_command_rebuilds_and_a_stale_index_is_refused(spark, sample_left_out, capsys):
+    results, left = sample_left_out
+    before = (results / "index" / "index.json").read_text()
+    assert main(["index", str(results), "--quiet"]) == 0
+    assert json.loads((results / "index" / "index.json").read_text())["rows"] == 90
+    assert (
+        json.loads(before)["pca_arrays_sha256"]
+        == json.loads((results / "index" / "index.json").read_text())["pca_arrays_sha256"]
+    )
+    assert not [p for p in results.iterdir() if ".fruits-" in p.name]  # no temporary left
+    meta = json.loads(before)
+    meta["pca_arrays_sha256"] = "f" * 64
+    (results / "index" / "index.json").write_text(json.dumps(meta))
+    try:
+        assert main(["similar", str(left[0][0]), str(results)]) == 2
+        assert "was built from another PCA" in capsys.readouterr().err
+    finally:
+        (results / "index" / "index.json").write_text(before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the shared data at {SHARED_DATA}")
+def test_left_out_shared_photos_vote_their_class(spark, tmp_path):
+    results, left = left_out_results(spark, SHARED_DATA, tmp_path)
+    assert len(left) == 10 and len({lab for _, lab in left}) == 10
+    engine = QueryEngine(str(results))
+    assert engine.model_info["rows"] == 990
+    votes = _votes(engine, left)
+    assert sum(got == want for got, want in votes) >= 9, votes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("weights_sha256", "0" * 64, "are not the ones that made the features"),
+        ("alpha", 1.0, "alpha"),
+    ],
+)
+def test_a_query_refuses_other_weights(sample_left_out, tmp_path, capsys, field, value, match):
+    import shutil
+
+    results = tmp_path / "Results"
+    shutil.copytree(sample_left_out[0], results)
+    meta_path = results / "pca_model" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["features_model"][field] = value
+    meta_path.write_text(json.dumps(meta))
+    assert main(["similar", str(PHOTO), str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
