@@ -313,6 +313,18 @@ def check_same_model(table_model: Optional[Dict[str, Any]], spec, where: str) ->
         )
 
 
+def _input_exists(spark, uri: str) -> bool:
+    """Whether ``uri`` exists, or, for a Hadoop glob (``Test/2026/12/{01,02}/``),
+    matches something."""
+    if not any(c in uri for c in "{}[]*?"):
+        return hadoopfs.exists(spark, uri)
+    if hadoopfs.bucket_missing(spark, uri):
+        return False
+    fs, path = hadoopfs._fs_and_path(spark, uri)
+    matches = fs.globStatus(path)
+    return matches is not None and len(matches) > 0
+
+
 def _qualified_prefix(spark, uri: str) -> str:
     fs, path = hadoopfs._fs_and_path(spark, uri)
     return fs.makeQualified(path).toString().rstrip("/") + "/"
@@ -382,7 +394,7 @@ def featurize_incremental(
             "it drops the rows of images no longer under it"
         )
     t0 = time.perf_counter()
-    if not hadoopfs.exists(spark, input_path):
+    if not _input_exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
