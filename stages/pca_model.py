@@ -189,29 +189,21 @@ class PCAModel:
     @classmethod
     def load(cls, results: str, spark=None) -> PCAModel:
         """Load from ``RESULTS`` (or ``RESULTS/pca_model``): a local path, or any
-        Hadoop URI when a SparkSession is given."""
+        Hadoop URI when a SparkSession is given (:func:`stages.fs.filesystem`)."""
+        from stages.fs import filesystem
+
         base = results.rstrip("/")
         if not base.endswith("pca_model"):
             base = base + "/pca_model"
-        if spark is None:
-            base = base[len("file:") :] if base.startswith("file:") else base
-            with (
-                open(os.path.join(base, ARRAYS), "rb") as a,
-                open(os.path.join(base, META), "rb") as m,
-            ):
-                return cls.from_files(a.read(), m.read())
-        from stages import hadoopfs
-
-        return cls.from_files(
-            hadoopfs.read_bytes(spark, f"{base}/{ARRAYS}"),
-            hadoopfs.read_bytes(spark, f"{base}/{META}"),
-        )
+        fs = filesystem(spark)
+        return cls.from_files(fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{META}"))
 
     def save(self, spark, results: str) -> str:
-        """Write ``RESULTS/pca_model/`` through Hadoop's filesystem; returns its URI."""
-        from stages import hadoopfs
+        """Write ``RESULTS/pca_model/`` (a local path, or any Hadoop URI); returns its URI."""
+        from stages.fs import filesystem
 
         base = results.rstrip("/") + "/pca_model"
+        fs = filesystem(spark)
         for name, data in self.to_files().items():
-            hadoopfs.write_bytes(spark, f"{base}/{name}", data)
+            fs.write_bytes(f"{base}/{name}", data)
         return base
