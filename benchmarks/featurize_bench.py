@@ -468,16 +468,16 @@ def _profile_job(spark, work: Path, args) -> Dict[str, Any]:
 
         return inner
 
-    saved = sf.prepare_model, sf.check_output, sf._paths_are_url_encoded
+    saved = sf.prepare_model, sf.walk_images, sf.make_view
     sf.prepare_model = timed("driver: prepare_model (weights, flatbuffer)", sf.prepare_model)
-    sf.check_output = timed("driver: check_output", sf.check_output)
-    sf._paths_are_url_encoded = timed("driver: url-encoding check", sf._paths_are_url_encoded)
+    sf.walk_images = timed("driver: list the local input", sf.walk_images)
+    sf.make_view = timed("driver: the view of symlinks", sf.make_view)
     shutil.rmtree(PROFILE_DIR, ignore_errors=True)
     start_ms = time.time() * 1000
     try:
         run = _spark_run(spark, args.images, str(work / "profiled"), args)
     finally:
-        sf.prepare_model, sf.check_output, sf._paths_are_url_encoded = saved
+        sf.prepare_model, sf.walk_images, sf.make_view = saved
     jobs = spark_jobs(spark, start_ms)
     files = sorted(glob.glob(f"{PROFILE_DIR}/task-*.prof"))
     tasks = []

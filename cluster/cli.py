@@ -181,10 +181,10 @@ def _options(args, bucket: Optional[str] = None) -> spec.ClusterOptions:
 def _stage_adders() -> Dict[str, Callable[[argparse.ArgumentParser], None]]:
     # The stages' own option definitions: the EMR step accepts exactly what the stage does.
     from stages.cli import (
-        _add_featurize_options,
-        _add_incremental_options,
-        _add_reduce_options,
-        _add_update_options,
+        add_featurize_options,
+        add_incremental_options,
+        add_reduce_options,
+        add_update_options,
     )
     from stages.watch import add_watch_options
 
@@ -196,9 +196,9 @@ def _stage_adders() -> Dict[str, Callable[[argparse.ArgumentParser], None]]:
         return add
 
     return {
-        "featurize": both(_add_featurize_options, _add_incremental_options),
-        "reduce": both(_add_reduce_options, _add_update_options),
-        "watch": both(_add_featurize_options, add_watch_options),
+        "featurize": both(add_featurize_options, add_incremental_options),
+        "reduce": both(add_reduce_options, add_update_options),
+        "watch": both(add_featurize_options, add_watch_options),
     }
 
 

@@ -87,7 +87,8 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
-def _add_featurize_options(p: argparse.ArgumentParser) -> None:
+def add_featurize_options(p: argparse.ArgumentParser) -> None:
+    """The ``featurize`` options (also rendered into EMR steps by ``emr submit``)."""
     g = p.add_argument_group("featurize options")
     g.add_argument(
         "--weights",
@@ -131,7 +132,8 @@ def _add_featurize_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_incremental_options(p: argparse.ArgumentParser) -> None:
+def add_incremental_options(p: argparse.ArgumentParser) -> None:
+    """The ``incremental`` options (also rendered into EMR steps by ``emr submit``)."""
     g = p.add_argument_group("a growing bucket")
     g.add_argument(
         "--incremental",
@@ -146,7 +148,8 @@ def _add_incremental_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_update_options(p: argparse.ArgumentParser) -> None:
+def add_update_options(p: argparse.ArgumentParser) -> None:
+    """The ``update`` options (also rendered into EMR steps by ``emr submit``)."""
     g = p.add_argument_group("a growing bucket")
     g.add_argument(
         "--update",
@@ -156,7 +159,8 @@ def _add_update_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_reduce_options(p: argparse.ArgumentParser) -> None:
+def add_reduce_options(p: argparse.ArgumentParser) -> None:
+    """The ``reduce`` options (also rendered into EMR steps by ``emr submit``)."""
     g = p.add_argument_group("reduce options")
     k = g.add_mutually_exclusive_group()
     k.add_argument("--k", type=_positive_int, default=None, help="number of principal components")
@@ -208,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="OUTPUT", help="features Parquet folder or URI")
-    _add_featurize_options(p)
-    _add_incremental_options(p)
+    add_featurize_options(p)
+    add_incremental_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_cmd_featurize)
 
@@ -218,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("features", metavar="FEATURES")
     p.add_argument("results", metavar="RESULTS")
-    _add_reduce_options(p)
-    _add_update_options(p)
+    add_reduce_options(p)
+    add_update_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing RESULTS")
     p.set_defaults(func=_cmd_reduce)
 
@@ -230,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="FEATURES", help="features folder (one run per micro-batch)")
-    _add_featurize_options(p)
+    add_featurize_options(p)
     from stages.watch import add_watch_options
 
     add_watch_options(p)
@@ -242,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--features", default=None, help="where the features go (default: Features/ beside RESULTS)"
     )
-    _add_featurize_options(p)
-    _add_reduce_options(p)
+    add_featurize_options(p)
+    add_reduce_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_run)
 
@@ -261,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _logger(args) -> Callable[[str], None]:
+def progress_logger(args) -> Callable[[str], None]:
+    """The progress printer of a command: stderr, or nothing with ``--quiet``."""
     if args.quiet:
         return lambda msg: None
     return lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -270,7 +275,8 @@ def _logger(args) -> Callable[[str], None]:
 _PATH_ARGS = ("input", "output", "features", "results")
 
 
-def _session(args, app: str):
+def cli_session(args, app: str):
+    """The SparkSession of a command: its master, --conf, s3a settings and log file."""
     from stages.s3a import needs_s3a, s3a_conf
     from stages.session import spark_session
 
@@ -299,7 +305,7 @@ def _cmd_featurize(args) -> int:
     check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])  # before the JVM starts
     if args.engine:
         check_engine(args.engine)  # before the JVM starts
-    spark = _session(args, "fruits-pipeline featurize")
+    spark = cli_session(args, "fruits-pipeline featurize")
     if args.incremental:
         from stages.incremental import featurize_incremental
 
@@ -312,7 +318,7 @@ def _cmd_featurize(args) -> int:
             batch_size=args.batch_size,
             partitions=args.partitions,
             prune=args.prune,
-            log=_logger(args),
+            log=progress_logger(args),
             engine=args.engine,
         )
         if not args.quiet:
@@ -328,7 +334,7 @@ def _cmd_featurize(args) -> int:
         partitions=args.partitions,
         exif_orientation=args.exif_orientation,
         overwrite=args.overwrite,
-        log=_logger(args),
+        log=progress_logger(args),
         engine=args.engine,
         jpeg_draft=args.jpeg_draft or 0,
     )
@@ -351,7 +357,7 @@ def _cmd_reduce(args) -> int:
     if args.update and args.overwrite:
         raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
     check_disjoint([("RESULTS", args.results, "FEATURES", args.features)])  # before the JVM
-    spark = _session(args, "fruits-pipeline reduce")
+    spark = cli_session(args, "fruits-pipeline reduce")
     if args.update:
         from stages.update import update_reduce
 
@@ -362,7 +368,7 @@ def _cmd_reduce(args) -> int:
             k=args.k,
             variance=args.variance,
             check=args.check,
-            log=_logger(args),
+            log=progress_logger(args),
         )
         if not args.quiet:
             keys = ("rows", "error_rows", "k", "results", "update")
@@ -373,7 +379,7 @@ def _cmd_reduce(args) -> int:
         args.features,
         args.results,
         overwrite=args.overwrite,
-        log=_logger(args),
+        log=progress_logger(args),
         **_reduce_kwargs(args),
     )
     if not args.quiet:
@@ -405,8 +411,8 @@ def _cmd_run(args) -> int:
     )
     if args.engine:
         check_engine(args.engine)  # before the JVM starts
-    spark = _session(args, "fruits-pipeline run")
-    log = _logger(args)
+    spark = cli_session(args, "fruits-pipeline run")
+    log = progress_logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing
     report = featurize(
         spark,
@@ -440,8 +446,8 @@ def _cmd_watch(args) -> int:
     from stages.watch import watch, watch_options_from_args
 
     opts = watch_options_from_args(args)  # checked before the JVM starts
-    spark = _session(args, "fruits-pipeline watch")
-    report = watch(spark, args.input, args.output, opts, log=_logger(args))
+    spark = cli_session(args, "fruits-pipeline watch")
+    report = watch(spark, args.input, args.output, opts, log=progress_logger(args))
     if not args.quiet:
         print(json.dumps(report))
     return 0

@@ -14,13 +14,11 @@ batches both ways (``mapInArrow``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -32,12 +30,14 @@ if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.
 import numpy as np
 
 from stages import hadoopfs
+from stages.contract import IMAGE_GLOB, METADATA_KEY, features_schema
 from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
 from stages.listing import LocalListing, file_uri, make_view, view_index, walk_images
 from stages.model import ModelSpec, get_featurizer
 from stages.outputs import atomic_output, check_disjoint
+from stages.sparkutil import SetAccumulator, session_conf
 
 __all__ = [
     "IMAGE_GLOB",
@@ -49,12 +49,9 @@ __all__ = [
     "FeaturizedFrame",
     "label_from_path",
     "features_schema",
-    "read_model_spec",
 ]
 
 # Hadoop glob: .jpg and .jpeg in any case.
-IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
-METADATA_KEY = "fruits_pipeline"
 # Parquet tries a dictionary for every column first; for 1280 floats a row it always falls
 # back, after hashing them all: the JVM's top cost of the job (profiled).  Writer options.
 NO_DICTIONARY = {"parquet.enable.dictionary#features.list.element": "false"}
@@ -100,26 +97,11 @@ def label_from_path(path: str, url_encoded: bool = False) -> str:
         A file URI as Spark's ``binaryFile`` gives it.
     url_encoded : bool
         Whether this Spark/filesystem gives paths percent-encoded
-        (``Apple%20Braeburn``); decided once per job by :func:`_paths_are_url_encoded`.
+        (``Apple%20Braeburn``); decided once per job by :func:`paths_are_url_encoded`.
     """
     parts = path.rstrip("/").split("/")
     label = parts[-2] if len(parts) >= 2 else ""
     return unquote(label) if url_encoded else label
-
-
-def features_schema(spec: Optional[ModelSpec] = None):
-    """Spark schema of the features Parquet, with the model's metadata on ``features``."""
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
-
-    meta = {METADATA_KEY: spec.to_dict()} if spec is not None else {}
-    return StructType(
-        [
-            StructField("path", StringType(), False),
-            StructField("label", StringType(), False),
-            StructField("features", ArrayType(FloatType(), containsNull=False), True, meta),
-            StructField("error", StringType(), True),
-        ]
-    )
 
 
 def featurize_partition(
@@ -221,7 +203,7 @@ def featurize_partition(
         counts[1].add(bad)
 
 
-def _paths_are_url_encoded(spark, sample_path: Optional[str]) -> bool:
+def paths_are_url_encoded(spark, sample_path: Optional[str]) -> bool:
     """Whether Spark gave ``path`` percent-encoded, tested on a path holding ``%``.
 
     Spark versions and filesystems differ; a folder whose real name holds ``%``
@@ -232,21 +214,6 @@ def _paths_are_url_encoded(spark, sample_path: Optional[str]) -> bool:
     if hadoopfs.exists(spark, sample_path):
         return False
     return hadoopfs.exists(spark, unquote(sample_path))
-
-
-@contextmanager
-def _session_conf(spark, settings: Dict[str, str]):
-    old = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
 
 
 def _packing(n_images: int, n_parts: int, total: int, largest: int) -> Tuple[int, int]:
@@ -466,7 +433,7 @@ class _HadoopScan:
         self._n_empty = len(self._listed) - self.n_images
         if self.n_images + self._n_empty == 0:
             raise UsageError(_no_images(input_path))
-        self.url_encoded = _paths_are_url_encoded(spark, stats["pct"])
+        self.url_encoded = paths_are_url_encoded(spark, stats["pct"])
 
     def rows(self, sc):
         """``(paths mapper, broadcast)``: none here, Spark's paths are the real ones."""
@@ -476,7 +443,7 @@ class _HadoopScan:
         """Error rows for the zero-byte files the scan dropped, or None."""
         if self._n_empty <= 0:
             return None
-        return _empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
+        return empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
 
 
 @dataclass
@@ -624,7 +591,7 @@ def _featurize_scan(
         # that cap above ours.
         "spark.sql.files.minPartitionNum": "1",
     }
-    with _session_conf(spark, packing):
+    with session_conf(spark, packing):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
         frame = featurize_frame(
@@ -636,7 +603,7 @@ def _featurize_scan(
         if extra is not None:
             out = out.unionByName(extra)
             n_extra = extra.count()
-        with _session_conf(spark, frame.settings):
+        with session_conf(spark, frame.settings):
             out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(target)
     frame.release()
     if paths_bc is not None:
@@ -662,7 +629,7 @@ def _scan_spelling(uri: str, url_encoded: bool) -> str:
     return uri if url_encoded else unquote(uri)
 
 
-def _empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
+def empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
     """Error rows for the files the index lists but the scan dropped (zero bytes)."""
     from pyspark.sql import functions as F
     from pyspark.sql.column import Column
@@ -678,29 +645,6 @@ def _empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
         ),
         features_schema(spec),
     )
-
-
-class SetAccumulator:
-    """``AccumulatorParam`` of a set (worker pids, vector lengths seen)."""
-
-    def zero(self, value):
-        return set()
-
-    def addInPlace(self, a, b):
-        a |= b
-        return a
-
-
-def read_model_spec(schema) -> Optional[Dict[str, Any]]:
-    """The model metadata stored on a features schema's ``features`` field, if any."""
-    try:
-        field_ = schema["features"]
-    except KeyError:
-        return None
-    meta = field_.metadata.get(METADATA_KEY)
-    if isinstance(meta, str):
-        meta = json.loads(meta)
-    return meta
 
 
 if __name__ == "__main__":

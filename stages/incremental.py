@@ -73,7 +73,7 @@ def new_run_id() -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -81,7 +81,7 @@ def incremental_schema(spec=None):
     """The features schema plus the image's ``length`` and ``modificationTime``."""
     from pyspark.sql.types import LongType, StructField, TimestampType
 
-    from stages.featurize import features_schema
+    from stages.contract import features_schema
 
     schema = features_schema(spec)
     schema = schema.add(StructField("length", LongType(), True))
@@ -156,7 +156,7 @@ class FeaturesTable:
         files = self.data_files()
         if not files:
             return None
-        from stages.featurize import METADATA_KEY
+        from stages.contract import METADATA_KEY
 
         raw = hadoopfs.parquet_footer(self.spark, files[0]).get(_SPARK_SCHEMA_KEY)
         for f in json.loads(raw or "{}").get("fields", []):
@@ -236,8 +236,8 @@ class FeaturesTable:
         record = {
             "run": run,
             "kind": "migrate",
-            "started": _now_iso(),
-            "committed": _now_iso(),
+            "started": now_iso(),
+            "committed": now_iso(),
             "rows": int(self.spark.read.parquet(*files).count()),
             "files": names,
             "written_ms": max(stamps.get(n, 0) for n in names),
@@ -372,13 +372,13 @@ def featurize_incremental(
     from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
     from stages.featurize import (
         NO_DICTIONARY,
-        _empty_file_rows,
-        _paths_are_url_encoded,
-        _session_conf,
         choose_partitions,
+        empty_file_rows,
         featurize_frame,
+        paths_are_url_encoded,
         read_images,
     )
+    from stages.sparkutil import session_conf
 
     log = log or (lambda msg: None)
     engine = engine or default_engine()
@@ -417,7 +417,7 @@ def featurize_incremental(
     # for 1100 files here), and let the plan's join shuffle into few partitions.
     planning = ExitStack()
     planning.enter_context(
-        _session_conf(
+        session_conf(
             spark,
             {
                 "spark.sql.files.openCostInBytes": "1",
@@ -507,10 +507,10 @@ def featurize_incremental(
     try:
         n_scanned = sum(int(r["count"]) for r in summary if r["status"] not in ("gone", "pruned"))
         pct = max((r["pct"] for r in summary if r["pct"]), default=None)
-        url_encoded = _paths_are_url_encoded(spark, pct)
+        url_encoded = paths_are_url_encoded(spark, pct)
         empties = None
         if n_listed > n_scanned:  # zero-byte files: the scan drops them, the index lists them
-            empties = _empty_file_rows(spark, images, listed_files, url_encoded, spec)
+            empties = empty_file_rows(spark, images, listed_files, url_encoded, spec)
             plan.unpersist()
             plan, summary = make_plan(
                 meta.unionByName(
@@ -549,7 +549,7 @@ def featurize_incremental(
             "path", "length", "modificationTime"
         )
         run = new_run_id()
-        started = _now_iso()
+        started = now_iso()
         scan = "none"
         parts = []
         frame = None
@@ -563,7 +563,7 @@ def featurize_incremental(
                 names = [_glob_escape(r[0]) for r in to_read.select("path").collect()]
                 # Spark lists many named files with one task per file: a few tasks do.
                 tasks = str(max(2, 2 * spark.sparkContext.defaultParallelism))
-                with _session_conf(
+                with session_conf(
                     spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
                 ):
                     source = spark.read.format("binaryFile").load(names)
@@ -593,7 +593,7 @@ def featurize_incremental(
         out = out.select(*[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema])
         staged = table.staging_uri(run)
         log(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
-        with _session_conf(spark, frame.settings if frame is not None else {}):
+        with session_conf(spark, frame.settings if frame is not None else {}):
             out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(staged)
         images_done = (frame.images if frame is not None else 0) + n_empty_todo
         errors = (frame.errors if frame is not None else 0) + n_empty_todo
@@ -605,7 +605,7 @@ def featurize_incremental(
             "kind": "featurize",
             "input": input_path,
             "started": started,
-            "committed": _now_iso(),
+            "committed": now_iso(),
             "rows": int(written_rows),
             "new": n_new,
             "changed": n_changed,

@@ -38,11 +38,12 @@ import numpy as np
 from linalg.distributed import KeyedBlock, KeyedRowMatrix
 from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
+from stages.contract import METADATA_KEY
 from stages.errors import UsageError
-from stages.featurize import METADATA_KEY, SetAccumulator
 from stages.model import model_identity
 from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
+from stages.sparkutil import SetAccumulator
 from stages.update import feature_file_keys
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
@@ -236,7 +237,7 @@ def read_feature_matrix(
     return KeyedRowMatrix(blocks, n_cols=d), info, handle
 
 
-def _write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
+def write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
     from stages.arrow_rdd import from_arrow_batches
 
     schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
@@ -343,7 +344,7 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
         log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
         with matrix.project(fit.projection_matrix(), fit.mean) as projected:
-            _write_projections(spark, projected, target.rstrip("/") + "/projections")
+            write_projections(spark, projected, target.rstrip("/") + "/projections")
         model = PCAModel(
             fit,
             info["features_model"],

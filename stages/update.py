@@ -90,7 +90,7 @@ def update_reduce(
     from linalg.kernels import fit_pca_from_moments, merge_moments
     from stages.model import model_identity
     from stages.pca_model import PCAModel
-    from stages.reduce import _write_projections, read_feature_matrix, reduce_features
+    from stages.reduce import read_feature_matrix, reduce_features, write_projections
 
     log = log or (lambda msg: None)
     if k is not None and variance is not None:
@@ -204,7 +204,7 @@ def update_reduce(
         matrix, info, handle = read_feature_matrix(spark, features, persist=False)
         try:
             with matrix.project(fit.projection_matrix(), fit.mean) as projected:
-                _write_projections(spark, projected, f"{tmp}/projections")
+                write_projections(spark, projected, f"{tmp}/projections")
         finally:
             handle.unpersist(False)
         error_rows = int(stats.get("error_rows", 0)) + new_errors

@@ -160,12 +160,12 @@ class _Sink:
 
         from stages.featurize import (
             NO_DICTIONARY,
-            _paths_are_url_encoded,
-            _session_conf,
             choose_partitions,
             featurize_frame,
+            paths_are_url_encoded,
         )
-        from stages.incremental import _now_iso, incremental_schema, new_run_id
+        from stages.incremental import incremental_schema, new_run_id, now_iso
+        from stages.sparkutil import session_conf
 
         self.started.wait()  # the query id is known once start() has returned
         t0 = time.time()
@@ -186,7 +186,7 @@ class _Sink:
             self.log(f"watch: batch {batch_id}: 0 new images")
             return
         run = new_run_id()
-        started = _now_iso()
+        started = now_iso()
         todo = spark.createDataFrame(
             todo_rows, "path string, length long, modificationTime timestamp"
         )
@@ -200,7 +200,7 @@ class _Sink:
             self.spec,
             self.weights,
             self.opts.batch_size,
-            _paths_are_url_encoded(spark, pct),
+            paths_are_url_encoded(spark, pct),
             partitions=n_parts,
             broadcast=self.bc,
         )
@@ -208,7 +208,7 @@ class _Sink:
         out = frame.df.join(F.broadcast(todo), "path").select(
             *[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema]
         )
-        with _session_conf(spark, frame.settings):
+        with session_conf(spark, frame.settings):
             out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(table.staging_uri(run))
         record = {
             "run": run,
@@ -217,7 +217,7 @@ class _Sink:
             "query": self.query_id,
             "batch": int(batch_id),
             "started": started,
-            "committed": _now_iso(),
+            "committed": now_iso(),
             "rows": frame.images,
             "new": frame.images,
             "errors": frame.errors,
@@ -270,8 +270,8 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         Missing input, features or PCA model of another model.
     """
     from stages import hadoopfs
+    from stages.contract import IMAGE_GLOB
     from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
-    from stages.featurize import IMAGE_GLOB
     from stages.incremental import FeaturesTable, check_same_model
     from stages.model import model_identity
 

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from stages.contract import read_model_spec
 from stages.errors import UsageError
-from stages.featurize import featurize, label_from_path, read_model_spec
+from stages.featurize import featurize, label_from_path
 from stages.model import BUNDLED_WEIGHTS
 from tests.conftest import SAMPLE
 

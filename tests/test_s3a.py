@@ -115,7 +115,7 @@ def test_s3a_features_equal_local_features(
 
 
 def test_s3a_features_record_the_model_in_their_footers(s3a_spark, s3a_features, sample_features):
-    from stages.featurize import read_model_spec
+    from stages.contract import read_model_spec
 
     on_s3 = read_model_spec(s3a_spark.read.parquet(FEATURES).schema)
     local = read_model_spec(s3a_spark.read.parquet(str(sample_features)).schema)

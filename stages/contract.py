@@ -1,0 +1,46 @@
+"""The features contract, shared by every stage: columns, schema and metadata key.
+
+Stage 1 writes it (:mod:`stages.featurize`, :mod:`stages.incremental`,
+:mod:`stages.watch`), stage 2 and the app read it (:mod:`stages.reduce`,
+:mod:`stages.search`); importing it pulls in neither Pillow nor a model.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+__all__ = ["IMAGE_GLOB", "METADATA_KEY", "features_schema", "read_model_spec"]
+
+# Hadoop glob: .jpg and .jpeg in any case.
+IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
+# The key of the model metadata on the ``features`` field (in every Parquet footer).
+METADATA_KEY = "fruits_pipeline"
+
+
+def features_schema(spec=None):
+    """Spark schema of the features Parquet, with ``spec`` (a ``stages.model.ModelSpec``)
+    as the metadata of ``features``."""
+    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+    meta = {METADATA_KEY: spec.to_dict()} if spec is not None else {}
+    return StructType(
+        [
+            StructField("path", StringType(), False),
+            StructField("label", StringType(), False),
+            StructField("features", ArrayType(FloatType(), containsNull=False), True, meta),
+            StructField("error", StringType(), True),
+        ]
+    )
+
+
+def read_model_spec(schema) -> Optional[Dict[str, Any]]:
+    """The model metadata stored on a features schema's ``features`` field, if any."""
+    try:
+        field_ = schema["features"]
+    except KeyError:
+        return None
+    meta = field_.metadata.get(METADATA_KEY)
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    return meta
