@@ -209,7 +209,7 @@ def build_bundle(base_version: Optional[str] = None) -> Bundle:
     stages_dir = _package_dir("stages")
     files: Dict[str, bytes] = {}
     for stage, script in STAGE_SCRIPTS.items():
-        src = stages_dir / f"{stage}.py"
+        src = stages_dir / "steps" / f"{stage}.py"
         if not src.is_file():
             raise UsageError(f"stage script {src} is missing: the EMR step needs it")
         files[script] = src.read_bytes()

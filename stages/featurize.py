@@ -1,7 +1,7 @@
 """Stage 1, featurize: JPEG images to 1280-d MobileNetV2 features in Parquet.
 
 Runs as ``fruits-pipeline featurize INPUT OUTPUT`` or, as an EMR step does,
-``spark-submit stages/featurize.py INPUT OUTPUT``.
+``spark-submit stages/steps/featurize.py INPUT OUTPUT``.
 
 Output columns: ``path`` (the URI as Spark gives it), ``label`` (the parent
 folder's name as on disk), ``features`` (array<float>[1280], null on error),
@@ -17,15 +17,10 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 from urllib.parse import unquote, urlparse
-
-if __name__ == "__main__" and not __package__:  # spark-submit stages/featurize.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
@@ -645,9 +640,3 @@ def empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
         ),
         features_schema(spec),
     )
-
-
-if __name__ == "__main__":
-    from stages.cli import main
-
-    sys.exit(main(["featurize", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
 """Stage 2, reduce: features Parquet to a standardise-then-PCA projection (``Results/``).
 
 Runs as ``fruits-pipeline reduce FEATURES RESULTS`` or, as an EMR step does,
-``spark-submit stages/reduce.py FEATURES RESULTS``.
+``spark-submit stages/steps/reduce.py FEATURES RESULTS``.
 
 Data flow (the features are read once):
 
@@ -24,14 +24,9 @@ Data flow (the features are read once):
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
-
-if __name__ == "__main__" and not __package__:  # spark-submit stages/reduce.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
@@ -515,9 +510,3 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         }
     )
     return check
-
-
-if __name__ == "__main__":
-    from stages.cli import main
-
-    sys.exit(main(["reduce", *sys.argv[1:]]))

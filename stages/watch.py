@@ -25,15 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, Optional
-
-if __name__ == "__main__" and not __package__:  # spark-submit stages/watch.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.errors import UsageError
 
@@ -353,9 +348,3 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         "checkpoint": checkpoint,
         **{k: v for k, v in sink.totals.items()},
     }
-
-
-if __name__ == "__main__":
-    from stages.cli import main
-
-    sys.exit(main(["watch", *sys.argv[1:]]))

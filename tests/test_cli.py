@@ -106,7 +106,7 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_spark_submit_runs_the_stage_script(tmp_path):
-    # The way an EMR step runs it: spark-submit stages/featurize.py INPUT OUTPUT ...
+    # The way an EMR step runs it: spark-submit stages/steps/featurize.py INPUT OUTPUT ...
     from pyspark.find_spark_home import _find_spark_home
 
     submit = f"{_find_spark_home()}/bin/spark-submit"
@@ -119,7 +119,7 @@ def test_spark_submit_runs_the_stage_script(tmp_path):
             "local[2]",
             "--driver-memory",
             "2g",
-            "stages/featurize.py",
+            "stages/steps/featurize.py",
             str(SAMPLE / "Kiwi"),
             str(out),
             "--weights",

@@ -92,6 +92,7 @@ def test_wheel_holds_packages_and_their_data():
         "stages/__init__.py",
         "stages/cli.py",
         "stages/featurize.py",
+        "stages/steps/featurize.py",
         "stages/notebook.py",
         "stages/log4j2.properties",
         "stages/weights/SHA256SUMS",
@@ -194,7 +195,7 @@ def test_bundle_files_and_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+-[0-9a-f]{12}", bundle.version)
     assert bundle.version == package.build_bundle().version
     assert bundle.uri("fruits-eu") == f"s3://fruits-eu/code/{bundle.version}/"
-    assert bundle.files["featurize.py"] == (ROOT / "stages" / "featurize.py").read_bytes()
+    assert bundle.files["featurize.py"] == (ROOT / "stages" / "steps" / "featurize.py").read_bytes()
     assert b"stages.cli" in bundle.files["reduce.py"]
     assert b"stages.cli" in bundle.files["watch.py"]
     reqs = bundle.files["requirements-emr.txt"].decode().splitlines()

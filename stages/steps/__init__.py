@@ -1,0 +1,1 @@
+"""The spark-submit entry points of the stages (one thin file each)."""
