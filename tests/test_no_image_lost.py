@@ -414,3 +414,22 @@ def test_reduce_refuses_uncommitted_features_and_k_above_the_rank(spark, sample_
     with pytest.raises(UsageError, match=r"--k 120 is above the rank 99 of these features"):
         reduce_features(spark, str(sample_features), str(tmp_path / "R2"), k=120)
     assert not (tmp_path / "R1").exists() and not (tmp_path / "R2").exists()
+
+
+def test_an_unreadable_file_is_an_error_row_in_the_listing(tmp_path, monkeypatch):
+    # `chmod 000` aborted the whole job as a non-root user (SparkFileNotFoundException).
+    # Root reads any file, so the permission answer is simulated; the rule is what is tested.
+    import stages.listing as listing
+
+    top = tmp_path / "in" / "Kiwi"
+    top.mkdir(parents=True)
+    for f in KIWI[:3]:
+        shutil.copy(f, top / f.name)
+    locked = top / KIWI[0].name
+    real_access = os.access
+    monkeypatch.setattr(
+        listing.os, "access", lambda p, mode: False if p == str(locked) else real_access(p, mode)
+    )
+    got = listing.walk_images(str(tmp_path / "in"))
+    assert got.errors == [(str(locked), "permission denied")]
+    assert sorted(p for p, _ in got.files) == sorted(str(top / f.name) for f in KIWI[1:3])
