@@ -29,7 +29,14 @@ from stages.contract import IMAGE_GLOB, METADATA_KEY, features_schema
 from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
 from stages.images import DecodeError, decode_image, preprocess
-from stages.listing import LocalListing, file_uri, make_view, view_index, walk_images
+from stages.listing import (
+    LocalListing,
+    file_uri,
+    hidden_object_images,
+    make_view,
+    view_index,
+    walk_images,
+)
 from stages.model import ModelSpec, get_featurizer
 from stages.outputs import atomic_output, check_disjoint
 from stages.sparkutil import SetAccumulator, session_conf
@@ -426,6 +433,16 @@ class _HadoopScan:
         # them.  Count them without shipping the listing to Python.
         self._listed = self.images._jdf.inputFiles()
         self._n_empty = len(self._listed) - self.n_images
+        self._scanned = self.images
+        # Spark's listing also skips `_` and `.` names (`_DSC0001.JPG`): on S3 one flat
+        # listing finds them, and the driver reads them (they are few).
+        hidden = hidden_object_images(input_path)
+        if hidden:
+            rows = [(p, hadoopfs.read_bytes(spark, p)) for p, _ in hidden]
+            extra = spark.createDataFrame(rows, "path string, content binary")
+            self.images = self.images.select("path", "content").unionByName(extra)
+            self.n_images += len(hidden)
+            self.total_bytes += sum(size for _, size in hidden)
         if self.n_images + self._n_empty == 0:
             raise UsageError(_no_images(input_path))
         self.url_encoded = paths_are_url_encoded(spark, stats["pct"])
@@ -438,7 +455,7 @@ class _HadoopScan:
         """Error rows for the zero-byte files the scan dropped, or None."""
         if self._n_empty <= 0:
             return None
-        return empty_file_rows(spark, self.images, self._listed, self.url_encoded, spec)
+        return empty_file_rows(spark, self._scanned, self._listed, self.url_encoded, spec)
 
 
 @dataclass

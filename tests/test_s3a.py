@@ -321,3 +321,22 @@ def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sampl
     summary = update_reduce(s3a_spark, features, results)
     assert summary["update"]["mode"] == "merge" and summary["rows"] == 20
     assert not [k for k in list_keys(moto_s3_client, "GrowingResults/") if "_update" in k]
+
+
+def test_hidden_names_on_s3_get_their_rows(moto_s3_client, s3a_spark, s3a_sample_bucket):
+    # Spark's listing skips `_`/`.` names on S3 too (`_DSC0001.JPG`): one flat listing
+    # finds them and they are featurized like the others.
+    from stages.featurize import featurize
+
+    data = next(iter(sorted(SAMPLE.glob("Kiwi/*.jpg")))).read_bytes()
+    keys = ["Hidden/Kiwi/normal.jpg", "Hidden/Kiwi/_DSC0001.JPG", "Hidden/Kiwi/.dot.jpg",
+            "Hidden/_Drafts/x.jpeg"]  # fmt: skip
+    for key in keys:
+        moto_s3_client.put_object(Bucket=BUCKET, Key=key, Body=data)
+    out = f"s3a://{BUCKET}/HiddenFeatures/"
+    report = featurize(s3a_spark, f"s3a://{BUCKET}/Hidden/", out, weights="bundled")
+    table = _read_parquet_from_bucket(moto_s3_client, "HiddenFeatures/")
+    got = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
+    assert got == {f"s3a://{BUCKET}/{k}": k.split("/")[-2] for k in keys}
+    assert report.images == 4 and report.errors == 0
+    assert table.column("error").null_count == 4
