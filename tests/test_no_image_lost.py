@@ -129,7 +129,9 @@ def test_reduce_and_run_outputs_can_never_touch_their_inputs(sample_features, ca
 # --------------------------------------------------------------- writing is atomic
 
 
-def test_featurize_overwrite_killed_mid_write_leaves_the_old_output_whole(photos, tmp_path):
+def test_featurize_overwrite_killed_mid_write_leaves_the_old_output_whole(
+    spark, photos, tmp_path
+):  # spark: the in-process main() below reuses the session's one SparkContext
     # Regression: --overwrite deleted the old output when the job started; a kill -9
     # then left nothing.  Now the new output is written beside and swapped in.
     out = tmp_path / "Features"
@@ -362,7 +364,7 @@ def test_a_killed_python_worker_is_retried_and_the_output_is_exact(spark, photos
     # Regression: local mode ran each task once, so one killed worker failed the job.
     import psutil
 
-    assert spark.sparkContext.master == "local[2,4]"
+    assert spark.sparkContext.master.endswith(",4]")  # local[N,4]: 4 attempts a task
     big = tmp_path / "big"
     for i in range(6):
         shutil.copytree(photos, big / f"c{i}")
