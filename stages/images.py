@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_SIZE", "decode_image", "preprocess", "DecodeError"]
+__all__ = ["IMAGE_SIZE", "decode_image", "preprocess", "thumbnail_jpeg", "DecodeError"]
 
 IMAGE_SIZE = 224
 # A header may claim any size: a 691-byte JPEG claiming 14000 x 14000 cost 590 MB to
@@ -119,6 +119,27 @@ def decode_image(
             "unsupported encoding, not a photo"
         )
     return arr
+
+
+def thumbnail_jpeg(
+    data: Optional[bytes], px: int, quality: int = 80, max_pixels: int = MAX_PIXELS
+) -> Optional[bytes]:
+    """A JPEG of at most ``px`` x ``px`` pixels, or ``None`` when ``data`` is not an image
+    (or claims more than ``max_pixels``, checked from the header before decoding)."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as img:
+            if img.width * img.height > max_pixels:
+                return None
+            img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, much faster
+            img = img.convert("RGB")
+            img.thumbnail((px, px))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=quality)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return buf.getvalue()
 
 
 def preprocess(batch: np.ndarray) -> np.ndarray:

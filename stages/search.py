@@ -83,22 +83,9 @@ class BadImage(ValueError):
 
 def make_thumbnail(data: Optional[bytes], px: int = THUMB_PX) -> Optional[bytes]:
     """A JPEG of at most ``px`` x ``px`` pixels, or ``None`` when ``data`` is not an image."""
-    from PIL import Image
+    from stages.images import thumbnail_jpeg
 
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            if img.width * img.height > MAX_QUERY_PIXELS:
-                return None
-            img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale
-            img = img.convert("RGB")
-            img.thumbnail((px, px))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return buf.getvalue()
+    return thumbnail_jpeg(data, px, quality=80, max_pixels=MAX_QUERY_PIXELS)
 
 
 def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -> np.ndarray:

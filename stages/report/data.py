@@ -222,18 +222,10 @@ def _image_bytes(fs: FileSystem, uri: str) -> Optional[bytes]:
 
 
 def _thumbnail(data: bytes, px: int) -> Optional[str]:
-    from PIL import Image
+    from stages.images import thumbnail_jpeg
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, much faster
-            img = img.convert("RGB")
-            img.thumbnail((px, px))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    jpeg = thumbnail_jpeg(data, px, quality=85)
+    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def _read_thumbnails(fs: FileSystem, data: ReportData, per_class: int) -> None:
