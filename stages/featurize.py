@@ -64,8 +64,27 @@ NO_DICTIONARY = {"parquet.enable.dictionary#features.list.element": "false"}
 IMAGES_PER_PARTITION = 2048
 
 
+class RunReport:
+    """Throughput and a JSON-ready dict for a stage-1 run's report (a dataclass with
+    ``images`` and ``seconds``)."""
+
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """Images per second of the whole run."""
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
 @dataclass
-class FeaturizeReport:
+class FeaturizeReport(RunReport):
     """What a featurize run did (printed by the CLI, kept in ``summary.json``)."""
 
     input: str
@@ -77,17 +96,6 @@ class FeaturizeReport:
     model: Dict[str, Any]
     model_builds: int = 0
     worker_pids: List[int] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        """End-to-end throughput."""
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["images_per_second"] = self.images_per_second
-        return d
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:

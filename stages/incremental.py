@@ -41,12 +41,13 @@ import json
 import secrets
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
 from stages import hadoopfs
 from stages.errors import UsageError
+from stages.featurize import RunReport
 
 __all__ = [
     "RUNS_DIR",
@@ -270,7 +271,7 @@ class FeaturesTable:
 
 
 @dataclass
-class IncrementalReport:
+class IncrementalReport(RunReport):
     """What a ``featurize --incremental`` run did."""
 
     input: str
@@ -286,17 +287,6 @@ class IncrementalReport:
     seconds: float
     scan: str = "none"
     superseded: List[str] = field(default_factory=list)
-
-    @property
-    def images_per_second(self) -> float:
-        """Featurized images per second of the whole run."""
-        return self.images / self.seconds if self.seconds > 0 else float("nan")
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        d["images_per_second"] = self.images_per_second
-        return d
 
 
 def check_same_model(table_model: Optional[Dict[str, Any]], spec, where: str) -> None:
