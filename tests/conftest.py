@@ -149,3 +149,11 @@ def sample_engine(sample_left_out):
     from stages.search import QueryEngine
 
     return QueryEngine(str(sample_left_out[0]))
+
+
+def copy_images(files, dest: Path) -> None:
+    """Copy photos into ``dest/<their class folder>/`` (times kept: the incremental runs
+    compare sizes and modification times)."""
+    for f in files:
+        (dest / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest / f.parent.name / f.name)

@@ -35,7 +35,9 @@ def _pyproject_requirements():
     return {canonicalize_name(r.name): r for r in reqs}
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.skipif(
+    shutil.which("bash") is None, reason="the EMR bootstrap is a bash script: bash is not installed"
+)
 def test_bootstrap_script_parses_with_bash_n():
     proc = subprocess.run(["bash", "-n", str(BOOTSTRAP)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

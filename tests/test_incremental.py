@@ -17,17 +17,11 @@ import pytest
 
 from stages.errors import UsageError
 from stages.incremental import FeaturesTable, featurize_incremental
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, copy_images
 
 pytestmark = pytest.mark.slow
 
 SAMPLE_FILES = sorted(SAMPLE.glob("*/*.jpg"))
-
-
-def copy_images(files, dest: Path) -> None:
-    for f in files:
-        (dest / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest / f.parent.name / f.name)
 
 
 def rows_by_image(features: Path) -> dict:

@@ -17,17 +17,11 @@ from stages.incremental import featurize_incremental
 from stages.pca_model import PCAModel
 from stages.reduce import reduce_features
 from stages.update import update_reduce
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, copy_images
 
 pytestmark = pytest.mark.slow
 
 FILES = sorted(SAMPLE.glob("*/*.jpg"))
-
-
-def _copy(files, dest: Path) -> None:
-    for f in files:
-        (dest / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest / f.parent.name / f.name)
 
 
 def _projections(results: Path) -> dict:
@@ -61,10 +55,10 @@ def assert_same_pca(updated: Path, full: Path) -> None:
 def growing(spark, tmp_path_factory):
     root = tmp_path_factory.mktemp("update")
     bucket, features = root / "Test", root / "Features"
-    _copy(FILES[:40], bucket)
+    copy_images(FILES[:40], bucket)
     featurize_incremental(spark, str(bucket), str(features))
     reduce_features(spark, str(features), str(root / "Results"), k=6)
-    _copy(FILES[40:70], bucket)
+    copy_images(FILES[40:70], bucket)
     featurize_incremental(spark, str(bucket), str(features))
     return root, bucket, features
 
