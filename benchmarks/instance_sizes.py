@@ -323,7 +323,8 @@ def emr_sweep(args) -> int:
         stage_args = ["--partitions", str(p), "--weights", args.weights, "--overwrite"]
         step = cspec.stage_step("featurize", args.input, out, args.code, stage_args)
         step["Name"] = f"bench featurize p={p}"
-        sid = cemr.add_step(emr, args.cluster_id, step, log=print)
+        sid = cemr.add_step(emr, args.cluster_id, step)
+        print(f"emr: step {sid} ({step['Name']}) added to {args.cluster_id}", flush=True)
         step_ids.append((p, sid))
     rows = []
     for p, sid in step_ids:  # steps run one after another (EMR's default concurrency 1)

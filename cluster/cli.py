@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
+import logging
 from typing import Any, Callable, Dict, List, Optional
 
 from cluster import guard, spec
 from stages.errors import UsageError
 
 __all__ = ["register"]
+
+logger = logging.getLogger(__name__)
 
 _SUPPRESS = argparse.SUPPRESS
 
@@ -67,17 +69,24 @@ def _aws_errors(fn: Callable[[Any], int]) -> Callable[[Any], int]:
 
 
 def _flags(p: argparse.ArgumentParser, top: bool = False) -> None:
-    """``--quiet`` on every parser, ``--region`` on the leaves.
+    """``--quiet`` and ``-v`` on every parser, ``--region`` on the leaves.
 
     A sub-parser's defaults overwrite its parent's, so only the top of a command
-    (``bucket``, ``emr``) gives ``--quiet`` a default; below it the flag sets it or
-    leaves it alone.
+    (``bucket``, ``emr``) gives ``--quiet`` and ``-v`` a default; below it the flag
+    sets it or leaves it alone.
     """
     p.add_argument(
         "--quiet",
         action="store_true",
         default=False if top else _SUPPRESS,
         help="no progress lines",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else _SUPPRESS,
+        help="also detail lines (-vv: and other libraries' debug log)",
     )
     if not top:
         p.add_argument(
@@ -89,12 +98,6 @@ def _flags(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 def _region(args) -> str:
     return guard.check_region(getattr(args, "region", None) or guard.DEFAULT_REGION)
-
-
-def _log(args) -> Callable[[str], None]:
-    if getattr(args, "quiet", False):
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
 def _add_cluster_options(
@@ -293,7 +296,7 @@ def _cmd_bucket_create(args) -> int:
 
     region = _region(args)
     guard.validate_bucket_name(args.bucket)
-    result = emr.create_bucket(emr.client("s3", region), args.bucket, region, _log(args))
+    result = emr.create_bucket(emr.client("s3", region), args.bucket, region)
     _print_json(result)
     return 0
 
@@ -305,13 +308,13 @@ def _cmd_plan(args) -> int:
     opts = _options(args)
     # The same checks as `up`, in the same order: a plan that `up` would refuse is refused.
     s3 = emr.client("s3", opts.region)
-    _same_region(guard.check_bucket(s3, opts.bucket), opts, _log(args))
+    _same_region(guard.check_bucket(s3, opts.bucket), opts)
     if opts.notebook:
         emr_notebook(opts.bucket)  # `up` refuses a missing notebook before uploading: so do we
     bundle = build_bundle()
     request = spec.build_request(opts, bundle.uri(opts.bucket))
     cost = spec.hourly_cost(opts)
-    _log(args)(
+    logger.info(
         f"emr plan: {cost['nodes']} x {opts.instance_type} in {opts.region}, "
         f"~{cost['total_usd']:.3f} USD/h on-demand (EC2 {cost['ec2_usd']:.3f} + EMR "
         f"{cost['emr_usd']:.3f}; prices are assumptions, see cluster/spec.py); nothing created"
@@ -324,15 +327,15 @@ def _upload_code(args, opts: spec.ClusterOptions, s3) -> str:
     from cluster.package import build_bundle, emr_notebook, upload_bundle, upload_notebook
 
     notebook = emr_notebook(opts.bucket) if opts.notebook else None  # a missing one: exit 2
-    code = upload_bundle(s3, opts.bucket, build_bundle(), _log(args))
+    code = upload_bundle(s3, opts.bucket, build_bundle())
     if notebook is not None:
-        upload_notebook(s3, opts.bucket, notebook, _log(args))
+        upload_notebook(s3, opts.bucket, notebook)
     return code
 
 
-def _same_region(bucket_region: str, opts: spec.ClusterOptions, log) -> None:
+def _same_region(bucket_region: str, opts: spec.ClusterOptions) -> None:
     if bucket_region != opts.region:
-        log(
+        logger.warning(
             f"emr: note: bucket {opts.bucket} is in {bucket_region}, the cluster in {opts.region}: "
             "both in the EU, but cross-region transfer is billed and slower"
         )
@@ -342,14 +345,13 @@ def _cmd_up(args) -> int:
     from cluster import emr
 
     opts = _options(args)
-    log = _log(args)
     s3 = emr.client("s3", opts.region)
-    _same_region(guard.check_bucket(s3, opts.bucket), opts, log)  # before anything is created
+    _same_region(guard.check_bucket(s3, opts.bucket), opts)  # before anything is created
     code = _upload_code(args, opts, s3)
     emr_client = emr.client("emr", opts.region)
-    cluster_id = emr.create_cluster(emr_client, spec.build_request(opts, code), log)
+    cluster_id = emr.create_cluster(emr_client, spec.build_request(opts, code))
     if args.wait:
-        emr.wait_running(emr_client, cluster_id, log)
+        emr.wait_running(emr_client, cluster_id)
     print(cluster_id)
     return 0
 
@@ -370,12 +372,11 @@ def _cmd_submit(args) -> int:
     code = emr.cluster_code_uri(emr.cluster_info(emr_client, args.cluster))
     guard.check_buckets(s3, [code])
     step = spec.stage_step(stage, args.input, args.output, code, stage_args, "CONTINUE")
-    log = _log(args)
-    step_id = emr.add_step(emr_client, args.cluster, step, log)
+    step_id = emr.add_step(emr_client, args.cluster, step)
     if args.no_wait:
         status = emr.step_status(emr_client, args.cluster, step_id)
     else:
-        status = emr.wait_step(emr_client, args.cluster, step_id, log)
+        status = emr.wait_step(emr_client, args.cluster, step_id)
     _print_json(status)
     if args.no_wait:
         return 0
@@ -404,11 +405,10 @@ def _cmd_run(args) -> int:
     bucket = _run_bucket(args)
     opts = _options(args, bucket=bucket)
     features = args.features or default_features_path(args.results)
-    log = _log(args)
     s3 = emr.client("s3", opts.region)
     # GDPR first: every bucket read or written, before anything is uploaded or created.
     regions = guard.check_buckets(s3, [args.input, features, args.results], extra=[bucket])
-    _same_region(regions[bucket], opts, log)
+    _same_region(regions[bucket], opts)
     outputs = [] if getattr(args, "incremental", False) else [features]
     outputs += [] if getattr(args, "update", False) else [args.results]
     emr.check_s3_paths(s3, [args.input], outputs, args.overwrite)
@@ -423,23 +423,23 @@ def _cmd_run(args) -> int:
     ]
     emr_client = emr.client("emr", opts.region)
     request = spec.build_request(opts, code, steps=steps, keep_alive=False)
-    cluster_id = emr.create_cluster(emr_client, request, log)
+    cluster_id = emr.create_cluster(emr_client, request)
     step_ids = emr.list_step_ids(emr_client, cluster_id)
     if args.no_wait:
-        log(f"emr: {cluster_id} runs both steps and then terminates itself")
+        logger.info(f"emr: {cluster_id} runs both steps and then terminates itself")
         _print_json({"cluster": cluster_id, "steps": step_ids})
         return 0
     results = []
     for step_id in step_ids:
-        status = emr.wait_step(emr_client, cluster_id, step_id, log)
+        status = emr.wait_step(emr_client, cluster_id, step_id)
         results.append(status)
         if status["state"] != "COMPLETED":
             break
     if all(r["state"] in emr.STEP_DONE for r in results):
-        state = emr.terminate(emr_client, cluster_id, log)
+        state = emr.terminate(emr_client, cluster_id)
     else:  # gave up waiting: leave the step running; the cluster ends itself after it
         state = emr.cluster_info(emr_client, cluster_id)["Status"]["State"]
-        log(f"emr: stopped waiting; {cluster_id} terminates itself after its steps")
+        logger.info(f"emr: stopped waiting; {cluster_id} terminates itself after its steps")
     ok = len(results) == len(step_ids) and all(r["state"] == "COMPLETED" for r in results)
     _print_json({"cluster": cluster_id, "state": state, "steps": results, "results": args.results})
     return 0 if ok else 1
@@ -457,7 +457,7 @@ def _cmd_down(args) -> int:
     from cluster import emr
 
     region = _region(args)
-    state = emr.terminate(emr.client("emr", region), args.cluster, _log(args))
+    state = emr.terminate(emr.client("emr", region), args.cluster)
     _print_json({"cluster": args.cluster, "state": state})
     return 0
 

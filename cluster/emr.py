@@ -9,13 +9,16 @@ and the usual credential chain apply.  Nothing here checks GDPR: callers run
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 from cluster.guard import check_bucket, check_region, parse_s3_uri, validate_bucket_name
 from cluster.policy import tls_only_bucket_policy
 from cluster.spec import CODE_TAG, step_log_uri
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "add_step",
@@ -33,14 +36,8 @@ __all__ = [
     "wait_step",
 ]
 
-Log = Callable[[str], None]
-
 STEP_DONE = ("COMPLETED", "FAILED", "CANCELLED", "INTERRUPTED")
 CLUSTER_DONE = ("TERMINATING", "TERMINATED", "TERMINATED_WITH_ERRORS")
-
-
-def _quiet(msg: str) -> None:
-    pass
 
 
 def client(service: str, region: str):
@@ -54,7 +51,7 @@ def _code(exc) -> str:
     return exc.response.get("Error", {}).get("Code", "")
 
 
-def create_bucket(s3_client, bucket: str, region: str, log: Log = _quiet) -> Dict[str, Any]:
+def create_bucket(s3_client, bucket: str, region: str) -> Dict[str, Any]:
     """Create ``bucket`` in ``region`` (EU only), private, encrypted, TLS-only.
 
     An existing bucket of yours is checked (EU region) and gets the same settings;
@@ -74,12 +71,12 @@ def create_bucket(s3_client, bucket: str, region: str, log: Log = _quiet) -> Dic
         s3_client.create_bucket(
             Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region}
         )
-        log(f"bucket: created s3://{bucket} in {region}")
+        logger.info(f"bucket: created s3://{bucket} in {region}")
     except ClientError as exc:
         if _code(exc) == "BucketAlreadyOwnedByYou":
             check_bucket(s3_client, bucket)
             created = False
-            log(f"bucket: s3://{bucket} already exists and is yours: applying the settings")
+            logger.info(f"bucket: s3://{bucket} already exists and is yours: applying the settings")
         elif _code(exc) == "BucketAlreadyExists":
             raise UsageError(
                 f"bucket name {bucket} is taken by another account: choose another name"
@@ -112,12 +109,12 @@ def create_bucket(s3_client, bucket: str, region: str, log: Log = _quiet) -> Dic
     }
 
 
-def create_cluster(emr_client, request: Dict[str, Any], log: Log = _quiet) -> str:
+def create_cluster(emr_client, request: Dict[str, Any]) -> str:
     """``run_job_flow(**request)``; return the cluster id (``j-...``)."""
     resp = emr_client.run_job_flow(**request)
     cluster_id = resp["JobFlowId"]
     release, logs = request.get("ReleaseLabel"), request.get("LogUri")
-    log(f"emr: cluster {cluster_id} starting ({release}), logs {logs}")
+    logger.info(f"emr: cluster {cluster_id} starting ({release}), logs {logs}")
     return cluster_id
 
 
@@ -148,7 +145,7 @@ def cluster_code_uri(info: Dict[str, Any]) -> str:
     return tags[CODE_TAG]
 
 
-def add_step(emr_client, cluster_id: str, step: Dict[str, Any], log: Log = _quiet) -> str:
+def add_step(emr_client, cluster_id: str, step: Dict[str, Any]) -> str:
     """Add one step to a live cluster; return the step id (``s-...``)."""
     info = cluster_info(emr_client, cluster_id)
     state = info["Status"]["State"]
@@ -157,7 +154,7 @@ def add_step(emr_client, cluster_id: str, step: Dict[str, Any], log: Log = _quie
             f"cluster {cluster_id} is {state}: start a new one with `fruits-pipeline emr up`"
         )
     step_id = emr_client.add_job_flow_steps(JobFlowId=cluster_id, Steps=[step])["StepIds"][0]
-    log(f"emr: step {step_id} ({step['Name']}) added to {cluster_id}")
+    logger.info(f"emr: step {step_id} ({step['Name']}) added to {cluster_id}")
     return step_id
 
 
@@ -186,7 +183,6 @@ def wait_step(
     emr_client,
     cluster_id: str,
     step_id: str,
-    log: Log = _quiet,
     delay: int = 30,
     max_wait_s: float = 24 * 3600,
     round_s: float = 600,
@@ -203,7 +199,9 @@ def wait_step(
     waiter = emr_client.get_waiter("step_complete")
     attempts = max(1, int(round_s // max(delay, 1)))
     t0 = time.monotonic()
-    log(f"emr: waiting for step {step_id} on {cluster_id} (Ctrl-C stops waiting, not the step)")
+    logger.info(
+        f"emr: waiting for step {step_id} on {cluster_id} (Ctrl-C stops waiting, not the step)"
+    )
     while True:
         try:
             waiter.wait(
@@ -217,15 +215,13 @@ def wait_step(
             if state in STEP_DONE or "Max attempts exceeded" not in str(exc):
                 break
             minutes = (time.monotonic() - t0) / 60
-            log(f"emr: step {step_id} {state} after {minutes:.0f} min")
+            logger.info(f"emr: step {step_id} {state} after {minutes:.0f} min")
             if time.monotonic() - t0 >= max_wait_s:
                 break
     return step_status(emr_client, cluster_id, step_id)
 
 
-def wait_running(
-    emr_client, cluster_id: str, log: Log = _quiet, delay: int = 30, max_attempts: int = 60
-) -> str:
+def wait_running(emr_client, cluster_id: str, delay: int = 30, max_attempts: int = 60) -> str:
     """Wait (``cluster_running`` waiter) until the cluster is RUNNING or WAITING; return it.
 
     Raises
@@ -236,7 +232,7 @@ def wait_running(
     """
     from botocore.exceptions import WaiterError
 
-    log(f"emr: waiting for {cluster_id} to start (bootstrap installs TensorFlow: ~10 min)")
+    logger.info(f"emr: waiting for {cluster_id} to start (bootstrap installs TensorFlow: ~10 min)")
     try:
         emr_client.get_waiter("cluster_running").wait(
             ClusterId=cluster_id, WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
@@ -290,12 +286,12 @@ def describe(emr_client, cluster_id: str) -> Dict[str, Any]:
     return summary
 
 
-def terminate(emr_client, cluster_id: str, log: Log = _quiet) -> str:
+def terminate(emr_client, cluster_id: str) -> str:
     """Terminate a cluster; return its state after the call."""
     cluster_info(emr_client, cluster_id)  # a clear error for a wrong id
     emr_client.terminate_job_flows(JobFlowIds=[cluster_id])
     state = cluster_info(emr_client, cluster_id)["Status"]["State"]
-    log(f"emr: {cluster_id} {state}")
+    logger.info(f"emr: {cluster_id} {state}")
     return state
 
 

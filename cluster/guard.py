@@ -8,10 +8,13 @@ how to fix it.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_REGION",
@@ -152,6 +155,7 @@ def check_bucket(s3_client, bucket: str, allowed: Sequence[str] = EU_REGIONS) ->
             f"bucket {bucket} is in {region}, outside the EU (GDPR): copy the data to a "
             f"bucket in {DEFAULT_REGION} (`fruits-pipeline bucket create NAME`) and use that"
         )
+    logger.debug("guard: bucket %s is in %s: in the EU", bucket, region)
     return region
 
 

@@ -19,11 +19,12 @@ import hashlib
 import importlib.util
 import io
 import json
+import logging
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from cluster.spec import (
     BOOTSTRAP_NAME,
@@ -36,6 +37,8 @@ from cluster.spec import (
     wheel_name,
 )
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENTRY_POINTS",
@@ -231,17 +234,14 @@ def content_version(files: Dict[str, bytes], base_version: str) -> str:
     return f"{base_version}-{digest.hexdigest()[:12]}"
 
 
-def upload_bundle(
-    s3_client, bucket: str, bundle: Bundle, log: Optional[Callable[[str], None]] = None
-) -> str:
+def upload_bundle(s3_client, bucket: str, bundle: Bundle) -> str:
     """Put the bundle's files under ``s3://bucket/code/<version>/``; return that URI."""
-    log = log or (lambda msg: None)
     uri = bundle.uri(bucket)
     prefix = uri[len(f"s3://{bucket}/") :]
     for name in sorted(bundle.files):
         s3_client.put_object(Bucket=bucket, Key=prefix + name, Body=bundle.files[name])
     total = sum(len(b) for b in bundle.files.values())
-    log(f"emr: uploaded {len(bundle.files)} files ({total / 1e6:.1f} MB) to {uri}")
+    logger.info(f"emr: uploaded {len(bundle.files)} files ({total / 1e6:.1f} MB) to {uri}")
     return uri
 
 
@@ -303,21 +303,18 @@ def emr_notebook(bucket: str, source: Optional[bytes] = None) -> bytes:
     return (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def upload_notebook(
-    s3_client, bucket: str, notebook: bytes, log: Optional[Callable[[str], None]] = None
-) -> str:
+def upload_notebook(s3_client, bucket: str, notebook: bytes) -> str:
     """Put ``notebook`` (:func:`emr_notebook`) at ``s3://bucket/jupyter/jovyan/``; return its URI.
 
     An existing copy is left alone: it may hold a user's edits and outputs, which
     JupyterHub saved there from an earlier cluster.
     """
-    log = log or (lambda msg: None)
     key = notebook_key()
     uri = f"s3://{bucket}/{key}"
     resp = s3_client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
     if any(o["Key"] == key for o in resp.get("Contents", [])):
-        log(f"emr: {uri} exists (JupyterHub saved it): left as it is")
+        logger.info(f"emr: {uri} exists (JupyterHub saved it): left as it is")
         return uri
     s3_client.put_object(Bucket=bucket, Key=key, Body=notebook)
-    log(f"emr: notebook uploaded to {uri}")
+    logger.info(f"emr: notebook uploaded to {uri}")
     return uri

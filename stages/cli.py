@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import posixpath
 import sys
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 from stages.errors import EXIT_USAGE, UsageError, explain
 
 PROG = "fruits-pipeline"
+logger = logging.getLogger(__name__)
 _KEEP_LOGS = 50  # a folder of logs that grows without end would be the next bug report
 
 
@@ -188,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     common = OneLineParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress lines")
     common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also detail lines (-vv: and other libraries' debug log)",
+    )
+    common.add_argument(
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -265,13 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def progress_logger(args) -> Callable[[str], None]:
-    """The progress printer of a command: stderr, or nothing with ``--quiet``."""
-    if args.quiet:
-        return lambda msg: None
-    return lambda msg: print(msg, file=sys.stderr, flush=True)
-
-
 _PATH_ARGS = ("input", "output", "features", "results")
 
 
@@ -284,6 +286,8 @@ def cli_session(args, app: str):
     if needs_s3a(getattr(args, name, None) for name in _PATH_ARGS):
         conf.update(s3a_conf())
     conf.update(dict(getattr(args, "conf", None) or []))
+    # Keys only: a --conf value may be a secret (an S3 key), and the log file stays.
+    logger.debug("spark: %s, master %s, settings %s", app, args.master, ", ".join(sorted(conf)))
     return spark_session(
         app,
         master=args.master,
@@ -318,7 +322,6 @@ def _cmd_featurize(args) -> int:
             batch_size=args.batch_size,
             partitions=args.partitions,
             prune=args.prune,
-            log=progress_logger(args),
             engine=args.engine,
         )
         if not args.quiet:
@@ -334,7 +337,6 @@ def _cmd_featurize(args) -> int:
         partitions=args.partitions,
         exif_orientation=args.exif_orientation,
         overwrite=args.overwrite,
-        log=progress_logger(args),
         engine=args.engine,
         jpeg_draft=args.jpeg_draft or 0,
     )
@@ -368,7 +370,6 @@ def _cmd_reduce(args) -> int:
             k=args.k,
             variance=args.variance,
             check=args.check,
-            log=progress_logger(args),
         )
         if not args.quiet:
             keys = ("rows", "error_rows", "k", "results", "update")
@@ -379,7 +380,6 @@ def _cmd_reduce(args) -> int:
         args.features,
         args.results,
         overwrite=args.overwrite,
-        log=progress_logger(args),
         **_reduce_kwargs(args),
     )
     if not args.quiet:
@@ -412,7 +412,6 @@ def _cmd_run(args) -> int:
     if args.engine:
         check_engine(args.engine)  # before the JVM starts
     spark = cli_session(args, "fruits-pipeline run")
-    log = progress_logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing
     report = featurize(
         spark,
@@ -424,7 +423,6 @@ def _cmd_run(args) -> int:
         partitions=args.partitions,
         exif_orientation=args.exif_orientation,
         overwrite=args.overwrite,
-        log=log,
         engine=args.engine,
         jpeg_draft=args.jpeg_draft or 0,
     )
@@ -433,7 +431,6 @@ def _cmd_run(args) -> int:
         features,
         args.results,
         overwrite=args.overwrite,
-        log=log,
         featurize_report=report.to_dict(),
         **_reduce_kwargs(args),
     )
@@ -447,7 +444,7 @@ def _cmd_watch(args) -> int:
 
     opts = watch_options_from_args(args)  # checked before the JVM starts
     spark = cli_session(args, "fruits-pipeline watch")
-    report = watch(spark, args.input, args.output, opts, log=progress_logger(args))
+    report = watch(spark, args.input, args.output, opts)
     if not args.quiet:
         print(json.dumps(report))
     return 0
@@ -457,8 +454,7 @@ def _cmd_report(args) -> int:
     from stages.report import write_report
 
     out = write_report(args.results, args.out)
-    if not args.quiet:
-        print(f"report: {out}", file=sys.stderr)
+    logger.info(f"report: {out}")
     return 0
 
 
@@ -489,11 +485,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     debug = bool(getattr(args, "debug", False))
+    quiet, verbose = bool(getattr(args, "quiet", False)), int(getattr(args, "verbose", 0) or 0)
+    if quiet and verbose:
+        print(f"{PROG}: error: --quiet and -v contradict each other: give one", file=sys.stderr)
+        return EXIT_USAGE
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         args.log_file = log_path()
     except OSError:
         args.log_file = None  # an unwritable home must not stop the run
+    from stages.logs import configure_logging
+
+    configure_logging(-1 if quiet else verbose, args.log_file, debug)
+    logger.debug("%s %s (log file %s)", PROG, " ".join(argv), args.log_file)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

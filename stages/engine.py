@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -31,6 +32,8 @@ import numpy as np
 from stages.errors import UsageError
 from stages.images import IMAGE_SIZE
 from stages.model import BUNDLED_ALPHA, BUNDLED_WEIGHTS, ModelSpec, resolve_weights
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUNDLED_TFLITE",
@@ -135,7 +138,7 @@ def convert_to_tflite(weights: List[np.ndarray], alpha: float) -> bytes:
         return bytes(converter.convert())
 
 
-def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray], log) -> Tuple[bytes, str]:
+def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[bytes, str]:
     """The flatbuffer of ``weights`` from the driver's cache, converting on a miss."""
     version = converter_version()
     name = f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{version}.tflite"
@@ -144,10 +147,13 @@ def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray], log) -> Tuple
         data = path.read_bytes()
         meta = json.loads(path.with_suffix(".json").read_text())
         if meta.get("tflite_sha256") == _sha256_bytes(data):
+            logger.debug("featurize: TFLite model read from the cache: %s", path)
             return data, version
     except (OSError, ValueError):
         pass
-    log(f"featurize: converting MobileNetV2 alpha={spec.alpha} to TFLite (cached in {path.parent})")
+    logger.info(
+        f"featurize: converting MobileNetV2 alpha={spec.alpha} to TFLite (cached in {path.parent})"
+    )
     data = convert_to_tflite(weights, spec.alpha)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +281,7 @@ _PREPARED: Dict[Tuple[str, Optional[float], str], Tuple[ModelSpec, Payload]] = {
 
 
 def prepare_model(
-    source: str, alpha: Optional[float] = None, engine: Optional[str] = None, log=None
+    source: str, alpha: Optional[float] = None, engine: Optional[str] = None
 ) -> Tuple[ModelSpec, Payload]:
     """Resolve the weights and what the workers need for ``engine``, on the driver.
 
@@ -286,8 +292,6 @@ def prepare_model(
     alpha : float, optional
     engine : {"litert", "keras"}, optional
         Default :func:`default_engine`.
-    log : callable, optional
-        Receives a line when a conversion runs.
 
     Returns
     -------
@@ -301,7 +305,6 @@ def prepare_model(
     UsageError
         Unknown engine, bad weights, ai-edge-litert missing.
     """
-    log = log or (lambda msg: None)
     engine = engine or default_engine()
     check_engine(engine)
     if engine == "keras":
@@ -324,7 +327,7 @@ def prepare_model(
         )
     else:
         keras_spec, weights = resolve_weights(source, alpha)
-        data, version = _cached_conversion(keras_spec, weights, log)
+        data, version = _cached_conversion(keras_spec, weights)
         spec = dataclasses.replace(keras_spec, engine="litert", versions=_litert_versions(version))
     _PREPARED.clear()
     _PREPARED[key] = (spec, data)

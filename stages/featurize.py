@@ -14,6 +14,7 @@ batches both ways (``mapInArrow``).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -40,6 +41,8 @@ from stages.listing import (
 from stages.model import ModelSpec, get_featurizer
 from stages.outputs import atomic_output, check_disjoint
 from stages.sparkutil import SetAccumulator, session_conf
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_GLOB",
@@ -283,7 +286,6 @@ def featurize(
     batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     overwrite: bool = False,
-    log=None,
     exif_orientation: bool = True,
     engine: Optional[str] = None,
     jpeg_draft: int = 0,
@@ -304,8 +306,6 @@ def featurize(
     partitions : int, optional
         Tasks; default from the image count (:func:`choose_partitions`).
     overwrite : bool
-    log : callable, optional
-        Receives one progress line per step.
     exif_orientation : bool
         Turn photos as their EXIF orientation tag says (phones store them sideways);
         recorded in the features' metadata.
@@ -327,7 +327,6 @@ def featurize(
     UsageError
         Missing input, no images, bad weights, existing output.
     """
-    log = log or (lambda msg: None)
     engine = engine or default_engine()
     if batch_size is None:
         batch_size = DEFAULT_BATCH.get(engine, 64)
@@ -354,13 +353,13 @@ def featurize(
                 scan = _HadoopScan(spark, input_path)
             report = _featurize_scan(
                 spark, scan, input_path, output_path, target, weights, alpha, batch_size,
-                partitions, log, exif_orientation, engine, jpeg_draft,
+                partitions, exif_orientation, engine, jpeg_draft,
             )  # fmt: skip
     finally:
         if view is not None:
             shutil.rmtree(view, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
-    log(
+    logger.info(
         f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
         f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
     )
@@ -587,17 +586,17 @@ def featurize_frame(
 
 
 def _featurize_scan(
-    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
+    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions,
     exif_orientation, engine, jpeg_draft,
 ) -> FeaturizeReport:  # fmt: skip
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
-    spec, payload = prepare_model(weights, alpha, engine, log)
+    spec, payload = prepare_model(weights, alpha, engine)
     spec = replace(spec, exif_orientation=bool(exif_orientation), jpeg_draft=jpeg_draft)
     sc = spark.sparkContext
     n_images = scan.n_images
     n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
     loops = f" ({scan.cycles} folder link(s) to a folder already listed)" if scan.cycles else ""
-    log(
+    logger.info(
         f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
         f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} "
         f"engine={spec.engine}{loops}"
@@ -611,6 +610,7 @@ def _featurize_scan(
         # that cap above ours.
         "spark.sql.files.minPartitionNum": "1",
     }
+    logger.debug("featurize: file splits %s", packing)
     with session_conf(spark, packing):
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.

@@ -38,16 +38,19 @@ and falls back to a full pass).
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.featurize import RunReport
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RUNS_DIR",
@@ -167,14 +170,14 @@ class FeaturesTable:
 
     # ---------------------------------------------------------------- commit
 
-    def commit(self, record: Dict[str, Any], log: Callable[[str], None]) -> None:
+    def commit(self, record: Dict[str, Any]) -> None:
         """Steps 2 and 3 of the protocol for a run whose rows are in staging."""
         hadoopfs.write_text_atomic(
             self.spark, self.record_uri(record["run"]), json.dumps(record, indent=2)
         )
-        self._finish(record, log)
+        self._finish(record)
 
-    def _finish(self, record: Dict[str, Any], log: Callable[[str], None]) -> None:
+    def _finish(self, record: Dict[str, Any]) -> None:
         run = record["run"]
         if record.get("kind") == "migrate":
             for name in record["files"]:
@@ -193,12 +196,12 @@ class FeaturesTable:
                 hadoopfs.delete(self.spark, staged)
         for old in record.get("removes", []):
             if hadoopfs.delete(self.spark, self.run_uri(old)):
-                log(f"featurize: run {old} superseded by {run}: its folder is deleted")
+                logger.info(f"featurize: run {old} superseded by {run}: its folder is deleted")
         staging = f"{self.uri}/{STAGING_DIR}"
         if hadoopfs.exists(self.spark, staging) and not hadoopfs.list_dir(self.spark, staging):
             hadoopfs.delete(self.spark, staging)
 
-    def recover(self, log: Callable[[str], None]) -> None:
+    def recover(self) -> None:
         """Roll committed runs forward and drop aborted ones (idempotent, cheap)."""
         records = self.records()
         committed = {r["run"] for r in records}
@@ -209,18 +212,22 @@ class FeaturesTable:
             if rec.get("kind") == "migrate":
                 pending = any(hadoopfs.exists(self.spark, f"{self.uri}/{n}") for n in rec["files"])
             if pending:
-                log(f"featurize: finishing the commit of run {rec['run']} (a run died after it)")
-                self._finish(rec, log)
+                logger.info(
+                    f"featurize: finishing the commit of run {rec['run']} (a run died after it)"
+                )
+                self._finish(rec)
         for name, _dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}"):
             if name.startswith(".") and name.endswith(".tmp"):  # a record never renamed in
                 hadoopfs.delete(self.spark, f"{self.uri}/{RUNS_DIR}/{name}")
         for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{STAGING_DIR}"):
             run = name[len(RUN_PREFIX) :] if name.startswith(RUN_PREFIX) else None
             if is_dir and run not in committed:
-                log(f"featurize: deleting {STAGING_DIR}/{name}, left by a run that did not commit")
+                logger.info(
+                    f"featurize: deleting {STAGING_DIR}/{name}, left by a run that did not commit"
+                )
                 hadoopfs.delete(self.spark, f"{self.uri}/{STAGING_DIR}/{name}")
 
-    def migrate_flat(self, log: Callable[[str], None]) -> Optional[str]:
+    def migrate_flat(self) -> Optional[str]:
         """Move a plain ``featurize`` output's files into a first run (no rewrite).
 
         The record, listing the files, is written first: a move that dies half-way
@@ -245,9 +252,9 @@ class FeaturesTable:
             "model": self.model(),
             "removes": [],
         }
-        self.commit(record, log)
+        self.commit(record)
         hadoopfs.delete(self.spark, f"{self.uri}/_SUCCESS")
-        log(f"featurize: {len(files)} files of a plain featurize moved into run {run}")
+        logger.info(f"featurize: {len(files)} files of a plain featurize moved into run {run}")
         return run
 
     # ---------------------------------------------------------------- reading
@@ -329,7 +336,6 @@ def featurize_incremental(
     batch_size: Optional[int] = None,
     partitions: Optional[int] = None,
     prune: bool = False,
-    log=None,
     engine: Optional[str] = None,
 ) -> IncrementalReport:
     """Featurize only the images not yet in ``output_path`` (or changed since).
@@ -346,7 +352,6 @@ def featurize_incremental(
     weights, alpha, batch_size, partitions, engine
         As :func:`stages.featurize.featurize`.
     prune : bool
-    log : callable, optional
 
     Returns
     -------
@@ -370,7 +375,6 @@ def featurize_incremental(
     )
     from stages.sparkutil import session_conf
 
-    log = log or (lambda msg: None)
     engine = engine or default_engine()
     if batch_size is None:
         batch_size = DEFAULT_BATCH.get(engine, 64)
@@ -389,15 +393,15 @@ def featurize_incremental(
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
     table = FeaturesTable(spark, output_path)
-    spec, weight_arrays = prepare_model(weights, alpha, engine, log)
+    spec, weight_arrays = prepare_model(weights, alpha, engine)
     fresh = not hadoopfs.has_data(spark, output_path)
     if not fresh:
-        table.recover(log)
+        table.recover()
         fresh = not table.records() and not table.flat_files()
         if not fresh:
             check_same_model(table.model(), spec, f"features {output_path}")
         if table.flat_files():
-            table.migrate_flat(log)
+            table.migrate_flat()
     records = table.records()
     live = table.live_runs(records)
     written_ms = {r["run"]: r.get("written_ms") for r in records}
@@ -523,13 +527,13 @@ def featurize_incremental(
             int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
         )
         n_read = todo_n - n_empty_todo
-        log(
+        logger.info(
             f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
             f"{n_listed - todo_n} already featurized"
             + (f", {n_pruned} rows to prune" if prune else "")
         )
         if todo_n == 0 and n_pruned == 0:
-            log(f"featurize: nothing new for {output_path}: no run written")
+            logger.info(f"featurize: nothing new for {output_path}: no run written")
             seconds = time.perf_counter() - t0
             return IncrementalReport(
                 input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds
@@ -582,7 +586,7 @@ def featurize_incremental(
         schema = incremental_schema(spec)
         out = out.select(*[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema])
         staged = table.staging_uri(run)
-        log(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
+        logger.info(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
         with session_conf(spark, frame.settings if frame is not None else {}):
             out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(staged)
         images_done = (frame.images if frame is not None else 0) + n_empty_todo
@@ -605,7 +609,7 @@ def featurize_incremental(
             "model": spec.to_dict(),
             "removes": superseded,
         }
-        table.commit(record, log)
+        table.commit(record)
     finally:
         planning.close()
         plan.unpersist()
@@ -625,7 +629,7 @@ def featurize_incremental(
         scan,
         superseded,
     )
-    log(
+    logger.info(
         f"featurize: committed run {run}: {report.images} images featurized "
         f"({report.errors} errors), {report.pruned} pruned, {report.carried} rows carried over, "
         f"in {seconds:.1f} s"

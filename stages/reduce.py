@@ -24,6 +24,7 @@ Data flow (the features are read once):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Optional
@@ -40,6 +41,8 @@ from stages.outputs import atomic_output, check_disjoint
 from stages.pca_model import PCAModel
 from stages.sparkutil import SetAccumulator
 from stages.update import feature_file_keys
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
 
@@ -248,7 +251,6 @@ def reduce_features(
     variance: Optional[float] = None,
     check: Optional[str] = None,
     overwrite: bool = False,
-    log=None,
     featurize_report: Optional[Dict[str, Any]] = None,
     index: bool = True,
 ) -> Dict[str, Any]:
@@ -267,7 +269,6 @@ def reduce_features(
     check : {"spark-ml"}, optional
         Also fit Spark ML ``StandardScaler + PCA`` and record the agreement.
     overwrite : bool
-    log : callable, optional
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
     index : bool
@@ -278,7 +279,6 @@ def reduce_features(
     UsageError
         Bad arguments or features; nothing is written then.
     """
-    log = log or (lambda msg: None)
     if k is not None and variance is not None:
         raise UsageError("give --k or --variance, not both")
     if k is None and variance is None:
@@ -290,13 +290,13 @@ def reduce_features(
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target:
         summary = _reduce(
-            spark, features, results, target, k, variance, check, log, featurize_report, index
+            spark, features, results, target, k, variance, check, featurize_report, index
         )
-    log(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+    logger.info(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
     return summary
 
 
-def _reduce(spark, features, results, target, k, variance, check, log, featurize_report, index):
+def _reduce(spark, features, results, target, k, variance, check, featurize_report, index):
     """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
     matrix, info, handle = read_feature_matrix(spark, features)
@@ -325,7 +325,9 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
                 f"features {features} have {moments.n} usable rows "
                 f"({info['error_rows']} error rows): a PCA needs at least 2; featurize more images"
             )
-        log(f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)")
+        logger.info(
+            f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)"
+        )
         fit = fit_pca_from_moments(moments, k=k, variance=variance)
         rank = min(moments.n - 1, int(np.count_nonzero(fit.std > 0)))
         if k is not None and k > rank:
@@ -336,7 +338,7 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
             )
         t_fit = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
-        log(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
+        logger.info(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
 
         with matrix.project(fit.projection_matrix(), fit.mean) as projected:
             write_projections(spark, projected, target.rstrip("/") + "/projections")
@@ -378,12 +380,12 @@ def _reduce(spark, features, results, target, k, variance, check, log, featurize
         summary["featurize"] = featurize_report
         summary["timings_s"]["featurize"] = featurize_report.get("seconds")
     if check == "spark-ml":
-        log("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
+        logger.info("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
         summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
     if index:
         from stages.search import build_index
 
-        summary["index"] = build_index(spark, target, log=log)
+        summary["index"] = build_index(spark, target)
     hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
     return summary
 

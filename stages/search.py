@@ -23,16 +23,19 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXACT_MAX_ELEMENTS",
@@ -312,7 +315,7 @@ def build_index_files(
     return files
 
 
-def _thumbnail_column(spark, proj, log):
+def _thumbnail_column(spark, proj):
     """``proj`` (path, label, pca) with a ``thumb`` column, read by Spark from the images."""
     from pyspark.sql import functions as F
 
@@ -321,7 +324,9 @@ def _thumbnail_column(spark, proj, log):
     parents = sorted({posixpath.dirname(r.path) for r in proj.select("path").collect()})
     readable = [p for p in parents if hadoopfs.exists(spark, p)]
     if len(readable) < len(parents):
-        log(f"index: {len(parents) - len(readable)} image folder(s) gone: no thumbnails there")
+        logger.warning(
+            f"index: {len(parents) - len(readable)} image folder(s) gone: no thumbnails there"
+        )
     if not readable:
         return proj.withColumn("thumb", F.lit(None).cast("binary"))
 
@@ -337,7 +342,7 @@ def _thumbnail_column(spark, proj, log):
     return proj.join(images, "path", "left")
 
 
-def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+def build_index(spark, results: str) -> Dict[str, Any]:
     """Build ``RESULTS/index/`` from ``RESULTS/projections`` and ``RESULTS/pca_model``.
 
     Written beside, then swapped in (:func:`stages.outputs.atomic_output`): a failed
@@ -346,7 +351,6 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
     from stages import hadoopfs
     from stages.outputs import atomic_output
 
-    log = log or (lambda msg: None)
     base = results.rstrip("/")
     if not hadoopfs.exists(spark, f"{base}/projections") or not hadoopfs.exists(
         spark, f"{base}/pca_model/model.json"
@@ -358,14 +362,16 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
     arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
     model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
     proj = spark.read.parquet(f"{base}/projections")
-    pdf = _thumbnail_column(spark, proj, log).orderBy("path").toPandas()
+    pdf = _thumbnail_column(spark, proj).orderBy("path").toPandas()
     if len(pdf) == 0:
         raise UsageError(f"{results}/projections has no rows: nothing to index")
     vectors = np.stack(pdf["pca"].to_numpy()).astype(np.float32)
     thumbs = [None if t is None else bytes(t) for t in pdf["thumb"]]
     missing = sum(t is None for t in thumbs)
     if missing:
-        log(f"index: {missing} of {len(thumbs)} images have no thumbnail (unreadable or gone)")
+        logger.warning(
+            f"index: {missing} of {len(thumbs)} images have no thumbnail (unreadable or gone)"
+        )
     files = build_index_files(
         pdf["path"].tolist(),
         pdf["label"].tolist(),
@@ -379,7 +385,7 @@ def build_index(spark, results: str, log: Optional[Callable[[str], None]] = None
         for name in sorted(files, key=lambda n: n == "index.json"):
             hadoopfs.write_bytes(spark, f"{target}/{name}", files[name])
     meta = json.loads(files["index.json"])
-    log(
+    logger.info(
         f"index: {meta['rows']} rows, {meta['kind']} search, recall@10 {meta['recall_at_10']:.3f}, "
         f"{time.perf_counter() - t0:.1f} s"
     )

@@ -55,14 +55,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args) -> int:
-    from stages.cli import cli_session, progress_logger
+    from stages.cli import cli_session
     from stages.search import build_index
 
     local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
     if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
         raise UsageError(f"{args.results} has no projections/: give a RESULTS folder of `reduce`")
     spark = cli_session(args, "fruits-pipeline index")
-    meta = build_index(spark, args.results, log=progress_logger(args))
+    meta = build_index(spark, args.results)
     if not args.quiet:
         keys = ("rows", "dims", "kind", "recall_at_10", "no_match_distance")
         print(json.dumps({k: meta[k] for k in keys}))

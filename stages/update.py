@@ -20,13 +20,16 @@ saved model (``watch --results``).
 from __future__ import annotations
 
 import json
+import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from stages import hadoopfs
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
@@ -46,7 +49,7 @@ def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) ->
     return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
 
 
-def _swap_in(spark, results: str, tmp: str, log: Callable[[str], None]) -> None:
+def _swap_in(spark, results: str, tmp: str) -> None:
     for part in _PARTS:
         src, dst = f"{tmp}/{part}", f"{results}/{part}"
         if hadoopfs.exists(spark, src):
@@ -63,7 +66,6 @@ def update_reduce(
     k: Optional[int] = None,
     variance: Optional[float] = None,
     check: Optional[str] = None,
-    log=None,
 ) -> Dict[str, Any]:
     """Update ``results`` with the feature rows added since its model was fitted.
 
@@ -74,7 +76,6 @@ def update_reduce(
     k, variance : optional
         A new choice of components; default: the one the model was fitted with.
     check : {"spark-ml"}, optional
-    log : callable, optional
 
     Returns
     -------
@@ -92,7 +93,6 @@ def update_reduce(
     from stages.pca_model import PCAModel
     from stages.reduce import read_feature_matrix, reduce_features, write_projections
 
-    log = log or (lambda msg: None)
     if k is not None and variance is not None:
         raise UsageError("give --k or --variance, not both")
     if k is not None and k < 1:
@@ -102,13 +102,11 @@ def update_reduce(
     results = results.rstrip("/")
     tmp = f"{results}/_update"
     if hadoopfs.exists(spark, f"{tmp}/_READY"):
-        log("reduce --update: finishing the swap of an update that died during it")
-        _swap_in(spark, results, tmp, log)
+        logger.info("reduce --update: finishing the swap of an update that died during it")
+        _swap_in(spark, results, tmp)
     if not hadoopfs.has_data(spark, results):
-        log(f"reduce --update: {results} does not exist yet: a full reduce creates it")
-        summary = reduce_features(
-            spark, features, results, k=k, variance=variance, check=check, log=log
-        )
+        logger.info(f"reduce --update: {results} does not exist yet: a full reduce creates it")
+        summary = reduce_features(spark, features, results, k=k, variance=variance, check=check)
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
     if not hadoopfs.exists(spark, f"{results}/pca_model"):
@@ -128,7 +126,7 @@ def update_reduce(
         from stages.incremental import RUN_PREFIX, FeaturesTable
 
         table = FeaturesTable(spark, features)
-        table.recover(log)
+        table.recover()
         # A plain featurize's files moved, unchanged, into the first run: same rows.
         for rec in table.records():
             if rec.get("kind") == "migrate":
@@ -154,11 +152,11 @@ def update_reduce(
             f"{len(gone)} feature files the model covered are gone (rows replaced or pruned): "
             "subtracting their moments is not exact, so this is a full pass"
         )
-        log(f"reduce --update: {reason}")
-        summary = reduce_features(spark, features, tmp, check=check, log=log, **requested)
+        logger.info(f"reduce --update: {reason}")
+        summary = reduce_features(spark, features, tmp, check=check, **requested)
         info_update.update({"mode": "full", "reason": reason})
     elif not new and requested == stats.get("requested"):
-        log(
+        logger.info(
             "reduce --update: no feature file added since the model was fitted: "
             f"{results} is current"
         )
@@ -195,7 +193,7 @@ def update_reduce(
             new_errors = new_rows - (added.n if added is not None else 0)
         merged = model.moments if added is None else merge_moments(model.moments, added)
         t_stats = time.perf_counter()
-        log(
+        logger.info(
             f"reduce --update: {len(new)} new feature files, {new_rows} rows "
             f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
         )
@@ -222,7 +220,9 @@ def update_reduce(
         new_model.save(spark, tmp)
         t_write = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
-        log(f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance")
+        logger.info(
+            f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance"
+        )
         summary = {
             "features": features,
             "results": results,
@@ -255,11 +255,11 @@ def update_reduce(
         # whose cost grows with the bucket, not with what is new.
         from stages.search import build_index
 
-        summary["index"] = build_index(spark, tmp, log=log)
+        summary["index"] = build_index(spark, tmp)
     hadoopfs.write_text(spark, f"{tmp}/summary.json", json.dumps(summary, indent=2))
     hadoopfs.write_text(spark, f"{tmp}/_READY", "")
-    _swap_in(spark, results, tmp, log)
-    log(
+    _swap_in(spark, results, tmp)
+    logger.info(
         f"reduce --update: wrote {results} in {info_update['seconds']:.1f} s "
         f"({info_update['mode']})"
     )
@@ -321,7 +321,7 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     return int(spark.read.parquet(final).count())
 
 
-def project_pending(spark, table, model, results: str, log: Callable[[str], None]) -> int:
+def project_pending(spark, table, model, results: str) -> int:
     """Project the live runs the model neither covers nor has projected yet (a watch
     that died between a run's commit and its projection)."""
     covered = set(model.statistics.get("files", []))
@@ -332,6 +332,6 @@ def project_pending(spark, table, model, results: str, log: Callable[[str], None
         if names and not names <= covered:
             n = project_run(spark, table, run, model, results)
             if n:
-                log(f"watch: run {run}: {n} rows projected (left over by a previous watch)")
+                logger.info(f"watch: run {run}: {n} rows projected (left over by a previous watch)")
                 done += n
     return done

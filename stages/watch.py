@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from stages.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["WatchOptions", "add_watch_options", "watch", "watch_options_from_args"]
 
@@ -133,14 +136,13 @@ def watch_options_from_args(args) -> WatchOptions:
 class _Sink:
     """The ``foreachBatch`` function: one committed run per non-empty micro-batch."""
 
-    def __init__(self, spark, input_path, table, spec, weights, opts: WatchOptions, model, log):
+    def __init__(self, spark, input_path, table, spec, weights, opts: WatchOptions, model):
         self.spark = spark
         self.input = input_path
         self.table = table
         self.spec = spec
         self.opts = opts
         self.model = model
-        self.log = log
         self.bc = spark.sparkContext.broadcast(weights)
         self.weights = weights
         self.query_id: Optional[str] = None
@@ -166,7 +168,7 @@ class _Sink:
         t0 = time.time()
         if batch_id in self.done:
             self.totals["skipped_batches"] += 1
-            self.log(f"watch: batch {batch_id} was committed before a restart: skipped")
+            logger.info(f"watch: batch {batch_id} was committed before a restart: skipped")
             return
         table = self.table
         spark = self.spark
@@ -178,7 +180,7 @@ class _Sink:
         todo_rows = [r for r in meta if r[0] not in known and r[0] not in self.committed]
         self.totals["batches"] += 1
         if not todo_rows:
-            self.log(f"watch: batch {batch_id}: 0 new images")
+            logger.info(f"watch: batch {batch_id}: 0 new images")
             return
         run = new_run_id()
         started = now_iso()
@@ -219,7 +221,7 @@ class _Sink:
             "model": self.spec.to_dict(),
             "removes": [],
         }
-        table.commit(record, self.log)
+        table.commit(record)
         self.done.add(batch_id)
         self.committed.update(r[0] for r in todo_rows)
         t1 = time.time()
@@ -233,14 +235,14 @@ class _Sink:
 
             rows = project_run(spark, table, run, self.model, self.opts.results)
             projected = f", {rows} projected"
-        self.log(
+        logger.info(
             f"watch: batch {batch_id}: {frame.images} new images ({frame.errors} errors) "
             f"in run {run}, {frame.images / max(t1 - t0, 1e-9):.1f} img/s, "
             f"lag {t1 - oldest:.1f} s from the oldest file landing{projected}"
         )
 
 
-def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -> Dict[str, Any]:
+def watch(spark, input_path: str, features: str, opts: WatchOptions) -> Dict[str, Any]:
     """Run the streaming query until it stops (``available_now``, ``stop_after``, Ctrl-C).
 
     Parameters
@@ -251,8 +253,6 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
     features : str
         The features table (:mod:`stages.incremental` layout).
     opts : WatchOptions
-    log : callable, optional
-        One line per micro-batch.
 
     Returns
     -------
@@ -270,7 +270,6 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
     from stages.incremental import FeaturesTable, check_same_model
     from stages.model import model_identity
 
-    log = log or (lambda msg: None)
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, features):
@@ -278,14 +277,14 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
     engine = opts.engine or default_engine()
     if opts.batch_size is None:
         opts = dataclasses.replace(opts, batch_size=DEFAULT_BATCH.get(engine, 64))
-    spec, weights = prepare_model(opts.weights, opts.alpha, engine, log)
+    spec, weights = prepare_model(opts.weights, opts.alpha, engine)
     table = FeaturesTable(spark, features)
     if hadoopfs.has_data(spark, features):
-        table.recover(log)
+        table.recover()
         if table.records() or table.flat_files():
             check_same_model(table.model(), spec, f"features {features}")
         if table.flat_files():
-            table.migrate_flat(log)
+            table.migrate_flat()
     model = None
     if opts.results:
         from stages.pca_model import PCAModel
@@ -302,10 +301,10 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
             )
         from stages.update import project_pending
 
-        project_pending(spark, table, model, opts.results, log)
+        project_pending(spark, table, model, opts.results)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
 
-    sink = _Sink(spark, input_path, table, spec, weights, opts, model, log)
+    sink = _Sink(spark, input_path, table, spec, weights, opts, model)
     schema = "path string, modificationTime timestamp, length long, content binary"
     reader = (
         spark.readStream.format("binaryFile")
@@ -331,14 +330,16 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
     sink.known = table.read_runs(table.live_runs(), spec).select("path").cache()
     sink.started.set()
     mode = "available-now" if opts.available_now else f"every {opts.trigger_seconds:g} s"
-    log(f"watch: query {sink.query_id} on {input_path} -> {features} ({mode}), {checkpoint}")
+    logger.info(
+        f"watch: query {sink.query_id} on {input_path} -> {features} ({mode}), {checkpoint}"
+    )
     try:
         if opts.stop_after is not None:
             query.awaitTermination(opts.stop_after)
         else:
             query.awaitTermination()
     except KeyboardInterrupt:
-        log("watch: interrupted: stopping the query (the checkpoint keeps its place)")
+        logger.info("watch: interrupted: stopping the query (the checkpoint keeps its place)")
     finally:
         query.stop()
         sink.bc.unpersist()

@@ -8,6 +8,7 @@ itself is tested by setting a step's state in moto's backend.
 from __future__ import annotations
 
 import json
+import logging
 
 import boto3
 import pytest
@@ -476,9 +477,9 @@ def test_submit_to_an_unknown_cluster(eu_bucket, capsys):
 def test_submit_waits_and_reports_a_failed_step(cluster_id, emr_eu, monkeypatch, capsys):
     real_wait = emr.wait_step
 
-    def fail_then_wait(client, cluster, step_id, log=None, **kw):
+    def fail_then_wait(client, cluster, step_id, **kw):
         _moto_step(cluster, step_id).state = "FAILED"
-        return real_wait(client, cluster, step_id, log, delay=0)
+        return real_wait(client, cluster, step_id, delay=0)
 
     monkeypatch.setattr(emr, "wait_step", fail_then_wait)
     argv = ["emr", "submit", cluster_id, "featurize", "s3://fruits-eu/Test/", "s3://fruits-eu/F/"]
@@ -504,15 +505,15 @@ def test_wait_step_returns_when_the_step_completes(cluster_id, emr_eu):
     assert status["name"] == "fruits-pipeline featurize"
 
 
-def test_wait_step_gives_up_after_max_wait_with_a_progress_line(cluster_id, emr_eu):
+def test_wait_step_gives_up_after_max_wait_with_a_progress_line(cluster_id, emr_eu, caplog):
     step = spec.stage_step(
         "reduce", "s3://fruits-eu/F/", "s3://fruits-eu/R/", "s3://fruits-eu/code/v/"
     )
     step_id = emr.add_step(emr_eu, cluster_id, step)
-    lines = []
-    status = emr.wait_step(
-        emr_eu, cluster_id, step_id, lines.append, delay=0, max_wait_s=0, round_s=2
-    )
+    caplog.set_level(logging.INFO, logger="cluster.emr")
+    caplog.clear()  # add_step's line
+    status = emr.wait_step(emr_eu, cluster_id, step_id, delay=0, max_wait_s=0, round_s=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cluster.emr"]
     assert status["state"] == "RUNNING"
     assert lines[0].startswith(f"emr: waiting for step {step_id}")
     assert lines[-1].startswith(f"emr: step {step_id} RUNNING after")
@@ -550,7 +551,7 @@ def test_run_no_wait_starts_a_self_terminating_cluster_with_both_steps(eu_bucket
 def test_run_waits_for_both_steps_then_terminates(eu_bucket, emr_eu, monkeypatch, capsys):
     waited = []
 
-    def complete(client, cluster, step_id, log=None, **kw):
+    def complete(client, cluster, step_id, **kw):
         waited.append(step_id)
         _moto_step(cluster, step_id).state = "COMPLETED"
         return emr.step_status(client, cluster, step_id)
@@ -566,7 +567,7 @@ def test_run_waits_for_both_steps_then_terminates(eu_bucket, emr_eu, monkeypatch
 
 
 def test_run_stops_waiting_after_a_failed_featurize(eu_bucket, monkeypatch, capsys):
-    def fail(client, cluster, step_id, log=None, **kw):
+    def fail(client, cluster, step_id, **kw):
         _moto_step(cluster, step_id).state = "FAILED"
         return emr.step_status(client, cluster, step_id)
 
@@ -579,9 +580,7 @@ def test_run_stops_waiting_after_a_failed_featurize(eu_bucket, monkeypatch, caps
 
 
 def test_run_that_stops_waiting_leaves_the_cluster_running(eu_bucket, emr_eu, monkeypatch, capsys):
-    monkeypatch.setattr(
-        emr, "wait_step", lambda c, cl, sid, log=None, **kw: emr.step_status(c, cl, sid)
-    )
+    monkeypatch.setattr(emr, "wait_step", lambda c, cl, sid, **kw: emr.step_status(c, cl, sid))
     argv = ["emr", "run", "s3://fruits-eu/Test/", "s3://fruits-eu/Results/"]
     assert main(argv) == 1
     captured = capsys.readouterr()

@@ -158,6 +158,57 @@ def test_quiet_is_accepted_at_each_level(capsys, argv):
     assert json.loads(captured.out)["ReleaseLabel"] == spec.RELEASE_LABEL
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["emr", "-v", "plan", "--bucket", "fruits-eu"],
+        ["emr", "plan", "--verbose", "--bucket", "fruits-eu"],
+    ],
+)
+def test_verbose_adds_detail_lines_and_keeps_the_output(capsys, argv):
+    _eu_bucket()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert "guard: bucket fruits-eu is in eu-west-3: in the EU" in err  # a DEBUG line
+    assert err[0].startswith("fruits-pipeline emr ")  # the argv and the log file's path
+    assert any(line.startswith("emr plan: 3 x m5.large in eu-west-3") for line in err)
+    assert not any("botocore" in line or "DEBUG" in line for line in err), err  # no flood
+    assert json.loads(captured.out)["ReleaseLabel"] == spec.RELEASE_LABEL
+
+
+def test_default_shows_progress_not_detail(capsys):
+    _eu_bucket()
+    assert main(["emr", "plan", "--bucket", "fruits-eu"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("emr plan: 3 x m5.large in eu-west-3"), err
+
+
+def test_the_run_log_file_gets_every_line_even_when_quiet(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FRUITS_LOG_DIR", str(tmp_path))
+    _eu_bucket()
+    assert main(["emr", "plan", "--quiet", "--bucket", "fruits-eu"]) == 0
+    assert capsys.readouterr().err == ""
+    (log,) = tmp_path.glob("fruits-pipeline-*.log")
+    lines = log.read_text(encoding="utf-8").splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}"
+    first = r" DEBUG stages\.cli: fruits-pipeline emr plan --quiet .+"
+    assert re.fullmatch(stamp + first, lines[0]), lines
+    assert any(
+        re.fullmatch(stamp + r" DEBUG cluster\.guard: guard: bucket fruits-eu is in eu-west-3.*", x)
+        for x in lines
+    ), lines
+    assert any(
+        re.fullmatch(stamp + r" INFO cluster\.cli: emr plan: 3 x m5\.large in eu-west-3.*", x)
+        for x in lines
+    ), lines
+
+
+def test_quiet_and_verbose_together_are_one_line_exit_2(capsys):
+    assert main(["emr", "plan", "--quiet", "-v", "--bucket", "fruits-eu"]) == 2
+    assert "--quiet and -v contradict each other" in _one_line(capsys)
+
+
 def test_every_added_parser_accepts_quiet():
     parser = build_parser()
     for argv in (
@@ -182,6 +233,8 @@ def test_every_added_parser_accepts_quiet():
         args = parser.parse_args(argv)
         assert args.quiet is True, argv
         assert callable(args.func)
+        verbose = parser.parse_args([a if a != "--quiet" else "-v" for a in argv])
+        assert (verbose.quiet, verbose.verbose) == (False, 1), argv
 
 
 def test_help_lists_the_aws_commands():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -91,10 +92,11 @@ def test_litert_featurizer_is_batch_independent():
 
 @pytest.mark.slow
 def test_conversion_is_cached_by_weights_alpha_and_converter(
-    tflite_cache, monkeypatch, fresh_prepared
+    tflite_cache, monkeypatch, fresh_prepared, caplog
 ):
-    lines = []
-    spec, data = engine.prepare_model("random:5", 0.35, "litert", log=lines.append)
+    caplog.set_level(logging.INFO, logger="stages.engine")
+    spec, data = engine.prepare_model("random:5", 0.35, "litert")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert spec.engine == "litert" and len(lines) == 1 and "converting" in lines[0]
     cached = list((tflite_cache / "tflite").glob(f"{spec.weights_sha256}-alpha0.35-tf*.tflite"))
     assert len(cached) == 1 and cached[0].read_bytes() == data
@@ -105,8 +107,10 @@ def test_conversion_is_cached_by_weights_alpha_and_converter(
     # A second run (a new driver: no memo) reads the cache.
     monkeypatch.setattr(engine, "_PREPARED", {})
     monkeypatch.setattr(engine, "convert_to_tflite", no_conversion)
-    again, data2 = engine.prepare_model("random:5", 0.35, "litert", log=lines.append)
-    assert data2 == data and again.weights_sha256 == spec.weights_sha256 and len(lines) == 1
+    caplog.clear()
+    again, data2 = engine.prepare_model("random:5", 0.35, "litert")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert data2 == data and again.weights_sha256 == spec.weights_sha256 and lines == []
     # A damaged cache entry is converted again, not used.
     cached[0].write_bytes(data[:1000])
     monkeypatch.setattr(engine, "_PREPARED", {})
