@@ -74,6 +74,9 @@ def test_notebook_runs_the_chain_on_the_sample(tmp_path, monkeypatch):
     assert got == {"rows": "100", "error_rows": "0", "k": "10", "points": "100", "classes": "10"}
     assert (summary["rows"], summary["k"], summary["features"]) == (100, 10, str(features))
     assert summary["featurize"]["images"] == 100
+    # The stages' progress lines reach the cells' output (the notebook configures logging).
+    assert re.search(r"^featurize: wrote 100 rows \(0 errors\)", out, re.M)
+    assert re.search(r"^reduce: k=10 components explain", out, re.M)
     assert diff < 1e-3  # the saved model reproduces the projections of the photos
     # explained variance, PC1 x PC2: each once, from the %matplot cells only (Agg backend)
     assert len(matplot) == 2

@@ -443,6 +443,12 @@ def test_cli_report_default_out(results_dir, tmp_path, capsys):
     assert code == 0
     assert err.strip() == f"report: {results}/report.html"
     assert Page((results / "report.html").read_text(encoding="utf-8")).table("classes")
+    assert main(["report", str(results), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert main(["report", str(results), "-v"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"fruits-pipeline report {results} -v (log file ")  # DEBUG
+    assert err[1:] == [f"report: {results}/report.html"]
 
 
 @pytest.mark.slow

@@ -266,8 +266,16 @@ def test_similar_json_and_text(sample_left_out, sample_engine, capsys):
 def test_index_command_rebuilds_and_a_stale_index_is_refused(spark, sample_left_out, capsys):
     results, left = sample_left_out
     before = (results / "index" / "index.json").read_text()
+    capsys.readouterr()
     assert main(["index", str(results), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")  # no progress, no JSON line
     assert json.loads((results / "index" / "index.json").read_text())["rows"] == 90
+    assert main(["index", str(results), "-v"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert json.loads(captured.out)["rows"] == 90
+    assert any(line.startswith("index: 90 rows, ") for line in err), err  # progress
+    assert any(line.startswith("spark: fruits-pipeline index, master ") for line in err), err
     assert (
         json.loads(before)["pca_arrays_sha256"]
         == json.loads((results / "index" / "index.json").read_text())["pca_arrays_sha256"]
