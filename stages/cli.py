@@ -20,7 +20,7 @@ from typing import List, Optional
 from stages.errors import EXIT_USAGE, UsageError, explain
 
 PROG = "fruits-pipeline"
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("stages.cli")  # not __name__: `python -m stages.cli` runs it as __main__
 _KEEP_LOGS = 50  # a folder of logs that grows without end would be the next bug report
 
 
@@ -287,7 +287,8 @@ def cli_session(args, app: str):
         conf.update(s3a_conf())
     conf.update(dict(getattr(args, "conf", None) or []))
     # Keys only: a --conf value may be a secret (an S3 key), and the log file stays.
-    logger.debug("spark: %s, master %s, settings %s", app, args.master, ", ".join(sorted(conf)))
+    master = args.master or "default"
+    logger.debug("spark: %s, master %s, settings %s", app, master, ", ".join(sorted(conf)))
     return spark_session(
         app,
         master=args.master,

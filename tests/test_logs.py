@@ -149,3 +149,22 @@ def test_an_unwritable_log_file_does_not_stop_the_run(tmp_path, capsys):
     configure_logging(0, str(tmp_path))  # a folder: cannot be opened as a file
     STAGE.info("featurize: wrote 3 rows")
     assert capsys.readouterr().err == "featurize: wrote 3 rows\n"
+
+
+def test_python_dash_m_stages_cli_logs_under_the_same_names(tmp_path):
+    # Run as __main__, the CLI module must still log as stages.cli (else -v shows nothing).
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FRUITS_LOG_DIR=str(tmp_path))
+    argv = [sys.executable, "-m", "stages.cli", "emr", "policy", "--bucket", "fruits-eu", "-v"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["Version"] == "2012-10-17"  # the output, on stdout
+    assert proc.stderr.startswith("fruits-pipeline emr policy --bucket fruits-eu -v (log file ")
+    (log,) = tmp_path.glob("fruits-pipeline-*.log")
+    assert " DEBUG stages.cli: fruits-pipeline emr policy " in log.read_text(encoding="utf-8")
