@@ -3,7 +3,9 @@
 Every failure prints one line, ``fruits-pipeline: error: ...``, saying what is wrong
 and how to fix it: exit code 2 for a bad argument or input, 1 for a run that failed.
 The full trace (Python and Java) goes to a log file whose path that line gives, and
-to the console only with ``--debug``.
+to the console only with ``--debug``.  Progress lines are ``logging`` records, set up
+once here (:func:`stages.logs.configure_logging`): ``--quiet`` hides them, ``-v`` adds
+the detail, and the log file gets them all.
 """
 
 from __future__ import annotations
