@@ -34,10 +34,10 @@ import numpy as np
 from linalg.distributed import KeyedBlock, KeyedRowMatrix
 from linalg.kernels import fit_pca_from_moments, pca_answer_problems
 from stages import hadoopfs
-from stages.contract import METADATA_KEY
+from stages.contract import METADATA_KEY, model_identity
 from stages.errors import UsageError
-from stages.model import model_identity
 from stages.outputs import atomic_output, check_disjoint
+from stages.params import ReduceParams
 from stages.pca_model import PCAModel
 from stages.sparkutil import SetAccumulator
 from stages.update import feature_file_keys
@@ -247,12 +247,10 @@ def reduce_features(
     spark,
     features: str,
     results: str,
-    k: Optional[int] = None,
-    variance: Optional[float] = None,
-    check: Optional[str] = None,
-    overwrite: bool = False,
+    params: Optional[ReduceParams] = None,
     featurize_report: Optional[Dict[str, Any]] = None,
     index: bool = True,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Run stage 2 and return the summary written to ``RESULTS/summary.json``.
 
@@ -263,30 +261,32 @@ def reduce_features(
         Features Parquet (stage 1 output).
     results : str
         Output folder or URI.
-    k : int, optional
-        Components; else ``variance`` picks the smallest k reaching that share.
-    variance : float, optional
-    check : {"spark-ml"}, optional
-        Also fit Spark ML ``StandardScaler + PCA`` and record the agreement.
-    overwrite : bool
+    params : ReduceParams, optional
+        The options of ``fruits-pipeline reduce``: ``k`` components, else the
+        smallest k reaching ``variance`` (0.95 when neither is given); ``check``
+        ("spark-ml": also fit Spark ML ``StandardScaler + PCA`` and record the
+        agreement); ``update`` (:func:`stages.update.update_reduce`); ``overwrite``.
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
     index : bool
         Also build ``RESULTS/index/`` (:func:`stages.search.build_index`).
+    **options
+        Fields of :class:`~stages.params.ReduceParams` given one by one:
+        ``reduce_features(spark, f, r, k=5)``.
 
     Raises
     ------
     UsageError
         Bad arguments or features; nothing is written then.
     """
-    if k is not None and variance is not None:
-        raise UsageError("give --k or --variance, not both")
-    if k is None and variance is None:
-        variance = 0.95
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
+    params = ReduceParams.of(params, **options)
+    if params.update:
+        from stages.update import update_reduce
+
+        return update_reduce(spark, features, results, params)
+    k, variance, check, overwrite = (
+        params.k, params.target_variance, params.check, params.overwrite
+    )  # fmt: skip
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target:
         summary = _reduce(

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXACT_MAX_ELEMENTS",
     "MAX_UPLOAD_BYTES",
+    "TOP_MAX",
     "BadImage",
     "VectorIndex",
     "SearchIndex",
@@ -50,6 +51,8 @@ __all__ = [
     "make_thumbnail",
     "vote",
 ]
+
+TOP_MAX = 50  # the most matches one query returns (CLI and app)
 
 INDEX_DIR = "index"
 FORMAT = 1

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from stages import hadoopfs
 from stages.errors import UsageError
+from stages.params import ReduceParams
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +65,8 @@ def update_reduce(
     spark,
     features: str,
     results: str,
-    k: Optional[int] = None,
-    variance: Optional[float] = None,
-    check: Optional[str] = None,
+    params: Optional[ReduceParams] = None,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Update ``results`` with the feature rows added since its model was fitted.
 
@@ -73,9 +74,11 @@ def update_reduce(
     ----------
     spark : SparkSession
     features, results : str
-    k, variance : optional
-        A new choice of components; default: the one the model was fitted with.
-    check : {"spark-ml"}, optional
+    params : ReduceParams, optional
+        ``k`` or ``variance``: a new choice of components (default: the one the
+        model was fitted with); ``check``; ``update`` is implied.
+    **options
+        Fields of :class:`~stages.params.ReduceParams` given one by one.
 
     Returns
     -------
@@ -89,16 +92,12 @@ def update_reduce(
         No saved model or statistics, bad arguments, features of another model.
     """
     from linalg.kernels import fit_pca_from_moments, merge_moments
-    from stages.model import model_identity
+    from stages.contract import model_identity
     from stages.pca_model import PCAModel
     from stages.reduce import read_feature_matrix, reduce_features, write_projections
 
-    if k is not None and variance is not None:
-        raise UsageError("give --k or --variance, not both")
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
+    params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
+    k, variance, check = params.k, params.variance, params.check
     results = results.rstrip("/")
     tmp = f"{results}/_update"
     if hadoopfs.exists(spark, f"{tmp}/_READY"):
@@ -106,7 +105,7 @@ def update_reduce(
         _swap_in(spark, results, tmp)
     if not hadoopfs.has_data(spark, results):
         logger.info(f"reduce --update: {results} does not exist yet: a full reduce creates it")
-        summary = reduce_features(spark, features, results, k=k, variance=variance, check=check)
+        summary = reduce_features(spark, features, results, replace(params, update=False))
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
     if not hadoopfs.exists(spark, f"{results}/pca_model"):
