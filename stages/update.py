@@ -21,29 +21,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
 from stages import hadoopfs
 from stages.errors import UsageError
+from stages.feature_matrix import feature_file_keys
 
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
 _PARTS = ("projections", "pca_model", "index", "summary.json")
-
-
-def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) -> Dict[str, str]:
-    """``{path relative to features: uri}`` of its Parquet files (what a model covers).
-
-    Spark names every file it writes with a per-job UUID and a run's files never
-    change once committed, so a relative path names the same rows for good.
-    """
-    if uris is None:
-        uris = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-    fs, path = hadoopfs._fs_and_path(spark, features)
-    root = fs.makeQualified(path).toString().rstrip("/") + "/"
-    return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
 
 
 def _swap_in(spark, results: str, tmp: str, log: Callable[[str], None]) -> None:
@@ -87,10 +75,12 @@ def update_reduce(
     UsageError
         No saved model or statistics, bad arguments, features of another model.
     """
-    from linalg.kernels import fit_pca_from_moments, merge_moments
+    from linalg.kernels import merge_moments
+    from stages.feature_matrix import read_feature_matrix, write_projections
     from stages.model import model_identity
+    from stages.pca import PCA
     from stages.pca_model import PCAModel
-    from stages.reduce import read_feature_matrix, reduce_features, write_projections
+    from stages.reduce import reduce_features
 
     log = log or (lambda msg: None)
     if k is not None and variance is not None:
@@ -199,19 +189,10 @@ def update_reduce(
             f"reduce --update: {len(new)} new feature files, {new_rows} rows "
             f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
         )
-        fit = fit_pca_from_moments(merged, **requested)
-        t_fit = time.perf_counter()
-        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
-        try:
-            with matrix.project(fit.projection_matrix(), fit.mean) as projected:
-                write_projections(spark, projected, f"{tmp}/projections")
-        finally:
-            handle.unpersist(False)
         error_rows = int(stats.get("error_rows", 0)) + new_errors
-        new_model = PCAModel(
-            fit,
+        new_model = PCA(**requested).fit_moments(
+            merged,
             model.features_model,
-            m2=merged.m2,
             statistics={
                 "files": sorted(uris),
                 "rows_total": merged.n + error_rows,
@@ -219,7 +200,15 @@ def update_reduce(
                 "requested": requested,
             },
         )
-        new_model.save(spark, tmp)
+        fit = new_model.fit
+        t_fit = time.perf_counter()
+        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
+        try:
+            with new_model.project_matrix(matrix) as projected:
+                write_projections(spark, projected, f"{tmp}/projections")
+        finally:
+            handle.unpersist(False)
+        new_model.save(tmp, spark)
         t_write = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         log(f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance")
@@ -271,7 +260,7 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place)."""
     from pyspark.sql import functions as F
 
-    from stages.reduce import PROJECTIONS_SCHEMA
+    from stages.feature_matrix import PROJECTIONS_SCHEMA
 
     results = results.rstrip("/")
     final = f"{results}/projections/watch-{run}.parquet"
