@@ -258,47 +258,14 @@ def update_reduce(
 def project_run(spark, table, run: str, model, results: str) -> int:
     """Project the usable rows of one committed run into
     ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place)."""
-    from pyspark.sql import functions as F
-
-    from stages.feature_matrix import PROJECTIONS_SCHEMA
-
     results = results.rstrip("/")
     final = f"{results}/projections/watch-{run}.parquet"
     if hadoopfs.exists(spark, final):
         return 0
-    W = model.fit.projection_matrix()
-    mean = model.fit.mean
-    d = model.fit.n_features
-
-    def project_batches(batches):
-        import pyarrow as pa
-
-        from linalg.kernels import project
-
-        for b in batches:
-            n = b.num_rows
-            X = b.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, d)
-            P = project(X, W, mean)
-            k = P.shape[1]
-            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-            yield pa.RecordBatch.from_arrays(
-                [
-                    b.column("path"),
-                    b.column("label"),
-                    pa.ListArray.from_arrays(offsets, pa.array(P.reshape(-1))),
-                ],
-                names=["path", "label", "pca"],
-            )
-
-    rows = (
-        spark.read.parquet(table.run_uri(run))
-        .where(F.col("error").isNull() & F.col("features").isNotNull())
-        .select("path", "label", "features")
-    )
     staging = f"{results}/_staging/watch-{run}"
-    rows.mapInArrow(project_batches, PROJECTIONS_SCHEMA).coalesce(1).write.mode(
-        "overwrite"
-    ).parquet(staging)
+    # The model's DataFrame transform (error rows skipped), in one file.
+    projected = model.transform(spark.read.parquet(table.run_uri(run)))
+    projected.coalesce(1).write.mode("overwrite").parquet(staging)
     parts = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
     if not parts:  # a run of error rows only: nothing to project
         hadoopfs.delete(spark, staging)
