@@ -284,7 +284,7 @@ def _spark_run(
         "img_s": report.images_per_second,
         "tasks": report.partitions,
         "model_builds": report.model_builds,
-        "workers": len(d["worker_pids"]),
+        "workers": d["python_workers"],
         "memory": sampler.result(),
         "cpu_s": sampler.cpu_seconds(),
         "machine_cpu_s": machine,

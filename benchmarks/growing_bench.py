@@ -184,14 +184,14 @@ def worker_watch(args) -> Dict[str, Any]:
     import numpy as np
 
     from stages.incremental import FeaturesTable
-    from stages.watch import WatchOptions, watch
+    from stages.watch import WatchParams, watch
 
     work = Path(args.work)
     bucket = work / "Test"
     images = _images(Path(args.images))
     _fill(bucket, images, 0, 8)  # something to start from
     spark = _session()
-    opts = WatchOptions(weights="bundled", trigger_seconds=args.trigger, stop_after=args.duration)
+    opts = WatchParams(weights="bundled", trigger=f"{args.trigger}s", stop_after=args.duration)
     out: Dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: out.update(watch(spark, str(bucket), str(work / "Features"), opts)),

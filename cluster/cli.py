@@ -20,13 +20,15 @@ code 2 before anything is created or uploaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional, Type
 
 from cluster import guard, spec
 from stages.errors import UsageError
+from stages.params import FeaturizeParams, ModelParams, ReduceParams, StageParams, WatchParams
 
 __all__ = ["register"]
 
@@ -178,64 +180,45 @@ def _options(args, bucket: Optional[str] = None) -> spec.ClusterOptions:
 # ------------------------------------------------------------------ stage options
 
 
-def _stage_adders() -> Dict[str, Callable[[argparse.ArgumentParser], None]]:
-    # The stages' own option definitions: the EMR step accepts exactly what the stage does.
-    from stages.cli import (
-        add_featurize_options,
-        add_incremental_options,
-        add_reduce_options,
-        add_update_options,
-    )
-    from stages.watch import add_watch_options
-
-    def both(*adders):
-        def add(p: argparse.ArgumentParser) -> None:
-            for adder in adders:
-                adder(p)
-
-        return add
-
-    return {
-        "featurize": both(add_featurize_options, add_incremental_options),
-        "reduce": both(add_reduce_options, add_update_options),
-        "watch": both(add_featurize_options, add_watch_options),
-    }
+_STAGE_PARAMS: Dict[str, Type[StageParams]] = {
+    "featurize": FeaturizeParams,
+    "reduce": ReduceParams,
+    "watch": WatchParams,
+}
+# On EMR the nodes have network: Keras' alpha-1.0 ImageNet weights are the real path.
+_EMR_DEFAULTS = {"weights": "imagenet"}
+_EMR_HELP = {
+    "weights": "imagenet (the default on EMR: Keras download, alpha 1.0), bundled "
+    "(alpha 0.35, copied to every node by the bootstrap), random:SEED, "
+    "or the path of a .h5 file on the nodes"
+}
 
 
-def _add_stage_options(p: argparse.ArgumentParser, stage: str) -> None:
-    _stage_adders()[stage](p)
-    if stage in ("featurize", "watch"):
-        # On EMR the nodes have network: Keras' alpha-1.0 ImageNet weights are the real path.
-        p.set_defaults(weights="imagenet")
-        for action in p._actions:
-            if action.dest == "weights":
-                action.help = (
-                    "imagenet (the default on EMR: Keras download, alpha 1.0), bundled "
-                    "(alpha 0.35, copied to every node by the bootstrap), random:SEED, "
-                    "or the path of a .h5 file on the nodes"
-                )
+def _add_stage_options(
+    p: argparse.ArgumentParser, stage: str, exclude: Collection[str] = ()
+) -> None:
+    """The stage's own options (the step accepts exactly what the stage does)."""
+    _STAGE_PARAMS[stage].add_arguments(p, exclude=exclude, defaults=_EMR_DEFAULTS, helps=_EMR_HELP)
+
+
+def _stage_params(args, stage: str) -> StageParams:
+    """The stage's parameters in ``args``: checked as the stage checks them, before a
+    step is added (a step that fails at once still costs a cluster's time)."""
+    params = _STAGE_PARAMS[stage].from_args(args)
+    if isinstance(params, ModelParams) and params.weights == "bundled":
+        params = dataclasses.replace(params, **_bundled_on_nodes(params.alpha))
+    if isinstance(params, WatchParams) and not params.available_now and params.stop_after is None:
+        raise UsageError(
+            "a watch step without --available-now or --stop-after never ends and holds "
+            "the cluster's step queue: give one of them"
+        )
+    return params
 
 
 def _stage_argv(args, stage: str) -> List[str]:
-    """The stage's options as ``spark-submit`` arguments, rebuilt from ``args``."""
-    probe = argparse.ArgumentParser(add_help=False)
-    _stage_adders()[stage](probe)
-    values = dict(vars(args))
-    if stage in ("featurize", "watch") and values.get("weights") == "bundled":
-        values.update(_bundled_on_nodes(values.get("alpha")))
-    argv: List[str] = []
-    for action in probe._actions:
-        if not action.option_strings or action.dest not in values:
-            continue
-        value = values[action.dest]
-        if action.nargs == 0:  # a flag
-            if value != action.default:  # store_true given, or store_false given
-                argv.append(action.option_strings[0])
-        elif value is not None and value != action.default:  # the node's default is the same
-            argv += [action.option_strings[0], str(value)]
-    if getattr(args, "overwrite", False):
-        argv.append("--overwrite")
-    return argv
+    """The stage's options as ``spark-submit`` arguments: those that differ from the
+    stage's defaults, which are the node's."""
+    return _stage_params(args, stage).to_argv()
 
 
 def _bundled_on_nodes(alpha: Optional[float]) -> Dict[str, Any]:
@@ -247,29 +230,6 @@ def _bundled_on_nodes(alpha: Optional[float]) -> Dict[str, Any]:
             f"--weights bundled is MobileNetV2 alpha {BUNDLED_ALPHA}, not {alpha}: drop --alpha"
         )
     return {"weights": f"{spec.NODE_WEIGHTS_DIR}/{BUNDLED_WEIGHTS.name}", "alpha": BUNDLED_ALPHA}
-
-
-def _check_growing_args(args, stage: str) -> None:
-    """The checks ``fruits-pipeline featurize/reduce/watch`` make before starting, made
-    before a step is added (a step that fails at once still costs a cluster's time)."""
-    if stage == "featurize":
-        if getattr(args, "prune", False) and not getattr(args, "incremental", False):
-            raise UsageError("--prune only works with --incremental")
-        if getattr(args, "incremental", False) and getattr(args, "overwrite", False):
-            raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
-    if stage == "reduce" and getattr(args, "update", False) and getattr(args, "overwrite", False):
-        raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
-    if stage == "watch":
-        from stages.watch import watch_options_from_args
-
-        if getattr(args, "overwrite", False):
-            raise UsageError("watch adds to FEATURES: drop --overwrite")
-        opts = watch_options_from_args(args)
-        if not opts.available_now and opts.stop_after is None:
-            raise UsageError(
-                "a watch step without --available-now or --stop-after never ends and holds "
-                "the cluster's step queue: give one of them"
-            )
 
 
 def _keeps_output(args, stage: str) -> bool:
@@ -359,13 +319,14 @@ def _cmd_submit(args) -> int:
 
     region = _region(args)
     stage = args.stage
-    _check_growing_args(args, stage)
-    stage_args = _stage_argv(args, stage)
+    stage_args = _stage_argv(args, stage)  # checked as the stage checks them
     s3 = emr.client("s3", region)
     extra = [args.results] if getattr(args, "results", None) else []
     guard.check_buckets(s3, [args.input, args.output, *extra])
     keeps = _keeps_output(args, stage)
-    emr.check_s3_paths(s3, [args.input], [] if keeps else [args.output], args.overwrite)
+    emr.check_s3_paths(
+        s3, [args.input], [] if keeps else [args.output], getattr(args, "overwrite", False)
+    )
     emr_client = emr.client("emr", region)
     code = emr.cluster_code_uri(emr.cluster_info(emr_client, args.cluster))
     guard.check_buckets(s3, [code])
@@ -399,8 +360,8 @@ def _cmd_run(args) -> int:
     from cluster import emr
     from stages.cli import default_features_path
 
-    _check_growing_args(args, "featurize")
-    _check_growing_args(args, "reduce")
+    featurize_argv = _stage_argv(args, "featurize")  # checked as the stages check them
+    reduce_argv = _stage_argv(args, "reduce")
     bucket = _run_bucket(args)
     opts = _options(args, bucket=bucket)
     features = args.features or default_features_path(args.results)
@@ -412,8 +373,6 @@ def _cmd_run(args) -> int:
     outputs = [] if getattr(args, "incremental", False) else [features]
     outputs += [] if getattr(args, "update", False) else [args.results]
     emr.check_s3_paths(s3, [args.input], outputs, args.overwrite)
-    featurize_argv = _stage_argv(args, "featurize")
-    reduce_argv = _stage_argv(args, "reduce")
     code = _upload_code(args, opts, s3)
     steps = [
         spec.stage_step(
@@ -532,7 +491,6 @@ def register(sub) -> None:
         sp.add_argument("input", metavar=names[0], help="s3:// URI")
         sp.add_argument("output", metavar=names[1], help="s3:// URI")
         _add_stage_options(sp, stage)
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing output")
         sp.add_argument("--no-wait", action="store_true", help="print the step and return")
         sp.set_defaults(func=_aws_errors(_cmd_submit))
 
@@ -544,8 +502,8 @@ def register(sub) -> None:
     p.add_argument("results", metavar="RESULTS", help="s3://B/Results/")
     p.add_argument("--features", default=None, help="default: Features beside RESULTS")
     _add_cluster_options(p, bucket_required=False, engine_option=False)
-    _add_stage_options(p, "featurize")
-    _add_stage_options(p, "reduce")
+    _add_stage_options(p, "featurize", exclude=("overwrite",))
+    _add_stage_options(p, "reduce", exclude=("overwrite",))
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument(
         "--no-wait", action="store_true", help="print the cluster id; it terminates after the steps"

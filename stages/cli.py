@@ -17,8 +17,14 @@ import time
 from typing import Callable, List, Optional
 
 from stages.errors import EXIT_USAGE, UsageError, explain
+from stages.params import FeaturizeParams, ReduceParams, WatchParams
 
 PROG = "fruits-pipeline"
+# `run` is one featurize and one reduce: no growing-bucket options, one --overwrite.
+RUN_EXCLUDES = {
+    "featurize": ("incremental", "prune", "overwrite"),
+    "reduce": ("update", "overwrite"),
+}
 _KEEP_LOGS = 50  # a folder of logs that grows without end would be the next bug report
 
 
@@ -46,136 +52,11 @@ def log_path() -> str:
     return os.path.join(folder, f"{PROG}-{stamp}-{os.getpid()}.log")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
-
-
 def _conf_pair(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key.startswith("spark."):
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a spark.* key")
     return key, value
-
-
-def _share(text: str) -> float:
-    value = _float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1], e.g. 0.95")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def add_featurize_options(p: argparse.ArgumentParser) -> None:
-    """The ``featurize`` options (also rendered into EMR steps by ``emr submit``)."""
-    g = p.add_argument_group("featurize options")
-    g.add_argument(
-        "--weights",
-        default="bundled",
-        help="imagenet (Keras download on the driver, alpha 1.0), bundled (offline alpha-0.35 "
-        "ImageNet weights, the default), random:SEED, or a path to a Keras .h5 file",
-    )
-    g.add_argument("--alpha", type=_float, default=None, help="MobileNetV2 width multiplier")
-    g.add_argument(
-        "--engine",
-        choices=["litert", "keras"],
-        default=None,
-        help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default "
-        "where ai-edge-litert is installed) or keras (the reference)",
-    )
-    g.add_argument(
-        "--jpeg-draft",
-        type=_non_negative_int,
-        default=None,
-        metavar="K",
-        help="decode large JPEGs at reduced scale, keeping >= K x 224 px (~3x faster on 12 MP "
-        "photos, features within cosine 0.9996 at K=2); default off, full decode",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="images per model call (default 8 with litert, 64 with keras)",
-    )
-    g.add_argument(
-        "--partitions",
-        type=_positive_int,
-        default=None,
-        help="tasks (default: from the image count)",
-    )
-    g.add_argument(
-        "--ignore-exif-orientation",
-        dest="exif_orientation",
-        action="store_false",
-        help="decode pixels as stored, not turned as the photo's EXIF orientation tag says",
-    )
-
-
-def add_incremental_options(p: argparse.ArgumentParser) -> None:
-    """The ``incremental`` options (also rendered into EMR steps by ``emr submit``)."""
-    g = p.add_argument_group("a growing bucket")
-    g.add_argument(
-        "--incremental",
-        action="store_true",
-        help="featurize only the images not yet in OUTPUT (or whose size or time changed); "
-        "each run commits atomically as OUTPUT/run=ID/",
-    )
-    g.add_argument(
-        "--prune",
-        action="store_true",
-        help="with --incremental: also drop the rows of images no longer under INPUT",
-    )
-
-
-def add_update_options(p: argparse.ArgumentParser) -> None:
-    """The ``update`` options (also rendered into EMR steps by ``emr submit``)."""
-    g = p.add_argument_group("a growing bucket")
-    g.add_argument(
-        "--update",
-        action="store_true",
-        help="merge the statistics of the rows added to FEATURES since RESULTS was fitted "
-        "into its saved ones, refit and re-project (k kept unless --k/--variance)",
-    )
-
-
-def add_reduce_options(p: argparse.ArgumentParser) -> None:
-    """The ``reduce`` options (also rendered into EMR steps by ``emr submit``)."""
-    g = p.add_argument_group("reduce options")
-    k = g.add_mutually_exclusive_group()
-    k.add_argument("--k", type=_positive_int, default=None, help="number of principal components")
-    k.add_argument(
-        "--variance",
-        type=_share,
-        default=None,
-        help="keep the fewest components reaching this share of variance (default 0.95)",
-    )
-    g.add_argument(
-        "--check",
-        choices=["spark-ml"],
-        default=None,
-        help="also fit Spark ML StandardScaler+PCA and record the agreement in summary.json",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="OUTPUT", help="features Parquet folder or URI")
-    add_featurize_options(p)
-    add_incremental_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    FeaturizeParams.add_arguments(p)
     p.set_defaults(func=_cmd_featurize)
 
     p = sub.add_parser(
@@ -222,9 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("features", metavar="FEATURES")
     p.add_argument("results", metavar="RESULTS")
-    add_reduce_options(p)
-    add_update_options(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing RESULTS")
+    ReduceParams.add_arguments(p)
     p.set_defaults(func=_cmd_reduce)
 
     p = sub.add_parser(
@@ -234,10 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="INPUT", help="folder or URI of <Class>/<image>.jpg")
     p.add_argument("output", metavar="FEATURES", help="features folder (one run per micro-batch)")
-    add_featurize_options(p)
-    from stages.watch import add_watch_options
-
-    add_watch_options(p)
+    WatchParams.add_arguments(p)
     p.set_defaults(func=_cmd_watch)
 
     p = sub.add_parser("run", parents=[common], help="featurize then reduce")
@@ -246,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--features", default=None, help="where the features go (default: Features/ beside RESULTS)"
     )
-    add_featurize_options(p)
-    add_reduce_options(p)
+    FeaturizeParams.add_arguments(p, exclude=RUN_EXCLUDES["featurize"])
+    ReduceParams.add_arguments(p, exclude=RUN_EXCLUDES["reduce"])
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=_cmd_run)
 
@@ -298,92 +172,31 @@ def _cmd_featurize(args) -> int:
     from stages.featurize import featurize
     from stages.outputs import check_disjoint
 
-    if args.prune and not args.incremental:
-        raise UsageError("--prune only works with --incremental")
-    if args.incremental and args.overwrite:
-        raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
-    check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])  # before the JVM starts
-    if args.engine:
-        check_engine(args.engine)  # before the JVM starts
+    params = FeaturizeParams.from_args(args)  # every check before the JVM starts
+    check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])
+    if params.engine:
+        check_engine(params.engine)
     spark = cli_session(args, "fruits-pipeline featurize")
-    if args.incremental:
-        from stages.incremental import featurize_incremental
-
-        inc = featurize_incremental(
-            spark,
-            args.input,
-            args.output,
-            weights=args.weights,
-            alpha=args.alpha,
-            batch_size=args.batch_size,
-            partitions=args.partitions,
-            prune=args.prune,
-            log=progress_logger(args),
-            engine=args.engine,
-        )
-        if not args.quiet:
-            print(json.dumps(inc.to_dict()))
-        return 0
-    report = featurize(
-        spark,
-        args.input,
-        args.output,
-        weights=args.weights,
-        alpha=args.alpha,
-        batch_size=args.batch_size,
-        partitions=args.partitions,
-        exif_orientation=args.exif_orientation,
-        overwrite=args.overwrite,
-        log=progress_logger(args),
-        engine=args.engine,
-        jpeg_draft=args.jpeg_draft or 0,
-    )
+    report = featurize(spark, args.input, args.output, params, log=progress_logger(args))
     if not args.quiet:
         print(json.dumps({k: v for k, v in report.to_dict().items() if k != "model"}))
     return 0
 
 
-def _reduce_kwargs(args) -> dict:
-    variance = args.variance
-    if args.k is None and variance is None:
-        variance = 0.95
-    return {"k": args.k, "variance": variance, "check": args.check}
+_SUMMARY_KEYS = ("rows", "error_rows", "k", "results")
 
 
 def _cmd_reduce(args) -> int:
     from stages.outputs import check_disjoint
     from stages.reduce import reduce_features
 
-    if args.update and args.overwrite:
-        raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
+    params = ReduceParams.from_args(args)
     check_disjoint([("RESULTS", args.results, "FEATURES", args.features)])  # before the JVM
     spark = cli_session(args, "fruits-pipeline reduce")
-    if args.update:
-        from stages.update import update_reduce
-
-        summary = update_reduce(
-            spark,
-            args.features,
-            args.results,
-            k=args.k,
-            variance=args.variance,
-            check=args.check,
-            log=progress_logger(args),
-        )
-        if not args.quiet:
-            keys = ("rows", "error_rows", "k", "results", "update")
-            print(json.dumps({k: summary.get(k) for k in keys}))
-        return 0
-    summary = reduce_features(
-        spark,
-        args.features,
-        args.results,
-        overwrite=args.overwrite,
-        log=progress_logger(args),
-        **_reduce_kwargs(args),
-    )
+    summary = reduce_features(spark, args.features, args.results, params, log=progress_logger(args))
     if not args.quiet:
-        print(json.dumps({k: summary[k] for k in ("rows", "error_rows", "k", "results")}))
+        keys = _SUMMARY_KEYS + (("update",) if params.update else ())
+        print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 
@@ -401,6 +214,8 @@ def _cmd_run(args) -> int:
     from stages.outputs import check_disjoint, check_output
     from stages.reduce import reduce_features
 
+    featurize_params = FeaturizeParams.from_args(args)
+    reduce_params = ReduceParams.from_args(args)
     features = args.features or default_features_path(args.results)
     check_disjoint(
         [
@@ -409,45 +224,29 @@ def _cmd_run(args) -> int:
             ("RESULTS", args.results, "FEATURES", features),
         ]
     )
-    if args.engine:
-        check_engine(args.engine)  # before the JVM starts
+    if featurize_params.engine:
+        check_engine(featurize_params.engine)  # before the JVM starts
     spark = cli_session(args, "fruits-pipeline run")
     log = progress_logger(args)
     check_output(spark, args.results, args.overwrite)  # before an hour of featurizing
-    report = featurize(
-        spark,
-        args.input,
-        features,
-        weights=args.weights,
-        alpha=args.alpha,
-        batch_size=args.batch_size,
-        partitions=args.partitions,
-        exif_orientation=args.exif_orientation,
-        overwrite=args.overwrite,
-        log=log,
-        engine=args.engine,
-        jpeg_draft=args.jpeg_draft or 0,
-    )
+    report = featurize(spark, args.input, features, featurize_params, log=log)
     summary = reduce_features(
-        spark,
-        features,
-        args.results,
-        overwrite=args.overwrite,
-        log=log,
-        featurize_report=report.to_dict(),
-        **_reduce_kwargs(args),
+        spark, features, args.results, reduce_params, log=log, featurize_report=report.to_dict()
     )
     if not args.quiet:
-        print(json.dumps({k: summary[k] for k in ("rows", "error_rows", "k", "results")}))
+        print(json.dumps({k: summary[k] for k in _SUMMARY_KEYS}))
     return 0
 
 
 def _cmd_watch(args) -> int:
-    from stages.watch import watch, watch_options_from_args
+    from stages.engine import check_engine
+    from stages.watch import watch
 
-    opts = watch_options_from_args(args)  # checked before the JVM starts
+    params = WatchParams.from_args(args)  # checked before the JVM starts
+    if params.engine:
+        check_engine(params.engine)
     spark = cli_session(args, "fruits-pipeline watch")
-    report = watch(spark, args.input, args.output, opts, log=progress_logger(args))
+    report = watch(spark, args.input, args.output, params, log=progress_logger(args))
     if not args.quiet:
         print(json.dumps(report))
     return 0

@@ -8,9 +8,9 @@ Stage 1 writes it (:mod:`stages.featurize`, :mod:`stages.incremental`,
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["IMAGE_GLOB", "METADATA_KEY", "features_schema", "read_model_spec"]
+__all__ = ["IMAGE_GLOB", "METADATA_KEY", "features_schema", "model_identity", "read_model_spec"]
 
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
@@ -44,3 +44,19 @@ def read_model_spec(schema) -> Optional[Dict[str, Any]]:
     if isinstance(meta, str):
         meta = json.loads(meta)
     return meta
+
+
+def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:
+    """The fields of a :meth:`ModelSpec.to_dict` that make two feature sets comparable
+    (not library versions); ``None`` for features that record no model."""
+    if spec is None:
+        return None
+    return (
+        spec.get("name"),
+        float(spec.get("alpha", 0)),
+        spec.get("input_size"),
+        spec.get("pooling"),
+        spec.get("weights_sha256"),
+        bool(spec.get("exif_orientation", False)),  # older features: pixels as stored
+        int(spec.get("jpeg_draft", 0)),
+    )

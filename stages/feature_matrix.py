@@ -24,9 +24,8 @@ import numpy as np
 
 from linalg.distributed import KeyedBlock, KeyedRowMatrix
 from stages import hadoopfs
-from stages.contract import METADATA_KEY, read_model_spec
+from stages.contract import METADATA_KEY, model_identity, read_model_spec
 from stages.errors import UsageError
-from stages.model import model_identity
 from stages.sparkutil import SetAccumulator
 
 __all__ = [

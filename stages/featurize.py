@@ -39,6 +39,7 @@ from stages.listing import (
 )
 from stages.model import ModelSpec, get_featurizer
 from stages.outputs import atomic_output, check_disjoint
+from stages.params import FeaturizeParams, ModelParams
 from stages.sparkutil import SetAccumulator, session_conf
 
 __all__ = [
@@ -95,7 +96,15 @@ class FeaturizeReport(RunReport):
     seconds: float
     model: Dict[str, Any]
     model_builds: int = 0
+    # The Python workers' process ids: the in-process evidence (tests, benchmarks) that
+    # the model is built once per worker; the dict carries only their count.
     worker_pids: List[int] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict: ``python_workers`` (how many ran tasks) instead of their pids."""
+        d = super().to_dict()
+        d["python_workers"] = len(set(d.pop("worker_pids")))
+        return d
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:
@@ -278,16 +287,10 @@ def featurize(
     spark,
     input_path: str,
     output_path: str,
-    weights: str = "bundled",
-    alpha: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    partitions: Optional[int] = None,
-    overwrite: bool = False,
+    params: Optional[FeaturizeParams] = None,
     log=None,
-    exif_orientation: bool = True,
-    engine: Optional[str] = None,
-    jpeg_draft: int = 0,
-) -> FeaturizeReport:
+    **options: Any,
+) -> RunReport:
     """Run stage 1: images under ``input_path`` to features Parquet at ``output_path``.
 
     Parameters
@@ -295,55 +298,40 @@ def featurize(
     spark : SparkSession
     input_path, output_path : str
         Local paths or Hadoop URIs (``s3a://``, EMRFS ``s3://``, ``hdfs://``).
-    weights : str
-        ``imagenet``, ``bundled``, ``random:SEED`` or a ``.h5`` path (see
-        :func:`stages.model.resolve_weights`).
-    alpha : float, optional
-    batch_size : int, optional
-        Images per model call (default 8 with LiteRT, 64 with Keras).
-    partitions : int, optional
-        Tasks; default from the image count (:func:`choose_partitions`).
-    overwrite : bool
+    params : FeaturizeParams, optional
+        The options of ``fruits-pipeline featurize`` (weights, alpha, engine,
+        batch size, decode options, ``incremental``, ``overwrite`` ...); see
+        :class:`stages.params.FeaturizeParams` for each one.
     log : callable, optional
         Receives one progress line per step.
-    exif_orientation : bool
-        Turn photos as their EXIF orientation tag says (phones store them sideways);
-        recorded in the features' metadata.
-    engine : {"litert", "keras"}, optional
-        How the workers run the model (:mod:`stages.engine`; default LiteRT where
-        ai-edge-litert is installed); recorded in the features' metadata.
-    jpeg_draft : int
-        0 (default): full JPEG decode, as Keras' ``load_img``.  ``k >= 1``: Pillow's
-        draft mode, decoding large JPEGs at 1/2 to 1/8 scale while they stay at
-        least ``k * 224`` px (see :func:`stages.images.decode_image`); recorded in
-        the metadata.
+    **options
+        Fields of :class:`~stages.params.FeaturizeParams` given one by one (they
+        replace those of ``params``): ``featurize(spark, i, o, weights="random:0")``.
 
     Returns
     -------
-    FeaturizeReport
+    FeaturizeReport, or IncrementalReport with ``incremental=True``
+        (:func:`stages.incremental.featurize_incremental`).
 
     Raises
     ------
     UsageError
-        Missing input, no images, bad weights, existing output.
+        Bad parameters (before anything is read), missing input, no images, bad
+        weights, existing output.
     """
+    params = FeaturizeParams.of(params, **options)
+    if params.incremental:
+        from stages.incremental import featurize_incremental
+
+        return featurize_incremental(spark, input_path, output_path, params, log=log)
     log = log or (lambda msg: None)
-    engine = engine or default_engine()
-    if batch_size is None:
-        batch_size = DEFAULT_BATCH.get(engine, 64)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size} must be at least 1")
-    if partitions is not None and partitions < 1:
-        raise UsageError(f"--partitions {partitions} must be at least 1")
-    if jpeg_draft < 0:
-        raise UsageError(f"--jpeg-draft {jpeg_draft} must be 0 (off) or at least 1")
     check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     view = None
     try:
-        with atomic_output(spark, output_path, overwrite) as target:
+        with atomic_output(spark, output_path, params.overwrite) as target:
             if is_local(input_path):
                 local = walk_images(local_path(input_path))
                 if not local.files and not local.errors:
@@ -352,10 +340,7 @@ def featurize(
                 scan = _LocalScan(spark, local, view)
             else:
                 scan = _HadoopScan(spark, input_path)
-            report = _featurize_scan(
-                spark, scan, input_path, output_path, target, weights, alpha, batch_size,
-                partitions, log, exif_orientation, engine, jpeg_draft,
-            )  # fmt: skip
+            report = _featurize_scan(spark, scan, input_path, output_path, target, params, log)
     finally:
         if view is not None:
             shutil.rmtree(view, ignore_errors=True)
@@ -586,13 +571,24 @@ def featurize_frame(
     return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids)
 
 
-def _featurize_scan(
-    spark, scan, input_path, output_path, target, weights, alpha, batch_size, partitions, log,
-    exif_orientation, engine, jpeg_draft,
-) -> FeaturizeReport:  # fmt: skip
+def prepare_features_model(params: ModelParams, log=None) -> Tuple[ModelSpec, Any, int]:
+    """What a featurize job needs from ``params``, on the driver: the ``spec`` written
+    to the metadata (model, engine, decode options), the ``payload`` to broadcast
+    (:func:`stages.engine.prepare_model`) and the batch size (the engine's default
+    unless given)."""
+    engine = params.engine or default_engine()
+    spec, payload = prepare_model(params.weights, params.alpha, engine, log)
+    spec = replace(
+        spec, exif_orientation=bool(params.exif_orientation), jpeg_draft=params.jpeg_draft
+    )
+    batch_size = params.batch_size or DEFAULT_BATCH.get(engine, 64)
+    return spec, payload, batch_size
+
+
+def _featurize_scan(spark, scan, input_path, output_path, target, params, log) -> FeaturizeReport:
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
-    spec, payload = prepare_model(weights, alpha, engine, log)
-    spec = replace(spec, exif_orientation=bool(exif_orientation), jpeg_draft=jpeg_draft)
+    spec, payload, batch_size = prepare_features_model(params, log)
+    partitions = params.partitions
     sc = spark.sparkContext
     n_images = scan.n_images
     n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.featurize import RunReport
+from stages.params import FeaturizeParams
 
 __all__ = [
     "RUNS_DIR",
@@ -291,16 +292,26 @@ class IncrementalReport(RunReport):
 
 def check_same_model(table_model: Optional[Dict[str, Any]], spec, where: str) -> None:
     """Refuse to add features of another model to a table (one line, exit 2)."""
-    from stages.model import model_identity
+    from stages.contract import model_identity
 
     if table_model is None:
         raise UsageError(f"{where} records no model: featurize everything again into a new folder")
     if model_identity(table_model) != model_identity(spec.to_dict()):
         raise UsageError(
-            f"{where} was made by {table_model.get('name')} alpha={table_model.get('alpha')} "
-            f"{table_model.get('weights_source')}, not by alpha={spec.alpha} "
-            f"{spec.weights_source}: give the same --weights/--alpha, or a new FEATURES folder"
+            f"{where} was made by {table_model.get('name')} {_made_by(table_model)}, not by "
+            f"{_made_by(spec.to_dict())}: give the same --weights/--alpha and decode options, "
+            "or a new FEATURES folder"
         )
+
+
+def _made_by(model: Dict[str, Any]) -> str:
+    """The options that made features, as the user gave them."""
+    words = [f"alpha={model.get('alpha')} {model.get('weights_source')}"]
+    if not model.get("exif_orientation", False):  # older features: pixels as stored
+        words.append("--ignore-exif-orientation")
+    if int(model.get("jpeg_draft", 0)):
+        words.append(f"--jpeg-draft {model['jpeg_draft']}")
+    return " ".join(words)
 
 
 def _input_exists(spark, uri: str) -> bool:
@@ -324,13 +335,9 @@ def featurize_incremental(
     spark,
     input_path: str,
     output_path: str,
-    weights: str = "bundled",
-    alpha: Optional[float] = None,
-    batch_size: Optional[int] = None,
-    partitions: Optional[int] = None,
-    prune: bool = False,
+    params: Optional[FeaturizeParams] = None,
     log=None,
-    engine: Optional[str] = None,
+    **options: Any,
 ) -> IncrementalReport:
     """Featurize only the images not yet in ``output_path`` (or changed since).
 
@@ -343,10 +350,12 @@ def featurize_incremental(
     ----------
     spark : SparkSession
     input_path, output_path : str
-    weights, alpha, batch_size, partitions, engine
-        As :func:`stages.featurize.featurize`.
-    prune : bool
+    params : FeaturizeParams, optional
+        As :func:`stages.featurize.featurize` (``incremental`` is implied; ``prune``
+        also drops the rows of images no longer under ``input_path``).
     log : callable, optional
+    **options
+        Fields of :class:`~stages.params.FeaturizeParams` given one by one.
 
     Returns
     -------
@@ -359,25 +368,21 @@ def featurize_incremental(
     """
     from pyspark.sql import functions as F
 
-    from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
     from stages.featurize import (
         NO_DICTIONARY,
         choose_partitions,
         empty_file_rows,
         featurize_frame,
         paths_are_url_encoded,
+        prepare_features_model,
         read_images,
     )
     from stages.sparkutil import session_conf
 
+    # Incremental by definition (so `overwrite` is refused, `prune` allowed).
+    params = FeaturizeParams.of(params, **{**options, "incremental": True})
+    prune, partitions = params.prune, params.partitions
     log = log or (lambda msg: None)
-    engine = engine or default_engine()
-    if batch_size is None:
-        batch_size = DEFAULT_BATCH.get(engine, 64)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size} must be at least 1")
-    if partitions is not None and partitions < 1:
-        raise UsageError(f"--partitions {partitions} must be at least 1")
     if prune and any(c in input_path for c in "{}[]*?"):
         raise UsageError(
             f"--prune needs a plain INPUT folder, not the glob {input_path}: "
@@ -389,7 +394,7 @@ def featurize_incremental(
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
     table = FeaturesTable(spark, output_path)
-    spec, weight_arrays = prepare_model(weights, alpha, engine, log)
+    spec, weight_arrays, batch_size = prepare_features_model(params, log)
     fresh = not hadoopfs.has_data(spark, output_path)
     if not fresh:
         table.recover(log)

@@ -24,6 +24,7 @@ import numpy as np
 
 from stages.errors import UsageError
 from stages.images import IMAGE_SIZE
+from stages.params import check_alpha
 
 __all__ = [
     "BUNDLED_WEIGHTS",
@@ -67,22 +68,6 @@ class ModelSpec:
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict (JSON-ready)."""
         return asdict(self)
-
-
-def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:
-    """The fields of a :meth:`ModelSpec.to_dict` that make two feature sets comparable
-    (not library versions); ``None`` for features that record no model."""
-    if spec is None:
-        return None
-    return (
-        spec.get("name"),
-        float(spec.get("alpha", 0)),
-        spec.get("input_size"),
-        spec.get("pooling"),
-        spec.get("weights_sha256"),
-        bool(spec.get("exif_orientation", False)),  # older features: pixels as stored
-        int(spec.get("jpeg_draft", 0)),
-    )
 
 
 def weights_sha256(weights: List[np.ndarray]) -> str:
@@ -138,8 +123,9 @@ def build_model(alpha: float, weights: Optional[str] = None):
 
 
 def _check_alpha(alpha: float) -> None:
-    if not 0.0 < alpha <= 2.0:
-        raise UsageError(f"--alpha {alpha} must be in (0, 2]; MobileNetV2 ships 0.35 ... 1.4")
+    problem = check_alpha(alpha)
+    if problem:
+        raise UsageError(f"--alpha {alpha} {problem}")
 
 
 # (source, alpha, weights file mtime) -> (spec, weights): a second job in the same driver

@@ -22,38 +22,16 @@ withStd=True)``) and eigendecomposes the correlation matrix:
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from linalg.kernels import BlockMoments, fit_pca_from_moments
 from stages.errors import UsageError
+from stages.params import ReduceParams
 from stages.pca_model import PCAModel
 
-__all__ = ["PCA", "DEFAULT_VARIANCE", "check_components"]
-
-DEFAULT_VARIANCE = 0.95
-
-
-def check_components(
-    k: Optional[int] = None, variance: Optional[float] = None
-) -> Tuple[Optional[int], Optional[float]]:
-    """Validate the choice of components; ``variance`` defaults to 0.95 when neither is given.
-
-    Raises
-    ------
-    UsageError
-        Both given, ``k < 1``, or ``variance`` outside ``(0, 1]``.
-    """
-    if k is not None and variance is not None:
-        raise UsageError("give --k or --variance, not both")
-    if k is None and variance is None:
-        variance = DEFAULT_VARIANCE
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
-    return k, variance
+__all__ = ["PCA"]
 
 
 class PCA:
@@ -70,11 +48,13 @@ class PCA:
     Raises
     ------
     UsageError
-        Bad ``k`` / ``variance`` (checked here, before any Spark job).
+        Bad ``k`` / ``variance`` (checked here, before any Spark job, by
+        :class:`stages.params.ReduceParams`: the CLI's rules and messages).
     """
 
     def __init__(self, k: Optional[int] = None, variance: Optional[float] = None):
-        self.k, self.variance = check_components(k, variance)
+        params = ReduceParams(k=k, variance=variance)
+        self.k, self.variance = params.k, params.target_variance
 
     def __repr__(self) -> str:
         return f"PCA(k={self.k!r}, variance={self.variance!r})"

@@ -164,7 +164,7 @@ class PCAModel:
         return project(X, self.fit.projection_matrix(), self.fit.mean)
 
     def _transform_frame(self, df):
-        from stages.contract import read_model_spec
+        from stages.contract import model_identity, read_model_spec
         from stages.errors import UsageError
         from stages.feature_matrix import (
             DATAFRAME_NAME,
@@ -172,7 +172,6 @@ class PCAModel:
             feature_rows,
             projections_frame,
         )
-        from stages.model import model_identity
 
         check_features_schema(df, DATAFRAME_NAME)
         spec = read_model_spec(df.schema)

@@ -40,6 +40,7 @@ from stages.feature_matrix import (
     write_projections,
 )
 from stages.outputs import atomic_output, check_disjoint
+from stages.params import ReduceParams
 from stages.pca import PCA
 from stages.pca_model import PCAModel
 
@@ -50,13 +51,11 @@ def reduce_features(
     spark,
     features: str,
     results: str,
-    k: Optional[int] = None,
-    variance: Optional[float] = None,
-    check: Optional[str] = None,
-    overwrite: bool = False,
+    params: Optional[ReduceParams] = None,
     log=None,
     featurize_report: Optional[Dict[str, Any]] = None,
     index: bool = True,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Run stage 2 and return the summary written to ``RESULTS/summary.json``.
 
@@ -67,25 +66,33 @@ def reduce_features(
         Features Parquet (stage 1 output).
     results : str
         Output folder or URI.
-    k : int, optional
-        Components; else ``variance`` picks the smallest k reaching that share.
-    variance : float, optional
-    check : {"spark-ml"}, optional
-        Also fit Spark ML ``StandardScaler + PCA`` and record the agreement.
-    overwrite : bool
+    params : ReduceParams, optional
+        The options of ``fruits-pipeline reduce``: ``k`` components, else the
+        smallest k reaching ``variance`` (0.95 when neither is given); ``check``
+        ("spark-ml": also fit Spark ML ``StandardScaler + PCA`` and record the
+        agreement); ``update`` (:func:`stages.update.update_reduce`); ``overwrite``.
     log : callable, optional
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
     index : bool
         Also build ``RESULTS/index/`` (:func:`stages.search.build_index`).
+    **options
+        Fields of :class:`~stages.params.ReduceParams` given one by one:
+        ``reduce_features(spark, f, r, k=5)``.
 
     Raises
     ------
     UsageError
         Bad arguments or features; nothing is written then.
     """
+    params = ReduceParams.of(params, **options)
+    if params.update:
+        from stages.update import update_reduce
+
+        return update_reduce(spark, features, results, params, log=log)
     log = log or (lambda msg: None)
-    pca = PCA(k=k, variance=variance)
+    pca = PCA(k=params.k, variance=params.variance)
+    check, overwrite = params.check, params.overwrite
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target:
         summary = _reduce(

@@ -37,6 +37,7 @@ from stages.errors import UsageError
 __all__ = [
     "EXACT_MAX_ELEMENTS",
     "MAX_UPLOAD_BYTES",
+    "TOP_MAX",
     "BadImage",
     "VectorIndex",
     "SearchIndex",
@@ -47,6 +48,8 @@ __all__ = [
     "make_thumbnail",
     "vote",
 ]
+
+TOP_MAX = 50  # the most matches one query returns (CLI and app)
 
 INDEX_DIR = "index"
 FORMAT = 1

@@ -8,8 +8,7 @@ import os
 import sys
 
 from stages.errors import UsageError
-
-TOP_MAX = 50
+from stages.search import TOP_MAX
 
 
 def _top(text: str) -> int:

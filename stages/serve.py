@@ -23,8 +23,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from stages.search import MAX_UPLOAD_BYTES, BadImage, QueryEngine
-from stages.search_cli import TOP_MAX
+from stages.search import MAX_UPLOAD_BYTES, TOP_MAX, BadImage, QueryEngine
 
 __all__ = ["create_app", "serve", "Batcher"]
 

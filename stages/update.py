@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -28,6 +29,7 @@ import numpy as np
 from stages import hadoopfs
 from stages.errors import UsageError
 from stages.feature_matrix import feature_file_keys
+from stages.params import ReduceParams
 
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
@@ -48,10 +50,9 @@ def update_reduce(
     spark,
     features: str,
     results: str,
-    k: Optional[int] = None,
-    variance: Optional[float] = None,
-    check: Optional[str] = None,
+    params: Optional[ReduceParams] = None,
     log=None,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Update ``results`` with the feature rows added since its model was fitted.
 
@@ -59,10 +60,12 @@ def update_reduce(
     ----------
     spark : SparkSession
     features, results : str
-    k, variance : optional
-        A new choice of components; default: the one the model was fitted with.
-    check : {"spark-ml"}, optional
+    params : ReduceParams, optional
+        ``k`` or ``variance``: a new choice of components (default: the one the
+        model was fitted with); ``check``; ``update`` is implied.
     log : callable, optional
+    **options
+        Fields of :class:`~stages.params.ReduceParams` given one by one.
 
     Returns
     -------
@@ -76,19 +79,15 @@ def update_reduce(
         No saved model or statistics, bad arguments, features of another model.
     """
     from linalg.kernels import merge_moments
+    from stages.contract import model_identity
     from stages.feature_matrix import read_feature_matrix, write_projections
-    from stages.model import model_identity
     from stages.pca import PCA
     from stages.pca_model import PCAModel
     from stages.reduce import reduce_features
 
+    params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
+    k, variance, check = params.k, params.variance, params.check
     log = log or (lambda msg: None)
-    if k is not None and variance is not None:
-        raise UsageError("give --k or --variance, not both")
-    if k is not None and k < 1:
-        raise UsageError(f"--k {k} must be at least 1 (and at most the feature length)")
-    if variance is not None and not 0.0 < variance <= 1.0:
-        raise UsageError(f"--variance {variance} must be in (0, 1], e.g. 0.95")
     results = results.rstrip("/")
     tmp = f"{results}/_update"
     if hadoopfs.exists(spark, f"{tmp}/_READY"):
@@ -96,9 +95,7 @@ def update_reduce(
         _swap_in(spark, results, tmp, log)
     if not hadoopfs.has_data(spark, results):
         log(f"reduce --update: {results} does not exist yet: a full reduce creates it")
-        summary = reduce_features(
-            spark, features, results, k=k, variance=variance, check=check, log=log
-        )
+        summary = reduce_features(spark, features, results, replace(params, update=False), log=log)
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
     if not hadoopfs.exists(spark, f"{results}/pca_model"):

@@ -22,118 +22,21 @@ also projected with the saved PCA model into
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import re
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from stages.errors import UsageError
+from stages.params import WatchParams
 
-__all__ = ["WatchOptions", "add_watch_options", "watch", "watch_options_from_args"]
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds?|m|min|minutes?|h|hours?)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``10s``, ``500ms``, ``2min``, ``1h`` or ``30 seconds``."""
-    m = _DURATION.match(text)
-    if not m:
-        raise UsageError(f"--trigger {text!r} is not a duration: use e.g. 10s, 500ms, 2min")
-    unit = m.group(2)
-    unit = unit.rstrip("s") if unit.startswith(("second", "minute", "hour")) else unit
-    scale = {"second": 1, "minute": 60, "hour": 3600}.get(unit, _UNIT_SECONDS.get(unit, 1))
-    seconds = float(m.group(1)) * scale
-    if seconds <= 0:
-        raise UsageError(f"--trigger {text!r} must be more than 0")
-    return seconds
-
-
-@dataclass(frozen=True)
-class WatchOptions:
-    """The options of a ``watch`` query (checked before the JVM starts)."""
-
-    weights: str = "bundled"
-    alpha: Optional[float] = None
-    batch_size: Optional[int] = None  # the engine's default
-    partitions: Optional[int] = None
-    engine: Optional[str] = None  # stages.engine.default_engine()
-    trigger_seconds: Optional[float] = 10.0
-    available_now: bool = False
-    checkpoint: Optional[str] = None
-    results: Optional[str] = None
-    max_files_per_trigger: Optional[int] = None
-    stop_after: Optional[float] = None
-
-
-def add_watch_options(p: argparse.ArgumentParser) -> None:
-    """The ``watch`` options (also used by ``emr submit ... watch``)."""
-    g = p.add_argument_group("watch options")
-    when = g.add_mutually_exclusive_group()
-    when.add_argument(
-        "--trigger",
-        default=None,
-        metavar="DURATION",
-        help="a micro-batch every DURATION (e.g. 10s, 2min; default 10s); runs until stopped",
-    )
-    when.add_argument(
-        "--available-now",
-        action="store_true",
-        help="process every image not yet processed, then stop (cron / EMR step)",
-    )
-    g.add_argument(
-        "--checkpoint",
-        default=None,
-        help="Structured Streaming checkpoint (default FEATURES/_watch_checkpoint)",
-    )
-    g.add_argument(
-        "--results",
-        default=None,
-        help="also project each new image with the PCA model saved in this RESULTS",
-    )
-    g.add_argument(
-        "--max-files-per-trigger",
-        type=int,
-        default=None,
-        help="at most this many new images per micro-batch",
-    )
-    g.add_argument(
-        "--stop-after",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="stop the query after this many seconds (default: run until killed)",
-    )
-
-
-def watch_options_from_args(args) -> WatchOptions:
-    """:class:`WatchOptions` from parsed arguments; bad values raise :class:`UsageError`."""
-    if args.max_files_per_trigger is not None and args.max_files_per_trigger < 1:
-        raise UsageError(f"--max-files-per-trigger {args.max_files_per_trigger} must be >= 1")
-    if args.stop_after is not None and args.stop_after <= 0:
-        raise UsageError(f"--stop-after {args.stop_after} must be more than 0 seconds")
-    return WatchOptions(
-        weights=args.weights,
-        alpha=args.alpha,
-        batch_size=args.batch_size,
-        partitions=args.partitions,
-        engine=getattr(args, "engine", None),
-        trigger_seconds=None if args.available_now else parse_duration(args.trigger or "10s"),
-        available_now=bool(args.available_now),
-        checkpoint=args.checkpoint,
-        results=args.results,
-        max_files_per_trigger=args.max_files_per_trigger,
-        stop_after=args.stop_after,
-    )
+__all__ = ["WatchParams", "watch"]
 
 
 class _Sink:
     """The ``foreachBatch`` function: one committed run per non-empty micro-batch."""
 
-    def __init__(self, spark, input_path, table, spec, weights, opts: WatchOptions, model, log):
+    def __init__(self, spark, input_path, table, spec, weights, opts: WatchParams, model, log):
         self.spark = spark
         self.input = input_path
         self.table = table
@@ -240,7 +143,14 @@ class _Sink:
         )
 
 
-def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -> Dict[str, Any]:
+def watch(
+    spark,
+    input_path: str,
+    features: str,
+    params: Optional[WatchParams] = None,
+    log=None,
+    **options: Any,
+) -> Dict[str, Any]:
     """Run the streaming query until it stops (``available_now``, ``stop_after``, Ctrl-C).
 
     Parameters
@@ -250,9 +160,13 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         Folder or URI of ``<Class>/<image>.jpg`` files, watched for new ones.
     features : str
         The features table (:mod:`stages.incremental` layout).
-    opts : WatchOptions
+    params : WatchParams, optional
+        The options of ``fruits-pipeline watch`` (the featurize options, trigger,
+        checkpoint, ``results`` ...): :class:`stages.params.WatchParams`.
     log : callable, optional
         One line per micro-batch.
+    **options
+        Fields of :class:`~stages.params.WatchParams` given one by one.
 
     Returns
     -------
@@ -265,20 +179,18 @@ def watch(spark, input_path: str, features: str, opts: WatchOptions, log=None) -
         Missing input, features or PCA model of another model.
     """
     from stages import hadoopfs
-    from stages.contract import IMAGE_GLOB
-    from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
+    from stages.contract import IMAGE_GLOB, model_identity
+    from stages.featurize import prepare_features_model
     from stages.incremental import FeaturesTable, check_same_model
-    from stages.model import model_identity
 
+    opts = WatchParams.of(params, **options)
     log = log or (lambda msg: None)
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, features):
         raise UsageError(f"the bucket of output {features} does not exist: create it first")
-    engine = opts.engine or default_engine()
-    if opts.batch_size is None:
-        opts = dataclasses.replace(opts, batch_size=DEFAULT_BATCH.get(engine, 64))
-    spec, weights = prepare_model(opts.weights, opts.alpha, engine, log)
+    spec, weights, batch_size = prepare_features_model(opts, log)
+    opts = dataclasses.replace(opts, batch_size=batch_size)
     table = FeaturesTable(spark, features)
     if hadoopfs.has_data(spark, features):
         table.recover(log)

@@ -216,3 +216,23 @@ def test_zero_byte_and_corrupt_files_become_error_rows_once(spark, tmp_path):
     assert rows["Kiwi/text.jpg"][1] and rows["Kiwi/text.jpg"][0] is None
     again = featurize_incremental(spark, str(bucket), str(features))
     assert again.run is None and again.listed == 5
+
+
+def test_decode_options_reach_an_incremental_run_and_stay_its_model(spark, tmp_path):
+    from stages.featurize import featurize
+    from stages.incremental import IncrementalReport
+    from stages.params import FeaturizeParams
+
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(SAMPLE_FILES[:2], bucket)
+    params = FeaturizeParams(incremental=True, exif_orientation=False, jpeg_draft=2)
+    first = featurize(spark, str(bucket), str(features), params)  # the CLI's one entry point
+    assert isinstance(first, IncrementalReport) and (first.new, first.errors) == (2, 0)
+    model = FeaturesTable(spark, str(features)).model()
+    assert (model["exif_orientation"], model["jpeg_draft"]) == (False, 2)
+    copy_images(SAMPLE_FILES[2:3], bucket)
+    before = data_files(features)
+    made = r"bundled:\S+ --ignore-exif-orientation --jpeg-draft 2, not by alpha=0.35 bundled:\S+: "
+    with pytest.raises(UsageError, match=made):  # a full decode with EXIF is another model
+        featurize_incremental(spark, str(bucket), str(features))
+    assert data_files(features) == before

@@ -17,7 +17,7 @@ import pytest
 from stages.incremental import FeaturesTable, featurize_incremental
 from stages.pca_model import PCAModel
 from stages.reduce import reduce_features
-from stages.watch import WatchOptions, watch
+from stages.watch import WatchParams, watch
 from tests.conftest import ROOT, SAMPLE
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -60,7 +60,7 @@ def test_watch_killed_and_restarted_gives_one_row_per_image(spark, tmp_path):
         proc.wait()
     _land(FILES[30:35], bucket)
 
-    opts = WatchOptions(weights="bundled", available_now=True, results=str(results))
+    opts = WatchParams(weights="bundled", available_now=True, results=str(results))
     report = watch(spark, str(bucket), str(features), opts)
     assert report["batches"] >= 1
 
