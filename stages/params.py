@@ -4,7 +4,7 @@ Each stage has one frozen dataclass (:class:`FeaturizeParams`, :class:`ReducePar
 :class:`WatchParams`).  A field's metadata is its command-line option (flag, help, how
 text becomes a value, which values are allowed), so the same definition serves:
 
-- the Python API: ``featurize(spark, INPUT, OUTPUT, FeaturizeParams(k=...))`` or
+- the Python API: ``featurize(spark, INPUT, OUTPUT, FeaturizeParams(jpeg_draft=2))`` or
   keyword arguments, validated by the constructor;
 - the command line: :meth:`StageParams.add_arguments` and :meth:`StageParams.from_args`;
 - ``emr submit``: :meth:`StageParams.to_argv` renders the step's arguments (only the
