@@ -125,6 +125,19 @@ def test_fit_moments_of_any_matrix_equals_numpy(X, k):
     assert_matches_numpy(model, X)
 
 
+def test_a_hand_computed_fit():
+    # Two perfectly correlated columns: mean (2, 4), std (1, 2), correlation all ones,
+    # eigenvalues 2 and 0, first component (1, 1) / sqrt(2).
+    X = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])
+    model = PCA(k=1).fit_moments(block_moments(X))
+    np.testing.assert_allclose(model.mean_, [2.0, 4.0], rtol=1e-15)
+    np.testing.assert_allclose(model.scale_, [1.0, 2.0], rtol=1e-15)
+    np.testing.assert_allclose(model.components_, [[0.5**0.5, 0.5**0.5]], rtol=1e-15)
+    np.testing.assert_allclose(model.explained_variance_, [2.0], rtol=1e-15)
+    np.testing.assert_allclose(model.explained_variance_ratio_, [1.0], rtol=1e-15)
+    np.testing.assert_allclose(model.transform(X), [[-(2**0.5)], [0.0], [2**0.5]], atol=1e-15)
+
+
 def test_fit_moments_refuses_k_above_the_feature_length():
     X = np.arange(12.0).reshape(4, 3) ** 2
     with pytest.raises(UsageError, match=r"--k 4 must be between 1 and the feature length 3"):
