@@ -1,4 +1,5 @@
-"""The fitted PCA saved in ``RESULTS/pca_model/``, and how to use it on new photos.
+"""The fitted PCA (:meth:`stages.pca.PCA.fit`), saved in ``RESULTS/pca_model/``, and how
+to use it on new features, DataFrames and photos.
 
 ``pca_model/arrays.npz`` holds ``mean``, ``std``, ``components`` (d x k),
 ``eigenvalues`` and ``explained_variance_ratio``, and ``m2``, the centred
@@ -9,6 +10,8 @@ weights source and SHA-256) and which feature files the statistics cover.
 
 >>> from stages.pca_model import PCAModel
 >>> model = PCAModel.load("demo-output/Results")              # doctest: +SKIP
+>>> model.components_.shape                                   # doctest: +SKIP
+(k, 1280)
 >>> model.project_images(["photo.jpg"])                       # doctest: +SKIP
 array([[...]])  # (1, k): featurized with the same weights, standardised, projected
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
@@ -33,11 +36,19 @@ META = "model.json"
 
 @dataclass(frozen=True)
 class PCAModel:
-    """A standardise-then-project model: ``transform(X) = ((X - mean) / std) @ components``.
+    """A fitted standardise-then-PCA: ``transform(X) = ((X - mean_) / scale_) @ components_.T``,
+    with columns whose ``scale_`` is 0 (constant in the fitted rows) mapped to 0, as Spark
+    ML's ``StandardScaler`` does.
+
+    Made by :meth:`stages.pca.PCA.fit` (or :meth:`~stages.pca.PCA.fit_moments`), or
+    :meth:`load`.  The scikit-learn attributes (``mean_``, ``scale_``, ``components_``,
+    ``explained_variance_``, ``explained_variance_ratio_``, ``n_components_``,
+    ``n_samples_``, ``n_features_in_``) are views of ``fit``.
 
     Attributes
     ----------
     fit : PCAFit
+        The arrays as the kernels hold them (components as columns, all eigenvalues).
     features_model : dict
         What made the features (``stages.model.ModelSpec`` as a dict), or empty.
     m2 : ndarray of shape (n_features, n_features), optional
@@ -47,12 +58,64 @@ class PCAModel:
         What those moments cover: ``files`` (the feature Parquet files, relative to
         the features folder),
         ``error_rows``, ``rows_total``, ``requested`` (``k`` / ``variance``).
+    timings : dict
+        Seconds of the fit that made this model (``moments``, ``eigh``); not saved.
     """
 
     fit: PCAFit
     features_model: Dict[str, Any] = field(default_factory=dict)
     m2: Optional[np.ndarray] = None
     statistics: Dict[str, Any] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+    def with_timings(self, timings: Dict[str, float]) -> PCAModel:
+        """This model with ``timings`` set."""
+        return replace(self, timings=dict(timings))
+
+    # ------------------------------------------------- scikit-learn attributes
+
+    @property
+    def mean_(self) -> np.ndarray:
+        """Column means of the fitted rows, shape (n_features,)."""
+        return self.fit.mean
+
+    @property
+    def scale_(self) -> np.ndarray:
+        """Unbiased column standard deviations, shape (n_features,); 0 for a constant column."""
+        return self.fit.std
+
+    @property
+    def components_(self) -> np.ndarray:
+        """Unit eigenvectors of the correlation matrix as rows, shape (n_components, n_features).
+
+        Descending eigenvalues; each row's entry of largest ``|x|`` is positive.
+        """
+        return self.fit.components.T
+
+    @property
+    def explained_variance_(self) -> np.ndarray:
+        """Variance of the standardised rows along each component (ddof=1), shape (k,)."""
+        return self.fit.eigenvalues[: self.n_components]
+
+    @property
+    def explained_variance_ratio_(self) -> np.ndarray:
+        """Share of the total standardised variance of each component, shape (k,)."""
+        return self.fit.explained_variance_ratio[: self.n_components]
+
+    @property
+    def n_components_(self) -> int:
+        """k."""
+        return self.fit.n_components
+
+    @property
+    def n_samples_(self) -> int:
+        """Rows fitted (error rows excluded)."""
+        return self.fit.n_samples
+
+    @property
+    def n_features_in_(self) -> int:
+        """Feature length d."""
+        return self.fit.n_features
 
     @property
     def moments(self) -> Optional[BlockMoments]:
@@ -66,12 +129,71 @@ class PCAModel:
         """k."""
         return self.fit.n_components
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """Project features (n_samples, d) to (n_samples, k), float64."""
+    def transform(self, X):
+        """Project features: an array, or a features DataFrame on Spark.
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features), or DataFrame
+            A DataFrame needs the features columns ``path, label, features, error``
+            (a features Parquet read with ``spark.read.parquet``); its error rows
+            are skipped.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_components), float64, or DataFrame
+            For a DataFrame: ``path, label, pca array<double>[k]``, the schema of
+            ``RESULTS/projections/`` (lazy; the projection matrix is broadcast
+            once and lives as long as the DataFrame's plan).
+
+        Raises
+        ------
+        ValueError
+            An array of the wrong shape (for a DataFrame: a task meeting a vector
+            of another length fails).
+        UsageError
+            A DataFrame without the features schema, or made by another model.
+        """
+        from stages.feature_matrix import is_dataframe
+
+        if is_dataframe(X):
+            return self._transform_frame(X)
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.fit.n_features:
             raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
         return project(X, self.fit.projection_matrix(), self.fit.mean)
+
+    def _transform_frame(self, df):
+        from stages.contract import model_identity, read_model_spec
+        from stages.errors import UsageError
+        from stages.feature_matrix import (
+            DATAFRAME_NAME,
+            check_features_schema,
+            feature_rows,
+            projections_frame,
+        )
+
+        check_features_schema(df, DATAFRAME_NAME)
+        spec = read_model_spec(df.schema)
+        if (
+            self.features_model
+            and spec
+            and model_identity(spec) != model_identity(self.features_model)
+        ):
+            raise UsageError(
+                "these features were made by another model than the one this PCA was "
+                "fitted on: featurize them with the same --weights"
+            )
+        matrix, _ = feature_rows(df, self.fit.n_features)
+        return projections_frame(df.sparkSession, self.project_matrix(matrix))
+
+    def project_matrix(self, matrix):
+        """``matrix`` (a :class:`linalg.distributed.RowMatrix` of features) projected (lazy).
+
+        The projection (d x k) and the mean are broadcast once; the returned matrix
+        owns the broadcast: use it in a ``with`` block to destroy it after its jobs.
+        """
+        return matrix.project(self.fit.projection_matrix(), self.fit.mean)
 
     def featurizer(self):
         """The MobileNetV2 that made the features (same engine), built in this process.
@@ -198,11 +320,14 @@ class PCAModel:
         fs = filesystem(spark)
         return cls.from_files(fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{META}"))
 
-    def save(self, spark, results: str) -> str:
-        """Write ``RESULTS/pca_model/`` (a local path, or any Hadoop URI); returns its URI."""
+    def save(self, results: str, spark=None) -> str:
+        """Write ``RESULTS/pca_model/`` (or into ``.../pca_model`` if given that): a local
+        path, or any Hadoop URI when a SparkSession is given; returns its URI."""
         from stages.fs import filesystem
 
-        base = results.rstrip("/") + "/pca_model"
+        base = results.rstrip("/")
+        if not base.endswith("pca_model"):
+            base = base + "/pca_model"
         fs = filesystem(spark)
         for name, data in self.to_files().items():
             fs.write_bytes(f"{base}/{name}", data)

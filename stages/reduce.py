@@ -3,19 +3,21 @@
 Runs as ``fruits-pipeline reduce FEATURES RESULTS`` or, as an EMR step does,
 ``spark-submit stages/steps/reduce.py FEATURES RESULTS``.
 
-Data flow (the features are read once):
+Plumbing over the estimator :class:`stages.pca.PCA`; data flow (the features are
+read once):
 
-1. :func:`stages.arrow_rdd.to_arrow_batches` turns the features into an RDD of
+1. :func:`stages.feature_matrix.open_features` turns the features into an RDD of
    Arrow record batches (persisted in the JVM, no Python object per row); each
    batch becomes one :class:`linalg.distributed.KeyedBlock` (float32 rows, with
    ``path`` and ``label`` kept as Arrow arrays).  Error rows are dropped there and
    counted.
-2. One ``treeAggregate`` (``KeyedRowMatrix.compute_moments``) collects count, mean
-   and centred cross-product in float64; the driver eigendecomposes the
-   correlation matrix (d x d) with :func:`linalg.kernels.fit_pca_from_moments`.
-3. The projection (d x k) and the mean are broadcast (``KeyedRowMatrix.project``);
-   each block is projected with one GEMM, turned back into an Arrow batch and
-   written to Parquet (:func:`stages.arrow_rdd.from_arrow_batches`).
+2. ``PCA.fit``: one ``treeAggregate`` (``KeyedRowMatrix.compute_moments``) collects
+   count, mean and centred cross-product in float64; the driver eigendecomposes
+   the correlation matrix (d x d) with :func:`linalg.kernels.fit_pca_from_moments`.
+3. The fitted :class:`stages.pca_model.PCAModel` broadcasts the projection (d x k)
+   and the mean (``PCAModel.project_matrix``); each block is projected with one
+   GEMM, turned back into an Arrow batch and written to Parquet
+   (:func:`stages.feature_matrix.write_projections`).
 
 ``RESULTS/`` gets ``projections/`` (``path, label, pca array<double>[k]``),
 ``pca_model/`` (see :mod:`stages.pca_model`) and ``summary.json``.
@@ -26,221 +28,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from linalg.distributed import KeyedBlock, KeyedRowMatrix
-from linalg.kernels import fit_pca_from_moments, pca_answer_problems
+from linalg.kernels import pca_answer_problems
 from stages import hadoopfs
-from stages.contract import METADATA_KEY, model_identity
-from stages.errors import UsageError
+from stages.feature_matrix import (
+    PROJECTIONS_SCHEMA,
+    open_features,
+    read_feature_matrix,
+    write_projections,
+)
 from stages.outputs import atomic_output, check_disjoint
 from stages.params import ReduceParams
+from stages.pca import PCA
 from stages.pca_model import PCAModel
-from stages.sparkutil import SetAccumulator
-from stages.update import feature_file_keys
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["reduce_features", "read_feature_matrix", "spark_ml_check", "PROJECTIONS_SCHEMA"]
-
-PROJECTIONS_SCHEMA = "path string, label string, pca array<double>"
-_SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
-
-
-def _decode_blocks(index: int, batches: Iterator[bytes], schema, d: int, lengths) -> Iterator[Any]:
-    """Arrow batches of one partition to KeyedBlocks of usable rows (executors).
-
-    Error rows (``error`` set or ``features`` null) are dropped; rows whose vector
-    is not ``d`` long are dropped and their lengths reported through the
-    ``lengths`` accumulator, which the driver checks before writing anything.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from stages.arrow_rdd import read_batch
-
-    for data in batches:
-        batch = read_batch(data, schema)
-        n = batch.num_rows
-        feats = batch.column("features")
-        ok = pc.and_(pc.is_null(batch.column("error")), pc.is_valid(feats))
-        sizes = pc.list_value_length(feats)
-        bad = pc.and_(ok, pc.not_equal(sizes, d))
-        if pc.any(bad).as_py():
-            lengths.add({int(x) for x in pc.unique(pc.filter(sizes, bad)).to_pylist()})
-            ok = pc.and_(ok, pc.invert(bad))
-        rows = int(pc.sum(ok).as_py() or 0)
-        good = batch if rows == n else batch.filter(ok)  # filter copies every column
-        X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(rows, d)
-        keys = pa.table({"path": good.column("path"), "label": good.column("label")})
-        yield KeyedBlock(X, keys)
-
-
-def _projection_batch(block: KeyedBlock) -> bytes:
-    """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
-    import pyarrow as pa
-
-    from stages.arrow_rdd import batch_bytes
-
-    n, k = block.X.shape
-    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-    pca = pa.ListArray.from_arrays(offsets, pa.array(block.X.reshape(-1)))
-    batch = pa.RecordBatch.from_arrays(
-        [
-            block.keys.column("path").combine_chunks(),
-            block.keys.column("label").combine_chunks(),
-            pca,
-        ],
-        names=["path", "label", "pca"],
-    )
-    return batch_bytes(batch)
-
-
-def _check_features_schema(df, path: str) -> None:
-    from pyspark.sql.types import ArrayType, DoubleType, FloatType, StringType
-
-    hint = "give the output of `fruits-pipeline featurize`"
-    fields = {f.name: f.dataType for f in df.schema.fields}
-    missing = [c for c in ("path", "label", "features", "error") if c not in fields]
-    if missing:
-        raise UsageError(f"{path} is not a features table: no column {', '.join(missing)}; {hint}")
-    for name in ("path", "label", "error"):
-        if not isinstance(fields[name], StringType):
-            raise UsageError(
-                f"{path}: column {name} is {fields[name].simpleString()}, expected string; {hint}"
-            )
-    ft = fields["features"]
-    if not (isinstance(ft, ArrayType) and isinstance(ft.elementType, (FloatType, DoubleType))):
-        raise UsageError(
-            f"{path}: column features is {ft.simpleString()}, expected array<float>; {hint}"
-        )
-
-
-def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
-    """The features model recorded in each Parquet footer (None if absent)."""
-
-    def one(uri: str) -> Optional[Dict[str, Any]]:
-        raw = hadoopfs.parquet_footer(spark, uri).get(_SPARK_SCHEMA_KEY)
-        if not raw:
-            return None
-        for f in json.loads(raw).get("fields", []):
-            if f.get("name") == "features":
-                return (f.get("metadata") or {}).get(METADATA_KEY)
-        return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, files))
-
-
-def read_feature_matrix(
-    spark,
-    features: str,
-    files: Optional[List[str]] = None,
-    persist: bool = True,
-    allow_empty: bool = False,
-):
-    """Validate a features Parquet and open it as a KeyedRowMatrix.
-
-    ``files`` restricts the read to those Parquet files of ``features`` (the rows
-    a ``reduce --update`` adds); ``persist=False`` for a single pass (its
-    projection) keeps no copy of the batches.  With ``allow_empty``, features
-    without a usable row give ``(None, info, None)`` instead of an error.
-
-    The Parquet is scanned once: its Arrow batches are kept in the JVM (memory,
-    then disk) and each becomes one block of usable rows in the Python workers,
-    with no Python object per row.  Raises :class:`UsageError` for a missing or
-    empty path, a wrong schema, or features made by different models; mixed
-    vector lengths are reported in ``info["lengths"]`` after the first pass.
-
-    Returns
-    -------
-    matrix : KeyedRowMatrix
-    info : dict
-        ``rows_total``, ``n_features``, ``features_model``, ``files``,
-        ``lengths`` (an accumulator of the wrong lengths seen).
-    handle : JVM RDD
-        The cached batches: ``handle.unpersist(False)`` when done.
-    """
-
-    if not hadoopfs.exists(spark, features):
-        raise UsageError(
-            f"features {features} do not exist: "
-            f"run `fruits-pipeline featurize INPUT {features}` first"
-        )
-    if files is None:
-        files = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-        if not files:
-            raise UsageError(f"features {features} hold no Parquet files: featurize into it again")
-        base = features.rstrip("/")
-        # Committed: Spark's _SUCCESS (featurize), or run records (featurize --incremental).
-        if not hadoopfs.exists(spark, base + "/_SUCCESS") and not hadoopfs.list_dir(
-            spark, base + "/_runs"
-        ):
-            raise UsageError(
-                f"features {features} have no _SUCCESS marker: the run that wrote them did "
-                "not finish (or another tool wrote them); featurize again"
-            )
-        df = spark.read.parquet(features)
-    else:
-        df = spark.read.parquet(*files)
-    _check_features_schema(df, features)
-    models = _models_of(spark, files)
-    distinct = {model_identity(m): m for m in models}
-    if len(distinct) > 1:
-        names = "; ".join(
-            "unknown"
-            if m is None
-            else f"{m.get('name')} alpha={m.get('alpha')} {m.get('weights_source')}"
-            for m in distinct.values()
-        )
-        raise UsageError(
-            f"features {features} were made by {len(distinct)} different models ({names}): "
-            "featurize all images again with one --weights"
-        )
-    spec = next(iter(distinct.values()))
-
-    from pyspark.sql import functions as F
-
-    from stages.arrow_rdd import to_arrow_batches
-
-    # Footers give the row count for free; one row gives the vector length.
-    total = df.count()
-    first = df.where(F.col("features").isNotNull()).select(F.size("features")).first()
-    if first is None and allow_empty:
-        return None, {"rows_total": total, "features_model": spec or {}}, None
-    if first is None:
-        raise UsageError(
-            f"features {features} have 0 usable rows ({total} error rows): "
-            "a PCA needs at least 2; featurize more images"
-        )
-    d = int(first[0])
-    raw, schema, handle = to_arrow_batches(
-        df.select("path", "label", "features", "error"), persist=persist
-    )
-    lengths = spark.sparkContext.accumulator(set(), SetAccumulator())
-    blocks = raw.mapPartitionsWithIndex(
-        lambda i, it: _decode_blocks(i, it, schema, d, lengths), preservesPartitioning=True
-    )
-    info = {
-        "rows_total": total,
-        "n_features": d,
-        "features_model": spec or {},
-        "files": len(files),
-        "file_uris": files,
-        "lengths": lengths,
-    }
-    return KeyedRowMatrix(blocks, n_cols=d), info, handle
-
-
-def write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
-    from stages.arrow_rdd import from_arrow_batches
-
-    schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
-    batches = projected.blocks.filter(lambda b: len(b) > 0).map(_projection_batch)
-    from_arrow_batches(spark, batches, schema).write.mode("errorifexists").parquet(uri)
 
 
 def reduce_features(
@@ -284,79 +91,34 @@ def reduce_features(
         from stages.update import update_reduce
 
         return update_reduce(spark, features, results, params)
-    k, variance, check, overwrite = (
-        params.k, params.target_variance, params.check, params.overwrite
-    )  # fmt: skip
+    pca = PCA(k=params.k, variance=params.variance)
+    check, overwrite = params.check, params.overwrite
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target:
-        summary = _reduce(
-            spark, features, results, target, k, variance, check, featurize_report, index
-        )
+        summary = _reduce(spark, features, results, target, pca, check, featurize_report, index)
     logger.info(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
     return summary
 
 
-def _reduce(spark, features, results, target, k, variance, check, featurize_report, index):
+def _reduce(spark, features, results, target, pca, check, featurize_report, index):
     """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
-    matrix, info, handle = read_feature_matrix(spark, features)
-    try:
-        d = info["n_features"]
-        if k is not None and k > d:
-            raise UsageError(f"--k {k} must be between 1 and the feature length {d}")
-        # The one pass over the data: count, mean, centred cross-product (treeAggregate).
-        moments = matrix.compute_moments(d)
-        t_read = time.perf_counter()
-        lengths = sorted(info["lengths"].value | {d})
-        if len(lengths) > 1:
-            raise UsageError(
-                f"features {features} mix vectors of lengths {', '.join(map(str, lengths))}: "
-                "every vector must come from the same model; featurize again"
-            )
-        if not (np.isfinite(moments.mean).all() and np.isfinite(moments.m2).all()):
-            raise UsageError(
-                f"features {features} hold NaN or infinite values in rows without an error: "
-                "they were not written by `fruits-pipeline featurize`; featurize again"
-            )
-        info["rows"] = moments.n
-        info["error_rows"] = info["rows_total"] - moments.n
-        if moments.n < 2:
-            raise UsageError(
-                f"features {features} have {moments.n} usable rows "
-                f"({info['error_rows']} error rows): a PCA needs at least 2; featurize more images"
-            )
+    # Opened once and cached: the fit's pass and the projection read the same batches.
+    with open_features(features, spark) as opened:
+        model = pca.fit(opened)
+        info, d = opened.info, model.n_features_in_
         logger.info(
             f"reduce: {info['rows']} rows x {d} features ({info['error_rows']} error rows skipped)"
         )
-        fit = fit_pca_from_moments(moments, k=k, variance=variance)
-        rank = min(moments.n - 1, int(np.count_nonzero(fit.std > 0)))
-        if k is not None and k > rank:
-            raise UsageError(
-                f"--k {k} is above the rank {rank} of these features ({moments.n} rows, "
-                f"{int(np.count_nonzero(fit.std > 0))} non-constant columns): components past "
-                f"{rank} carry no variance; use --k {rank} or less, or --variance"
-            )
         t_fit = time.perf_counter()
-        cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
-        logger.info(f"reduce: k={fit.n_components} components explain {cum:.1%} of the variance")
+        t_read = t_fit - model.timings["eigh"]
+        cum = float(np.sum(model.explained_variance_ratio_))
+        logger.info(f"reduce: k={model.n_components_} components explain {cum:.1%} of the variance")
 
-        with matrix.project(fit.projection_matrix(), fit.mean) as projected:
+        with model.project_matrix(opened.matrix) as projected:
             write_projections(spark, projected, target.rstrip("/") + "/projections")
-        model = PCAModel(
-            fit,
-            info["features_model"],
-            m2=moments.m2,
-            statistics={
-                "files": sorted(feature_file_keys(spark, features, info["file_uris"])),
-                "rows_total": info["rows_total"],
-                "error_rows": info["error_rows"],
-                "requested": {"k": k, "variance": variance},
-            },
-        )
-        model.save(spark, target)
+        model.save(target, spark)
         t_write = time.perf_counter()
-    finally:
-        handle.unpersist(False)
 
     summary: Dict[str, Any] = {
         "features": features,
@@ -364,10 +126,10 @@ def _reduce(spark, features, results, target, k, variance, check, featurize_repo
         "rows": info["rows"],
         "error_rows": info["error_rows"],
         "n_features": d,
-        "k": fit.n_components,
-        "requested": {"k": k, "variance": variance},
+        "k": model.n_components_,
+        "requested": pca.requested,
         "cumulative_explained_variance": cum,
-        "explained_variance_ratio": fit.explained_variance_ratio[: fit.n_components].tolist(),
+        "explained_variance_ratio": model.explained_variance_ratio_.tolist(),
         "features_model": info["features_model"],
         "timings_s": {
             "read_and_statistics": t_read - t0,
@@ -420,7 +182,8 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     after sign alignment, over the scale of the projections); all computed on the
     cluster.
     """
-    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.feature import PCA as SparkPCA
+    from pyspark.ml.feature import StandardScaler
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
@@ -435,7 +198,7 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     )
     scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(rows)
     scaled = scaler.transform(rows)
-    pca = PCA(k=k, inputCol="z", outputCol="p").fit(scaled)
+    pca = SparkPCA(k=k, inputCol="z", outputCol="p").fit(scaled)
     projected = pca.transform(scaled).cache()
     pc = pca.pc.toArray()  # (d, k)
     ratio_theirs = np.asarray(pca.explainedVariance.toArray())

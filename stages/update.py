@@ -23,12 +23,13 @@ import json
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from stages import hadoopfs
 from stages.errors import UsageError
+from stages.feature_matrix import feature_file_keys
 from stages.params import ReduceParams
 
 logger = logging.getLogger(__name__)
@@ -36,19 +37,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
 _PARTS = ("projections", "pca_model", "index", "summary.json")
-
-
-def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) -> Dict[str, str]:
-    """``{path relative to features: uri}`` of its Parquet files (what a model covers).
-
-    Spark names every file it writes with a per-job UUID and a run's files never
-    change once committed, so a relative path names the same rows for good.
-    """
-    if uris is None:
-        uris = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-    fs, path = hadoopfs._fs_and_path(spark, features)
-    root = fs.makeQualified(path).toString().rstrip("/") + "/"
-    return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
 
 
 def _swap_in(spark, results: str, tmp: str) -> None:
@@ -91,10 +79,12 @@ def update_reduce(
     UsageError
         No saved model or statistics, bad arguments, features of another model.
     """
-    from linalg.kernels import fit_pca_from_moments, merge_moments
+    from linalg.kernels import merge_moments
     from stages.contract import model_identity
+    from stages.feature_matrix import read_feature_matrix, write_projections
+    from stages.pca import PCA
     from stages.pca_model import PCAModel
-    from stages.reduce import read_feature_matrix, reduce_features, write_projections
+    from stages.reduce import reduce_features
 
     params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
     k, variance, check = params.k, params.variance, params.check
@@ -196,19 +186,10 @@ def update_reduce(
             f"reduce --update: {len(new)} new feature files, {new_rows} rows "
             f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
         )
-        fit = fit_pca_from_moments(merged, **requested)
-        t_fit = time.perf_counter()
-        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
-        try:
-            with matrix.project(fit.projection_matrix(), fit.mean) as projected:
-                write_projections(spark, projected, f"{tmp}/projections")
-        finally:
-            handle.unpersist(False)
         error_rows = int(stats.get("error_rows", 0)) + new_errors
-        new_model = PCAModel(
-            fit,
+        new_model = PCA(**requested).fit_moments(
+            merged,
             model.features_model,
-            m2=merged.m2,
             statistics={
                 "files": sorted(uris),
                 "rows_total": merged.n + error_rows,
@@ -216,7 +197,15 @@ def update_reduce(
                 "requested": requested,
             },
         )
-        new_model.save(spark, tmp)
+        fit = new_model.fit
+        t_fit = time.perf_counter()
+        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
+        try:
+            with new_model.project_matrix(matrix) as projected:
+                write_projections(spark, projected, f"{tmp}/projections")
+        finally:
+            handle.unpersist(False)
+        new_model.save(tmp, spark)
         t_write = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         logger.info(
@@ -268,47 +257,14 @@ def update_reduce(
 def project_run(spark, table, run: str, model, results: str) -> int:
     """Project the usable rows of one committed run into
     ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place)."""
-    from pyspark.sql import functions as F
-
-    from stages.reduce import PROJECTIONS_SCHEMA
-
     results = results.rstrip("/")
     final = f"{results}/projections/watch-{run}.parquet"
     if hadoopfs.exists(spark, final):
         return 0
-    W = model.fit.projection_matrix()
-    mean = model.fit.mean
-    d = model.fit.n_features
-
-    def project_batches(batches):
-        import pyarrow as pa
-
-        from linalg.kernels import project
-
-        for b in batches:
-            n = b.num_rows
-            X = b.column("features").flatten().to_numpy(zero_copy_only=False).reshape(n, d)
-            P = project(X, W, mean)
-            k = P.shape[1]
-            offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
-            yield pa.RecordBatch.from_arrays(
-                [
-                    b.column("path"),
-                    b.column("label"),
-                    pa.ListArray.from_arrays(offsets, pa.array(P.reshape(-1))),
-                ],
-                names=["path", "label", "pca"],
-            )
-
-    rows = (
-        spark.read.parquet(table.run_uri(run))
-        .where(F.col("error").isNull() & F.col("features").isNotNull())
-        .select("path", "label", "features")
-    )
     staging = f"{results}/_staging/watch-{run}"
-    rows.mapInArrow(project_batches, PROJECTIONS_SCHEMA).coalesce(1).write.mode(
-        "overwrite"
-    ).parquet(staging)
+    # The model's DataFrame transform (error rows skipped), in one file.
+    projected = model.transform(spark.read.parquet(table.run_uri(run)))
+    projected.coalesce(1).write.mode("overwrite").parquet(staging)
     parts = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
     if not parts:  # a run of error rows only: nothing to project
         hadoopfs.delete(spark, staging)

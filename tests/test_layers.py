@@ -32,7 +32,14 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
         "stages.arrow_rdd",
         "stages.listing",
     ),
-    ("stages.images", "stages.model", "stages.engine", "stages.pca_model"),
+    (  # the models: featurizer, PCA estimator and fitted PCA over the features matrix
+        "stages.images",
+        "stages.model",
+        "stages.engine",
+        "stages.feature_matrix",
+        "stages.pca_model",
+        "stages.pca",
+    ),
     (  # the stages, the app, the report, the AWS code
         "stages.featurize",
         "stages.incremental",
