@@ -132,8 +132,7 @@ def feature_file_keys(spark, features: str, uris: Optional[List[str]] = None) ->
     """
     if uris is None:
         uris = [u for u, _ in hadoopfs.list_files(spark, features, ".parquet")]
-    fs, path = hadoopfs._fs_and_path(spark, features)
-    root = fs.makeQualified(path).toString().rstrip("/") + "/"
+    root = hadoopfs.qualified(spark, features).rstrip("/") + "/"
     return {(u[len(root) :] if u.startswith(root) else u): u for u in uris}
 
 

@@ -14,10 +14,12 @@ __all__ = [
     "java_message",
     "mkdirs",
     "exists",
+    "glob_matches",
     "has_data",
     "list_dir",
     "list_files",
     "parquet_footer",
+    "qualified",
     "read_bytes",
     "read_text",
     "rename",
@@ -32,6 +34,19 @@ def _fs_and_path(spark, uri: str):
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     path = jvm.org.apache.hadoop.fs.Path(uri)
     return path.getFileSystem(conf), path
+
+
+def qualified(spark, uri: str) -> str:
+    """``uri`` as its filesystem spells its files (scheme and authority added)."""
+    fs, path = _fs_and_path(spark, uri)
+    return fs.makeQualified(path).toString()
+
+
+def glob_matches(spark, pattern: str) -> int:
+    """How many paths the Hadoop glob ``pattern`` matches."""
+    fs, path = _fs_and_path(spark, pattern)
+    matches = fs.globStatus(path)
+    return 0 if matches is None else len(matches)
 
 
 def exists(spark, uri: str) -> bool:

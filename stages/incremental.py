@@ -328,14 +328,11 @@ def _input_exists(spark, uri: str) -> bool:
         return hadoopfs.exists(spark, uri)
     if hadoopfs.bucket_missing(spark, uri):
         return False
-    fs, path = hadoopfs._fs_and_path(spark, uri)
-    matches = fs.globStatus(path)
-    return matches is not None and len(matches) > 0
+    return hadoopfs.glob_matches(spark, uri) > 0
 
 
 def _qualified_prefix(spark, uri: str) -> str:
-    fs, path = hadoopfs._fs_and_path(spark, uri)
-    return fs.makeQualified(path).toString().rstrip("/") + "/"
+    return hadoopfs.qualified(spark, uri).rstrip("/") + "/"
 
 
 def featurize_incremental(

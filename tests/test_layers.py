@@ -111,12 +111,38 @@ def test_imports_only_point_down():
     assert not upward, "\n".join(upward)
 
 
-def test_no_module_imports_a_private_name_of_another():
+def _private_uses(path: Path) -> Iterator[Tuple[str, int]]:
+    """``module._name`` read through a module of ours imported by name (``hadoopfs._x``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and _ours(node.module):
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in LAYER:
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if _ours(alias.name) and alias.asname:
+                    modules[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            yield f"{modules[node.value.id]}.{node.attr}", node.lineno
+
+
+def test_no_module_uses_a_private_name_of_another():
     private = []
     for name, path in _modules():
         for module, item, line in _imports(path):
             if _ours(module) and module != name and item.startswith("_"):
                 private.append(f"{path.relative_to(ROOT)}:{line} imports {module}.{item}")
+        for used, line in _private_uses(path):
+            private.append(f"{path.relative_to(ROOT)}:{line} uses {used}")
     assert not private, "\n".join(private)
 
 
