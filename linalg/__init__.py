@@ -17,7 +17,6 @@ from linalg.kernels import (
     fit_pca_from_moments,
     merge_moments,
     project,
-    standardize,
 )
 
 __all__ = [
@@ -31,5 +30,4 @@ __all__ = [
     "fit_pca_from_moments",
     "merge_moments",
     "project",
-    "standardize",
 ]

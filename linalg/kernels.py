@@ -31,7 +31,6 @@ __all__ = [
     "eigh_descending",
     "choose_k",
     "fit_pca_from_moments",
-    "standardize",
     "project",
     "pca_answer_problems",
 ]
@@ -321,15 +320,6 @@ def fit_pca_from_moments(
         eigenvalues=w,
         explained_variance_ratio=ratio,
     )
-
-
-def standardize(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """``(X - mean) / std`` in float64, zero for columns with ``std == 0``."""
-    X = np.asarray(X, dtype=np.float64)
-    inv = np.zeros_like(std, dtype=np.float64)
-    nz = std > 0
-    inv[nz] = 1.0 / std[nz]
-    return (X - mean) * inv
 
 
 def project(X: np.ndarray, W: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
