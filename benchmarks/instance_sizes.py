@@ -5,16 +5,14 @@ A model, not a measurement: the per-core throughput comes from the latest
 executor core) or ``--img-per-core-s``; the rest are **assumptions to check**:
 
 * prices: on-demand EC2 + the EMR uplift, eu-west-3 (Paris), USD per hour, from
-  ``cluster.spec.INSTANCE_TYPES`` when that module has a table (else the copy below),
-  recalled from https://aws.amazon.com/ec2/pricing/on-demand/ and
-  https://aws.amazon.com/emr/pricing/ (2024 list prices; not fetched here: no network);
-  per-second billing, one-minute minimum; the primary node is the same type as the core
-  nodes and is billed too;
+  ``cluster.sizing.INSTANCE_TYPES``, recalled from
+  https://aws.amazon.com/ec2/pricing/on-demand/ and https://aws.amazon.com/emr/pricing/
+  (2024 list prices; not fetched here: no network); per-second billing, one-minute
+  minimum; the primary node is the same type as the core nodes and is billed too;
 * cluster start-up ~8 min (billed), once per run;
-* executor slots from ``cluster.spec.executor_layout`` (one Python worker per slot,
+* executor slots from ``cluster.sizing.executor_layout`` (one Python worker per slot,
   memory-bound types get fewer slots with more threads) minus the driver's container;
-  else one slot per vCPU minus one per node; a per-node efficiency (default 0.9) for
-  the NodeManager, DataNode and OS;
+  a per-node efficiency (default 0.9) for the NodeManager, DataNode and OS;
 * an EMR vCPU runs MobileNetV2 as fast as one core of this machine (m5 and c5 are
   Xeons of similar clock; c5's is ~10% higher: not counted);
 * S3 first-byte latency per image (default 15 ms) overlaps inference (Spark's writer
@@ -74,18 +72,18 @@ class NodeType:
 
 
 def node_types() -> Tuple[Dict[str, NodeType], str]:
-    """The instance table: ``cluster.spec``'s instance types and executor layout."""
-    from cluster import spec
+    """The instance table: ``cluster.sizing``'s instance types and executor layout."""
+    from cluster import sizing
 
     out = {}
     for name in TYPES:
-        it = spec.INSTANCE_TYPES[name]
-        lay = spec.executor_layout(name)
+        it = sizing.INSTANCE_TYPES[name]
+        lay = sizing.executor_layout(name)
         out[name] = NodeType(
             name, it.vcpu, it.memory_gib, it.ec2_usd, it.emr_usd, lay.executors_per_node,
             lay.task_cpus,
         )  # fmt: skip
-    return out, "cluster.spec.INSTANCE_TYPES + executor_layout"
+    return out, "cluster.sizing.INSTANCE_TYPES + executor_layout"
 
 
 def latest_featurize(alpha: float) -> Optional[Dict[str, Any]]:
@@ -302,8 +300,8 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 def emr_sweep(args) -> int:
     """Submit the featurize partition sweep as EMR steps on ``--cluster-id``; time them.
 
-    Uses ``cluster.emr`` / ``cluster.spec`` when present, else plain boto3
-    (``add_job_flow_steps`` with ``command-runner.jar spark-submit``).  Each step's
+    Steps from ``cluster.spec.stage_step``, added with ``cluster.emr.add_step``
+    (``command-runner.jar spark-submit``).  Each step's
     time is its EMR timeline (start to end), so it includes spark-submit and YARN.
     """
     import boto3

@@ -25,7 +25,7 @@ import json
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-from cluster import guard, spec
+from cluster import guard, sizing, spec
 from stages.errors import UsageError
 
 __all__ = ["register"]
@@ -104,7 +104,7 @@ def _add_cluster_options(
     if engine_option:  # `emr run` has the featurize stage's own --engine
         g.add_argument(
             "--engine",
-            choices=sorted(spec.PYTHON_WORKER_MIB),
+            choices=sorted(sizing.PYTHON_WORKER_MIB),
             default="litert",
             help="featurize engine the executors are sized for (default litert; keras "
             "workers need 2 GiB each)",
@@ -120,7 +120,7 @@ def _add_cluster_options(
     g.add_argument(
         "--instance-type",
         default="m5.large",
-        help=f"EC2 type of every node: {', '.join(spec.INSTANCE_TYPES)} (default m5.large)",
+        help=f"EC2 type of every node: {', '.join(sizing.INSTANCE_TYPES)} (default m5.large)",
     )
     g.add_argument("--core", type=_int, default=2, help="core nodes (default 2)")
     g.add_argument("--task", type=_int, default=0, help="task nodes (default 0)")
@@ -314,7 +314,7 @@ def _cmd_plan(args) -> int:
     _log(args)(
         f"emr plan: {cost['nodes']} x {opts.instance_type} in {opts.region}, "
         f"~{cost['total_usd']:.3f} USD/h on-demand (EC2 {cost['ec2_usd']:.3f} + EMR "
-        f"{cost['emr_usd']:.3f}; prices are assumptions, see cluster/spec.py); nothing created"
+        f"{cost['emr_usd']:.3f}; prices are assumptions, see cluster/sizing.py); nothing created"
     )
     _print_json(request, indent=2)
     return 0
