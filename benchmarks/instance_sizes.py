@@ -46,7 +46,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # site-packages has a
 # `benchmarks` package of its own: this repository first.
 
-from benchmarks._common import RESULTS_DIR, pyplot, table, write_results
+from benchmarks._common import RESULTS_DIR, write_results
+from benchmarks._table import pyplot, save_figure, show_tables, table
 
 IMAGE_COUNTS = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 CORE_NODES = (2, 4, 8, 16)
@@ -173,6 +174,11 @@ def hms(seconds: float) -> str:
     return f"{s}s"
 
 
+def time_cost(r: Dict[str, Any]) -> str:
+    """A plan's cell: ``1h02m $3.45``."""
+    return f"{hms(r['total_s'])} ${r['usd']:.2f}"
+
+
 def model(args) -> int:
     """Print the time/cost tables and the assumptions; write JSON and a PNG."""
     types, table_source = node_types()
@@ -219,7 +225,7 @@ def model(args) -> int:
                     cells[0]["slots"],
                     cells[0]["usd_per_hour"],
                     cells[0]["img_s"],
-                    *[f"{hms(c['total_s'])} ${c['usd']:.2f}" for c in cells],
+                    *[time_cost(c) for c in cells],
                 ]
             )
     tables = [table(headers, body, digits=2)]
@@ -232,9 +238,9 @@ def model(args) -> int:
             [
                 f"{images:.0e}",
                 f"{cheap['type']} x{cheap['core_nodes']}",
-                f"{hms(cheap['total_s'])} ${cheap['usd']:.2f}",
+                time_cost(cheap),
                 f"{fast['type']} x{fast['core_nodes']}",
-                f"{hms(fast['total_s'])} ${fast['usd']:.2f}",
+                time_cost(fast),
             ]
         )
     tables.append(table(["images", "cheapest", "time / cost", "fastest", "time / cost"], best))
@@ -244,8 +250,7 @@ def model(args) -> int:
             + ", ".join(sorted({r["type"] for r in rows if r["s3_bound"]}))
             + " wait on S3, not the model"
         )
-    for t in tables:
-        print(t + "\n")
+    show_tables(tables)
     stem = args.stem or "instance_sizes"
     data = {
         "benchmark": "instance_sizes",
@@ -289,9 +294,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("USD (assumed prices)")
         ax.set_title(f"{images:.0e} images (labels: core nodes)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- real EMR (not runnable here)
