@@ -80,7 +80,10 @@ def make_synthetic(path: Path, n: int, d: int, files: int, seed: int = 0) -> Dic
 
     meta = {"n": n, "d": d, "files": files, "seed": seed, "rank": RANK}
     stamp = path / "_bench.json"
+    # The marker Spark's committer leaves last: reduce refuses features without one.
+    success = path / "_SUCCESS"
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
+        success.touch()
         return meta
     if path.exists():
         shutil.rmtree(path)
@@ -117,6 +120,7 @@ def make_synthetic(path: Path, n: int, d: int, files: int, seed: int = 0) -> Dic
         pq.write_table(tbl, path / f"part-{i:05d}.parquet", row_group_size=ROW_GROUP)
         start += rows
     stamp.write_text(json.dumps(meta))
+    success.touch()
     return meta
 
 
