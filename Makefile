@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast lint bench clean
 
-# uv (from PyPI, into the venv) installs the same pinned set as pip in about half the time
+# uv (from PyPI, into the venv) installs the same pinned set as pip in under half the time
 # (README, "Set-up time"); plain pip if anything in the uv path fails.  uv ignores the upper
 # bound of a package's Requires-Python, pip does not: the constraint holds back the one release
 # that excludes our Python (backports.strenum 1.3.1 is <3.11; ai-edge-litert needs the
