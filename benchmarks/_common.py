@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: memory sampling, subprocess workers, tables, output.
+"""Helpers shared by the benchmark scripts: memory sampling, subprocess workers, output.
 
 Every script runs its configurations in subprocesses of itself (``--_worker ...``), each
 printing one JSON line prefixed with :data:`JSON_MARK`, so that Spark sessions with
-different masters never share a JVM and a worker's memory is its own.
+different masters never share a JVM and a worker's memory is its own.  Tables and
+figures: :mod:`benchmarks._table`.
 """
 
 from __future__ import annotations
@@ -288,32 +289,6 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
-def fmt(x: Any, digits: int = 2) -> str:
-    """A table cell: floats with ``digits`` decimals, None as ``-``."""
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if x != x:  # NaN
-            return "-"
-        return f"{x:,.{digits}f}"
-    return str(x)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
-    """A Markdown pipe table (prints well and pastes into the README as is)."""
-    cells = [[fmt(c, digits) for c in row] for row in rows]
-    widths = [
-        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
-    ]
-    lines = [
-        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-        "| " + " | ".join("-" * w for w in widths) + " |",
-    ]
-    for r in cells:
-        lines.append("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
-    return "\n".join(lines)
-
-
 def write_results(stem: str, data: Dict[str, Any], tables: List[str]) -> Path:
     """Write ``results/<stem>.json`` (with the printed tables) and return its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -339,13 +314,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, Path)):
         return sorted(obj) if isinstance(obj, set) else str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def pyplot():
-    """matplotlib.pyplot with the Agg backend (no display here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import machine_info, quiet_env, table, write_results
+from benchmarks._common import machine_info, quiet_env, write_results
+from benchmarks._table import Col, records_table
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "fruits360"
 # (label, decode_image's draft argument)
@@ -89,6 +90,17 @@ def run(n: int, repeats: int) -> Dict[str, Any]:
     return results
 
 
+# One row per decode mode (``run``).
+COLS = [
+    Col("decode", "mode"),
+    Col("ms / 12 MP photo", "ms_per_photo"),
+    Col("speed-up", "speedup"),
+    Col("min cosine", lambda m: f"{m['min_cosine']:.6f}"),
+    Col("median cosine", lambda m: f"{m['median_cosine']:.6f}"),
+    Col("max |d|", lambda m: f"{m['max_abs_diff']:.4f}"),
+]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point."""
     quiet_env()
@@ -101,20 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     n = args.photos or (8 if args.quick else 32)
     repeats = args.repeats or (2 if args.quick else 3)
     res = run(n, repeats)
-    t = table(
-        ["decode", "ms / 12 MP photo", "speed-up", "min cosine", "median cosine", "max |d|"],
-        [
-            [
-                m["mode"],
-                m["ms_per_photo"],
-                m["speedup"],
-                f"{m['min_cosine']:.6f}",
-                f"{m['median_cosine']:.6f}",
-                f"{m['max_abs_diff']:.4f}",
-            ]
-            for m in res["modes"]
-        ],
-    )
+    t = records_table(COLS, res["modes"])
     print(f"{n} photos of 4032 x 3024, {res['mean_bytes'] / 1e6:.1f} MB each on average\n")
     print(t)
     stem = args.stem or ("decode_quick" if args.quick else "decode")

@@ -64,13 +64,12 @@ from benchmarks._common import (
     emit,
     machine_info,
     max_rss_mib,
-    pyplot,
     quiet_env,
     run_worker,
-    table,
     wait_quiet,
     write_results,
 )
+from benchmarks._table import Col, pct, pyplot, records_table, save_figure, show_tables, table
 
 SHARED_IMAGES = ROOT.parent / "shared" / "data" / "fruits360"
 SAMPLE_IMAGES = ROOT / "sample" / "fruits360"
@@ -656,8 +655,91 @@ def summarise(pairs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _r(row: Dict[str, Any], key: str) -> Any:
-    return row.get(key, float("nan"))
+# One row per image count and alpha (``summarise``).
+THROUGHPUT_COLS = [
+    Col("images", "images"),
+    Col("alpha", "alpha"),
+    Col("tasks", "tasks"),
+    Col("Keras warm img/s", "keras_warm_img_s"),
+    Col("LiteRT warm img/s", "litert_warm_img_s"),
+    Col("Spark warm img/s", "spark_warm_img_s"),
+    Col("warm ÷ Keras", "warm_ratio_keras"),
+    Col("warm ÷ LiteRT", "warm_ratio_litert"),
+    Col("cold ÷ Keras", "cold_ratio_keras"),
+    Col("cold ÷ LiteRT", "cold_ratio_litert"),
+    Col("steady ÷ LiteRT", "steady_ratio_litert"),
+    Col("worker peak MiB", "worker_peak_mib"),
+]
+TIMES_COLS = [
+    Col("images", "images"),
+    Col("alpha", "alpha"),
+    Col("session start s", "session_start_s"),
+    Col("Spark cold job s", "cold_job_s"),
+    Col("Keras cold s", "keras_cold_s"),
+    Col("LiteRT cold s", "litert_cold_s"),
+    Col("Spark warm job s", "warm_job_s"),
+    Col(f"{SMALL}-img warm job s", "small_job_s"),
+    Col("one-off cold s", "one_off_cold_s"),
+    Col("one-off warm s", "one_off_warm_s"),
+    Col("builds cold / warm", lambda r: f"{r['model_builds_cold']} / {r['model_builds_warm']}"),
+    Col("LiteRT decode share", "litert_decode_share"),
+    Col(
+        "Keras / LiteRT process MiB",
+        lambda r: "{:.0f} / {:.0f}".format(
+            r.get("keras_process_peak_mib", float("nan")),
+            r.get("litert_process_peak_mib", float("nan")),
+        ),
+    ),
+    Col("others' CPU (Spark warm)", lambda r: pct(r["others_share_warm"])),
+]
+# One row per (master, partitions) of the sweep.
+SWEEP_COLS = [
+    Col("master", "master"),
+    Col("alpha", "alpha"),
+    Col("images", "images"),
+    Col("partitions", "partitions_requested"),
+    Col("tasks", "tasks"),
+    Col("img/s", "img_s"),
+    Col("÷ LiteRT", "ratio"),
+    Col("LiteRT img/s", "baseline_img_s"),
+    Col("worker peak MiB", "memory.worker_peak_mib"),
+    Col("workers", "memory.workers_seen"),
+    Col("others' CPU", lambda s: pct(s["others_share"])),
+]
+# One row per image count of ``whole_process``.
+WHOLE_COLS = [
+    Col("images", "images"),
+    Col("fruits-pipeline featurize s", "cli_s"),
+    Col("Keras script s", "keras_script_s"),
+    Col("LiteRT script s", "litert_script_s"),
+    Col("CLI vs Keras script", lambda w: w["keras_script_s"] / w["cli_s"]),
+    Col("CLI vs LiteRT script", lambda w: w["litert_script_s"] / w["cli_s"]),
+]
+
+
+def _profile_table(prof: Dict[str, Any]) -> str:
+    run = prof["run"]
+    lines = [
+        [f"job wall ({run['tasks']} tasks, {run['images']} images)", run["seconds"]],
+        *[
+            [f"Spark job {j['job']}: {j['name']} ({j['tasks']} tasks)", j["seconds"]]
+            for j in prof.get("jobs", [])
+        ],
+        *[[k, v] for k, v in prof["driver_phases_s"].items()],
+        *[[f"task pid {t['pid']} ({t['rows']} rows)", t["wall_s"]] for t in prof["tasks"]],
+        *[[f"CPU s: {k}", v] for k, v in run["cpu_s"].items()],
+    ]
+    lines += [
+        [t["what"], t["cumulative_s"]] for t in prof["top"] if not t["what"].startswith("self:")
+    ]
+    lines += [
+        [f"{t['what']} x{t['calls']}", t["self_s"]]
+        for t in prof["top"]
+        if t["what"].startswith("self:")
+    ][:10]
+    return f"profile alpha={prof['alpha']} images={prof['images']}\n" + table(
+        ["where", "seconds"], lines
+    )
 
 
 def print_tables(
@@ -667,173 +749,19 @@ def print_tables(
     whole: Optional[Dict[str, Any]] = None,
 ) -> List[str]:
     """Print and return the tables."""
-    out = []
-    out.append(
-        table(
-            [
-                "images",
-                "alpha",
-                "tasks",
-                "Keras warm img/s",
-                "LiteRT warm img/s",
-                "Spark warm img/s",
-                "warm ÷ Keras",
-                "warm ÷ LiteRT",
-                "cold ÷ Keras",
-                "cold ÷ LiteRT",
-                "steady ÷ LiteRT",
-                "worker peak MiB",
-            ],
-            [
-                [
-                    r["images"],
-                    r["alpha"],
-                    r["tasks"],
-                    _r(r, "keras_warm_img_s"),
-                    _r(r, "litert_warm_img_s"),
-                    r["spark_warm_img_s"],
-                    _r(r, "warm_ratio_keras"),
-                    _r(r, "warm_ratio_litert"),
-                    _r(r, "cold_ratio_keras"),
-                    _r(r, "cold_ratio_litert"),
-                    _r(r, "steady_ratio_litert"),
-                    r["worker_peak_mib"],
-                ]
-                for r in rows
-            ],
-        )
-    )
-    out.append(
-        table(
-            [
-                "images",
-                "alpha",
-                "session start s",
-                "Spark cold job s",
-                "Keras cold s",
-                "LiteRT cold s",
-                "Spark warm job s",
-                f"{SMALL}-img warm job s",
-                "one-off cold s",
-                "one-off warm s",
-                "builds cold / warm",
-                "LiteRT decode share",
-                "Keras / LiteRT process MiB",
-                "others' CPU (Spark warm)",
-            ],
-            [
-                [
-                    r["images"],
-                    r["alpha"],
-                    r["session_start_s"],
-                    r["cold_job_s"],
-                    _r(r, "keras_cold_s"),
-                    _r(r, "litert_cold_s"),
-                    r["warm_job_s"],
-                    r["small_job_s"],
-                    r["one_off_cold_s"],
-                    r["one_off_warm_s"],
-                    f"{r['model_builds_cold']} / {r['model_builds_warm']}",
-                    _r(r, "litert_decode_share"),
-                    "{:.0f} / {:.0f}".format(
-                        _r(r, "keras_process_peak_mib"), _r(r, "litert_process_peak_mib")
-                    ),
-                    f"{r['others_share_warm']:.0%}",
-                ]
-                for r in rows
-            ],
-        )
-    )
+    out = [records_table(THROUGHPUT_COLS, rows), records_table(TIMES_COLS, rows)]
     if sweep:
-        out.append(
-            table(
-                [
-                    "master",
-                    "alpha",
-                    "images",
-                    "partitions",
-                    "tasks",
-                    "img/s",
-                    "÷ LiteRT",
-                    "LiteRT img/s",
-                    "worker peak MiB",
-                    "workers",
-                    "others' CPU",
-                ],
-                [
-                    [
-                        s["master"],
-                        s["alpha"],
-                        s["images"],
-                        s["partitions_requested"],
-                        s["tasks"],
-                        s["img_s"],
-                        s["ratio"],
-                        s["baseline_img_s"],
-                        s["memory"]["worker_peak_mib"],
-                        s["memory"]["workers_seen"],
-                        f"{s['others_share']:.0%}",
-                    ]
-                    for s in sweep
-                ],
-            )
-        )
+        out.append(records_table(SWEEP_COLS, sweep))
     if whole:
-        out.append(
-            table(
-                [
-                    "images",
-                    "fruits-pipeline featurize s",
-                    "Keras script s",
-                    "LiteRT script s",
-                    "CLI vs Keras script",
-                    "CLI vs LiteRT script",
-                ],
-                [
-                    [
-                        w["images"],
-                        w["cli_s"],
-                        w["keras_script_s"],
-                        w["litert_script_s"],
-                        w["keras_script_s"] / w["cli_s"],
-                        w["litert_script_s"] / w["cli_s"],
-                    ]
-                    for w in whole["sizes"]
-                ],
-            )
-        )
+        out.append(records_table(WHOLE_COLS, whole["sizes"]))
         out.append(
             table(
                 ["make demo's featurize (100 images), whole process", "seconds"],
                 [[f"--engine {e}", s] for e, s in whole["demo_cold_s"].items()],
             )
         )
-    for prof in profiles:
-        run = prof["run"]
-        lines = [
-            [f"job wall ({run['tasks']} tasks, {run['images']} images)", run["seconds"]],
-            *[
-                [f"Spark job {j['job']}: {j['name']} ({j['tasks']} tasks)", j["seconds"]]
-                for j in prof.get("jobs", [])
-            ],
-            *[[k, v] for k, v in prof["driver_phases_s"].items()],
-            *[[f"task pid {t['pid']} ({t['rows']} rows)", t["wall_s"]] for t in prof["tasks"]],
-            *[[f"CPU s: {k}", v] for k, v in run["cpu_s"].items()],
-        ]
-        lines += [
-            [t["what"], t["cumulative_s"]] for t in prof["top"] if not t["what"].startswith("self:")
-        ]
-        lines += [
-            [f"{t['what']} x{t['calls']}", t["self_s"]]
-            for t in prof["top"]
-            if t["what"].startswith("self:")
-        ][:10]
-        out.append(
-            f"profile alpha={prof['alpha']} images={prof['images']}\n"
-            + table(["where", "seconds"], lines)
-        )
-    for t in out:
-        print(t + "\n")
+    out += [_profile_table(prof) for prof in profiles]
+    show_tables(out)
     return out
 
 
@@ -874,9 +802,7 @@ def plot(rows: List[Dict[str, Any]], sweep: List[Dict[str, Any]], path: Path) ->
         ax.set_ylabel("ratio to single-process LiteRT (same cores)")
         ax.set_title(f"partition sweep, alpha {sweep[0]['alpha']}, {sweep[0]['images']} images")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _fresh_cache(work: Path, name: str) -> None:

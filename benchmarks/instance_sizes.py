@@ -5,16 +5,14 @@ A model, not a measurement: the per-core throughput comes from the latest
 executor core) or ``--img-per-core-s``; the rest are **assumptions to check**:
 
 * prices: on-demand EC2 + the EMR uplift, eu-west-3 (Paris), USD per hour, from
-  ``cluster.spec.INSTANCE_TYPES`` when that module has a table (else the copy below),
-  recalled from https://aws.amazon.com/ec2/pricing/on-demand/ and
-  https://aws.amazon.com/emr/pricing/ (2024 list prices; not fetched here: no network);
-  per-second billing, one-minute minimum; the primary node is the same type as the core
-  nodes and is billed too;
+  ``cluster.sizing.INSTANCE_TYPES``, recalled from
+  https://aws.amazon.com/ec2/pricing/on-demand/ and https://aws.amazon.com/emr/pricing/
+  (2024 list prices; not fetched here: no network); per-second billing, one-minute
+  minimum; the primary node is the same type as the core nodes and is billed too;
 * cluster start-up ~8 min (billed), once per run;
-* executor slots from ``cluster.spec.executor_layout`` (one Python worker per slot,
+* executor slots from ``cluster.sizing.executor_layout`` (one Python worker per slot,
   memory-bound types get fewer slots with more threads) minus the driver's container;
-  else one slot per vCPU minus one per node; a per-node efficiency (default 0.9) for
-  the NodeManager, DataNode and OS;
+  a per-node efficiency (default 0.9) for the NodeManager, DataNode and OS;
 * an EMR vCPU runs MobileNetV2 as fast as one core of this machine (m5 and c5 are
   Xeons of similar clock; c5's is ~10% higher: not counted);
 * S3 first-byte latency per image (default 15 ms) overlaps inference (Spark's writer
@@ -48,7 +46,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # site-packages has a
 # `benchmarks` package of its own: this repository first.
 
-from benchmarks._common import RESULTS_DIR, pyplot, table, write_results
+from benchmarks._common import RESULTS_DIR, write_results
+from benchmarks._table import pyplot, save_figure, show_tables, table
 
 IMAGE_COUNTS = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 CORE_NODES = (2, 4, 8, 16)
@@ -74,18 +73,18 @@ class NodeType:
 
 
 def node_types() -> Tuple[Dict[str, NodeType], str]:
-    """The instance table: ``cluster.spec``'s instance types and executor layout."""
-    from cluster import spec
+    """The instance table: ``cluster.sizing``'s instance types and executor layout."""
+    from cluster import sizing
 
     out = {}
     for name in TYPES:
-        it = spec.INSTANCE_TYPES[name]
-        lay = spec.executor_layout(name)
+        it = sizing.INSTANCE_TYPES[name]
+        lay = sizing.executor_layout(name)
         out[name] = NodeType(
             name, it.vcpu, it.memory_gib, it.ec2_usd, it.emr_usd, lay.executors_per_node,
             lay.task_cpus,
         )  # fmt: skip
-    return out, "cluster.spec.INSTANCE_TYPES + executor_layout"
+    return out, "cluster.sizing.INSTANCE_TYPES + executor_layout"
 
 
 def latest_featurize(alpha: float) -> Optional[Dict[str, Any]]:
@@ -175,6 +174,11 @@ def hms(seconds: float) -> str:
     return f"{s}s"
 
 
+def time_cost(r: Dict[str, Any]) -> str:
+    """A plan's cell: ``1h02m $3.45``."""
+    return f"{hms(r['total_s'])} ${r['usd']:.2f}"
+
+
 def model(args) -> int:
     """Print the time/cost tables and the assumptions; write JSON and a PNG."""
     types, table_source = node_types()
@@ -221,7 +225,7 @@ def model(args) -> int:
                     cells[0]["slots"],
                     cells[0]["usd_per_hour"],
                     cells[0]["img_s"],
-                    *[f"{hms(c['total_s'])} ${c['usd']:.2f}" for c in cells],
+                    *[time_cost(c) for c in cells],
                 ]
             )
     tables = [table(headers, body, digits=2)]
@@ -234,9 +238,9 @@ def model(args) -> int:
             [
                 f"{images:.0e}",
                 f"{cheap['type']} x{cheap['core_nodes']}",
-                f"{hms(cheap['total_s'])} ${cheap['usd']:.2f}",
+                time_cost(cheap),
                 f"{fast['type']} x{fast['core_nodes']}",
-                f"{hms(fast['total_s'])} ${fast['usd']:.2f}",
+                time_cost(fast),
             ]
         )
     tables.append(table(["images", "cheapest", "time / cost", "fastest", "time / cost"], best))
@@ -246,8 +250,7 @@ def model(args) -> int:
             + ", ".join(sorted({r["type"] for r in rows if r["s3_bound"]}))
             + " wait on S3, not the model"
         )
-    for t in tables:
-        print(t + "\n")
+    show_tables(tables)
     stem = args.stem or "instance_sizes"
     data = {
         "benchmark": "instance_sizes",
@@ -291,9 +294,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("USD (assumed prices)")
         ax.set_title(f"{images:.0e} images (labels: core nodes)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- real EMR (not runnable here)
@@ -302,8 +303,8 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 def emr_sweep(args) -> int:
     """Submit the featurize partition sweep as EMR steps on ``--cluster-id``; time them.
 
-    Uses ``cluster.emr`` / ``cluster.spec`` when present, else plain boto3
-    (``add_job_flow_steps`` with ``command-runner.jar spark-submit``).  Each step's
+    Steps from ``cluster.spec.stage_step``, added with ``cluster.emr.add_step``
+    (``command-runner.jar spark-submit``).  Each step's
     time is its EMR timeline (start to end), so it includes spark-submit and YARN.
     """
     import boto3

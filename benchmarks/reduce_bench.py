@@ -51,13 +51,12 @@ from benchmarks._common import (
     emit,
     machine_info,
     max_rss_mib,
-    pyplot,
     quiet_env,
     run_worker,
-    table,
     wait_quiet,
     write_results,
 )
+from benchmarks._table import Col, pct, pyplot, records_table, save_figure, sci, show_tables
 
 SHARED_IMAGES = ROOT.parent / "shared" / "data" / "fruits360"
 SAMPLE_IMAGES = ROOT / "sample" / "fruits360"
@@ -81,7 +80,10 @@ def make_synthetic(path: Path, n: int, d: int, files: int, seed: int = 0) -> Dic
 
     meta = {"n": n, "d": d, "files": files, "seed": seed, "rank": RANK}
     stamp = path / "_bench.json"
+    # The marker Spark's committer leaves last: reduce refuses features without one.
+    success = path / "_SUCCESS"
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
+        success.touch()
         return meta
     if path.exists():
         shutil.rmtree(path)
@@ -118,6 +120,7 @@ def make_synthetic(path: Path, n: int, d: int, files: int, seed: int = 0) -> Dic
         pq.write_table(tbl, path / f"part-{i:05d}.parquet", row_group_size=ROW_GROUP)
         start += rows
     stamp.write_text(json.dumps(meta))
+    success.touch()
     return meta
 
 
@@ -467,201 +470,113 @@ def _ratio_cell(r: Dict[str, Any]) -> Any:
     return None
 
 
+def _spark_ml_cell(r: Dict[str, Any]) -> Any:
+    if r["spark_ml_s"] is not None:
+        return r["spark_ml_s"]
+    return f"> {r['timeout_s']:.0f} (timeout)" if r["spark_ml_timed_out"] else "-"
+
+
+# One row per data set (``summarise``).
+MAIN_COLS = [
+    Col("data", "name"),
+    Col("n", "n"),
+    Col("d", "d"),
+    Col("k", "k"),
+    Col("P", "partitions"),
+    Col("ours s", "ours_s"),
+    Col("Spark ML s", _spark_ml_cell),
+    Col("numpy s", "numpy_s"),
+    Col("ML / ours (>= 5)", _ratio_cell),
+    Col("ours / numpy (<= 1.3)", "ours_over_numpy"),
+    Col(
+        "EVR rel err vs numpy / ML",
+        lambda r: f"{sci(r.get('evr_rel_err_vs_numpy'))} / {sci(r.get('evr_rel_err_vs_spark_ml'))}",
+    ),
+    Col("others' CPU", lambda r: pct(r.get("ours_others_share", 0))),
+]
+ML_PHASES = ("scaler_fit_incl_read_and_cache", "pca_fit", "transform_and_write")
+ML_PHASE_HEADERS = ("ML: scaler fit (read+cache)", "PCA fit", "transform+write")
+NUMPY_PHASES = ("read_s", "mean_cov_s", "eigh_s", "project_s", "write_s")
+NUMPY_PHASE_HEADERS = ("numpy: read", "mean+cov", "eigh", "project", "write")
+MEMORY_COLS = [
+    Col("data", "name"),
+    Col("n x d", lambda r: f"{r['n']} x {r['d']}"),
+    Col("ours: driver Python MiB", "memory.driver_python_peak_mib"),
+    Col("driver JVM MiB", "memory.jvm_peak_mib"),
+    Col("Python workers MiB", "memory.workers_sum_peak_mib"),
+    Col("ML: driver JVM MiB", "ml_memory.jvm_peak_mib"),
+    Col("numpy process MiB", "numpy_peak_mib"),
+]
+SCALING_COLS = [
+    Col("n", "n"),
+    Col("ours s", "ours_s"),
+    Col("ours ms / 1k rows", lambda r: 1e6 * r["ours_s"] / r["n"]),
+    Col("Spark ML s", "spark_ml_s"),
+    Col("numpy s", "numpy_s"),
+    Col("ML / ours", "ml_over_ours"),
+    Col("ours / numpy", "ours_over_numpy"),
+]
+# One row per (data set, partition count): the sweep record with its data set's row.
+SWEEP_COLS = [
+    Col("data", "row.name"),
+    Col("P requested", "requested"),
+    Col("P actual", "partitions"),
+    Col("ours s", "seconds"),
+    Col(
+        "ours / numpy",
+        lambda s: s["seconds"] / s["row"]["numpy_s"] if s["row"]["numpy_s"] else None,
+    ),
+    Col("driver JVM MiB", "memory.jvm_peak_mib"),
+    Col("workers MiB", "memory.workers_sum_peak_mib"),
+]
+LOCAL_CLUSTER_COLS = [
+    Col("n x d", lambda m: f"{m['n']} x {m['d']}"),
+    Col("ours s", "seconds"),
+    Col("driver Python MiB", "memory.driver_python_peak_mib"),
+    Col("driver JVM MiB", "memory.jvm_peak_mib"),
+    Col("executor JVM MiB (max)", "memory.executor_jvm_peak_mib"),
+    Col("Python workers MiB (sum)", "memory.workers_sum_peak_mib"),
+]
+
+
 def print_tables(rows: List[Dict[str, Any]], memory_rows: List[Dict[str, Any]]) -> List[str]:
     """Print and return the tables."""
-    out = []
-    out.append(
-        table(
-            [
-                "data",
-                "n",
-                "d",
-                "k",
-                "P",
-                "ours s",
-                "Spark ML s",
-                "numpy s",
-                "ML / ours (>= 5)",
-                "ours / numpy (<= 1.3)",
-                "EVR rel err vs numpy / ML",
-                "others' CPU",
-            ],
-            [
-                [
-                    r["name"],
-                    r["n"],
-                    r["d"],
-                    r["k"],
-                    r["partitions"],
-                    r["ours_s"],
-                    r["spark_ml_s"]
-                    if r["spark_ml_s"] is not None
-                    else (f"> {r['timeout_s']:.0f} (timeout)" if r["spark_ml_timed_out"] else "-"),
-                    r["numpy_s"],
-                    _ratio_cell(r),
-                    r.get("ours_over_numpy"),
-                    " / ".join(
-                        "-" if x is None else f"{x:.0e}"
-                        for x in (r.get("evr_rel_err_vs_numpy"), r.get("evr_rel_err_vs_spark_ml"))
-                    ),
-                    f"{r.get('ours_others_share', 0):.0%}",
-                ]
-                for r in rows
-            ],
-        )
-    )
+    out = [records_table(MAIN_COLS, rows)]
     # The reduce's own phase names (summary.json timings_s) change with its code.
     ours_keys: List[str] = []
     for r in rows:
         for key in r["ours_timings_s"] or {}:
             if key != "reduce_total" and key not in ours_keys:
                 ours_keys.append(key)
-    out.append(
-        table(
-            [
-                "data",
-                *(f"ours: {k}" for k in ours_keys),
-                "ML: scaler fit (read+cache)",
-                "PCA fit",
-                "transform+write",
-                "numpy: read",
-                "mean+cov",
-                "eigh",
-                "project",
-                "write",
-            ],
-            [
-                [
-                    r["name"],
-                    *((r["ours_timings_s"] or {}).get(k) for k in ours_keys),
-                    *(
-                        (r["spark_ml_timings_s"] or {}).get(k)
-                        for k in (
-                            "scaler_fit_incl_read_and_cache",
-                            "pca_fit",
-                            "transform_and_write",
-                        )
-                    ),
-                    *(
-                        (r["numpy_timings_s"] or {}).get(k)
-                        for k in ("read_s", "mean_cov_s", "eigh_s", "project_s", "write_s")
-                    ),
-                ]
-                for r in rows
-            ],
-        )
-    )
-    out.append(
-        table(
-            [
-                "data",
-                "n x d",
-                "ours: driver Python MiB",
-                "driver JVM MiB",
-                "Python workers MiB",
-                "ML: driver JVM MiB",
-                "numpy process MiB",
-            ],
-            [
-                [
-                    r["name"],
-                    f"{r['n']} x {r['d']}",
-                    r.get("memory", {}).get("driver_python_peak_mib"),
-                    r.get("memory", {}).get("jvm_peak_mib"),
-                    r.get("memory", {}).get("workers_sum_peak_mib"),
-                    (r["ml_memory"] or {}).get("jvm_peak_mib"),
-                    r["numpy_peak_mib"],
-                ]
-                for r in rows
-            ],
-            digits=0,
-        )
-    )
+    phase_cols = [
+        Col("data", "name"),
+        *(Col(f"ours: {k}", f"ours_timings_s.{k}") for k in ours_keys),
+        *(Col(h, f"spark_ml_timings_s.{k}") for h, k in zip(ML_PHASE_HEADERS, ML_PHASES)),
+        *(Col(h, f"numpy_timings_s.{k}") for h, k in zip(NUMPY_PHASE_HEADERS, NUMPY_PHASES)),
+    ]
+    out.append(records_table(phase_cols, rows))
+    out.append(records_table(MEMORY_COLS, rows, digits=0))
     scaling = [r for r in rows if r["name"].startswith("synthetic") and r["d"] == 1280]
     if len(scaling) >= 2:
         fit = linear_fit([r["n"] for r in scaling], [r["ours_s"] for r in scaling])
         out.append(
-            table(
-                [
-                    "n",
-                    "ours s",
-                    "ours ms / 1k rows",
-                    "Spark ML s",
-                    "numpy s",
-                    "ML / ours",
-                    "ours / numpy",
-                ],
-                [
-                    [
-                        r["n"],
-                        r["ours_s"],
-                        1e6 * r["ours_s"] / r["n"],
-                        r["spark_ml_s"],
-                        r["numpy_s"],
-                        r.get("ml_over_ours"),
-                        r.get("ours_over_numpy"),
-                    ]
-                    for r in sorted(scaling, key=lambda r: r["n"])
-                ],
-            )
+            records_table(SCALING_COLS, sorted(scaling, key=lambda r: r["n"]))
             + f"\nours: t = {fit['a']:.2f} s + {fit['b_ms_per_1k']:.2f} ms per 1k rows"
             f" (R^2 {fit['r2']:.4f}); log-log slope between the two largest n: {fit['slope']:.2f}"
         )
-    sweeps = [(r, s) for r in rows for s in r["sweep"]]
+    sweeps = [{**s, "row": r} for r in rows for s in r["sweep"]]
     if sweeps:
-        out.append(
-            table(
-                [
-                    "data",
-                    "P requested",
-                    "P actual",
-                    "ours s",
-                    "ours / numpy",
-                    "driver JVM MiB",
-                    "workers MiB",
-                ],
-                [
-                    [
-                        r["name"],
-                        s["requested"],
-                        s["partitions"],
-                        s["seconds"],
-                        s["seconds"] / r["numpy_s"] if r["numpy_s"] else None,
-                        s["memory"]["jvm_peak_mib"],
-                        s["memory"]["workers_sum_peak_mib"],
-                    ]
-                    for r, s in sweeps
-                ],
-            )
-        )
+        out.append(records_table(SWEEP_COLS, sweeps))
     if memory_rows:
         out.append(
-            "ours under local-cluster[2,1,MB] (driver and executors in separate JVMs)\n"
-            + table(
-                [
-                    "n x d",
-                    "ours s",
-                    "driver Python MiB",
-                    "driver JVM MiB",
-                    "executor JVM MiB (max)",
-                    "Python workers MiB (sum)",
-                ],
-                [
-                    [
-                        f"{m['n']} x {m['d']}",
-                        m["seconds"],
-                        m["memory"]["driver_python_peak_mib"],
-                        m["memory"]["jvm_peak_mib"],
-                        m["memory"]["executor_jvm_peak_mib"],
-                        m["memory"]["workers_sum_peak_mib"],
-                    ]
-                    for m in memory_rows
-                ],
+            records_table(
+                LOCAL_CLUSTER_COLS,
+                memory_rows,
                 digits=0,
+                title="ours under local-cluster[2,1,MB] (driver and executors in separate JVMs)",
             )
         )
-    for t in out:
-        print(t + "\n")
+    show_tables(out)
     return out
 
 
@@ -752,9 +667,7 @@ def plot(rows: List[Dict[str, Any]], memory_rows: List[Dict[str, Any]], path: Pa
         ax.set_ylabel("peak RSS, MiB")
         ax.legend()
         ax.set_title("memory of ours against n")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plan(args) -> List[Dict[str, Any]]:

@@ -33,6 +33,7 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import RESULTS_DIR, ROOT, quiet_env
+from benchmarks._table import Col, pyplot, records_table, save_figure
 
 SHARED = ROOT.parent / "shared" / "data" / "fruits360"
 
@@ -159,36 +160,39 @@ def bench_real(images: Path, workdir: Path, n_latency: int = 100) -> Dict[str, A
     }
 
 
+def _p50_p95(m: Dict[str, Any], digits: int) -> str:
+    return f"{m['p50_ms']:.{digits}f} / {m['p95_ms']:.{digits}f} ms"
+
+
+def _qps(m: Dict[str, Any]) -> str:
+    return f"{m['qps_one_at_a_time']:.0f} / {m['qps_batch_1000']:.0f}"
+
+
+def _hnsw(fn):
+    """A cell of the HNSW index, ``—`` for sizes below ``--hnsw-from``."""
+    return lambda r: fn(r["hnsw"]) if r.get("hnsw") else "—"
+
+
+# One row per indexed size (``bench_size``).
+COLS = [
+    Col("rows", lambda r: f"{r['rows']:,}"),
+    Col("numpy brute force p50 / p95", lambda r: _p50_p95(r["baseline"], 2)),
+    Col("exact p50 / p95", lambda r: _p50_p95(r["exact"], 3)),
+    Col("exact QPS (1 / batch)", lambda r: _qps(r["exact"])),
+    Col("HNSW p50 / p95", _hnsw(lambda h: _p50_p95(h, 3))),
+    Col("HNSW QPS (1 / batch)", _hnsw(_qps)),
+    Col("HNSW recall@10", _hnsw(lambda h: f"{h['recall_at_10']:.3f}")),
+    Col("HNSW build", _hnsw(lambda h: f"{h['build_s']:.1f} s")),
+    Col("exact / HNSW", _hnsw(lambda h: f"{h['speedup_vs_exact_p50']:.1f}x")),
+]
+
+
 def _table(rows: List[Dict[str, Any]]) -> str:
-    head = (
-        "| rows | numpy brute force p50 / p95 | exact p50 / p95 | exact QPS (1 / batch) | "
-        "HNSW p50 / p95 | HNSW QPS (1 / batch) | HNSW recall@10 | HNSW build | exact / HNSW |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    )
-    lines = [head]
-    for r in rows:
-        b, e, h = r["baseline"], r["exact"], r.get("hnsw")
-        hn = (
-            f"{h['p50_ms']:.3f} / {h['p95_ms']:.3f} ms | {h['qps_one_at_a_time']:.0f} / "
-            f"{h['qps_batch_1000']:.0f} | {h['recall_at_10']:.3f} | {h['build_s']:.1f} s | "
-            f"{h['speedup_vs_exact_p50']:.1f}x"
-            if h
-            else "— | — | — | — | —"
-        )
-        lines.append(
-            f"| {r['rows']:,} | {b['p50_ms']:.2f} / {b['p95_ms']:.2f} ms | "
-            f"{e['p50_ms']:.3f} / {e['p95_ms']:.3f} ms | {e['qps_one_at_a_time']:.0f} / "
-            f"{e['qps_batch_1000']:.0f} | {hn} |"
-        )
-    return "\n".join(lines)
+    return records_table(COLS, rows)
 
 
 def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     n = [r["rows"] for r in rows]
     ax.loglog(n, [r["baseline"]["p50_ms"] for r in rows], "o-", label="numpy brute force")
@@ -201,8 +205,7 @@ def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
     ax.set_title(f"top-10 search, {rows[0]['dims']} dims, 2 cores")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

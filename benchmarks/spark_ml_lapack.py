@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 import numpy as np
 
 from benchmarks._common import RESULTS_DIR, emit, quiet_env, run_worker
+from benchmarks._table import table
 
 F2J = "-Ddev.ludovic.netlib.lapack.nativeLibPath=/nonexistent/liblapack.so"
 
@@ -102,6 +103,22 @@ def _worker(args) -> None:
     spark.stop()
 
 
+def report(runs: Dict[str, Any]) -> None:
+    """Print one row per LAPACK asked for, an example of a wrong answer under it."""
+    body, examples = [], []
+    for lapack, r in runs.items():
+        share = r["invalid"] / max(1, r["trials"])
+        shape = f"{r['rows']} x {r['columns']} ({r['nonzero_columns']})"
+        body.append([lapack, r["lapack"], shape, f"{r['invalid']}/{r['trials']} ({share:.0%})"])
+        examples += [f"{lapack}: e.g. {reason}" for reason in r["first_reasons"][:1]]
+    headers = ["asked for", "LAPACK used", "rows x cols (non-zero)", "invalid answers"]
+    print(table(headers, body))
+    for line in examples:
+        print(line)
+    if runs["native"]["lapack"] != "JNILAPACK":
+        print("note: no native liblapack.so.3 loaded (install Debian's libopenblas0 or liblapack3)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--features", default="", help="a features Parquet (default: synthetic)")
@@ -124,16 +141,7 @@ def main(argv=None) -> int:
         runs[lapack] = run_worker(
             Path(__file__), ["--_worker", f"--lapack={lapack}", *common], logs / f"{lapack}.log"
         )
-    print(f"{'asked for':<10} {'LAPACK used':<12} {'rows x cols (non-zero)':<26} invalid answers")
-    for lapack, r in runs.items():
-        shape = f"{r['rows']} x {r['columns']} ({r['nonzero_columns']})"
-        share = r["invalid"] / max(1, r["trials"])
-        count = f"{r['invalid']}/{r['trials']} ({share:.0%})"
-        print(f"{lapack:<10} {r['lapack']:<12} {shape:<26} {count}")
-        for reason in r["first_reasons"][:1]:
-            print(f"{'':<10} e.g. {reason}")
-    if runs["native"]["lapack"] != "JNILAPACK":
-        print("note: no native liblapack.so.3 loaded (install Debian's libopenblas0 or liblapack3)")
+    report(runs)
     import json
 
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import json
 import logging
 from typing import Any, Callable, Collection, Dict, List, Optional, Type
 
-from cluster import guard, spec
+from cluster import guard, sizing, spec
 from stages.errors import UsageError
 from stages.params import FeaturizeParams, ModelParams, ReduceParams, StageParams, WatchParams
 
@@ -109,7 +109,7 @@ def _add_cluster_options(
     if engine_option:  # `emr run` has the featurize stage's own --engine
         g.add_argument(
             "--engine",
-            choices=sorted(spec.PYTHON_WORKER_MIB),
+            choices=sorted(sizing.PYTHON_WORKER_MIB),
             default="litert",
             help="featurize engine the executors are sized for (default litert; keras "
             "workers need 2 GiB each)",
@@ -125,7 +125,7 @@ def _add_cluster_options(
     g.add_argument(
         "--instance-type",
         default="m5.large",
-        help=f"EC2 type of every node: {', '.join(spec.INSTANCE_TYPES)} (default m5.large)",
+        help=f"EC2 type of every node: {', '.join(sizing.INSTANCE_TYPES)} (default m5.large)",
     )
     g.add_argument("--core", type=_int, default=2, help="core nodes (default 2)")
     g.add_argument("--task", type=_int, default=0, help="task nodes (default 0)")
@@ -277,7 +277,7 @@ def _cmd_plan(args) -> int:
     logger.info(
         f"emr plan: {cost['nodes']} x {opts.instance_type} in {opts.region}, "
         f"~{cost['total_usd']:.3f} USD/h on-demand (EC2 {cost['ec2_usd']:.3f} + EMR "
-        f"{cost['emr_usd']:.3f}; prices are assumptions, see cluster/spec.py); nothing created"
+        f"{cost['emr_usd']:.3f}; prices are assumptions, see cluster/sizing.py); nothing created"
     )
     _print_json(request, indent=2)
     return 0

@@ -101,6 +101,7 @@ def test_wheel_holds_packages_and_their_data():
         "stages/weights/mobilenet_v2_imagenet_alpha0.35_224_no_top.h5",
         "linalg/__init__.py",
         "cluster/spec.py",
+        "cluster/sizing.py",
         "cluster/bootstrap-emr.sh",
     ):
         assert required in names

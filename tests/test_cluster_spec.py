@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster import spec
+from cluster import sizing, spec
 from cluster.spec import ClusterOptions, build_request, code_uri, stage_step
 from stages.errors import UsageError
 
@@ -122,7 +122,7 @@ def test_notebook_sessions_get_the_step_layout_not_sparkmagics_defaults(instance
     # EMR writes each property into sparkmagic's config.json: nested objects as JSON text
     session = json.loads(props["session_configs"])
     defaults = _classification(req, "spark-defaults")["Properties"]
-    lay = spec.executor_layout(instance_type)
+    lay = sizing.executor_layout(instance_type)
     # sparkmagic's own executorCores 2 would put two Python workers in a one-worker executor
     assert session["executorCores"] == lay.cores == int(defaults["spark.executor.cores"])
     assert session["conf"]["spark.task.cpus"] == defaults["spark.task.cpus"]
@@ -135,7 +135,7 @@ def test_notebook_sessions_get_the_step_layout_not_sparkmagics_defaults(instance
     # the driver builds the model once in its Python process: a step driver's container
     assert session["driverMemory"] == defaults["spark.driver.memory"]
     overhead = _mib(session["conf"]["spark.driver.memoryOverhead"])
-    assert overhead >= spec.DRIVER_PYTHON_MIB  # the driver builds and converts the model
+    assert overhead >= sizing.DRIVER_PYTHON_MIB  # the driver builds and converts the model
     assert session["conf"]["spark.driver.memoryOverhead"] == defaults["spark.driver.memoryOverhead"]
     conf = session["conf"]
     assert conf["spark.pyspark.python"] == "/usr/bin/python3.11"
@@ -245,11 +245,11 @@ def test_validate_options_refuses(opts, match):
 
 
 @pytest.mark.parametrize("engine", ["litert", "keras"])
-@pytest.mark.parametrize("instance_type", sorted(spec.INSTANCE_TYPES))
+@pytest.mark.parametrize("instance_type", sorted(sizing.INSTANCE_TYPES))
 def test_spark_defaults_fit_yarn_with_the_engines_python_worker(instance_type, engine):
-    it = spec.INSTANCE_TYPES[instance_type]
+    it = sizing.INSTANCE_TYPES[instance_type]
     conf = spec.spark_defaults(instance_type, engine)
-    lay = spec.executor_layout(instance_type, engine)
+    lay = sizing.executor_layout(instance_type, engine)
     cores = int(conf["spark.executor.cores"])
     task_cpus = int(conf["spark.task.cpus"])
     heap = _mib(conf["spark.executor.memory"])
@@ -285,20 +285,10 @@ def test_memory_bound_c5_gives_each_keras_worker_two_threads():
     assert conf["spark.executor.cores"] == "2"
 
 
-def test_litert_workers_fit_where_keras_workers_do_not():
-    # 8 GiB, 4 vCPU: r5.xlarge and m5.xlarge run 4 either way; with LiteRT the executor
-    # heap gets what the Keras worker held.
-    lite, keras = spec.executor_layout("m5.xlarge"), spec.executor_layout("m5.xlarge", "keras")
-    assert lite.executors_per_node == keras.executors_per_node == 4
-    assert lite.heap_mib - keras.heap_mib == 2048 - 768
-    with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
-        spec.executor_layout("m5.large", "onnx")
-
-
 def test_regression_no_pyspark_memory_rlimit_for_tensorflow():
     # spark.executor.pyspark.memory sets RLIMIT_AS, a cap on virtual memory that
     # TensorFlow exceeds by far (3.0 GB virtual for 1.6 GB resident, measured).
-    for instance_type in spec.INSTANCE_TYPES:
+    for instance_type in sizing.INSTANCE_TYPES:
         conf = spec.spark_defaults(instance_type)
         assert "spark.executor.pyspark.memory" not in conf
         assert conf["spark.python.worker.reuse"] == "true"
@@ -310,7 +300,7 @@ def test_hourly_cost_counts_every_node():
     cost = spec.hourly_cost(
         ClusterOptions(bucket=BUCKET, core=2, task=1, instance_type="m5.xlarge")
     )
-    it = spec.INSTANCE_TYPES["m5.xlarge"]
+    it = sizing.INSTANCE_TYPES["m5.xlarge"]
     assert cost["nodes"] == 4
     assert cost["ec2_usd"] == pytest.approx(4 * it.ec2_usd)
     assert cost["total_usd"] == pytest.approx(4 * (it.ec2_usd + it.emr_usd))

@@ -1,0 +1,76 @@
+"""cluster.sizing: executor layout and prices per instance type (pure, no AWS, no boto3)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import sizing
+from stages.errors import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("engine", ["litert", "keras"])
+@pytest.mark.parametrize("instance_type", sorted(sizing.INSTANCE_TYPES))
+def test_layout_fills_yarn_memory_and_every_core(instance_type, engine):
+    it = sizing.INSTANCE_TYPES[instance_type]
+    lay = sizing.executor_layout(instance_type, engine)
+    assert lay.instance_type == instance_type and lay.engine == engine
+    assert lay.cores == lay.task_cpus  # one Python worker per executor
+    assert lay.executors_per_node * lay.task_cpus == it.vcpu  # no idle core
+    assert lay.executors_per_node * lay.container_mib <= it.yarn_mib
+    assert lay.heap_mib + lay.overhead_mib == lay.container_mib
+    assert lay.overhead_mib - sizing.JVM_OVERHEAD_MIB == lay.python_mib
+    assert lay.python_mib == {"litert": 768, "keras": 2048}[engine]
+    assert lay.heap_mib >= sizing.MIN_HEAP_MIB
+    # the driver's container is whole executor slots, with room for the TFLite conversion
+    driver = lay.driver_heap_mib + lay.driver_overhead_mib
+    assert driver == lay.driver_slots * lay.container_mib
+    assert lay.driver_overhead_mib - sizing.JVM_OVERHEAD_MIB >= sizing.DRIVER_PYTHON_MIB
+    assert lay.driver_heap_mib >= sizing.MIN_HEAP_MIB
+
+
+def test_litert_workers_fit_where_keras_workers_do_not():
+    # 8 GiB, 4 vCPU: r5.xlarge and m5.xlarge run 4 either way; with LiteRT the executor
+    # heap gets what the Keras worker held.
+    lite, keras = sizing.executor_layout("m5.xlarge"), sizing.executor_layout("m5.xlarge", "keras")
+    assert lite.executors_per_node == keras.executors_per_node == 4
+    assert lite.heap_mib - keras.heap_mib == 2048 - 768
+    with pytest.raises(UsageError, match="unknown --engine 'onnx'"):
+        sizing.executor_layout("m5.large", "onnx")
+
+
+def test_unknown_instance_type_names_the_table():
+    with pytest.raises(UsageError, match="'t2.micro' is not in the sizing table: use one of m5"):
+        sizing.executor_layout("t2.micro")
+    with pytest.raises(UsageError, match="'m7g.large' is not in the sizing table"):
+        sizing.cluster_cost_per_hour("m7g.large", 3)
+
+
+def test_cost_per_hour_is_nodes_times_ec2_plus_emr():
+    it = sizing.find_instance_type("c5.xlarge")
+    cost = sizing.cluster_cost_per_hour("c5.xlarge", 5)
+    assert cost["nodes"] == 5
+    assert cost["ec2_usd"] == pytest.approx(5 * it.ec2_usd)
+    assert cost["emr_usd"] == pytest.approx(5 * it.emr_usd)
+    assert cost["total_usd"] == pytest.approx(cost["ec2_usd"] + cost["emr_usd"])
+
+
+def test_sizing_imports_neither_the_request_builder_nor_boto3():
+    # The layers point one way: cluster.spec imports cluster.sizing, never the reverse.
+    code = (
+        "import sys, cluster.sizing; "
+        "print(' '.join(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('cluster', 'boto3', 'botocore', 'pyspark'))))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["cluster", "cluster.sizing"]
