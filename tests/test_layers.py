@@ -56,6 +56,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
         "stages.static",
         "stages.weights",
         "cluster",
+        "cluster.sizing",
         "cluster.spec",
         "cluster.guard",
         "cluster.emr",
