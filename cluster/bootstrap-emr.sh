@@ -13,11 +13,11 @@
 set -euo pipefail
 
 WHEEL_URI="${1:?usage: bootstrap-emr.sh s3://BUCKET/code/VERSION/fruits_pipeline-...-py3-none-any.whl}"
-# Overridable only so that tests/test_cluster_package.py can run this script in a sandbox.
+# Overridable only so that tests/cluster/test_package.py can run this script in a sandbox.
 PYTHON="${FRUITS_BOOTSTRAP_PYTHON:-/usr/bin/python3.11}"
 WEIGHTS_DIR="${FRUITS_BOOTSTRAP_WEIGHTS_DIR:-/opt/fruits-pipeline/weights}"
 
-# Exact versions inside pyproject.toml's ranges (tests/test_cluster_package.py checks that
+# Exact versions inside pyproject.toml's ranges (tests/cluster/test_package.py checks that
 # they agree).  numpy stays < 2: pyspark 3.5's Arrow and ML paths are not numpy-2 clean.
 # matplotlib: the notebook's figures and the report, drawn on the driver.
 PINS=(

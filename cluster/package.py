@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 PACKAGES: Tuple[str, ...] = ("stages", "linalg", "cluster")
-# pyproject.toml's [project.scripts] (tests/test_cluster_package.py checks that they agree).
+# pyproject.toml's [project.scripts] (tests/cluster/test_package.py checks that they agree).
 ENTRY_POINTS: Dict[str, str] = {"fruits-pipeline": "stages.cli:main"}
 REQUIRES_PYTHON = ">=3.9"
 SUMMARY = "Fruits! image pipeline: MobileNetV2 features on Spark, then a distributed PCA."

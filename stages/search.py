@@ -66,7 +66,7 @@ HNSW_EF_SEARCH = 128
 RECALL_QUERIES = 1000
 NEIGHBOUR_SAMPLE = 2000
 # "No close match": the nearest row is farther than this multiple of the 99th percentile
-# of the bucket's own nearest-neighbour distances (calibrated in tests/test_search.py on
+# of the bucket's own nearest-neighbour distances (calibrated in tests/stages/test_search.py on
 # left-out fruit photos against non-fruit images).
 NO_MATCH_FACTOR = 1.5
 THUMB_PX = 96

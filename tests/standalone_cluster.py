@@ -1,7 +1,7 @@
 """A real Spark standalone cluster for tests: one master and N workers on 127.0.0.1,
 each its own JVM started from the pyspark package, stopped with everything they spawned.
 
-Only for tests (``tests/test_standalone.py``); nothing here is imported by the package.
+Only for tests (``tests/stages/test_standalone.py``); nothing here is imported by the package.
 """
 
 from __future__ import annotations

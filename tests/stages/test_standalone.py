@@ -229,7 +229,7 @@ def test_a_killed_python_worker_on_an_executor_is_retried(cluster, cli_env, tmp_
 
     import psutil
 
-    from tests.test_no_image_lost import assert_one_row_per_image
+    from tests.stages.test_no_image_lost import assert_one_row_per_image
 
     photos = tmp_path / "photos"
     for i in range(3):

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -18,8 +17,8 @@ from packaging.utils import canonicalize_name
 
 from cluster import package, spec
 from stages.errors import UsageError
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = ROOT / "cluster" / "bootstrap-emr.sh"
 
 try:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import SAMPLE
-from tests.test_search import _ids, bad_inputs
+from tests.stages.test_search import _ids, bad_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -178,7 +178,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_a_model_saved_by_the_previous_version_loads(tmp_path):
-    # tests/data/main_results/pca_model was written by PCAModel.save before the
+    # tests/stages/data/main_results/pca_model was written by PCAModel.save before the
     # estimator existed (12 rows of rows.txt, k=3, a constant column): same format.
     X = np.loadtxt(MAIN_RESULTS / "rows.txt")
     model = PCAModel.load(str(MAIN_RESULTS))

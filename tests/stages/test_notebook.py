@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 NOTEBOOK = ROOT / "notebooks" / "fruits_pipeline.ipynb"
 SAMPLE = ROOT / "sample" / "fruits360"
 KERNEL = "fruits-pipeline-test"
@@ -51,7 +52,7 @@ def test_notebook_runs_the_chain_on_the_sample(tmp_path, monkeypatch):
     assert re.search(r"^RESULTS = ", params.source, re.M)
     features, results = tmp_path / "Features", tmp_path / "Results"
     params.source += (
-        "\n# injected by tests/test_notebook.py\n"
+        "\n# injected by tests/stages/test_notebook.py\n"
         f"INPUT = {str(SAMPLE)!r}\nFEATURES = {str(features)!r}\nRESULTS = {str(results)!r}\n"
     )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))

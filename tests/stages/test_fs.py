@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages.fs import HadoopFileSystem, LocalFileSystem, filesystem, local_path
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_local_filesystem_never_imports_pyspark(tree):
         f"t = filesystem().read_parquet({str(tree / 'table')!r}, ['path'], where_valid='error')\n"
         "print(t.num_rows, 'pyspark' in sys.modules, 'py4j' in sys.modules)\n"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

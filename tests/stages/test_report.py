@@ -20,8 +20,8 @@ import pytest
 
 from stages import report
 from stages.errors import UsageError
+from tests.conftest import SAMPLE
 
-SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "fruits360"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless",

@@ -29,7 +29,6 @@ from cluster import package, spec
 
 pytestmark = pytest.mark.cluster  # a throw-away venv and a real pip install
 
-ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "fruits-eu"
 # Never linked into the sandbox: Spark's Python (EMR's own) and every trace of the project.
 _LEFT_OUT = ("pyspark", "py4j", "fruits_pipeline", "__editable__", "sagemaker_pyspark")
