@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import subprocess
-import tempfile
 from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,20 +19,9 @@ import pytest
 
 from stages import report
 from stages.errors import UsageError
+from tests.chromium import Chromium, needs_chromium
 from tests.conftest import SAMPLE
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-]
 # Written into the DOM once the page has loaded: what the browser made of each image.
 IMAGE_CHECK = """<script>
 window.addEventListener("load", function () {
@@ -113,14 +101,7 @@ def _decode(data_uri: str):
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        return subprocess.run(
-            [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+    return Chromium(["--hide-scrollbars", *args], capture=True).communicate(timeout=120)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -452,9 +433,7 @@ def test_cli_report_default_out(results_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
-)
+@needs_chromium
 def test_every_image_loads_in_chromium(built, tmp_path):
     path, text = built
     probe = tmp_path / "probe.html"

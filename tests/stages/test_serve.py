@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -16,23 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.chromium import Chromium, needs_chromium
 from tests.conftest import SAMPLE
 from tests.stages.test_search import _ids, bad_inputs
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--remote-debugging-port=0",
-    "--remote-allow-origins=*",
-]
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +165,11 @@ class DevTools:
     def __init__(self) -> None:
         import websocket
 
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
-        self.proc = subprocess.Popen(
-            [
-                str(CHROMIUM),
-                *CHROMIUM_FLAGS,
-                f"--user-data-dir={self._profile.name}",
-                "about:blank",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.chromium = Chromium(
+            ["--remote-debugging-port=0", "--remote-allow-origins=*", "about:blank"]
         )
-        active = Path(self._profile.name) / "DevToolsActivePort"
+        self.proc = self.chromium.proc
+        active = self.chromium.profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (active.exists() and active.read_text().strip()):
             assert self.proc.poll() is None, "chromium exited"
@@ -236,13 +215,7 @@ class DevTools:
 
     def close(self) -> None:
         self.ws.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(15)
-        self._profile.cleanup()
+        self.chromium.close()
 
 
 STATE = """JSON.stringify({
@@ -254,9 +227,7 @@ STATE = """JSON.stringify({
 })"""
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
-)
+@needs_chromium
 def test_page_in_chromium(server, sample_left_out, tmp_path):
     photo, label = sample_left_out[1][5]
     browser = DevTools()
