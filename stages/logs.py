@@ -4,9 +4,10 @@ Every module reports through ``logging.getLogger(__name__)``; a library never
 configures logging, so only an application (the CLI, a notebook) calls
 :func:`configure_logging`.  It sends:
 
-- to the console (stderr), the message alone, as the progress lines always looked:
-  INFO and above by default, WARNING and above with ``--quiet``, DEBUG with ``-v``;
-  other libraries (py4j, botocore, TensorFlow) only their warnings, unless ``-vv``;
+- to the console (stderr), the message alone, as the progress lines always looked (a
+  record's traceback only with ``--debug``): INFO and above by default, WARNING and
+  above with ``--quiet``, DEBUG with ``-v``; other libraries (botocore, TensorFlow)
+  only their warnings and py4j nothing, unless ``-vv``;
 - to the run's log file (the one that receives Spark's log and failures' traces),
   every record of the project at DEBUG, with time, level and logger name.
 """
@@ -53,6 +54,23 @@ class _OthersWarnOnly(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or _is_ours(record.name)
+
+
+class _NoPy4j(logging.Filter):
+    """py4j's records stay off the console below ``-vv``: a failure it logs (with the
+    Python trace of a ``foreachBatch`` call) also reaches us as an exception, which the
+    CLI turns into its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("py4j")
+
+
+class _MessageOnly(logging.Formatter):
+    """The message alone: a record's traceback goes to the log file, and to the console
+    only with ``--debug``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
 
 
 def _is_ours(name: str) -> bool:
@@ -107,7 +125,9 @@ def configure_logging(
 
     console = _ConsoleHandler(stream)
     console.setLevel(console_level(verbosity, debug))
-    console.setFormatter(logging.Formatter("%(message)s"))
+    console.setFormatter(logging.Formatter("%(message)s") if debug else _MessageOnly())
+    if verbosity < 2:
+        console.addFilter(_NoPy4j())
     _installed.append(console)
     if log_file:
         try:

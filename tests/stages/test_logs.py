@@ -11,7 +11,7 @@ from stages import logs
 from stages.logs import configure_logging
 
 STAGE = logging.getLogger("stages.featurize")
-OTHER = logging.getLogger("py4j.clientserver")
+OTHER = logging.getLogger("botocore.credentials")
 FILE_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: .+$"
 )
@@ -39,9 +39,9 @@ def _emit_all() -> None:
     STAGE.debug("featurize: detail")
     STAGE.info("featurize: wrote 3 rows")
     STAGE.warning("index: 1 image folder(s) gone: no thumbnails there")
-    OTHER.debug("py4j: debug chatter")
-    OTHER.info("py4j: info chatter")
-    OTHER.warning("py4j: a warning")
+    OTHER.debug("botocore: debug chatter")
+    OTHER.info("botocore: info chatter")
+    OTHER.warning("botocore: a warning")
 
 
 def _err_lines(capsys) -> list:
@@ -54,7 +54,7 @@ def test_default_prints_progress_lines_as_they_always_looked(capsys):
     assert _err_lines(capsys) == [
         "featurize: wrote 3 rows",
         "index: 1 image folder(s) gone: no thumbnails there",
-        "py4j: a warning",
+        "botocore: a warning",
     ]
 
 
@@ -63,7 +63,7 @@ def test_quiet_hides_progress_but_not_warnings(capsys):
     _emit_all()
     assert _err_lines(capsys) == [
         "index: 1 image folder(s) gone: no thumbnails there",
-        "py4j: a warning",
+        "botocore: a warning",
     ]
 
 
@@ -75,7 +75,7 @@ def test_verbose_shows_our_debug_but_not_other_libraries_chatter(capsys):
         "featurize: detail",
         "featurize: wrote 3 rows",
         "index: 1 image folder(s) gone: no thumbnails there",
-        "py4j: a warning",
+        "botocore: a warning",
     ]
 
 
@@ -83,7 +83,7 @@ def test_very_verbose_also_shows_other_libraries_debug(capsys):
     configure_logging(2)
     _emit_all()
     lines = _err_lines(capsys)
-    assert "py4j: debug chatter" in lines and "featurize: detail" in lines
+    assert "botocore: debug chatter" in lines and "featurize: detail" in lines
     assert len(lines) == 6
 
 
@@ -109,7 +109,7 @@ def test_the_log_file_gets_every_record_at_debug_with_time_and_logger(tmp_path, 
         "DEBUG stages.featurize: featurize: detail",
         "INFO stages.featurize: featurize: wrote 3 rows",
         "WARNING stages.featurize: index: 1 image folder(s) gone: no thumbnails there",
-        "WARNING py4j.clientserver: py4j: a warning",
+        "WARNING botocore.credentials: botocore: a warning",
     ]
     assert len(_err_lines(capsys)) == 2  # the console stayed quiet
 
@@ -168,3 +168,34 @@ def test_python_dash_m_stages_cli_logs_under_the_same_names(tmp_path):
     assert proc.stderr.startswith("fruits-pipeline emr policy --bucket fruits-eu -v (log file ")
     (log,) = tmp_path.glob("fruits-pipeline-*.log")
     assert " DEBUG stages.cli: fruits-pipeline emr policy " in log.read_text(encoding="utf-8")
+
+
+def _failing_call(logger: logging.Logger, message: str) -> None:
+    try:
+        raise ValueError("boom in a foreachBatch call")
+    except ValueError:
+        logger.exception(message)
+
+
+@pytest.mark.parametrize("verbosity", [-1, 0, 1])
+def test_no_trace_reaches_the_console_without_debug(tmp_path, capsys, verbosity):
+    log_file = tmp_path / "run.log"
+    configure_logging(verbosity, str(log_file))
+    # py4j logs a failed Python callback (a watch micro-batch) with its trace; the
+    # failure reaches the CLI as an exception too, which prints it as one line.
+    _failing_call(logging.getLogger("py4j.clientserver"), "An error occurred in the callback")
+    _failing_call(STAGE, "featurize: a step failed")
+    assert _err_lines(capsys) == ["featurize: a step failed"]
+    text = log_file.read_text(encoding="utf-8")
+    assert text.count("Traceback (most recent call last)") == 2  # both, whole, in the file
+    assert "ValueError: boom in a foreachBatch call" in text
+
+
+def test_debug_shows_the_traces_and_vv_shows_py4j(capsys):
+    configure_logging(0, debug=True)
+    _failing_call(STAGE, "featurize: a step failed")
+    err = capsys.readouterr().err
+    assert err.startswith("featurize: a step failed\nTraceback") and "ValueError: boom" in err
+    configure_logging(2)
+    _failing_call(logging.getLogger("py4j.clientserver"), "An error occurred in the callback")
+    assert "An error occurred in the callback" in capsys.readouterr().err
