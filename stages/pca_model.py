@@ -18,11 +18,12 @@ array([[...]])  # (1, k): featurized with the same weights, standardised, projec
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -157,7 +158,7 @@ class PCAModel:
         from stages.feature_matrix import is_dataframe
 
         if is_dataframe(X):
-            return self._transform_frame(X)
+            return self._transform_frame(X)[0]
         X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.fit.n_features:
             raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
@@ -185,7 +186,17 @@ class PCAModel:
                 "fitted on: featurize them with the same --weights"
             )
         matrix, _ = feature_rows(df, self.fit.n_features)
-        return projections_frame(df.sparkSession, self.project_matrix(matrix))
+        projected = self.project_matrix(matrix)
+        return projections_frame(df.sparkSession, projected), projected
+
+    @contextlib.contextmanager
+    def projected(self, df) -> Iterator[Any]:
+        """``transform(df)`` for the length of a ``with`` block, whose broadcast is
+        destroyed at its end (a stream projects one DataFrame per micro-batch: each
+        would otherwise leave its broadcast and its driver-side file behind)."""
+        frame, projected = self._transform_frame(df)
+        with projected:
+            yield frame
 
     def project_matrix(self, matrix):
         """``matrix`` (a :class:`linalg.distributed.RowMatrix` of features) projected (lazy).

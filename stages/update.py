@@ -262,9 +262,10 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     if hadoopfs.exists(spark, final):
         return 0
     staging = f"{results}/_staging/watch-{run}"
-    # The model's DataFrame transform (error rows skipped), in one file.
-    projected = model.transform(spark.read.parquet(table.run_uri(run)))
-    projected.coalesce(1).write.mode("overwrite").parquet(staging)
+    # The model's DataFrame transform (error rows skipped), in one file; its broadcast
+    # goes with the block (one per micro-batch of a watch).
+    with model.projected(spark.read.parquet(table.run_uri(run))) as projected:
+        projected.coalesce(1).write.mode("overwrite").parquet(staging)
     parts = [u for u, _ in hadoopfs.list_files(spark, staging, ".parquet")]
     if not parts:  # a run of error rows only: nothing to project
         hadoopfs.delete(spark, staging)

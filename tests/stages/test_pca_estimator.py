@@ -240,6 +240,29 @@ def test_fit_and_transform_a_random_dataframe(spark):
         np.testing.assert_allclose(got[f"file:/x/C{i % 3}/{i}.jpg"], expected[i], atol=1e-9)
 
 
+def test_projected_releases_its_broadcast_at_the_end_of_the_block(spark):
+    import os
+
+    rng = np.random.default_rng(12)
+    X = rng.standard_normal((20, 6))
+    df = _frame(spark, X, partitions=2)
+    model = PCA(k=3).fit(df)
+    temp = spark.sparkContext._temp_dir  # where pyspark keeps a broadcast's driver-side file
+
+    def files() -> set:
+        return set(os.listdir(temp))
+
+    before = files()
+    for _ in range(3):  # a watch: one projection per micro-batch
+        with model.projected(df) as projected:
+            got = _collect(projected)
+            assert files() - before  # the block's broadcast exists while it runs
+    assert files() == before
+    expected = model.transform(X.astype(np.float32))  # the DataFrame holds float32
+    for i in range(20):
+        np.testing.assert_allclose(got[f"file:/x/C{i % 3}/{i}.jpg"], expected[i], atol=1e-9)
+
+
 def test_fit_refuses_k_above_the_length_or_the_rank(spark):
     X = np.random.default_rng(2).standard_normal((4, 7))
     df = _frame(spark, X, partitions=2)
