@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -81,21 +82,31 @@ class Option:
             raise argparse.ArgumentTypeError(f"{text} {problem}")
         return value
 
-    def validate(self, value: Any) -> None:
-        """Raise :class:`UsageError` when ``value`` (from Python) is not allowed."""
+    def validate(self, value: Any, default: Any = None) -> Any:
+        """``value`` (from Python) as this option's kind; :class:`UsageError` when it is
+        not allowed.  ``None`` is allowed only where it is the default (not given)."""
         if value is None:
-            return
+            if default is None:
+                return None
+            raise UsageError(f"{self.flag} must not be None (default {default!r})")
         kind = self.kind
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
         if not ok:
             raise UsageError(f"{self.flag} {value!r} must be of type {kind.__name__}")
+        value = kind(value)  # numpy's int64 or float32 become Python's
         if self.choices and value not in self.choices:
             raise UsageError(f"{self.flag} {value!r} must be one of {', '.join(self.choices)}")
         problem = self.check(value) if self.check else None
         if problem:
             raise UsageError(f"{self.flag} {value} {problem}")
+        return value
 
 
 def _option(default: Any, **option: Any) -> Any:
@@ -127,26 +138,29 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds?|m|min|minutes?
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
-def parse_duration(text: str) -> float:
-    """Seconds in ``10s``, ``500ms``, ``2min``, ``1h`` or ``30 seconds``."""
+def _seconds(text: str) -> Optional[float]:
     m = _DURATION.match(text)
     if not m:
-        raise UsageError(f"--trigger {text!r} is not a duration: use e.g. 10s, 500ms, 2min")
+        return None
     unit = m.group(2)
     unit = unit.rstrip("s") if unit.startswith(("second", "minute", "hour")) else unit
     scale = {"second": 1, "minute": 60, "hour": 3600}.get(unit, _UNIT_SECONDS.get(unit, 1))
-    seconds = float(m.group(1)) * scale
-    if seconds <= 0:
-        raise UsageError(f"--trigger {text!r} must be more than 0")
-    return seconds
+    return float(m.group(1)) * scale
 
 
 def _duration(text: str) -> Optional[str]:
-    try:
-        parse_duration(text)
-    except UsageError:
+    seconds = _seconds(text)
+    if seconds is None:
         return "is not a duration: use e.g. 10s, 500ms, 2min"
-    return None
+    return "must be more than 0" if seconds <= 0 else None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``10s``, ``500ms``, ``2min``, ``1h`` or ``30 seconds``."""
+    problem = _duration(text)
+    if problem:
+        raise UsageError(f"--trigger {text!r} {problem}")
+    return float(_seconds(text))  # type: ignore[arg-type]
 
 
 class StageParams:
@@ -154,7 +168,8 @@ class StageParams:
 
     def __post_init__(self) -> None:
         for f, option in self.options():
-            option.validate(getattr(self, f.name))
+            value = option.validate(getattr(self, f.name), f.default)
+            object.__setattr__(self, f.name, value)  # frozen: the checked, converted value
         self.cross_check()
 
     def cross_check(self) -> None:

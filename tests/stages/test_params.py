@@ -185,3 +185,42 @@ def test_every_parameter_class_is_a_frozen_dataclass_of_options():
         assert issubclass(cls, StageParams)
         with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign"):
             cls().overwrite = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "cls, field, default",
+    [
+        (FeaturizeParams, "weights", "bundled"),
+        (FeaturizeParams, "jpeg_draft", 0),
+        (FeaturizeParams, "overwrite", False),
+        (FeaturizeParams, "exif_orientation", True),
+        (ReduceParams, "update", False),
+        (WatchParams, "available_now", False),
+    ],
+)
+def test_none_is_refused_where_the_default_is_a_value(cls, field, default):
+    # Else `overwrite=None` would be falsy here but `--overwrite` on an EMR step.
+    with pytest.raises(UsageError, match=rf"must not be None \(default {default!r}\)"):
+        cls(**{field: None})
+
+
+def test_numpy_numbers_are_taken_as_python_ones():
+    import numpy as np
+
+    params = ReduceParams(k=np.int64(3))
+    assert params.k == 3 and type(params.k) is int
+    assert params.to_argv() == ["--k", "3"]
+    assert type(WatchParams(stop_after=np.float32(2.5)).stop_after) is float
+    with pytest.raises(UsageError, match="--k True must be of type int"):
+        ReduceParams(k=True)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [("0s", "must be more than 0"), ("soon", "is not a duration"), ("-1s", "is not a duration")],
+)
+def test_a_bad_trigger_says_why(text, reason):
+    with pytest.raises(UsageError, match=f"--trigger {text} {reason}"):
+        WatchParams(trigger=text)
+    with pytest.raises(argparse.ArgumentError, match=f"{text} {reason}"):
+        _parser(WatchParams).parse_args([f"--trigger={text}"])
