@@ -31,6 +31,7 @@ from linalg.kernels import BlockMoments, PCAFit, project
 
 __all__ = ["PCAModel"]
 
+MODEL_DIR = "pca_model"
 ARRAYS = "arrays.npz"
 META = "model.json"
 
@@ -325,9 +326,7 @@ class PCAModel:
         Hadoop URI when a SparkSession is given (:func:`stages.fs.filesystem`)."""
         from stages.fs import filesystem
 
-        base = results.rstrip("/")
-        if not base.endswith("pca_model"):
-            base = base + "/pca_model"
+        base = _model_dir(results)
         fs = filesystem(spark)
         return cls.from_files(fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{META}"))
 
@@ -336,10 +335,19 @@ class PCAModel:
         path, or any Hadoop URI when a SparkSession is given; returns its URI."""
         from stages.fs import filesystem
 
-        base = results.rstrip("/")
-        if not base.endswith("pca_model"):
-            base = base + "/pca_model"
+        base = _model_dir(results)
         fs = filesystem(spark)
         for name, data in self.to_files().items():
             fs.write_bytes(f"{base}/{name}", data)
         return base
+
+
+def _model_dir(results: Any) -> str:
+    """``RESULTS/pca_model``, or ``results`` itself when it is a ``pca_model`` folder."""
+    if not isinstance(results, (str, os.PathLike)):
+        raise TypeError(
+            f"expected the RESULTS path first, got {type(results).__name__}: "
+            "PCAModel.save(path, spark=None) and PCAModel.load(path, spark=None)"
+        )
+    base = os.fspath(results).rstrip("/")
+    return base if base.rsplit("/", 1)[-1] == MODEL_DIR else f"{base}/{MODEL_DIR}"

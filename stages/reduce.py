@@ -43,7 +43,7 @@ from stages.feature_matrix import (
 from stages.outputs import atomic_output, check_disjoint
 from stages.params import ReduceParams
 from stages.pca import PCA
-from stages.pca_model import PCAModel
+from stages.pca_model import MODEL_DIR, PCAModel
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _reduce(spark, features, results, target, pca, check, featurize_report, inde
 
         with model.project_matrix(opened.matrix) as projected:
             write_projections(spark, projected, target.rstrip("/") + "/projections")
-        model.save(target, spark)
+        model.save(target.rstrip("/") + "/" + MODEL_DIR, spark)  # whatever RESULTS is named
         t_write = time.perf_counter()
 
     summary: Dict[str, Any] = {

@@ -83,7 +83,7 @@ def update_reduce(
     from stages.contract import model_identity
     from stages.feature_matrix import read_feature_matrix, write_projections
     from stages.pca import PCA
-    from stages.pca_model import PCAModel
+    from stages.pca_model import MODEL_DIR, PCAModel
     from stages.reduce import reduce_features
 
     params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
@@ -205,7 +205,7 @@ def update_reduce(
                 write_projections(spark, projected, f"{tmp}/projections")
         finally:
             handle.unpersist(False)
-        new_model.save(tmp, spark)
+        new_model.save(tmp.rstrip("/") + "/" + MODEL_DIR, spark)
         t_write = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         logger.info(

@@ -175,6 +175,11 @@ def test_save_load_round_trip(tmp_path):
     # Saving into .../pca_model itself writes there, so load(path) reads what save(path) wrote.
     model.save(str(tmp_path / "Other" / "pca_model"))
     assert (tmp_path / "Other" / "pca_model" / "model.json").is_file()
+    # Only a folder named pca_model: RESULTS named run_pca_model still gets its own.
+    model.save(tmp_path / "run_pca_model")
+    assert (tmp_path / "run_pca_model" / "pca_model" / "model.json").is_file()
+    with pytest.raises(TypeError, match=r"expected the RESULTS path first, got dict"):
+        model.save({"spark": "session"})  # the old save(spark, path) order
 
 
 def test_a_model_saved_by_the_previous_version_loads(tmp_path):
