@@ -275,11 +275,27 @@ def _record_failure(args, exc: BaseException) -> Optional[str]:
         return None
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(f"{PROG} {' '.join(getattr(args, 'argv', []))}\n")
+            f.write(f"{PROG} {' '.join(redacted(getattr(args, 'argv', [])))}\n")
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
     except OSError:
         return None
     return path
+
+
+def redacted(argv: List[str]) -> List[str]:
+    """``argv`` with the values of ``--conf KEY=VALUE`` hidden (an S3 secret key may be
+    one), for the log file and ``-v``."""
+    out: List[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next and "=" in arg:
+            arg = arg.split("=", 1)[0] + "=***"
+        elif arg.startswith("--conf=") and arg.count("=") >= 2:
+            flag, key, _ = arg.split("=", 2)
+            arg = f"{flag}={key}=***"
+        hide_next = arg == "--conf"
+        out.append(arg)
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -305,7 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from stages.logs import configure_logging
 
     configure_logging(-1 if quiet else verbose, args.log_file, debug)
-    logger.debug("%s %s (log file %s)", PROG, " ".join(argv), args.log_file)
+    logger.debug("%s %s (log file %s)", PROG, " ".join(redacted(argv)), args.log_file)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

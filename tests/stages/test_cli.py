@@ -192,6 +192,21 @@ def test_corrupt_parquet_is_one_line_exit_2_and_the_trace_is_logged(spark, capsy
     assert not (tmp_path / "R").exists()
 
 
+def test_a_conf_value_never_reaches_the_log_or_the_console(spark, capsys, tmp_path):
+    secret = "spark.hadoop.fs.s3a.secret.key=SUPERSECRET"
+    bad = tmp_path / "F"
+    bad.mkdir()
+    (bad / "part-00000.snappy.parquet").write_bytes(b"PAR1 this is not parquet")
+    (bad / "_SUCCESS").touch()
+    argv = ["reduce", str(bad), str(tmp_path / "R"), "--k", "2", "-v", "--conf", secret]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    log = _log_of(line)
+    assert "SUPERSECRET" not in err and "SUPERSECRET" not in log
+    assert "--conf spark.hadoop.fs.s3a.secret.key=***" in log  # the key says what was set
+
+
 def test_non_finite_features_are_one_line(spark, capsys, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
