@@ -34,6 +34,7 @@ import numpy as np
 
 from linalg.kernels import pca_answer_problems
 from stages import hadoopfs
+from stages.errors import UsageError
 from stages.feature_matrix import (
     PROJECTIONS_SCHEMA,
     open_features,
@@ -90,6 +91,12 @@ def reduce_features(
     if params.update:
         from stages.update import update_reduce
 
+        if not index or featurize_report is not None:
+            raise UsageError(
+                "update=True keeps RESULTS whole: its search index is rebuilt and it "
+                "records no featurize report (index=False and featurize_report are for a "
+                "full reduce)"
+            )
         return update_reduce(spark, features, results, params)
     pca = PCA(k=params.k, variance=params.variance)
     check, overwrite = params.check, params.overwrite

@@ -96,6 +96,13 @@ def test_update_after_a_prune_falls_back_to_a_full_pass(spark, growing):
     assert summary["rows"] == 67
 
 
+def test_update_refuses_options_it_would_ignore(tmp_path):
+    # Checked before any Spark job: no session needed.
+    for kwargs in ({"index": False}, {"featurize_report": {"images": 1}}):
+        with pytest.raises(UsageError, match="update=True keeps RESULTS whole"):
+            reduce_features(None, str(tmp_path / "F"), str(tmp_path / "R"), update=True, **kwargs)
+
+
 def test_update_needs_a_saved_model_or_no_results_at_all(spark, growing, tmp_path):
     _, _, features = growing
     (tmp_path / "Other").mkdir()
