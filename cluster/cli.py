@@ -359,7 +359,7 @@ def _run_bucket(args) -> str:
 
 def _cmd_run(args) -> int:
     from cluster import emr
-    from stages.cli import default_features_path
+    from stages.outputs import default_features_path
 
     featurize_argv = _stage_argv(args, "featurize")  # checked as the stages check them
     reduce_argv = _stage_argv(args, "reduce")

@@ -14,13 +14,14 @@ import argparse
 import json
 import logging
 import os
-import posixpath
 import sys
 import time
 from typing import List, Optional
 
 from stages.errors import EXIT_USAGE, UsageError, explain
+from stages.outputs import default_features_path
 from stages.params import FeaturizeParams, ReduceParams, WatchParams
+from stages.session import cli_session
 
 PROG = "fruits-pipeline"
 logger = logging.getLogger("stages.cli")  # not __name__: `python -m stages.cli` runs it as __main__
@@ -150,30 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PATH_ARGS = ("input", "output", "features", "results")
-
-
-def cli_session(args, app: str):
-    """The SparkSession of a command: its master, --conf, s3a settings and log file."""
-    from stages.s3a import needs_s3a, s3a_conf
-    from stages.session import spark_session
-
-    conf = {"spark.ui.showConsoleProgress": "false" if args.quiet else "true"}
-    if needs_s3a(getattr(args, name, None) for name in _PATH_ARGS):
-        conf.update(s3a_conf())
-    conf.update(dict(getattr(args, "conf", None) or []))
-    # Keys only: a --conf value may be a secret (an S3 key), and the log file stays.
-    master = args.master or "default"
-    logger.debug("spark: %s, master %s, settings %s", app, master, ", ".join(sorted(conf)))
-    return spark_session(
-        app,
-        master=args.master,
-        conf=conf,
-        log_file=getattr(args, "log_file", None),
-        console_log=bool(getattr(args, "debug", False)),
-    )
-
-
 def _cmd_featurize(args) -> int:
     from stages.engine import check_engine
     from stages.featurize import featurize
@@ -205,14 +182,6 @@ def _cmd_reduce(args) -> int:
         keys = _SUMMARY_KEYS + (("update",) if params.update else ())
         print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
-
-
-def default_features_path(results: str) -> str:
-    """``Features`` beside ``results`` (``s3://b/Results/`` -> ``s3://b/Features``)."""
-    parent = posixpath.dirname(results.rstrip("/"))
-    if not parent or parent.endswith(":") or parent.endswith(":/"):
-        raise UsageError(f"cannot put Features beside {results}: pass --features PATH")
-    return posixpath.join(parent, "Features")
 
 
 def _cmd_run(args) -> int:

@@ -29,7 +29,14 @@ from urllib.parse import urlparse
 from stages import hadoopfs
 from stages.errors import UsageError
 
-__all__ = ["normalize", "check_disjoint", "check_output", "atomic_output", "OBJECT_STORES"]
+__all__ = [
+    "normalize",
+    "check_disjoint",
+    "check_output",
+    "atomic_output",
+    "default_features_path",
+    "OBJECT_STORES",
+]
 
 OBJECT_STORES = ("s3", "s3a", "s3n", "gs", "abfs", "abfss", "wasb", "wasbs")
 
@@ -143,3 +150,11 @@ def atomic_output(spark, output: str, overwrite: bool) -> Iterator[str]:
     finally:
         if not done and hadoopfs.exists(spark, temp):
             hadoopfs.delete(spark, temp)
+
+
+def default_features_path(results: str) -> str:
+    """``Features`` beside ``results`` (``s3://b/Results/`` -> ``s3://b/Features``)."""
+    parent = posixpath.dirname(results.rstrip("/"))
+    if not parent or parent.endswith(":") or parent.endswith(":/"):
+        raise UsageError(f"cannot put Features beside {results}: pass --features PATH")
+    return posixpath.join(parent, "Features")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from stages.errors import UsageError
 from stages.search import TOP_MAX
@@ -54,8 +53,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args) -> int:
-    from stages.cli import cli_session
     from stages.search import build_index
+    from stages.session import cli_session
 
     local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
     if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
@@ -95,9 +94,3 @@ def _cmd_serve(args) -> int:
 
     serve(args.results, host=args.host, port=args.port)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from stages.cli import main
-
-    sys.exit(main())

@@ -11,13 +11,16 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-__all__ = ["spark_session", "with_retries", "LOCAL_DEFAULTS"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["cli_session", "spark_session", "with_retries", "LOCAL_DEFAULTS"]
 
 LOCAL_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
@@ -146,3 +149,28 @@ def spark_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+_PATH_ARGS = ("input", "output", "features", "results")
+
+
+def cli_session(args, app: str):
+    """The SparkSession of a ``fruits-pipeline`` command, from its parsed arguments:
+    ``--master``, ``--conf``, ``--quiet`` and ``--debug``, the s3a settings its paths
+    need, and its log file."""
+    from stages.s3a import needs_s3a, s3a_conf
+
+    conf = {"spark.ui.showConsoleProgress": "false" if args.quiet else "true"}
+    if needs_s3a(getattr(args, name, None) for name in _PATH_ARGS):
+        conf.update(s3a_conf())
+    conf.update(dict(getattr(args, "conf", None) or []))
+    # Keys only: a --conf value may be a secret (an S3 key), and the log file stays.
+    master = args.master or "default"
+    logger.debug("spark: %s, master %s, settings %s", app, master, ", ".join(sorted(conf)))
+    return spark_session(
+        app,
+        master=args.master,
+        conf=conf,
+        log_file=getattr(args, "log_file", None),
+        console_log=bool(getattr(args, "debug", False)),
+    )

@@ -63,7 +63,8 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
         "cluster.package",
         "cluster.policy",
     ),
-    ("stages.cli", "stages.search_cli", "cluster.cli"),
+    ("stages.search_cli", "cluster.cli"),  # registered by stages.cli, never the reverse
+    ("stages.cli",),
     (
         "stages.steps",
         "stages.steps.featurize",

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from stages.cli import default_features_path, main
+from stages.cli import main
+from stages.outputs import default_features_path
 from tests.conftest import ROOT, SAMPLE
 
 
