@@ -11,13 +11,12 @@ import json
 import logging
 
 import boto3
+import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
 from cluster import emr, package, spec
 from stages.cli import main
 from stages.errors import UsageError
-
-moto = pytest.importorskip("moto")
 
 REGION = "eu-west-3"
 _build_bundle = package.build_bundle

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
 from cluster import spec
 from stages.cli import build_parser, main
-
-moto = pytest.importorskip("moto")
 
 
 @pytest.fixture(autouse=True)

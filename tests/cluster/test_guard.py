@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import boto3
+import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
 from cluster import guard
 from stages.errors import UsageError
-
-moto = pytest.importorskip("moto")
 
 
 @pytest.fixture

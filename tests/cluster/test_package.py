@@ -24,7 +24,9 @@ BOOTSTRAP = ROOT / "cluster" / "bootstrap-emr.sh"
 try:
     import tomllib
 except ImportError:  # Python < 3.11
-    tomllib = pytest.importorskip("tomli")
+    tomllib = pytest.importorskip(
+        "tomli", reason="Python < 3.11 needs tomli to read pyproject.toml"
+    )
 
 
 def _pyproject_requirements():

@@ -94,7 +94,8 @@ def test_adding_20_images_featurizes_exactly_20(spark, grown, sample_features):
     assert [r["run"] for r in table.records()] == sorted(runs)
     assert len(pd.read_parquet(features, columns=["path"]).drop_duplicates()) == 50
     # And so does DuckDB, through the hive-style run folders.
-    duckdb = pytest.importorskip("duckdb")
+    import duckdb  # a test dependency (pyproject's [test] extra)
+
     glob = str(features / "run=*" / "*.parquet")
     n, paths, n_runs = duckdb.sql(
         f"select count(*), count(distinct path), count(distinct run) "
