@@ -161,7 +161,13 @@ def _timings_section(data: ReportData) -> str:
         rate = float(feat.get("images_per_second") or float("nan"))
         out += (
             f"<p>featurize: {_num(feat.get('images'))} images in {_num(feat.get('partitions'))} "
-            f"tasks, {rate:.1f} images/s, {_num(feat.get('model_builds'))} model builds.</p>"
+            f"tasks, {rate:.1f} images/s, {_num(feat.get('model_builds'))} model builds"
+            + (
+                f" in {_num(feat['python_workers'])} Python workers"
+                if feat.get("python_workers") is not None
+                else ""
+            )
+            + ".</p>"
         )
     return out
 

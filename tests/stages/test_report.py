@@ -455,3 +455,20 @@ def test_every_image_loads_in_chromium(built, tmp_path):
         pixels = np.asarray(im.convert("L"), dtype=np.float64)
     assert pixels.shape == (2400, 1280)
     assert pixels.std() > 10  # figures and photos drawn, not a blank page
+
+
+@pytest.mark.slow
+def test_the_featurize_line_says_how_many_workers_built_the_model(results_dir, tmp_path):
+    feat = {"images": 100, "partitions": 2, "images_per_second": 28.0, "model_builds": 2}
+    pages = {}
+    for name, extra in (("new", {"python_workers": 2}), ("old", {})):  # an older summary
+        copy = tmp_path / name / "Results"
+        shutil.copytree(results_dir, copy)
+        summary = json.loads((copy / "summary.json").read_text())
+        summary["featurize"] = {**feat, **extra}
+        (copy / "summary.json").write_text(json.dumps(summary))
+        out = report.write_report(str(copy), str(tmp_path / name / "r.html"))
+        pages[name] = Path(out).read_text(encoding="utf-8")
+    line = "featurize: 100 images in 2 tasks, 28.0 images/s, 2 model builds"
+    assert f"{line} in 2 Python workers.</p>" in pages["new"]
+    assert f"{line}.</p>" in pages["old"]
