@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample" / "fruits360"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "fruits360"
 
+# The EMR bootstrap is a bash script: its tests run it (or `bash -n` it) where bash is.
+needs_bash = pytest.mark.skipif(
+    shutil.which("bash") is None,
+    reason="the EMR bootstrap is a bash script and this machine has no bash to run it",
+)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["FRUITS_SPARK_UI"] = "0"
 # The CLI's run logs go to a throw-away folder, not the developer's ~/.cache.

@@ -85,8 +85,7 @@ def close_s3a_filesystem(spark, bucket: str) -> None:
 def moto_s3_endpoint() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1, a free port; ``AWS_ENDPOINT_URL`` and dummy
     credentials set in this process while the module runs."""
-    pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # moto[server]: a test dependency
 
     # The server's werkzeug logs one line per request: hundreds per test.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

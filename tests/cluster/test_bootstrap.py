@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from cluster import package, spec
+from tests.conftest import needs_bash
 
 pytestmark = pytest.mark.cluster  # a throw-away venv and a real pip install
 
@@ -152,9 +152,7 @@ def node(tmp_path_factory):
     }
 
 
-@pytest.mark.skipif(
-    shutil.which("bash") is None, reason="the EMR bootstrap is a bash script: bash is not installed"
-)
+@needs_bash
 def test_bootstrap_installs_the_project_into_the_nodes_python(node):
     proc = node["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,9 +202,7 @@ print(json.dumps({
     assert "featurize" in help_out.stdout
 
 
-@pytest.mark.skipif(
-    shutil.which("bash") is None, reason="the EMR bootstrap is a bash script: bash is not installed"
-)
+@needs_bash
 def test_bootstrap_puts_the_bundled_weights_where_steps_look(node):
     from cluster.cli import _bundled_on_nodes
     from stages.model import BUNDLED_WEIGHTS
@@ -225,9 +221,7 @@ def test_bootstrap_puts_the_bundled_weights_where_steps_look(node):
     assert on_node.stat().st_mode & 0o004  # readable by YARN's containers
 
 
-@pytest.mark.skipif(
-    shutil.which("bash") is None, reason="the EMR bootstrap is a bash script: bash is not installed"
-)
+@needs_bash
 def test_bootstrap_fails_first_thing_when_the_wheel_is_missing(node, tmp_path):
     s3 = node["tmp"] / "s3"
     env = dict(

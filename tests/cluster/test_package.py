@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -17,7 +16,7 @@ from packaging.utils import canonicalize_name
 
 from cluster import package, spec
 from stages.errors import UsageError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, needs_bash
 
 BOOTSTRAP = ROOT / "cluster" / "bootstrap-emr.sh"
 
@@ -36,9 +35,7 @@ def _pyproject_requirements():
     return {canonicalize_name(r.name): r for r in reqs}
 
 
-@pytest.mark.skipif(
-    shutil.which("bash") is None, reason="the EMR bootstrap is a bash script: bash is not installed"
-)
+@needs_bash
 def test_bootstrap_script_parses_with_bash_n():
     proc = subprocess.run(["bash", "-n", str(BOOTSTRAP)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -292,7 +292,11 @@ def test_index_command_rebuilds_and_a_stale_index_is_refused(spark, sample_left_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs the shared data at {SHARED_DATA}")
+@pytest.mark.skipif(
+    not SHARED_DATA.is_dir(),
+    reason=f"needs the 1000 Fruits-360 photos (25 classes) at {SHARED_DATA}: the bundled "
+    "sample's 100 are too few for this vote",
+)
 def test_left_out_shared_photos_vote_their_class(spark, tmp_path):
     results, left = left_out_results(spark, SHARED_DATA, tmp_path)
     assert len(left) == 10 and len({lab for _, lab in left}) == 10
