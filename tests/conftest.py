@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 import pytest
 
@@ -163,3 +167,48 @@ def copy_images(files, dest: Path) -> None:
     for f in files:
         (dest / f.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest / f.parent.name / f.name)
+
+
+@contextmanager
+def killing_one_python_worker(roots: Callable[[], Iterable[int]]) -> Iterator[List[int]]:
+    """While the block runs, SIGKILL the first PySpark Python worker found below the
+    processes ``roots()`` names (this process in local mode, the worker daemons of a
+    standalone cluster); yields the list its pid is appended to."""
+    import psutil
+
+    killed: List[int] = []
+    stop = threading.Event()
+
+    def is_worker(proc) -> bool:
+        # A worker is a fork of pyspark.daemon, whose own parent is a JVM.
+        parent = proc.parent()
+        return (
+            "pyspark.daemon" in " ".join(proc.cmdline())
+            and parent is not None
+            and "pyspark.daemon" in " ".join(parent.cmdline())
+        )
+
+    def watch() -> None:
+        while not stop.is_set() and not killed:
+            for pid in roots():
+                try:
+                    children = psutil.Process(pid).children(recursive=True)
+                except psutil.Error:
+                    continue
+                for child in children:
+                    try:
+                        if is_worker(child):
+                            child.send_signal(signal.SIGKILL)
+                            killed.append(child.pid)
+                            return
+                    except psutil.Error:  # gone meanwhile
+                        continue
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join(5)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterable
@@ -28,7 +27,7 @@ from PIL import Image
 from stages.cli import main
 from stages.errors import UsageError
 from stages.featurize import featurize
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, killing_one_python_worker
 
 pytestmark = pytest.mark.slow
 
@@ -362,43 +361,13 @@ def test_exif_orientation_is_applied_by_default_and_can_be_ignored(spark, tmp_pa
 
 def test_a_killed_python_worker_is_retried_and_the_output_is_exact(spark, photos, tmp_path):
     # Regression: local mode ran each task once, so one killed worker failed the job.
-    import psutil
-
     assert spark.sparkContext.master.endswith(",4]")  # local[N,4]: 4 attempts a task
     big = tmp_path / "big"
     for i in range(6):
         shutil.copytree(photos, big / f"c{i}")
-    killed: list = []
-
-    def kill_one_worker(stop: threading.Event) -> None:
-        me = psutil.Process()
-        while not stop.is_set() and not killed:
-            for child in me.children(recursive=True):
-                try:
-                    cmd = " ".join(child.cmdline())
-                    parent = child.parent()
-                    # A worker is a fork of pyspark.daemon (the daemon's own parent is java).
-                    if (
-                        "pyspark.daemon" in cmd
-                        and parent
-                        and "pyspark.daemon" in " ".join(parent.cmdline())
-                    ):
-                        child.send_signal(signal.SIGKILL)
-                        killed.append(child.pid)
-                        return
-                except psutil.Error:
-                    continue
-            time.sleep(0.02)
-
-    stop = threading.Event()
-    watcher = threading.Thread(target=kill_one_worker, args=(stop,), daemon=True)
-    watcher.start()
     out = tmp_path / "F"
-    try:
+    with killing_one_python_worker(lambda: [os.getpid()]) as killed:
         report = featurize(spark, str(big), str(out), weights="random:5", alpha=0.35)
-    finally:
-        stop.set()
-        watcher.join(5)
     assert killed, "no Python worker was seen to kill"
     rows = assert_one_row_per_image(out, big)
     assert report.images == len(rows) == 60 and report.errors == 0

@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, killing_one_python_worker
 from tests.standalone_cluster import StandaloneCluster, run_in_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -223,51 +223,15 @@ def test_cluster_model_and_summary_equal_local_mode(cluster_reduce, out_dir, loc
 def test_a_killed_python_worker_on_an_executor_is_retried(cluster, cli_env, tmp_path):
     # The cluster twin of the local-mode test in test_no_image_lost.py: a Python worker
     # killed on an executor (another JVM's child) fails its task, which is retried.
-    import signal
-    import threading
-    import time
-
-    import psutil
-
     from tests.stages.test_no_image_lost import assert_one_row_per_image
 
     photos = tmp_path / "photos"
     for i in range(3):
         shutil.copytree(ROOT / "sample" / "fruits360", photos / f"c{i}", ignore=_not_images)
-    killed: List[int] = []
-    stop = threading.Event()
-
-    def kill_one_worker() -> None:
-        while not stop.is_set() and not killed:
-            for root in cluster.procs:
-                try:
-                    for child in psutil.Process(root.pid).children(recursive=True):
-                        parent = child.parent()
-                        # A worker is a fork of pyspark.daemon, whose own parent is a JVM.
-                        if (
-                            "pyspark.daemon" in " ".join(child.cmdline())
-                            and parent
-                            and ("pyspark.daemon" in " ".join(parent.cmdline()))
-                        ):
-                            child.send_signal(signal.SIGKILL)
-                            killed.append(child.pid)
-                            return
-                except psutil.Error:
-                    continue
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=kill_one_worker, daemon=True)
-    watcher.start()
     out = tmp_path / "Features"
-    try:
-        report = _run_cli(
-            ["featurize", str(photos), str(out), "--weights", "random:5", "--alpha", "0.35"],
-            cli_env,
-            cluster,
-        )
-    finally:
-        stop.set()
-        watcher.join(5)
+    argv = ["featurize", str(photos), str(out), "--weights", "random:5", "--alpha", "0.35"]
+    with killing_one_python_worker(lambda: [p.pid for p in cluster.procs]) as killed:
+        report = _run_cli(argv, cli_env, cluster)
     assert killed, "no Python worker was seen to kill"
     rows = assert_one_row_per_image(out, photos)
     assert report["images"] == len(rows) == 300 and report["errors"] == 0
