@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,6 +68,28 @@ def _fill(bucket: Path, images: List[Path], start: int, count: int) -> None:
             shutil.copyfile(src, dest)
 
 
+def _interleaved(
+    repeats: int, state: Path, first: Callable[[int], Any], second: Callable[[int], Any]
+) -> Tuple[Tuple[List[float], Any], Tuple[List[float], Any]]:
+    """``first(r)`` then ``second(r)`` for each round ``r``, interleaved (the machine's
+    noise falls on both alike); ``state``, the folder ``first`` changes, is restored to
+    its copy of before the rounds for each round but the first.  Seconds of every run
+    and the last result, of each."""
+    before = state.with_name(state.name + ".before")
+    shutil.copytree(state, before)
+    times: Tuple[List[float], List[float]] = ([], [])
+    results: List[Any] = [None, None]
+    for r in range(repeats):
+        if r:
+            shutil.rmtree(state)
+            shutil.copytree(before, state)
+        for i, run in enumerate((first, second)):
+            t = time.perf_counter()
+            results[i] = run(r)
+            times[i].append(time.perf_counter() - t)
+    return (times[0], results[0]), (times[1], results[1])
+
+
 # ------------------------------------------------------------------ incremental
 
 
@@ -84,20 +106,14 @@ def worker_incremental(args) -> Dict[str, Any]:
     setup = featurize_incremental(spark, str(bucket), str(work / "Features"), weights="bundled")
     t_setup = time.perf_counter() - t
     _fill(bucket, images, args.old, args.new)
-    # Best of ``repeats``, interleaved; the features before the run are restored
-    # between two incremental runs.
-    shutil.copytree(work / "Features", work / "Features.before")
-    t_inc, t_full = [], []
-    for r in range(args.repeats):
-        if r:
-            shutil.rmtree(work / "Features")
-            shutil.copytree(work / "Features.before", work / "Features")
-        t = time.perf_counter()
-        inc = featurize_incremental(spark, str(bucket), str(work / "Features"), weights="bundled")
-        t_inc.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        full = featurize(spark, str(bucket), str(work / f"Full{r}"), weights="bundled")
-        t_full.append(time.perf_counter() - t)
+    (t_inc, inc), (t_full, full) = _interleaved(
+        args.repeats,
+        work / "Features",
+        lambda r: featurize_incremental(
+            spark, str(bucket), str(work / "Features"), weights="bundled"
+        ),
+        lambda r: featurize(spark, str(bucket), str(work / f"Full{r}"), weights="bundled"),
+    )
     spark.stop()
     return {
         "old": args.old,
@@ -135,6 +151,7 @@ def worker_update(args) -> Dict[str, Any]:
     make_synthetic(features / "run=b", args.new_rows, 1280, files_new, seed=1)
     for stamp in features.glob("run=*/_bench.json"):
         stamp.unlink()
+    (features / "_SUCCESS").touch()  # the commit marker reduce requires of a features folder
     held = work / "held"  # the new rows wait aside while the model of the old ones is fitted
     if held.exists():
         shutil.rmtree(held)
@@ -144,18 +161,14 @@ def worker_update(args) -> Dict[str, Any]:
     reduce_features(spark, str(features), str(work / "Results"), k=args.k)
     t_setup = time.perf_counter() - t
     held.rename(features / "run=b")
-    shutil.copytree(work / "Results", work / "Results.before")
-    t_update, t_full = [], []
-    for r in range(args.repeats):
-        if r:
-            shutil.rmtree(work / "Results")
-            shutil.copytree(work / "Results.before", work / "Results")
-        t = time.perf_counter()
-        upd = update_reduce(spark, str(features), str(work / "Results"))
-        t_update.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        reduce_features(spark, str(features), str(work / "Full"), k=args.k, overwrite=True)
-        t_full.append(time.perf_counter() - t)
+    (t_update, upd), (t_full, _) = _interleaved(
+        args.repeats,
+        work / "Results",
+        lambda r: update_reduce(spark, str(features), str(work / "Results")),
+        lambda r: reduce_features(
+            spark, str(features), str(work / "Full"), k=args.k, overwrite=True
+        ),
+    )
     spark.stop()
     a, b = PCAModel.load(str(work / "Results")), PCAModel.load(str(work / "Full"))
     rel = np.abs(a.fit.eigenvalues - b.fit.eigenvalues)[: args.k] / b.fit.eigenvalues[: args.k]
