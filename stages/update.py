@@ -81,7 +81,7 @@ def update_reduce(
     """
     from linalg.kernels import merge_moments
     from stages.contract import model_identity
-    from stages.feature_matrix import read_feature_matrix, write_projections
+    from stages.feature_matrix import feature_rows, read_feature_matrix, write_projections
     from stages.pca import PCA
     from stages.pca_model import MODEL_DIR, PCAModel
     from stages.reduce import reduce_features
@@ -199,7 +199,9 @@ def update_reduce(
         )
         fit = new_model.fit
         t_fit = time.perf_counter()
-        matrix, info, handle = read_feature_matrix(spark, features, persist=False)
+        # Every row again, with the new model: a plain lazy read (the folder was listed,
+        # and the new rows checked, above; the old ones when the model was fitted).
+        matrix, handle = feature_rows(spark.read.parquet(features), d)
         try:
             with new_model.project_matrix(matrix) as projected:
                 write_projections(spark, projected, f"{tmp}/projections")
