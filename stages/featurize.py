@@ -384,6 +384,7 @@ class _LocalScan:
         self.cycles = local.cycles
         self._paths = [file_uri(p) for p, _ in local.files]
         self._errors = [(file_uri(p), reason) for p, reason in local.errors]
+        self.n_extra = len(self._errors)  # the error rows of extra_rows
 
     def rows(self, sc):
         """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
@@ -425,6 +426,7 @@ class _HadoopScan:
         # them.  Count them without shipping the listing to Python.
         self._listed = self.images._jdf.inputFiles()
         self._n_empty = len(self._listed) - self.n_images
+        self.n_extra = max(self._n_empty, 0)  # the error rows of extra_rows
         self._scanned = self.images
         # Spark's listing also skips `_` and `.` names (`_DSC0001.JPG`): on S3 one flat
         # listing finds them, and the driver reads them (they are few).
@@ -445,7 +447,7 @@ class _HadoopScan:
 
     def extra_rows(self, spark, spec: ModelSpec):
         """Error rows for the zero-byte files the scan dropped, or None."""
-        if self._n_empty <= 0:
+        if not self.n_extra:
             return None
         return empty_file_rows(spark, self._scanned, self._listed, self.url_encoded, spec)
 
@@ -615,10 +617,8 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         )
         out = frame.df
         extra = scan.extra_rows(spark, spec)
-        n_extra = 0
         if extra is not None:
             out = out.unionByName(extra)
-            n_extra = extra.count()
         with session_conf(spark, frame.settings):
             out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(target)
     frame.release()
@@ -628,8 +628,8 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
     return FeaturizeReport(
         input=input_path,
         output=output_path,
-        images=frame.images + n_extra,
-        errors=frame.errors + n_extra,
+        images=frame.images + scan.n_extra,
+        errors=frame.errors + scan.n_extra,
         partitions=frame.partitions,
         seconds=0.0,
         model=spec.to_dict(),

@@ -306,3 +306,23 @@ def test_overwrite_replaces(spark, tmp_path):
     labels = {v[0] for v in read_features(out).values()}
     assert report.images == 10 and labels == {"Lemon"}
     assert read_model_spec(spark.read.parquet(str(out)).schema)["jpeg_draft"] == 2
+
+
+def test_a_hadoop_scan_counts_the_error_rows_it_adds(spark, tmp_path):
+    # A remote INPUT (s3a://, hdfs://) is scanned by Spark, which drops zero-byte files;
+    # the report counts their error rows without running the join that makes them.
+    from stages.featurize import _HadoopScan
+    from stages.model import ModelSpec
+
+    src = sorted(SAMPLE.glob("*/*.jpg"))[:3]
+    for i, f in enumerate(src):
+        (tmp_path / "Kiwi 50%").mkdir(exist_ok=True)  # a '%' name: paths come URL-encoded
+        shutil.copyfile(f, tmp_path / "Kiwi 50%" / f"{i}.jpg")
+    (tmp_path / "Kiwi 50%" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "Lime").mkdir()
+    (tmp_path / "Lime" / "empty too.jpg").write_bytes(b"")
+    scan = _HadoopScan(spark, tmp_path.as_uri())
+    spec = ModelSpec(alpha=0.35, weights_source="test", weights_sha256="0")
+    rows = scan.extra_rows(spark, spec).collect()
+    assert scan.n_images == 3 and scan.n_extra == len(rows) == 2
+    assert sorted(r["error"] for r in rows) == ["empty file (0 bytes)"] * 2
