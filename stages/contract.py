@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["IMAGE_GLOB", "METADATA_KEY", "features_schema", "model_identity", "read_model_spec"]
+__all__ = [
+    "IMAGE_GLOB",
+    "METADATA_KEY",
+    "features_schema",
+    "footer_model_spec",
+    "model_identity",
+    "read_model_spec",
+]
 
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
@@ -44,6 +51,21 @@ def read_model_spec(schema) -> Optional[Dict[str, Any]]:
     if isinstance(meta, str):
         meta = json.loads(meta)
     return meta
+
+
+# The footer key where Spark writes a Parquet file's schema (with field metadata) as JSON.
+SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
+
+
+def footer_model_spec(footer: Dict[str, str]) -> Optional[Dict[str, Any]]:
+    """The model metadata a features file's Parquet footer records (the key-value
+    metadata of :func:`stages.hadoopfs.parquet_footer`), if any."""
+    raw = footer.get(SPARK_SCHEMA_KEY)
+    for f in json.loads(raw or "{}").get("fields", []):
+        if f.get("name") == "features":
+            meta = (f.get("metadata") or {}).get(METADATA_KEY)
+            return json.loads(meta) if isinstance(meta, str) else meta
+    return None
 
 
 def model_identity(spec: Optional[Dict[str, Any]]) -> Optional[Tuple[Any, ...]]:

@@ -16,7 +16,6 @@ The Spark plumbing below the PCA estimator (:mod:`stages.pca`) and its model
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from linalg.distributed import KeyedBlock, KeyedRowMatrix
 from stages import hadoopfs
-from stages.contract import METADATA_KEY, model_identity, read_model_spec
+from stages.contract import footer_model_spec, model_identity, read_model_spec
 from stages.errors import UsageError
 from stages.sparkutil import SetAccumulator
 
@@ -41,7 +40,6 @@ __all__ = [
 ]
 
 PROJECTIONS_SCHEMA = "path string, label string, pca array<double>"
-_SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 # How a DataFrame given instead of a path is named in error messages.
 DATAFRAME_NAME = "(DataFrame)"
 
@@ -140,13 +138,7 @@ def _models_of(spark, files: List[str]) -> List[Optional[Dict[str, Any]]]:
     """The features model recorded in each Parquet footer (None if absent)."""
 
     def one(uri: str) -> Optional[Dict[str, Any]]:
-        raw = hadoopfs.parquet_footer(spark, uri).get(_SPARK_SCHEMA_KEY)
-        if not raw:
-            return None
-        for f in json.loads(raw).get("fields", []):
-            if f.get("name") == "features":
-                return (f.get("metadata") or {}).get(METADATA_KEY)
-        return None
+        return footer_model_spec(hadoopfs.parquet_footer(spark, uri))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(one, files))

@@ -65,7 +65,6 @@ __all__ = [
 RUNS_DIR = "_runs"
 STAGING_DIR = "_staging"
 RUN_PREFIX = "run="
-_SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 _GLOB_CHARS = "\\{}[]*?"
 # Above this share of the listing to featurize, scanning the whole input beats
 # opening each file by name (Spark lists every named path on its own).
@@ -161,13 +160,9 @@ class FeaturesTable:
         files = self.data_files()
         if not files:
             return None
-        from stages.contract import METADATA_KEY
+        from stages.contract import footer_model_spec
 
-        raw = hadoopfs.parquet_footer(self.spark, files[0]).get(_SPARK_SCHEMA_KEY)
-        for f in json.loads(raw or "{}").get("fields", []):
-            if f.get("name") == "features":
-                return (f.get("metadata") or {}).get(METADATA_KEY)
-        return None
+        return footer_model_spec(hadoopfs.parquet_footer(self.spark, files[0]))
 
     # ---------------------------------------------------------------- commit
 
