@@ -481,19 +481,20 @@ class QueryEngine:
     """
 
     def __init__(self, results: str) -> None:
-        from stages.pca_model import ARRAYS, PCAModel
+        from stages.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
 
-        local = _local(results)
-        if not os.path.isfile(os.path.join(local, "pca_model", ARRAYS)):
+        folder = os.path.join(_local(results), MODEL_DIR)
+        if not os.path.isfile(os.path.join(folder, ARRAYS)):
             raise UsageError(f"{results} has no pca_model/: give a RESULTS folder of `reduce`")
         self.index = SearchIndex(results)
-        with open(os.path.join(local, "pca_model", ARRAYS), "rb") as fh:
-            if _sha256(fh.read()) != self.index.meta["pca_arrays_sha256"]:
-                raise UsageError(
-                    f"{results}/index was built from another PCA: run "
-                    f"`fruits-pipeline index {results}`"
-                )
-        self.pca = PCAModel.load(local)
+        with open(os.path.join(folder, ARRAYS), "rb") as fh:
+            arrays = fh.read()  # read once: hashed here, loaded below
+        if _sha256(arrays) != self.index.meta["pca_arrays_sha256"]:
+            raise UsageError(
+                f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
+            )
+        with open(os.path.join(folder, META), "rb") as fh:
+            self.pca = PCAModel.from_files(arrays, fh.read())
         if self.pca.n_components != self.index.meta["dims"]:
             raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
         try:
