@@ -266,19 +266,18 @@ def livy_session_configs(instance_type: str, engine: str = "litert") -> Dict[str
     executor, and Python 3.11 on the driver (``spark.yarn.appMasterEnv``, cluster mode)
     and the executors.
     """
-    lay = executor_layout(instance_type, engine)
+    d = spark_defaults(instance_type, engine)  # one layout: the steps' and the kernel's
+    keys = ("spark.driver.memoryOverhead", "spark.executor.memoryOverhead", "spark.task.cpus")
     return {
-        "driverMemory": f"{lay.driver_heap_mib}m",
-        "driverCores": 1,
-        "executorMemory": f"{lay.heap_mib}m",
-        "executorCores": lay.cores,
+        "driverMemory": d["spark.driver.memory"],
+        "driverCores": int(d["spark.driver.cores"]),
+        "executorMemory": d["spark.executor.memory"],
+        "executorCores": int(d["spark.executor.cores"]),
         "conf": {
-            "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
-            "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
-            "spark.task.cpus": str(lay.task_cpus),
-            "spark.pyspark.python": PYTHON,
-            "spark.pyspark.driver.python": PYTHON,
-            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": PYTHON,
+            **{k: d[k] for k in keys},
+            "spark.pyspark.python": d["spark.pyspark.python"],
+            "spark.pyspark.driver.python": d["spark.pyspark.driver.python"],
+            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": d["spark.pyspark.python"],
         },
     }
 
