@@ -19,6 +19,7 @@ __all__ = [
     "list_dir",
     "list_files",
     "parquet_footer",
+    "parquet_rows",
     "qualified",
     "read_bytes",
     "read_text",
@@ -191,17 +192,30 @@ def delete(spark, uri: str) -> bool:
     return bool(fs.delete(path, True))
 
 
-def parquet_footer(spark, uri: str) -> dict:
-    """Key-value metadata of one Parquet file's footer (read by the driver's JVM)."""
+def _parquet_reader(spark, uri: str):
     jvm = spark.sparkContext._jvm
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     hfile = jvm.org.apache.parquet.hadoop.util.HadoopInputFile.fromPath(
         jvm.org.apache.hadoop.fs.Path(uri), conf
     )
-    reader = jvm.org.apache.parquet.hadoop.ParquetFileReader.open(hfile)
+    return jvm.org.apache.parquet.hadoop.ParquetFileReader.open(hfile)
+
+
+def parquet_footer(spark, uri: str) -> dict:
+    """Key-value metadata of one Parquet file's footer (read by the driver's JVM)."""
+    reader = _parquet_reader(spark, uri)
     try:
         kv = reader.getFooter().getFileMetaData().getKeyValueMetaData()
         return {str(k): str(kv.get(k)) for k in kv.keySet()}
+    finally:
+        reader.close()
+
+
+def parquet_rows(spark, uri: str) -> int:
+    """The row count one Parquet file's footer records (no Spark job)."""
+    reader = _parquet_reader(spark, uri)
+    try:
+        return int(reader.getRecordCount())
     finally:
         reader.close()
 
