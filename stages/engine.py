@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -175,15 +174,19 @@ def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[byte
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from stages.fs import LocalFileSystem
+
+    LocalFileSystem().write_bytes(str(path), data)  # written beside, renamed over
+
+
+def _read_sums(folder: Path) -> Dict[str, str]:
+    """``{file name: SHA-256}`` of ``folder/SHA256SUMS``."""
+    sums = {}
+    for line in (folder / SHA256SUMS.name).read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            sums[parts[1]] = parts[0]
+    return sums
 
 
 def bundled_tflite(h5: Path = BUNDLED_WEIGHTS) -> Tuple[bytes, Dict[str, Any]]:
@@ -203,11 +206,7 @@ def bundled_tflite(h5: Path = BUNDLED_WEIGHTS) -> Tuple[bytes, Dict[str, Any]]:
     """
     folder = h5.parent
     tflite = folder / BUNDLED_TFLITE.name
-    sums = {}
-    for line in (folder / SHA256SUMS.name).read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            sums[parts[1]] = parts[0]
+    sums = _read_sums(folder)
     try:
         data = tflite.read_bytes()
         info = json.loads((folder / BUNDLED_TFLITE_INFO.name).read_text())
@@ -231,11 +230,11 @@ def _is_bundled_copy(source: str) -> Optional[Path]:
     if path.name != BUNDLED_WEIGHTS.name:
         return None
     try:
-        sums = (path.parent / SHA256SUMS.name).read_text().split()
+        sums = _read_sums(path.parent)
         digest = _sha256_bytes(path.read_bytes())
     except OSError:
         return None
-    return path if digest in sums and BUNDLED_TFLITE.name in sums else None
+    return path if sums.get(path.name) == digest and BUNDLED_TFLITE.name in sums else None
 
 
 def default_engine() -> str:
