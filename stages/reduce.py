@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -107,6 +107,42 @@ def reduce_features(
     return summary
 
 
+def fit_summary(
+    features: str,
+    results: str,
+    model: PCAModel,
+    rows: int,
+    error_rows: int,
+    requested: Dict[str, Any],
+    stamps: Tuple[float, float, float, float],
+) -> Dict[str, Any]:
+    """The fit's part of ``summary.json`` (``reduce`` and ``reduce --update``).
+
+    ``stamps``: ``perf_counter`` at the start, after the statistics, after the
+    eigendecomposition and after the writes.
+    """
+    t0, t_read, t_fit, t_write = stamps
+    ratio = model.explained_variance_ratio_
+    return {
+        "features": features,
+        "results": results,
+        "rows": rows,
+        "error_rows": error_rows,
+        "n_features": model.n_features_in_,
+        "k": model.n_components_,
+        "requested": requested,
+        "cumulative_explained_variance": float(np.sum(ratio)),
+        "explained_variance_ratio": ratio.tolist(),
+        "features_model": model.features_model,
+        "timings_s": {
+            "read_and_statistics": t_read - t0,
+            "eigh": t_fit - t_read,
+            "project_and_write": t_write - t_fit,
+            "reduce_total": t_write - t0,
+        },
+    }
+
+
 def _reduce(spark, features, results, target, pca, check, featurize_report, index):
     """The Spark jobs of :func:`reduce_features`, written into ``target``."""
     t0 = time.perf_counter()
@@ -127,24 +163,10 @@ def _reduce(spark, features, results, target, pca, check, featurize_report, inde
         model.save(target.rstrip("/") + "/" + MODEL_DIR, spark)  # whatever RESULTS is named
         t_write = time.perf_counter()
 
-    summary: Dict[str, Any] = {
-        "features": features,
-        "results": results,
-        "rows": info["rows"],
-        "error_rows": info["error_rows"],
-        "n_features": d,
-        "k": model.n_components_,
-        "requested": pca.requested,
-        "cumulative_explained_variance": cum,
-        "explained_variance_ratio": model.explained_variance_ratio_.tolist(),
-        "features_model": info["features_model"],
-        "timings_s": {
-            "read_and_statistics": t_read - t0,
-            "eigh": t_fit - t_read,
-            "project_and_write": t_write - t_fit,
-            "reduce_total": t_write - t0,
-        },
-    }
+    summary = fit_summary(
+        features, results, model, info["rows"], info["error_rows"], pca.requested,
+        (t0, t_read, t_fit, t_write),
+    )  # fmt: skip
     if featurize_report is not None:
         summary["featurize"] = featurize_report
         summary["timings_s"]["featurize"] = featurize_report.get("seconds")

@@ -84,7 +84,7 @@ def update_reduce(
     from stages.feature_matrix import feature_rows, read_feature_matrix, write_projections
     from stages.pca import PCA
     from stages.pca_model import MODEL_DIR, PCAModel
-    from stages.reduce import reduce_features
+    from stages.reduce import fit_summary, reduce_features
 
     params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
     k, variance, check = params.k, params.variance, params.check
@@ -213,24 +213,10 @@ def update_reduce(
         logger.info(
             f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance"
         )
-        summary = {
-            "features": features,
-            "results": results,
-            "rows": merged.n,
-            "error_rows": error_rows,
-            "n_features": d,
-            "k": fit.n_components,
-            "requested": requested,
-            "cumulative_explained_variance": cum,
-            "explained_variance_ratio": fit.explained_variance_ratio[: fit.n_components].tolist(),
-            "features_model": model.features_model,
-            "timings_s": {
-                "read_and_statistics": t_stats - t0,
-                "eigh": t_fit - t_stats,
-                "project_and_write": t_write - t_fit,
-                "reduce_total": t_write - t0,
-            },
-        }
+        summary = fit_summary(
+            features, results, new_model, merged.n, error_rows, requested,
+            (t0, t_stats, t_fit, t_write),
+        )  # fmt: skip
         if check == "spark-ml":
             from stages.reduce import spark_ml_check
 
