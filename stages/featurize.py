@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from stages import hadoopfs
 from stages.contract import IMAGE_GLOB, METADATA_KEY, features_schema
 from stages.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.errors import UsageError
+from stages.fs import local_path
 from stages.images import DecodeError, decode_image, preprocess
 from stages.listing import (
     LocalListing,
@@ -331,8 +332,9 @@ def featurize(
     view = None
     try:
         with atomic_output(spark, output_path, params.overwrite) as target:
-            if is_local(input_path):
-                local = walk_images(local_path(input_path))
+            path = local_path(input_path)
+            if path is not None:
+                local = walk_images(path)
                 if not local.files and not local.errors:
                     raise UsageError(_no_images(input_path))
                 view = make_view([p for p, _ in local.files])
@@ -353,17 +355,6 @@ def featurize(
 
 def _no_images(input_path: str) -> str:
     return f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
-
-
-def is_local(uri: str) -> bool:
-    """Whether ``uri`` is a local path or a ``file:`` URI."""
-    scheme = urlparse(uri).scheme
-    return scheme in ("", "file") or len(scheme) == 1
-
-
-def local_path(uri: str) -> str:
-    """The filesystem path of a local path or ``file:`` URI."""
-    return urlparse(uri).path if uri.startswith("file:") else uri
 
 
 def escape_glob(uri: str) -> str:
