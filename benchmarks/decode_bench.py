@@ -4,7 +4,7 @@ Phone photos are 12 MP; the sample's are 100 x 100 px, where draft mode changes
 nothing.  With no large real photos offline, the script makes them from the real
 sample photos: each upscaled (bicubic) to 4032 x 3024, with Gaussian sensor-like
 noise (sigma 4 levels) so that the JPEG holds high frequencies, saved at quality 92.
-For each decode mode it times ``stages.images.decode_image`` (best of
+For each decode mode it times ``stages.featurize.images.decode_image`` (best of
 ``--repeats``) and compares the features (LiteRT, bundled alpha-0.35 weights) with
 those of the full decode: per-row cosine and max |d|.  The full decode is the
 baseline measured in the same process.
@@ -57,8 +57,9 @@ def run(n: int, repeats: int) -> Dict[str, Any]:
     """Time each decode mode and compare its features with the full decode's."""
     import numpy as np
 
-    from stages.engine import litert_featurizer, prepare_model
-    from stages.images import decode_image, preprocess
+    from stages.featurize.engine import prepare_model
+    from stages.featurize.images import decode_image, preprocess
+    from stages.featurize.litert import litert_featurizer
 
     photos = make_photos(n)
     _, model = prepare_model("bundled")

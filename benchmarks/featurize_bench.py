@@ -1,10 +1,10 @@
 """Stage 1 throughput: the Spark featurize job against single processes doing the same work.
 
 Two baselines, each a single Python process on the same cores decoding the same JPEGs
-from disk with :func:`stages.images.decode_image` and :func:`preprocess`, in each
-engine's default batches (``stages.engine.DEFAULT_BATCH``): **Keras**
-(:func:`stages.model.local_featurizer`, a compiled ``tf.function``, batches of 64) and
-**LiteRT** (:func:`stages.engine.litert_featurizer` on the flatbuffer the Spark job
+from disk with :func:`stages.featurize.images.decode_image` and :func:`preprocess`, in each
+engine's default batches (``stages.featurize.engine.DEFAULT_BATCH``): **Keras**
+(:func:`stages.featurize.model.local_featurizer`, a compiled ``tf.function``, batches of 64) and
+**LiteRT** (:func:`stages.featurize.engine.litert_featurizer` on the flatbuffer the Spark job
 broadcasts, XNNPACK with as many threads as cores, batches of 8).  The Spark job runs
 its default engine (LiteRT) and batch.  Every figure is a ratio to a baseline measured
 in the same run:
@@ -133,7 +133,7 @@ def baseline_pass(
     import numpy as np
     import psutil
 
-    from stages.images import decode_image, preprocess
+    from stages.featurize.images import decode_image, preprocess
 
     t_read = t_decode = t_infer = 0.0
     sys0 = psutil.cpu_times()
@@ -192,20 +192,21 @@ def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
     """
     if engine == "keras":
         t_import = init_tf_threads(threads)
-        from stages.model import local_featurizer, resolve_weights
+        from stages.featurize.model import local_featurizer, resolve_weights
 
         t0 = time.perf_counter()
         spec, weights = resolve_weights(weights_for(alpha), alpha)
         featurize = local_featurizer(weights, spec.alpha)
     else:
         t0 = time.perf_counter()
-        from stages.engine import litert_featurizer, prepare_model
+        from stages.featurize.engine import prepare_model
+        from stages.featurize.litert import litert_featurizer
 
         t_import = time.perf_counter() - t0
         t0 = time.perf_counter()
         _, model = prepare_model(weights_for(alpha), alpha, "litert")
         featurize = litert_featurizer(model, threads or os.cpu_count() or 1)
-    from stages.engine import DEFAULT_BATCH
+    from stages.featurize.engine import DEFAULT_BATCH
 
     batch = DEFAULT_BATCH[engine]
     return {
@@ -294,7 +295,7 @@ def worker_spark(args) -> Dict[str, Any]:
     """One SparkSession on ``args.master``: cold job, then warm jobs interleaved with
     single-process Keras and LiteRT passes in this driver, then the partition sweep."""
     cores = cores_of(args.master)
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     work = Path(args.workdir) / f"spark-{os.getpid()}"
     t0 = time.perf_counter()
@@ -362,7 +363,7 @@ def worker_script(args) -> Dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.images import DecodeError, decode_image, preprocess
+    from stages.featurize.images import DecodeError, decode_image, preprocess
 
     m = baseline_model(args.engine, args.alpha, 0)
     featurize, batch = m["infer"], m["batch"]
@@ -411,7 +412,7 @@ def worker_script(args) -> Dict[str, Any]:
 
 
 def _profiled_featurize_partition(batches, *a, **kw):
-    """Executor side: :func:`stages.featurize.featurize_partition` under cProfile.
+    """Executor side: :func:`stages.featurize.frame.featurize_partition` under cProfile.
 
     The profiler stays on while the generator is suspended, so the serialiser's work
     on the yielded Arrow batches (writing to the JVM) and the reads of the next input
@@ -421,7 +422,7 @@ def _profiled_featurize_partition(batches, *a, **kw):
     import os as os_
     import time as time_
 
-    import stages.featurize as sf
+    import stages.featurize.frame as sf
 
     prof = cProfile.Profile()
     t0 = time_.perf_counter()
@@ -445,7 +446,7 @@ def _install_profiler(args) -> None:
     when cloudpickle serialises it, so patching the attribute here (driver only)
     profiles the real job without changing the stage's code.
     """
-    import stages.featurize as sf
+    import stages.featurize.frame as sf
 
     shutil.rmtree(PROFILE_DIR, ignore_errors=True)
     sf.featurize_partition = _profiled_featurize_partition
@@ -453,7 +454,7 @@ def _install_profiler(args) -> None:
 
 def _profile_job(spark, work: Path, args) -> Dict[str, Any]:
     """A warm job under the profilers: per-task cProfile and driver-side phase timers."""
-    import stages.featurize as sf
+    import stages.featurize.frame as sf
 
     phases: Dict[str, float] = {}
 

@@ -46,7 +46,7 @@ LOG_DIR = Path(tempfile.gettempdir()) / "fruits-bench-growing"  # one log per pa
 
 
 def _session(master: str = "local[2]", conf: Optional[Dict[str, str]] = None):
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     base = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
     return spark_session("growing-bench", master=master, conf={**base, **(conf or {})})
@@ -95,7 +95,7 @@ def _interleaved(
 
 def worker_incremental(args) -> Dict[str, Any]:
     from stages.featurize import featurize
-    from stages.incremental import featurize_incremental
+    from stages.featurize.incremental import featurize_incremental
 
     spark = _session()
     work = Path(args.work)
@@ -139,9 +139,9 @@ def worker_update(args) -> Dict[str, Any]:
     import numpy as np
 
     from benchmarks.reduce_bench import make_synthetic
-    from stages.pca_model import PCAModel
     from stages.reduce import reduce_features
-    from stages.update import update_reduce
+    from stages.reduce.pca_model import PCAModel
+    from stages.reduce.update import update_reduce
 
     work = Path(args.work)
     features = work / "Features"
@@ -196,7 +196,7 @@ def worker_update(args) -> Dict[str, Any]:
 def worker_watch(args) -> Dict[str, Any]:
     import numpy as np
 
-    from stages.incremental import FeaturesTable
+    from stages.storage.table import FeaturesTable
     from stages.watch import WatchParams, watch
 
     work = Path(args.work)
@@ -278,7 +278,7 @@ def _tree(root: Path, n: int, days: int) -> None:
 
 
 def _list_time(spark, uri: str, repeat: int = 2) -> Dict[str, Any]:
-    from stages.featurize import read_images
+    from stages.featurize.frame import read_images
 
     best, count = float("inf"), 0
     for _ in range(repeat):

@@ -3,7 +3,7 @@
 For each features Parquet (synthetic low rank + noise, and the real MobileNetV2
 features of the shared images), in one run and one SparkSession per data set:
 
-* **ours**: :func:`stages.reduce.reduce_features` (read + cache, one treeAggregate,
+* **ours**: :func:`stages.reduce.full.reduce_features` (read + cache, one treeAggregate,
   ``eigh``, project, write ``projections/``, ``pca_model/``, ``summary.json``);
 * **Spark ML**: ``StandardScaler(withMean=True, withStd=True)`` + ``PCA(k)`` fit,
   transform and Parquet write of ``path, label, pca`` (input vectors cached, as a
@@ -286,7 +286,7 @@ def run_spark_ml(spark, features: str, out: str, k: int) -> Dict[str, Any]:
 def worker_spark(args) -> None:
     """``--_worker spark``: one data set, one session; emits a JSON line per result so
     a timeout (Spark ML at d = 4096) keeps what was measured before it."""
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     work = Path(args.workdir) / f"spark-{os.getpid()}"
     t0 = time.perf_counter()
@@ -339,8 +339,8 @@ def worker_spark(args) -> None:
 def worker_featurize(args) -> Dict[str, Any]:
     """``--_worker featurize``: the real features (bundled alpha-0.35 weights), in a
     session of their own so that no TensorFlow worker lingers in the measured ones."""
+    from stages.base.session import spark_session
     from stages.featurize import featurize
-    from stages.session import spark_session
 
     spark = spark_session(
         "reduce-bench-featurize",

@@ -5,7 +5,7 @@ as 1/sqrt(j)): for each size, the warm latency of one query (p50/p95) and the
 throughput (queries answered one at a time, and 1000 at once) of
 
 - the baseline: numpy brute force, ``np.linalg.norm(X - q, axis=1)`` then a full sort;
-- ``exact``: :class:`stages.search.VectorIndex` without a graph (one GEMV + float64 re-rank);
+- ``exact``: :class:`stages.search.query.VectorIndex` without a graph (one GEMV + float64 re-rank);
 - ``hnsw``: the same with the faiss HNSW graph (sizes >= ``--hnsw-from``), its build time
   and its recall@10 against exact.
 
@@ -73,7 +73,7 @@ def _batch_qps(fn, queries: np.ndarray) -> float:
 
 def bench_size(n: int, d: int, n_queries: int, hnsw: bool) -> Dict[str, Any]:
     """Latency, throughput (and recall, build time) at ``n`` rows."""
-    from stages.search import VectorIndex, build_hnsw
+    from linalg.vectors import VectorIndex, build_hnsw
 
     X = synthetic(n, d)
     rng = np.random.default_rng(1)
@@ -112,10 +112,10 @@ def bench_size(n: int, d: int, n_queries: int, hnsw: bool) -> Dict[str, Any]:
 
 def bench_real(images: Path, workdir: Path, n_latency: int = 100) -> Dict[str, Any]:
     """Leave-one-out vote accuracy and end-to-end latency on real images."""
+    from stages.base.session import spark_session
     from stages.featurize import featurize
     from stages.reduce import reduce_features
-    from stages.search import QueryEngine, SearchIndex, vote
-    from stages.session import spark_session
+    from stages.search.query import QueryEngine, SearchIndex, vote
 
     results = workdir / "Results"
     spark = spark_session(

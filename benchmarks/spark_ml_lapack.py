@@ -63,8 +63,8 @@ def _worker(args) -> None:
     from pyspark.ml.linalg import Vectors
 
     from linalg.kernels import pca_answer_problems
-    from stages.reduce import spark_lapack
-    from stages.session import spark_session
+    from stages.base.session import spark_session
+    from stages.reduce.sparkml import spark_lapack
 
     conf = {"spark.ui.showConsoleProgress": "false"}
     if args.lapack == "f2j":

@@ -65,9 +65,9 @@ sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check
 # Import what a step imports before Spark is there (pyspark is imported lazily), and find
 # the bundled weights inside the installed package.
 bundled="$(cd / && "$PYTHON" -c '
-import cluster.spec, linalg.distributed, stages.cli, stages.featurize, stages.notebook
-import stages.reduce, stages.report
-from stages.model import BUNDLED_WEIGHTS
+import cluster.spec, linalg.distributed, stages.cli, stages.featurize.frame, stages.notebook
+import stages.reduce.full, stages.report
+from stages.featurize.model import BUNDLED_WEIGHTS
 assert BUNDLED_WEIGHTS.is_file(), BUNDLED_WEIGHTS
 print(BUNDLED_WEIGHTS.parent)
 ')"

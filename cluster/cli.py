@@ -27,8 +27,8 @@ import logging
 from typing import Any, Callable, Collection, Dict, List, Optional, Type
 
 from cluster import guard, sizing, spec
-from stages.errors import UsageError
-from stages.params import FeaturizeParams, ModelParams, ReduceParams, StageParams, WatchParams
+from stages.base.errors import UsageError
+from stages.base.params import FeaturizeParams, ModelParams, ReduceParams, StageParams, WatchParams
 
 __all__ = ["register"]
 
@@ -226,7 +226,7 @@ def _stage_argv(args, stage: str) -> List[str]:
 
 def _bundled_on_nodes(alpha: Optional[float]) -> Dict[str, Any]:
     """``--weights bundled`` on EMR: the copy the bootstrap put on each node's disk."""
-    from stages.model import BUNDLED_ALPHA, BUNDLED_WEIGHTS
+    from stages.featurize.model import BUNDLED_ALPHA, BUNDLED_WEIGHTS
 
     if alpha not in (None, BUNDLED_ALPHA):
         raise UsageError(
@@ -359,7 +359,7 @@ def _run_bucket(args) -> str:
 
 def _cmd_run(args) -> int:
     from cluster import emr
-    from stages.outputs import default_features_path
+    from stages.storage.outputs import default_features_path
 
     featurize_argv = _stage_argv(args, "featurize")  # checked as the stages check them
     reduce_argv = _stage_argv(args, "reduce")

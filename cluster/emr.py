@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Sequence
 from cluster.guard import check_bucket, check_region, parse_s3_uri, validate_bucket_name
 from cluster.policy import tls_only_bucket_policy
 from cluster.spec import CODE_TAG, step_log_uri
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The checks run before anything is created: :func:`check_region` is pure,
 :func:`check_bucket` asks S3 where a bucket lives (``GetBucketLocation``).
-A refusal is a :class:`~stages.errors.UsageError` (one line, exit code 2) that says
+A refusal is a :class:`~stages.base.errors.UsageError` (one line, exit code 2) that says
 how to fix it.
 """
 
@@ -12,7 +12,7 @@ import logging
 import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
+import stages
 from cluster.spec import (
     BOOTSTRAP_NAME,
     DIST_NAME,
@@ -36,7 +37,7 @@ from cluster.spec import (
     notebook_key,
     wheel_name,
 )
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,6 @@ def build_bundle(base_version: Optional[str] = None) -> Bundle:
     those files after, with that version inside it.
     """
     if base_version is None:
-        import stages
-
         base_version = stages.__version__
     stages_dir = _package_dir("stages")
     files: Dict[str, bytes] = {}

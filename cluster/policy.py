@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 from cluster.guard import validate_bucket_name
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 __all__ = ["READ_PREFIXES", "WRITE_PREFIXES", "instance_profile_policy", "tls_only_bucket_policy"]
 

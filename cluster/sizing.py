@@ -4,7 +4,7 @@ What one node of an EC2 instance type can run: how many executors, how many core
 how much memory each gets so that YARN never kills a container for its Python worker's
 memory, and what the node costs per hour.  :mod:`cluster.spec` turns this into the
 ``run_job_flow`` request; ``benchmarks/instance_sizes.py`` into a cost table.  No AWS
-calls, no boto3: this module imports only :mod:`stages.errors`.
+calls, no boto3: this module imports only :mod:`stages.base.errors`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict
 
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 __all__ = [
     "DRIVER_PYTHON_MIB",
@@ -62,7 +62,7 @@ INSTANCE_TYPES: Dict[str, InstanceType] = {
     )
 }
 
-# Memory of one Python worker, per featurize engine (stages.engine), from measured peaks
+# Memory of one Python worker, per featurize engine (stages.featurize.engine), from measured peaks
 # (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 8, peak RSS
 # ~0.3 GB at alpha 1.0.  Keras: ~0.6 GB after building MobileNetV2, peaking near 1.9 GB
 # with alpha 1.0 and batches of 64.
@@ -82,7 +82,7 @@ class ExecutorLayout:
     """How Spark's executors fill one node of an instance type.
 
     One task, hence one Python worker (and one model), per executor: ``cores`` equals
-    ``task_cpus``, the threads TensorFlow gets (``stages.featurize`` reads
+    ``task_cpus``, the threads TensorFlow gets (``stages.featurize.frame`` reads
     ``TaskContext.cpus()``).  The driver, which runs in a YARN container on a core node
     in cluster deploy mode, is sized like one executor so it displaces exactly one.
     """

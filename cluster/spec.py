@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from cluster.guard import DEFAULT_REGION, check_region, parse_s3_uri, validate_bucket_name
 from cluster.sizing import cluster_cost_per_hour, executor_layout
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 __all__ = [
     "BOOTSTRAP_NAME",

@@ -4,7 +4,7 @@ Every failure prints one line, ``fruits-pipeline: error: ...``, saying what is w
 and how to fix it: exit code 2 for a bad argument or input, 1 for a run that failed.
 The full trace (Python and Java) goes to a log file whose path that line gives, and
 to the console only with ``--debug``.  Progress lines are ``logging`` records, set up
-once here (:func:`stages.logs.configure_logging`): ``--quiet`` hides them, ``-v`` adds
+once here (:func:`stages.base.logs.configure_logging`): ``--quiet`` hides them, ``-v`` adds
 the detail, and the log file gets them all.
 """
 
@@ -18,10 +18,10 @@ import sys
 import time
 from typing import List, Optional
 
-from stages.errors import EXIT_USAGE, UsageError, explain
-from stages.outputs import default_features_path
-from stages.params import FeaturizeParams, ReduceParams, WatchParams
-from stages.session import cli_session
+from stages.base.errors import EXIT_USAGE, UsageError, explain
+from stages.base.params import FeaturizeParams, ReduceParams, WatchParams
+from stages.base.session import cli_session
+from stages.storage.outputs import default_features_path
 
 PROG = "fruits-pipeline"
 logger = logging.getLogger("stages.cli")  # not __name__: `python -m stages.cli` runs it as __main__
@@ -145,16 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.cli import register
 
     register(sub)
-    from stages.search_cli import register as register_search
+    from stages.search.cli import register as register_search
 
     register_search(sub, common)
     return parser
 
 
 def _cmd_featurize(args) -> int:
-    from stages.engine import check_engine
     from stages.featurize import featurize
-    from stages.outputs import check_disjoint
+    from stages.featurize.engine import check_engine
+    from stages.storage.outputs import check_disjoint
 
     params = FeaturizeParams.from_args(args)  # every check before the JVM starts
     check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])
@@ -171,8 +171,8 @@ _SUMMARY_KEYS = ("rows", "error_rows", "k", "results")
 
 
 def _cmd_reduce(args) -> int:
-    from stages.outputs import check_disjoint
     from stages.reduce import reduce_features
+    from stages.storage.outputs import check_disjoint
 
     params = ReduceParams.from_args(args)
     check_disjoint([("RESULTS", args.results, "FEATURES", args.features)])  # before the JVM
@@ -185,10 +185,10 @@ def _cmd_reduce(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from stages.engine import check_engine
     from stages.featurize import featurize
-    from stages.outputs import check_disjoint, check_output
+    from stages.featurize.engine import check_engine
     from stages.reduce import reduce_features
+    from stages.storage.outputs import check_disjoint, check_output
 
     featurize_params = FeaturizeParams.from_args(args)
     reduce_params = ReduceParams.from_args(args)
@@ -214,7 +214,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_watch(args) -> int:
-    from stages.engine import check_engine
+    from stages.featurize.engine import check_engine
     from stages.watch import watch
 
     params = WatchParams.from_args(args)  # checked before the JVM starts
@@ -287,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.log_file = log_path()
     except OSError:
         args.log_file = None  # an unwritable home must not stop the run
-    from stages.logs import configure_logging
+    from stages.base.logs import configure_logging
 
     configure_logging(-1 if quiet else verbose, args.log_file, debug)
     logger.debug("%s %s (log file %s)", PROG, " ".join(redacted(argv)), args.log_file)

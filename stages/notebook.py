@@ -14,7 +14,7 @@ and shows each figure with a cell holding only ``%matplot plt``.
   JVM.  ``%matplot plt`` is sparkmagic's own magic: Livy renders ``plt.gcf()`` to a
   PNG and the kernel shows it.
 - **local** (an ipykernel, ``jupyter lab`` on a laptop, the tests): no ``spark`` yet,
-  so :func:`stages.session.spark_session` starts one (local mode, the project's
+  so :func:`stages.base.session.spark_session` starts one (local mode, the project's
   defaults), and a ``%matplot`` line magic doing what sparkmagic's does is registered
   in IPython.
 
@@ -86,7 +86,7 @@ def notebook_environment(
     app_name : str
         Name of a session started locally.
     start_local : callable, optional
-        ``app_name -> SparkSession``; default :func:`stages.session.spark_session`.
+        ``app_name -> SparkSession``; default :func:`stages.base.session.spark_session`.
     shell : IPython shell, optional
         Where to register ``%matplot``; default the running one (none under Livy).
 
@@ -102,7 +102,7 @@ def notebook_environment(
     if _is_spark_session(predefined):
         return NotebookEnvironment(SPARKMAGIC, predefined, _register_matplot(shell))
     if start_local is None:
-        from stages.session import spark_session as start_local
+        from stages.base.session import spark_session as start_local
     spark = start_local(app_name)
     return NotebookEnvironment(LOCAL, spark, _register_matplot(shell))
 

@@ -3,9 +3,9 @@
 Spark's ``binaryFile`` streaming source lists INPUT at every trigger and hands
 each micro-batch (the files not seen before, tracked in the checkpoint) to
 ``foreachBatch``, which runs the featurize code path
-(:func:`stages.featurize.featurize_frame`: same broadcast weights, same model
+(:func:`stages.featurize.frame.featurize_frame`: same broadcast weights, same model
 cache, same error rows) and commits the rows as one run of the features table
-(:mod:`stages.incremental`).  Exactly once across restarts:
+(:mod:`stages.featurize.incremental`).  Exactly once across restarts:
 
 * Spark writes a batch's file list to the checkpoint before running it and
   replays the same batch (same id, same files) after a crash;
@@ -28,8 +28,27 @@ import threading
 import time
 from typing import Any, Dict, Optional
 
-from stages.errors import UsageError
-from stages.params import WatchParams
+from stages.base.contract import IMAGE_GLOB, model_identity
+from stages.base.errors import UsageError
+from stages.base.params import WatchParams
+from stages.base.sparkutil import session_conf
+from stages.featurize.frame import (
+    NO_DICTIONARY,
+    choose_partitions,
+    featurize_frame,
+    paths_are_url_encoded,
+    prepare_features_model,
+)
+from stages.reduce.pca_model import PCAModel
+from stages.reduce.update import project_pending, project_run
+from stages.storage import hadoopfs
+from stages.storage.table import (
+    FeaturesTable,
+    check_same_model,
+    incremental_schema,
+    new_run_id,
+    now_iso,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +76,6 @@ class _Sink:
 
     def __call__(self, batch_df, batch_id: int) -> None:
         from pyspark.sql import functions as F
-
-        from stages.featurize import (
-            NO_DICTIONARY,
-            choose_partitions,
-            featurize_frame,
-            paths_are_url_encoded,
-        )
-        from stages.incremental import incremental_schema, new_run_id, now_iso
-        from stages.sparkutil import session_conf
 
         self.started.wait()  # the query id is known once start() has returned
         t0 = time.time()
@@ -134,8 +144,6 @@ class _Sink:
         self.totals["runs"].append(run)
         projected = ""
         if self.model is not None:
-            from stages.update import project_run
-
             rows = project_run(spark, table, run, self.model, self.opts.results)
             projected = f", {rows} projected"
         logger.info(
@@ -160,12 +168,12 @@ def watch(
     input_path : str
         Folder or URI of ``<Class>/<image>.jpg`` files, watched for new ones.
     features : str
-        The features table (:mod:`stages.incremental` layout).
+        The features table (:mod:`stages.featurize.incremental` layout).
     params : WatchParams, optional
         The options of ``fruits-pipeline watch`` (the featurize options, trigger,
-        checkpoint, ``results`` ...): :class:`stages.params.WatchParams`.
+        checkpoint, ``results`` ...): :class:`stages.base.params.WatchParams`.
     **options
-        Fields of :class:`~stages.params.WatchParams` given one by one.
+        Fields of :class:`~stages.base.params.WatchParams` given one by one.
 
     Returns
     -------
@@ -177,10 +185,6 @@ def watch(
     UsageError
         Missing input, features or PCA model of another model.
     """
-    from stages import hadoopfs
-    from stages.contract import IMAGE_GLOB, model_identity
-    from stages.featurize import prepare_features_model
-    from stages.incremental import FeaturesTable, check_same_model
 
     opts = WatchParams.of(params, **options)
     if not hadoopfs.exists(spark, input_path):
@@ -198,8 +202,6 @@ def watch(
             table.migrate_flat()
     model = None
     if opts.results:
-        from stages.pca_model import PCAModel
-
         if not hadoopfs.exists(spark, opts.results.rstrip("/") + "/pca_model"):
             raise UsageError(
                 f"--results {opts.results} holds no pca_model: run `fruits-pipeline reduce` first"
@@ -210,7 +212,6 @@ def watch(
                 f"the PCA model in {opts.results} was fitted on features of another model "
                 f"({model.features_model.get('weights_source')}): give the same --weights"
             )
-        from stages.update import project_pending
 
         project_pending(spark, table, model, opts.results)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"

@@ -42,9 +42,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def s3a_jars() -> List[str]:
-    """Hadoop's S3A connector jars (:mod:`stages.s3a`), or [] where they are missing."""
-    from stages.errors import UsageError
-    from stages.s3a import find_jars
+    """Hadoop's S3A connector jars (:mod:`stages.base.s3a`), or [] where they are missing."""
+    from stages.base.errors import UsageError
+    from stages.base.s3a import find_jars
 
     try:
         return find_jars()
@@ -82,7 +82,7 @@ def keras_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spark(keras_home):
     """The one SparkSession of the test session (local[2])."""
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     conf = {
         "spark.executorEnv.KERAS_HOME": str(keras_home),
@@ -156,7 +156,7 @@ def sample_left_out(spark, tmp_path_factory) -> Tuple[Path, List[Tuple[Path, str
 @pytest.fixture(scope="session")
 def sample_engine(sample_left_out):
     """The query engine (model + PCA + index) on :func:`sample_left_out`."""
-    from stages.search import QueryEngine
+    from stages.search.query import QueryEngine
 
     return QueryEngine(str(sample_left_out[0]))
 

@@ -8,7 +8,7 @@ the Spark ML cross-check.
 Three layers, each importing only the one before it:
 
 * :mod:`stages.report.data` reads a RESULTS folder into a :class:`ReportData`
-  (through :mod:`stages.fs`: a local one without Spark, ``s3://`` with a
+  (through :mod:`stages.storage.fs`: a local one without Spark, ``s3://`` with a
   SparkSession, as ``write_report(results, spark=spark)`` in the notebook on EMR);
 * :mod:`stages.report.figures` draws the figures (on a caller's Axes, or to PNG);
 * :mod:`stages.report.html` renders the page.
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from stages.errors import UsageError
-from stages.fs import filesystem, local_path
+from stages.base.errors import UsageError
 from stages.report.data import (
     MAX_ERROR_ROWS,
     THUMBNAIL_PX,
@@ -29,6 +28,7 @@ from stages.report.data import (
 )
 from stages.report.figures import LEGEND_ROWS, plot_explained_variance, plot_projection
 from stages.report.html import render_html
+from stages.storage.fs import filesystem, local_path
 
 __all__ = [
     "LEGEND_ROWS",

@@ -1,6 +1,6 @@
 """What the report shows, read from a ``RESULTS`` folder (and the features it names).
 
-Every read goes through :mod:`stages.fs`: a local ``RESULTS`` with pyarrow and plain
+Every read goes through :mod:`stages.storage.fs`: a local ``RESULTS`` with pyarrow and plain
 files (no Spark, a second or two), any URI Spark reads given a SparkSession.  Only
 small things reach the driver: two components per row, the error rows, and a few
 thumbnails' bytes.
@@ -19,8 +19,8 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from stages.errors import UsageError
-from stages.fs import FileSystem, HadoopFileSystem, filesystem, local_path
+from stages.base.errors import UsageError
+from stages.storage.fs import FileSystem, HadoopFileSystem, filesystem, local_path
 
 __all__ = [
     "MAX_ERROR_ROWS",
@@ -222,7 +222,7 @@ def _image_bytes(fs: FileSystem, uri: str) -> Optional[bytes]:
 
 
 def _thumbnail(data: bytes, px: int) -> Optional[str]:
-    from stages.images import thumbnail_jpeg
+    from stages.featurize.images import thumbnail_jpeg
 
     jpeg = thumbnail_jpeg(data, px, quality=85)
     return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()

@@ -1,6 +1,6 @@
 """``spark-submit stages/steps/featurize.py ...``: the featurize stage as an EMR step runs it.
 
-A thin file: the stage's module is imported once (as ``stages.featurize``), never run as
+A thin file: the stage's module is imported once (as ``stages.featurize.frame``), never run as
 ``__main__`` beside its own import.
 """
 

@@ -1,6 +1,6 @@
 """``spark-submit stages/steps/reduce.py ...``: the reduce stage as an EMR step runs it.
 
-A thin file: the stage's module is imported once (as ``stages.reduce``), never run as
+A thin file: the stage's module is imported once (as ``stages.reduce.full``), never run as
 ``__main__`` beside its own import.
 """
 

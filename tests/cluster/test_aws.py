@@ -15,8 +15,8 @@ import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
 from cluster import emr, package, spec
+from stages.base.errors import UsageError
 from stages.cli import main
-from stages.errors import UsageError
 
 REGION = "eu-west-3"
 _build_bundle = package.build_bundle

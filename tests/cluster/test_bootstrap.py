@@ -171,8 +171,8 @@ def test_bootstrap_installs_the_project_into_the_nodes_python(node):
     # A step or a Livy session on the node: Spark's pyspark on PYTHONPATH, any directory.
     code = """
 import importlib.metadata, json, pyspark, stages, cluster, linalg
-import stages.cli, stages.featurize, stages.notebook, stages.reduce, stages.report
-from stages.model import BUNDLED_WEIGHTS
+import stages.cli, stages.featurize.frame, stages.notebook, stages.reduce.full, stages.report
+from stages.featurize.model import BUNDLED_WEIGHTS
 print(json.dumps({
     "files": [m.__file__ for m in (stages, cluster, linalg)],
     "version": importlib.metadata.version("fruits-pipeline"),
@@ -205,7 +205,7 @@ print(json.dumps({
 @needs_bash
 def test_bootstrap_puts_the_bundled_weights_where_steps_look(node):
     from cluster.cli import _bundled_on_nodes
-    from stages.model import BUNDLED_WEIGHTS
+    from stages.featurize.model import BUNDLED_WEIGHTS
 
     assert node["proc"].returncode == 0, node["proc"].stderr[-3000:]
     step_weights = Path(_bundled_on_nodes(None)["weights"])  # what `emr submit` passes

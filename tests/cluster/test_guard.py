@@ -7,7 +7,7 @@ import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
 from cluster import guard
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from cluster import package, spec
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 from tests.conftest import ROOT, needs_bash
 
 BOOTSTRAP = ROOT / "cluster" / "bootstrap-emr.sh"
@@ -91,10 +91,10 @@ def test_wheel_holds_packages_and_their_data():
     for required in (
         "stages/__init__.py",
         "stages/cli.py",
-        "stages/featurize.py",
+        "stages/featurize/frame.py",
         "stages/steps/featurize.py",
         "stages/notebook.py",
-        "stages/log4j2.properties",
+        "stages/base/log4j2.properties",
         "stages/weights/SHA256SUMS",
         "stages/weights/mobilenet_v2_imagenet_alpha0.35_224_no_top.h5",
         "linalg/__init__.py",
@@ -171,8 +171,8 @@ def test_wheel_is_importable_by_python(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(wpath)
     code = (
-        "import cluster.spec, linalg, stages.errors; "
-        "print(cluster.spec.__file__); print(stages.errors.__file__)"
+        "import cluster.spec, linalg, stages.base.errors; "
+        "print(cluster.spec.__file__); print(stages.base.errors.__file__)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True

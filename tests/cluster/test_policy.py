@@ -7,8 +7,8 @@ import json
 import pytest
 
 from cluster.policy import instance_profile_policy, tls_only_bucket_policy
+from stages.base.errors import UsageError
 from stages.cli import main
-from stages.errors import UsageError
 
 ARN = "arn:aws:s3:::fruits-eu"
 ALL_PREFIXES = ("Test/", "Features/", "Results/", "code/", "logs/", "jupyter/")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cluster import sizing
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 from tests.conftest import ROOT
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from cluster import sizing, spec
 from cluster.spec import ClusterOptions, build_request, code_uri, stage_step
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 BUCKET = "fruits-eu"
 CODE = code_uri(BUCKET, "0.1.0-abc")

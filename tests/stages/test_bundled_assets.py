@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from stages.engine import BUNDLED_TFLITE, BUNDLED_TFLITE_INFO
-from stages.model import BUNDLED_WEIGHTS
+from stages.featurize.litert import BUNDLED_TFLITE, BUNDLED_TFLITE_INFO
+from stages.featurize.model import BUNDLED_WEIGHTS
 from tests.conftest import SAMPLE
 
 
@@ -50,7 +50,7 @@ def test_bundled_weights_match_their_checksum():
 @pytest.mark.tensorflow
 def test_bundled_weights_are_the_real_imagenet_tensors():
     # 410,208 parameters: the Keras MobileNetV2 alpha-0.35 no-top count.
-    from stages.model import resolve_weights
+    from stages.featurize.model import resolve_weights
 
     spec, weights = resolve_weights("bundled")
     assert sum(w.size for w in weights) == 410_208
@@ -65,7 +65,7 @@ def test_bundled_weights_are_the_real_imagenet_tensors():
 def test_feature_dim_is_the_models_real_output_width(alpha, width):
     # Regression: feature_dim said 1280 for every alpha, while alpha 1.3/1.4 give
     # 1664/1792 columns, so the footer misdescribed the vectors under it.
-    from stages.model import resolve_weights
+    from stages.featurize.model import resolve_weights
 
     spec, weights = resolve_weights("random:0", alpha)
     assert spec.feature_dim == width

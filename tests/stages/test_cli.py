@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from stages.cli import main
-from stages.outputs import default_features_path
+from stages.storage.outputs import default_features_path
 from tests.conftest import ROOT, SAMPLE
 
 
@@ -274,7 +274,7 @@ def test_an_unexpected_failure_is_one_line_exit_1_and_debug_prints_the_trace(
     ],
 )
 def test_explain_names_the_cause_and_the_fix(text, code, match):
-    from stages.errors import explain
+    from stages.base.errors import explain
 
     got_code, message = explain(RuntimeError(text))
     assert got_code == code

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from stages import engine
-from stages.errors import UsageError
-from stages.images import decode_image, preprocess
+from stages.base.errors import UsageError
+from stages.featurize import engine, litert
+from stages.featurize.images import decode_image, preprocess
 from tests.conftest import ROOT, SAMPLE
 
 
@@ -33,7 +33,7 @@ def test_bundled_model_needs_no_tensorflow_on_the_driver(tmp_path):
         shutil.copy(f, tmp_path / f.name)
     code = (
         "import sys\n"
-        "from stages.engine import prepare_model\n"
+        "from stages.featurize.engine import prepare_model\n"
         "spec, data = prepare_model('bundled')\n"
         "assert data[4:8] == b'TFL3', data[:8]\n"
         "assert spec.engine == 'litert' and spec.alpha == 0.35\n"
@@ -56,12 +56,12 @@ def test_bundled_model_needs_no_tensorflow_on_the_driver(tmp_path):
 def test_altered_bundled_flatbuffer_is_refused(tmp_path, fresh_prepared):
     for f in engine.BUNDLED_WEIGHTS.parent.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    altered = tmp_path / engine.BUNDLED_TFLITE.name
+    altered = tmp_path / litert.BUNDLED_TFLITE.name
     data = bytearray(altered.read_bytes())
     data[len(data) // 2] ^= 0xFF
     altered.write_bytes(bytes(data))
     with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
-        engine.bundled_tflite(tmp_path / engine.BUNDLED_WEIGHTS.name)
+        litert.bundled_tflite(tmp_path / engine.BUNDLED_WEIGHTS.name)
     with pytest.raises(UsageError, match="does not match SHA256SUMS: reinstall"):
         engine.prepare_model(str(tmp_path / engine.BUNDLED_WEIGHTS.name), None, "litert")
 
@@ -80,11 +80,11 @@ def test_unknown_engine_missing_litert_and_the_default(monkeypatch):
 def test_litert_featurizer_is_batch_independent():
     spec, data = engine.prepare_model("bundled")
     x = _sample_batch(5)
-    one = engine.litert_featurizer(data, threads=1)
+    one = litert.litert_featurizer(data, threads=1)
     whole = one(x)
     assert whole.shape == (5, 1280) and whole.dtype == np.float32
     parts = np.concatenate([one(x[:2]), one(x[2:]), one(x[:1])])[:5]
-    two_threads = engine.litert_featurizer(data, threads=2)(x)
+    two_threads = litert.litert_featurizer(data, threads=2)(x)
     np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-6)
     np.testing.assert_allclose(two_threads, whole, rtol=0, atol=1e-6)
     assert whole.std() > 0.1 and (whole >= 0).all()  # ReLU6 then average pooling
@@ -94,7 +94,7 @@ def test_litert_featurizer_is_batch_independent():
 def test_conversion_is_cached_by_weights_alpha_and_converter(
     tflite_cache, monkeypatch, fresh_prepared, caplog
 ):
-    caplog.set_level(logging.INFO, logger="stages.engine")
+    caplog.set_level(logging.INFO, logger="stages.featurize.engine")
     spec, data = engine.prepare_model("random:5", 0.35, "litert")
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert spec.engine == "litert" and len(lines) == 1 and "converting" in lines[0]
@@ -106,7 +106,7 @@ def test_conversion_is_cached_by_weights_alpha_and_converter(
 
     # A second run (a new driver: no memo) reads the cache.
     monkeypatch.setattr(engine, "_PREPARED", {})
-    monkeypatch.setattr(engine, "convert_to_tflite", no_conversion)
+    monkeypatch.setattr(litert, "convert_to_tflite", no_conversion)
     caplog.clear()
     again, data2 = engine.prepare_model("random:5", 0.35, "litert")
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]

@@ -12,10 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from stages.contract import read_model_spec
-from stages.errors import UsageError
-from stages.featurize import featurize, label_from_path
-from stages.model import BUNDLED_WEIGHTS
+from stages.base.contract import read_model_spec
+from stages.base.errors import UsageError
+from stages.featurize import featurize
+from stages.featurize.model import BUNDLED_WEIGHTS
+from stages.featurize.partition import label_from_path
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.slow
@@ -311,8 +312,8 @@ def test_overwrite_replaces(spark, tmp_path):
 def test_a_hadoop_scan_counts_the_error_rows_it_adds(spark, tmp_path):
     # A remote INPUT (s3a://, hdfs://) is scanned by Spark, which drops zero-byte files;
     # the report counts their error rows without running the join that makes them.
-    from stages.featurize import _HadoopScan
-    from stages.model import ModelSpec
+    from stages.featurize.batch import _HadoopScan
+    from stages.featurize.model import ModelSpec
 
     src = sorted(SAMPLE.glob("*/*.jpg"))[:3]
     for i, f in enumerate(src):

@@ -1,4 +1,4 @@
-"""stages.fs: the local and the Hadoop filesystem give the same answers on the same files."""
+"""stages.storage.fs: the local and the Hadoop filesystem answer alike on the same files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.fs import HadoopFileSystem, LocalFileSystem, filesystem, local_path
+from stages.storage.fs import HadoopFileSystem, LocalFileSystem, filesystem, local_path
 from tests.conftest import ROOT
 
 
@@ -118,7 +118,7 @@ def test_local_filesystem_never_imports_pyspark(tree):
 
     code = (
         "import sys\n"
-        "from stages.fs import filesystem\n"
+        "from stages.storage.fs import filesystem\n"
         f"t = filesystem().read_parquet({str(tree / 'table')!r}, ['path'], where_valid='error')\n"
         "print(t.num_rows, 'pyspark' in sys.modules, 'py4j' in sys.modules)\n"
     )

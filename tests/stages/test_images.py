@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from stages.images import decode_image
+from stages.featurize.images import decode_image
 from tests.conftest import SAMPLE
 
 

@@ -15,8 +15,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from stages.errors import UsageError
-from stages.incremental import FeaturesTable, featurize_incremental
+from stages.base.errors import UsageError
+from stages.featurize.incremental import featurize_incremental
+from stages.storage.table import FeaturesTable
 from tests.conftest import ROOT, SAMPLE, copy_images
 
 pytestmark = pytest.mark.slow
@@ -220,9 +221,9 @@ def test_zero_byte_and_corrupt_files_become_error_rows_once(spark, tmp_path):
 
 
 def test_decode_options_reach_an_incremental_run_and_stay_its_model(spark, tmp_path):
+    from stages.base.params import FeaturizeParams
     from stages.featurize import featurize
-    from stages.incremental import IncrementalReport
-    from stages.params import FeaturizeParams
+    from stages.featurize.incremental import IncrementalReport
 
     bucket, features = tmp_path / "Test", tmp_path / "Features"
     copy_images(SAMPLE_FILES[:2], bucket)

@@ -1,4 +1,4 @@
-"""stages.logs.configure_logging: the one logging configuration of the CLI (no JVM)."""
+"""stages.base.logs.configure_logging: the one logging configuration of the CLI (no JVM)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from stages import logs
-from stages.logs import configure_logging
+from stages.base import logs
+from stages.base.logs import configure_logging
 
-STAGE = logging.getLogger("stages.featurize")
+STAGE = logging.getLogger("stages.featurize.frame")
 OTHER = logging.getLogger("botocore.credentials")
 FILE_LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) [\w.]+: .+$"
@@ -106,9 +106,9 @@ def test_the_log_file_gets_every_record_at_debug_with_time_and_logger(tmp_path, 
     assert lines[0] == "an earlier line (Spark's log shares the file)"  # appended, not replaced
     assert all(FILE_LINE.match(line) for line in lines[1:]), lines
     assert [line.split(" ", 1)[1] for line in lines[1:]] == [
-        "DEBUG stages.featurize: featurize: detail",
-        "INFO stages.featurize: featurize: wrote 3 rows",
-        "WARNING stages.featurize: index: 1 image folder(s) gone: no thumbnails there",
+        "DEBUG stages.featurize.frame: featurize: detail",
+        "INFO stages.featurize.frame: featurize: wrote 3 rows",
+        "WARNING stages.featurize.frame: index: 1 image folder(s) gone: no thumbnails there",
         "WARNING botocore.credentials: botocore: a warning",
     ]
     assert len(_err_lines(capsys)) == 2  # the console stayed quiet

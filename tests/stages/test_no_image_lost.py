@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from stages.base.errors import UsageError
 from stages.cli import main
-from stages.errors import UsageError
 from stages.featurize import featurize
 from tests.conftest import ROOT, SAMPLE, killing_one_python_worker
 
@@ -167,8 +167,8 @@ def test_featurize_overwrite_killed_mid_write_leaves_the_old_output_whole(
 def test_reduce_that_fails_leaves_old_results_and_no_temporary(
     spark, sample_features, tmp_path, monkeypatch
 ):
-    from stages.pca_model import PCAModel
     from stages.reduce import reduce_features
+    from stages.reduce.pca_model import PCAModel
 
     results = tmp_path / "Results"
     reduce_features(spark, str(sample_features), str(results), k=3)
@@ -297,7 +297,7 @@ def test_junk_decodes_are_error_rows_and_real_16_bit_photos_are_features(spark, 
 
 
 def test_flat_decodes_are_refused_and_real_photos_are_not():
-    from stages.images import FLAT_SHARE, DecodeError, decode_image
+    from stages.featurize.images import FLAT_SHARE, DecodeError, decode_image
 
     photo = np.asarray(Image.open(KIWI[0]).convert("RGB").resize((400, 400)))
     truncated = photo.copy()
@@ -318,7 +318,7 @@ def test_flat_decodes_are_refused_and_real_photos_are_not():
 
 
 def test_exif_orientation_is_applied_by_default_and_can_be_ignored(spark, tmp_path):
-    from stages.images import decode_image
+    from stages.featurize.images import decode_image
 
     photo = np.asarray(Image.open(KIWI[0]).convert("RGB").resize((120, 80)))
     exif = Image.Exif()
@@ -390,7 +390,7 @@ def test_reduce_refuses_uncommitted_features_and_k_above_the_rank(spark, sample_
 def test_an_unreadable_file_is_an_error_row_in_the_listing(tmp_path, monkeypatch):
     # `chmod 000` aborted the whole job as a non-root user (SparkFileNotFoundException).
     # Root reads any file, so the permission answer is simulated; the rule is what is tested.
-    import stages.listing as listing
+    import stages.featurize.listing as listing
 
     top = tmp_path / "in" / "Kiwi"
     top.mkdir(parents=True)

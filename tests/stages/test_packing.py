@@ -7,7 +7,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.featurize import _packing, choose_partitions
+from stages.featurize.frame import choose_partitions, packing
 
 
 def spark_pack(sizes, open_cost: int, max_split: int):
@@ -28,7 +28,7 @@ def spark_pack(sizes, open_cost: int, max_split: int):
 @given(st.lists(st.integers(1, 5_000_000), min_size=1, max_size=400), st.integers(1, 64))
 def test_every_task_gets_the_same_image_count(sizes, n_parts):
     n_parts = min(n_parts, len(sizes))
-    open_cost, split = _packing(len(sizes), n_parts, sum(sizes), max(sizes))
+    open_cost, split = packing(len(sizes), n_parts, sum(sizes), max(sizes))
     parts = spark_pack(sizes, open_cost, split)
     q = math.ceil(len(sizes) / n_parts)
     assert all(len(p) == q for p in parts[:-1])

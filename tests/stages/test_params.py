@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stages.base.errors import UsageError
+from stages.base.params import FeaturizeParams, ReduceParams, StageParams, WatchParams
 from stages.cli import build_parser
-from stages.errors import UsageError
-from stages.params import FeaturizeParams, ReduceParams, StageParams, WatchParams
 
 CLASSES = (FeaturizeParams, ReduceParams, WatchParams)
 

@@ -1,5 +1,5 @@
-"""The reduce's PCA as an estimator (``stages.pca.PCA``) and its fitted model
-(``stages.pca_model.PCAModel``), against numpy's own standardise-then-eigh.
+"""The reduce's PCA as an estimator (``stages.reduce.pca.PCA``) and its fitted model
+(``stages.reduce.pca_model.PCAModel``), against numpy's own standardise-then-eigh.
 
 The tests without the ``spark`` fixture (parameters, ``fit_moments``, save/load,
 a model saved by the previous version) need no JVM.
@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from linalg.kernels import block_moments
-from stages.errors import UsageError
-from stages.pca import PCA
-from stages.pca_model import PCAModel
+from stages.base.errors import UsageError
+from stages.reduce.pca import PCA
+from stages.reduce.pca_model import PCAModel
 
 MAIN_RESULTS = Path(__file__).parent / "data" / "main_results"
 
@@ -206,7 +206,7 @@ def test_a_model_saved_by_the_previous_version_loads(tmp_path):
 
 def _frame(spark, X: np.ndarray, errors=(), partitions: int = 3, spec=None):
     """A features DataFrame (the stage-1 schema) of rows ``X`` plus error rows."""
-    from stages.contract import METADATA_KEY, features_schema
+    from stages.base.contract import METADATA_KEY, features_schema
 
     schema = features_schema()
     if spec is not None:
@@ -224,7 +224,7 @@ def _collect(df) -> dict:
 
 
 def test_fit_and_transform_a_random_dataframe(spark):
-    from stages.feature_matrix import PROJECTIONS_SCHEMA
+    from stages.reduce.feature_matrix import PROJECTIONS_SCHEMA
 
     rng = np.random.default_rng(11)
     X = (rng.standard_normal((37, 7)) @ rng.standard_normal((7, 7)) * 4 + 50).astype(np.float32)
@@ -291,7 +291,7 @@ def test_transform_refuses_features_of_another_length_or_model(spark):
 
 @pytest.mark.slow
 def test_reduce_is_the_estimator_on_real_features(spark, sample_features, tmp_path):
-    from stages.contract import read_model_spec
+    from stages.base.contract import read_model_spec
     from stages.reduce import reduce_features
 
     t = pq.read_table(sample_features).to_pydict()

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 from stages.featurize import featurize
-from stages.pca_model import PCAModel
 from stages.reduce import reduce_features
+from stages.reduce.pca_model import PCAModel
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from stages import report
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 from tests.chromium import Chromium, needs_chromium
 from tests.conftest import SAMPLE
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 from tests import s3_fixtures
 from tests.conftest import SAMPLE
 from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys
@@ -115,7 +115,7 @@ def test_s3a_features_equal_local_features(
 
 
 def test_s3a_features_record_the_model_in_their_footers(s3a_spark, s3a_features, sample_features):
-    from stages.contract import read_model_spec
+    from stages.base.contract import read_model_spec
 
     on_s3 = read_model_spec(s3a_spark.read.parquet(FEATURES).schema)
     local = read_model_spec(s3a_spark.read.parquet(str(sample_features)).schema)
@@ -168,7 +168,7 @@ def test_reduce_indexes_the_bucket_with_thumbnails_read_from_it(moto_s3_client, 
 def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
     moto_s3_client, s3a_results
 ):
-    from stages.pca_model import PCAModel
+    from stages.reduce.pca_model import PCAModel
 
     def get(key: str) -> bytes:
         return moto_s3_client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -300,9 +300,9 @@ def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
 
 
 def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sample_bucket):
-    from stages.incremental import featurize_incremental
+    from stages.featurize.incremental import featurize_incremental
     from stages.reduce import reduce_features
-    from stages.update import update_reduce
+    from stages.reduce.update import update_reduce
 
     features, results = f"s3a://{BUCKET}/Growing/", f"s3a://{BUCKET}/GrowingResults/"
     first = featurize_incremental(s3a_spark, f"{IMAGES}Kiwi/", features)

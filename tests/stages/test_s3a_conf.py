@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from stages import s3a
+from stages.base import s3a
+from stages.base.errors import UsageError
 from stages.cli import main
-from stages.errors import UsageError
 
 
 @pytest.fixture

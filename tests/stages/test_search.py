@@ -14,16 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from linalg.vectors import VectorIndex
 from stages.cli import main
-from stages.search import (
+from stages.reduce.index import build_index_files, make_thumbnail
+from stages.search.query import (
     MAX_UPLOAD_BYTES,
     BadImage,
     QueryEngine,
     SearchIndex,
-    VectorIndex,
-    build_index_files,
     decode_upload,
-    make_thumbnail,
     vote,
 )
 from tests.conftest import SAMPLE, SHARED_DATA, left_out_results
@@ -176,7 +175,7 @@ def test_bad_query_images(name, data, status, match):
 
 
 def test_query_decode_is_featurize_decode():
-    from stages.images import decode_image
+    from stages.featurize.images import decode_image
 
     data = PHOTO.read_bytes()
     np.testing.assert_array_equal(decode_upload(data), decode_image(data))

@@ -26,7 +26,7 @@ def server(sample_engine):
     """The app on a free localhost port, in this process (the model is already built)."""
     import uvicorn
 
-    from stages.serve import create_app
+    from stages.search.serve import create_app
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

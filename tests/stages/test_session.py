@@ -19,7 +19,7 @@ def test_spark_submit_master_and_memory_win(tmp_path):
 
     script = tmp_path / "probe.py"
     script.write_text(
-        "from stages.session import spark_session\n"
+        "from stages.base.session import spark_session\n"
         "s = spark_session()\n"
         "conf = s.sparkContext.getConf()\n"
         "print('PROBE', s.sparkContext.master, conf.get('spark.driver.memory'))\n"

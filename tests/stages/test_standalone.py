@@ -203,7 +203,7 @@ def test_cluster_projections_equal_local_mode(cluster_reduce, out_dir, local_res
 
 
 def test_cluster_model_and_summary_equal_local_mode(cluster_reduce, out_dir, local_results):
-    from stages.pca_model import PCAModel
+    from stages.reduce.pca_model import PCAModel
 
     ours = PCAModel.load(str(out_dir / "Results"))
     ref = PCAModel.load(str(local_results))

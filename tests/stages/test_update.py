@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from stages.base.errors import UsageError
 from stages.cli import main
-from stages.errors import UsageError
-from stages.incremental import featurize_incremental
-from stages.pca_model import PCAModel
+from stages.featurize.incremental import featurize_incremental
 from stages.reduce import reduce_features
-from stages.update import update_reduce
+from stages.reduce.pca_model import PCAModel
+from stages.reduce.update import update_reduce
 from tests.conftest import SAMPLE, copy_images
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from stages.incremental import FeaturesTable, featurize_incremental
-from stages.pca_model import PCAModel
+from stages.featurize.incremental import featurize_incremental
 from stages.reduce import reduce_features
+from stages.reduce.pca_model import PCAModel
+from stages.storage.table import FeaturesTable
 from stages.watch import WatchParams, watch
 from tests.conftest import ROOT, SAMPLE
 

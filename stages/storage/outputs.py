@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
-from stages import hadoopfs
-from stages.errors import UsageError
+from stages.base.errors import UsageError
+from stages.storage import hadoopfs
 
 __all__ = [
     "normalize",

@@ -1,17 +1,10 @@
-"""The parameters of each stage, defined once: validation, command-line options, EMR argv.
+"""The machinery of the stages' parameters: one field, one validated command-line option.
 
-Each stage has one frozen dataclass (:class:`FeaturizeParams`, :class:`ReduceParams`,
-:class:`WatchParams`).  A field's metadata is its command-line option (flag, help, how
-text becomes a value, which values are allowed), so the same definition serves:
-
-- the Python API: ``featurize(spark, INPUT, OUTPUT, FeaturizeParams(jpeg_draft=2))`` or
-  keyword arguments, validated by the constructor;
-- the command line: :meth:`StageParams.add_arguments` and :meth:`StageParams.from_args`;
-- ``emr submit``: :meth:`StageParams.to_argv` renders the step's arguments (only the
-  values that differ from the stage's defaults, which are the node's defaults too).
-
-A bad value raises :class:`~stages.errors.UsageError` before any JVM starts.  Nothing
-here imports Spark, TensorFlow or Pillow.
+:class:`Option` says how a dataclass field looks on the command line;
+:class:`StageParams` turns the fields of a frozen dataclass into validation,
+``argparse`` options (:meth:`StageParams.add_arguments`, :meth:`StageParams.from_args`)
+and an EMR step's argv (:meth:`StageParams.to_argv`).  The stages' own parameters are in
+:mod:`stages.base.params`.  Nothing here imports Spark, TensorFlow or Pillow.
 """
 
 from __future__ import annotations
@@ -23,20 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from stages.errors import UsageError
-
-__all__ = [
-    "ENGINES",
-    "FeaturizeParams",
-    "Option",
-    "ReduceParams",
-    "StageParams",
-    "WatchParams",
-    "parse_duration",
-]
-
-ENGINES = ("litert", "keras")
-DEFAULT_VARIANCE = 0.95
+from stages.base.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -109,23 +89,23 @@ class Option:
         return value
 
 
-def _option(default: Any, **option: Any) -> Any:
+def option(default: Any, **option: Any) -> Any:
     return field(default=default, metadata={"option": Option(**option)})
 
 
-def _at_least_1(value: float) -> Optional[str]:
+def at_least_1(value: float) -> Optional[str]:
     return "must be at least 1" if value < 1 else None
 
 
-def _not_negative(value: int) -> Optional[str]:
+def not_negative(value: int) -> Optional[str]:
     return "must be 0 or more" if value < 0 else None
 
 
-def _share(value: float) -> Optional[str]:
+def share(value: float) -> Optional[str]:
     return None if 0.0 < value <= 1.0 else "must be in (0, 1], e.g. 0.95"
 
 
-def _positive_seconds(value: float) -> Optional[str]:
+def positive_seconds(value: float) -> Optional[str]:
     return None if value > 0 else "must be more than 0 seconds"
 
 
@@ -135,6 +115,8 @@ def check_alpha(alpha: float) -> Optional[str]:
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|seconds?|m|min|minutes?|h|hours?)\s*$")
+
+
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 
 
@@ -148,7 +130,7 @@ def _seconds(text: str) -> Optional[float]:
     return float(m.group(1)) * scale
 
 
-def _duration(text: str) -> Optional[str]:
+def duration(text: str) -> Optional[str]:
     seconds = _seconds(text)
     if seconds is None:
         return "is not a duration: use e.g. 10s, 500ms, 2min"
@@ -157,7 +139,7 @@ def _duration(text: str) -> Optional[str]:
 
 def parse_duration(text: str) -> float:
     """Seconds in ``10s``, ``500ms``, ``2min``, ``1h`` or ``30 seconds``."""
-    problem = _duration(text)
+    problem = duration(text)
     if problem:
         raise UsageError(f"--trigger {text!r} {problem}")
     return float(_seconds(text))  # type: ignore[arg-type]
@@ -255,195 +237,3 @@ class StageParams:
             elif value is not None:
                 argv += [opt.flag, str(value)]
         return argv
-
-
-_FEATURIZE = "featurize options"
-_GROWING = "a growing bucket"
-
-
-@dataclass(frozen=True)
-class ModelParams(StageParams):
-    """How images become features: the options ``featurize``, ``watch`` and ``run`` share."""
-
-    weights: str = _option(
-        "bundled",
-        flag="--weights",
-        group=_FEATURIZE,
-        help="imagenet (Keras download on the driver, alpha 1.0), bundled (offline alpha-0.35 "
-        "ImageNet weights, the default), random:SEED, or a path to a Keras .h5 file",
-    )
-    alpha: Optional[float] = _option(
-        None, flag="--alpha", kind=float, check=check_alpha, group=_FEATURIZE,
-        help="MobileNetV2 width multiplier",
-    )  # fmt: skip
-    engine: Optional[str] = _option(
-        None,
-        flag="--engine",
-        choices=ENGINES,
-        group=_FEATURIZE,
-        help="litert (TFLite flatbuffer on XNNPACK, no TensorFlow on the workers; the default "
-        "where ai-edge-litert is installed) or keras (the reference)",
-    )
-    jpeg_draft: int = _option(
-        0,
-        flag="--jpeg-draft",
-        kind=int,
-        check=_not_negative,
-        metavar="K",
-        group=_FEATURIZE,
-        help="decode large JPEGs at reduced scale, keeping >= K x 224 px (~3x faster on 12 MP "
-        "photos, features within cosine 0.9996 at K=2); default 0, full decode",
-    )
-    batch_size: Optional[int] = _option(
-        None, flag="--batch-size", kind=int, check=_at_least_1, group=_FEATURIZE,
-        help="images per model call (default 8 with litert, 64 with keras)",
-    )  # fmt: skip
-    partitions: Optional[int] = _option(
-        None, flag="--partitions", kind=int, check=_at_least_1, group=_FEATURIZE,
-        help="tasks (default: from the image count)",
-    )  # fmt: skip
-    exif_orientation: bool = _option(
-        True,
-        flag="--ignore-exif-orientation",
-        kind=bool,
-        group=_FEATURIZE,
-        help="decode pixels as stored, not turned as the photo's EXIF orientation tag says",
-    )
-
-
-@dataclass(frozen=True)
-class FeaturizeParams(ModelParams):
-    """The parameters of ``featurize`` (:func:`stages.featurize.featurize`)."""
-
-    incremental: bool = _option(
-        False,
-        flag="--incremental",
-        kind=bool,
-        group=_GROWING,
-        help="featurize only the images not yet in OUTPUT (or whose size or time changed); "
-        "each run commits atomically as OUTPUT/run=ID/",
-    )
-    prune: bool = _option(
-        False,
-        flag="--prune",
-        kind=bool,
-        group=_GROWING,
-        help="with --incremental: also drop the rows of images no longer under INPUT",
-    )
-    overwrite: bool = _option(
-        False, flag="--overwrite", kind=bool, group="output", help="replace an existing OUTPUT"
-    )
-
-    def cross_check(self) -> None:
-        """Options that do not go together."""
-        if self.prune and not self.incremental:
-            raise UsageError("--prune only works with --incremental")
-        if self.incremental and self.overwrite:
-            raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
-
-
-@dataclass(frozen=True)
-class ReduceParams(StageParams):
-    """The parameters of ``reduce`` (:func:`stages.reduce.reduce_features`)."""
-
-    k: Optional[int] = _option(
-        None, flag="--k", kind=int, check=_at_least_1, group="reduce options",
-        exclusive="size", help="number of principal components",
-    )  # fmt: skip
-    variance: Optional[float] = _option(
-        None,
-        flag="--variance",
-        kind=float,
-        check=_share,
-        group="reduce options",
-        exclusive="size",
-        help="keep the fewest components reaching this share of variance "
-        f"(default {DEFAULT_VARIANCE})",
-    )
-    check: Optional[str] = _option(
-        None,
-        flag="--check",
-        choices=("spark-ml",),
-        group="reduce options",
-        help="also fit Spark ML StandardScaler+PCA and record the agreement in summary.json",
-    )
-    update: bool = _option(
-        False,
-        flag="--update",
-        kind=bool,
-        group=_GROWING,
-        help="merge the statistics of the rows added to FEATURES since RESULTS was fitted "
-        "into its saved ones, refit and re-project (k kept unless --k/--variance)",
-    )
-    overwrite: bool = _option(
-        False, flag="--overwrite", kind=bool, group="output", help="replace an existing RESULTS"
-    )
-
-    def cross_check(self) -> None:
-        """Options that do not go together."""
-        if self.k is not None and self.variance is not None:
-            raise UsageError("give --k or --variance, not both")
-        if self.update and self.overwrite:
-            raise UsageError("--update rewrites RESULTS from its saved model: drop --overwrite")
-
-    @property
-    def target_variance(self) -> Optional[float]:
-        """The share of variance to reach: ``variance``, or 0.95 when neither it nor
-        ``k`` is given."""
-        if self.k is None and self.variance is None:
-            return DEFAULT_VARIANCE
-        return self.variance
-
-
-@dataclass(frozen=True)
-class WatchParams(ModelParams):
-    """The parameters of ``watch`` (:func:`stages.watch.watch`)."""
-
-    trigger: Optional[str] = _option(
-        None,
-        flag="--trigger",
-        check=_duration,
-        metavar="DURATION",
-        group="watch options",
-        exclusive="when",
-        help="a micro-batch every DURATION (e.g. 10s, 2min; default 10s); runs until stopped",
-    )
-    available_now: bool = _option(
-        False,
-        flag="--available-now",
-        kind=bool,
-        group="watch options",
-        exclusive="when",
-        help="process every image not yet processed, then stop (cron / EMR step)",
-    )
-    checkpoint: Optional[str] = _option(
-        None,
-        flag="--checkpoint",
-        group="watch options",
-        help="Structured Streaming checkpoint (default FEATURES/_watch_checkpoint)",
-    )
-    results: Optional[str] = _option(
-        None,
-        flag="--results",
-        group="watch options",
-        help="also project each new image with the PCA model saved in this RESULTS",
-    )
-    max_files_per_trigger: Optional[int] = _option(
-        None, flag="--max-files-per-trigger", kind=int, check=_at_least_1,
-        group="watch options", help="at most this many new images per micro-batch",
-    )  # fmt: skip
-    stop_after: Optional[float] = _option(
-        None, flag="--stop-after", kind=float, check=_positive_seconds, metavar="SECONDS",
-        group="watch options",
-        help="stop the query after this many seconds (default: run until killed)",
-    )  # fmt: skip
-
-    def cross_check(self) -> None:
-        """Options that do not go together."""
-        if self.available_now and self.trigger is not None:
-            raise UsageError("give --trigger or --available-now, not both")
-
-    @property
-    def trigger_seconds(self) -> Optional[float]:
-        """Seconds between micro-batches (10 by default), None with ``available_now``."""
-        return None if self.available_now else parse_duration(self.trigger or "10s")

@@ -22,15 +22,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from typing import Any, Dict, Optional
 
 import numpy as np
 
-from stages import hadoopfs
-from stages.errors import UsageError
-from stages.feature_matrix import feature_file_keys
-from stages.params import ReduceParams
+from linalg.kernels import merge_moments
+from stages.base.contract import model_identity
+from stages.base.errors import UsageError
+from stages.base.params import ReduceParams
+from stages.reduce.feature_matrix import (
+    feature_file_keys,
+    feature_rows,
+    read_feature_matrix,
+    write_projections,
+)
+from stages.reduce.full import fit_summary, reduce_full
+from stages.reduce.index import build_index
+from stages.reduce.pca import PCA
+from stages.reduce.pca_model import MODEL_DIR, PCAModel
+from stages.reduce.sparkml import spark_ml_check
+from stages.storage import hadoopfs
+from stages.storage.table import RUN_PREFIX, FeaturesTable
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,7 @@ def update_reduce(
         ``k`` or ``variance``: a new choice of components (default: the one the
         model was fitted with); ``check``; ``update`` is implied.
     **options
-        Fields of :class:`~stages.params.ReduceParams` given one by one.
+        Fields of :class:`~stages.base.params.ReduceParams` given one by one.
 
     Returns
     -------
@@ -79,13 +91,6 @@ def update_reduce(
     UsageError
         No saved model or statistics, bad arguments, features of another model.
     """
-    from linalg.kernels import merge_moments
-    from stages.contract import model_identity
-    from stages.feature_matrix import feature_rows, read_feature_matrix, write_projections
-    from stages.pca import PCA
-    from stages.pca_model import MODEL_DIR, PCAModel
-    from stages.reduce import fit_summary, reduce_features
-
     params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
     k, variance, check = params.k, params.variance, params.check
     results = results.rstrip("/")
@@ -95,7 +100,7 @@ def update_reduce(
         _swap_in(spark, results, tmp)
     if not hadoopfs.has_data(spark, results):
         logger.info(f"reduce --update: {results} does not exist yet: a full reduce creates it")
-        summary = reduce_features(spark, features, results, replace(params, update=False))
+        summary = reduce_full(spark, features, results, params)
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
     if not hadoopfs.exists(spark, f"{results}/pca_model"):
@@ -112,8 +117,6 @@ def update_reduce(
         )
     covered = set(model.statistics["files"])
     if hadoopfs.exists(spark, features.rstrip("/") + "/_runs"):
-        from stages.incremental import RUN_PREFIX, FeaturesTable
-
         table = FeaturesTable(spark, features)
         table.recover()
         # A plain featurize's files moved, unchanged, into the first run: same rows.
@@ -142,7 +145,7 @@ def update_reduce(
             "subtracting their moments is not exact, so this is a full pass"
         )
         logger.info(f"reduce --update: {reason}")
-        summary = reduce_features(spark, features, tmp, check=check, **requested)
+        summary = reduce_full(spark, features, tmp, ReduceParams(check=check, **requested))
         info_update.update({"mode": "full", "reason": reason})
     elif not new and requested == stats.get("requested"):
         logger.info(
@@ -218,8 +221,6 @@ def update_reduce(
             (t0, t_stats, t_fit, t_write),
         )  # fmt: skip
         if check == "spark-ml":
-            from stages.reduce import spark_ml_check
-
             summary["spark_ml_check"] = spark_ml_check(spark, features, tmp, new_model)
         info_update["mode"] = "merge"
     info_update["seconds"] = time.perf_counter() - t0
@@ -229,7 +230,6 @@ def update_reduce(
         # The search index follows the new PCA (an old one would be refused as stale).
         # Its thumbnails are read again from every image: the one part of an update
         # whose cost grows with the bucket, not with what is new.
-        from stages.search import build_index
 
         summary["index"] = build_index(spark, tmp)
     hadoopfs.write_text(spark, f"{tmp}/summary.json", json.dumps(summary, indent=2))

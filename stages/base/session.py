@@ -11,12 +11,15 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
+
+from stages.base.s3a import needs_s3a, s3a_conf
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ def _utf8_locale_for_the_jvm() -> None:
     itself already uses UTF-8 there (PEP 538/540).  Only the environment the JVM and
     its Python workers inherit is changed, and only when the locale is not UTF-8.
     """
-    import codecs
-
     name = ""
     for var in ("LC_ALL", "LC_CTYPE", "LANG"):
         if os.environ.get(var):
@@ -158,7 +159,6 @@ def cli_session(args, app: str):
     """The SparkSession of a ``fruits-pipeline`` command, from its parsed arguments:
     ``--master``, ``--conf``, ``--quiet`` and ``--debug``, the s3a settings its paths
     need, and its log file."""
-    from stages.s3a import needs_s3a, s3a_conf
 
     conf = {"spark.ui.showConsoleProgress": "false" if args.quiet else "true"}
     if needs_s3a(getattr(args, name, None) for name in _PATH_ARGS):

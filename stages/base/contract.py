@@ -1,8 +1,8 @@
 """The features contract, shared by every stage: columns, schema and metadata key.
 
-Stage 1 writes it (:mod:`stages.featurize`, :mod:`stages.incremental`,
-:mod:`stages.watch`), stage 2 and the app read it (:mod:`stages.reduce`,
-:mod:`stages.search`); importing it pulls in neither Pillow nor a model.
+Stage 1 writes it (:mod:`stages.featurize.frame`, :mod:`stages.featurize.incremental`,
+:mod:`stages.watch`), stage 2 and the app read it (:mod:`stages.reduce.full`,
+:mod:`stages.search.query`); importing it pulls in neither Pillow nor a model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ METADATA_KEY = "fruits_pipeline"
 
 
 def features_schema(spec=None):
-    """Spark schema of the features Parquet, with ``spec`` (a ``stages.model.ModelSpec``)
+    """Spark schema of the features Parquet, with ``spec`` (a ``stages.featurize.model.ModelSpec``)
     as the metadata of ``features``."""
     from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
 
@@ -59,7 +59,7 @@ SPARK_SCHEMA_KEY = "org.apache.spark.sql.parquet.row.metadata"
 
 def footer_model_spec(footer: Dict[str, str]) -> Optional[Dict[str, Any]]:
     """The model metadata a features file's Parquet footer records (the key-value
-    metadata of :func:`stages.hadoopfs.parquet_footer`), if any."""
+    metadata of :func:`stages.storage.hadoopfs.parquet_footer`), if any."""
     raw = footer.get(SPARK_SCHEMA_KEY)
     for f in json.loads(raw or "{}").get("fields", []):
         if f.get("name") == "features":

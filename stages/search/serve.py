@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import threading
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -23,11 +25,12 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from stages.search import MAX_UPLOAD_BYTES, TOP_MAX, BadImage, QueryEngine
+from stages.base.errors import UsageError
+from stages.search.query import MAX_UPLOAD_BYTES, TOP_MAX, BadImage, QueryEngine, SearchIndex
 
 __all__ = ["create_app", "serve", "Batcher"]
 
-PAGE = Path(__file__).with_name("static") / "similar.html"
+PAGE = Path(__file__).parents[1] / "static" / "similar.html"
 MAX_IN_FLIGHT = 16
 MAX_DECODING = 2
 MAX_BATCH = 16
@@ -169,8 +172,6 @@ async def _parse_form(request, body: bytes) -> Tuple[bytes, int]:
 
 def create_app(results: Optional[str] = None, engine: Optional[QueryEngine] = None):
     """The FastAPI app over a local RESULTS folder (or an already loaded engine)."""
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -235,12 +236,7 @@ def serve(results: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     UsageError
         No index, or the address cannot be bound (before the model is loaded).
     """
-    import socket
-
     import uvicorn
-
-    from stages.errors import UsageError
-    from stages.search import SearchIndex
 
     SearchIndex(results)  # a missing index fails in a second, not after the model build
     try:

@@ -1,4 +1,4 @@
-"""The fitted PCA (:meth:`stages.pca.PCA.fit`), saved in ``RESULTS/pca_model/``, and how
+"""The fitted PCA (:meth:`stages.reduce.pca.PCA.fit`), saved in ``RESULTS/pca_model/``, and how
 to use it on new features, DataFrames and photos.
 
 ``pca_model/arrays.npz`` holds ``mean``, ``std``, ``components`` (d x k),
@@ -8,7 +8,7 @@ sufficient statistics (``reduce --update`` merges new rows into them);
 ``pca_model/model.json`` holds the scalars, what made the features (model, alpha,
 weights source and SHA-256) and which feature files the statistics cover.
 
->>> from stages.pca_model import PCAModel
+>>> from stages.reduce.pca_model import PCAModel
 >>> model = PCAModel.load("demo-output/Results")              # doctest: +SKIP
 >>> model.components_.shape                                   # doctest: +SKIP
 (k, 1280)
@@ -28,6 +28,16 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import numpy as np
 
 from linalg.kernels import BlockMoments, PCAFit, project
+from stages.base.contract import model_identity, read_model_spec
+from stages.base.errors import UsageError
+from stages.reduce.feature_matrix import (
+    DATAFRAME_NAME,
+    check_features_schema,
+    feature_rows,
+    is_dataframe,
+    projections_frame,
+)
+from stages.storage.fs import filesystem
 
 __all__ = ["PCAModel"]
 
@@ -42,7 +52,7 @@ class PCAModel:
     with columns whose ``scale_`` is 0 (constant in the fitted rows) mapped to 0, as Spark
     ML's ``StandardScaler`` does.
 
-    Made by :meth:`stages.pca.PCA.fit` (or :meth:`~stages.pca.PCA.fit_moments`), or
+    Made by :meth:`stages.reduce.pca.PCA.fit` (or :meth:`~stages.reduce.pca.PCA.fit_moments`), or
     :meth:`load`.  The scikit-learn attributes (``mean_``, ``scale_``, ``components_``,
     ``explained_variance_``, ``explained_variance_ratio_``, ``n_components_``,
     ``n_samples_``, ``n_features_in_``) are views of ``fit``.
@@ -52,7 +62,7 @@ class PCAModel:
     fit : PCAFit
         The arrays as the kernels hold them (components as columns, all eigenvalues).
     features_model : dict
-        What made the features (``stages.model.ModelSpec`` as a dict), or empty.
+        What made the features (``stages.featurize.model.ModelSpec`` as a dict), or empty.
     m2 : ndarray of shape (n_features, n_features), optional
         Centred cross-product of the rows fitted: with ``fit.n_samples`` and
         ``fit.mean``, their exact moments.
@@ -156,7 +166,6 @@ class PCAModel:
         UsageError
             A DataFrame without the features schema, or made by another model.
         """
-        from stages.feature_matrix import is_dataframe
 
         if is_dataframe(X):
             return self._transform_frame(X)[0]
@@ -166,15 +175,6 @@ class PCAModel:
         return project(X, self.fit.projection_matrix(), self.fit.mean)
 
     def _transform_frame(self, df):
-        from stages.contract import model_identity, read_model_spec
-        from stages.errors import UsageError
-        from stages.feature_matrix import (
-            DATAFRAME_NAME,
-            check_features_schema,
-            feature_rows,
-            projections_frame,
-        )
-
         check_features_schema(df, DATAFRAME_NAME)
         spec = read_model_spec(df.schema)
         if (
@@ -223,8 +223,9 @@ class PCAModel:
         ValueError
             If the model records nothing, or the weights no longer match.
         """
-        from stages.engine import litert_featurizer, prepare_model
-        from stages.model import local_featurizer
+        from stages.featurize.engine import prepare_model
+        from stages.featurize.litert import litert_featurizer
+        from stages.featurize.model import local_featurizer
 
         spec = self.features_model
         if not spec:
@@ -255,7 +256,7 @@ class PCAModel:
         ValueError
             If an image cannot be decoded, or the weights no longer match.
         """
-        from stages.images import decode_image, preprocess
+        from stages.featurize.images import decode_image, preprocess
 
         featurize = self.featurizer()
         spec = self.features_model
@@ -323,8 +324,7 @@ class PCAModel:
     @classmethod
     def load(cls, results: str, spark=None) -> PCAModel:
         """Load from ``RESULTS`` (or ``RESULTS/pca_model``): a local path, or any
-        Hadoop URI when a SparkSession is given (:func:`stages.fs.filesystem`)."""
-        from stages.fs import filesystem
+        Hadoop URI when a SparkSession is given (:func:`stages.storage.fs.filesystem`)."""
 
         base = _model_dir(results)
         fs = filesystem(spark)
@@ -333,7 +333,6 @@ class PCAModel:
     def save(self, results: str, spark=None) -> str:
         """Write ``RESULTS/pca_model/`` (or into ``.../pca_model`` if given that): a local
         path, or any Hadoop URI when a SparkSession is given; returns its URI."""
-        from stages.fs import filesystem
 
         base = _model_dir(results)
         fs = filesystem(spark)

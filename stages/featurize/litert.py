@@ -1,71 +1,45 @@
-"""Inference engines: LiteRT (a TFLite flatbuffer run by XNNPACK) or the Keras model.
+"""The LiteRT (TFLite) engine: the Keras model converted once to a flatbuffer.
 
-``litert`` (the default) converts the Keras model once on the driver to a float32
-TFLite flatbuffer with the weights inside, and broadcasts those bytes; each Python
-worker builds one ``ai_edge_litert`` interpreter from them and never imports
-TensorFlow (0.1 s and ~130 MB against 5 s and 0.7-1.9 GB for a Keras worker).
-``keras`` broadcasts the weight arrays and builds the Keras model on each worker
-(:mod:`stages.model`); it stays as the reference the LiteRT features are checked
-against (max abs difference <= 2e-4, cosine >= 0.99999 per row).
-
-Conversions are cached on the driver by weights SHA-256, alpha and converter
-(TensorFlow) version; the bundled alpha-0.35 model also ships pre-converted
-(``stages/weights/*.tflite``, in ``SHA256SUMS``) with a JSON of what made it, so
-featurizing with the bundled weights needs no TensorFlow on the driver either.
+Conversion (:func:`convert_to_tflite`) needs TensorFlow and is cached on disk by what made
+it; the bundled weights ship their flatbuffer (``stages/weights/*.tflite``, in
+``SHA256SUMS``) so the default run converts nothing.  :func:`litert_featurizer` runs it
+with XNNPACK and never imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from stages.errors import UsageError
-from stages.images import IMAGE_SIZE
-from stages.model import BUNDLED_ALPHA, BUNDLED_WEIGHTS, ModelSpec, resolve_weights
+import stages
+from stages.base.errors import UsageError
+from stages.featurize.images import IMAGE_SIZE
+from stages.featurize.model import BUNDLED_WEIGHTS, ModelSpec, build_model
+from stages.storage.fs import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BUNDLED_TFLITE",
-    "DEFAULT_BATCH",
-    "DEFAULT_ENGINE",
-    "check_engine",
-    "default_engine",
-    "ENGINES",
-    "convert_to_tflite",
-    "litert_featurizer",
-    "prepare_model",
-    "tflite_cache_dir",
-]
-
-ENGINES = ("litert", "keras")
-DEFAULT_ENGINE = "litert"
-# Images per model call.  XNNPACK runs small batches at least as fast as 64 (they stay in
-# cache) in a fraction of the memory: alpha 1.0, one thread, peak RSS 106 MiB at 4,
-# 131 at 8, 517 at 64 (benchmarks/README.md).  TensorFlow wants larger batches.
-DEFAULT_BATCH = {"litert": 8, "keras": 64}
-BUNDLED_TFLITE = BUNDLED_WEIGHTS.with_suffix(".tflite")
-# What made the bundled flatbuffer: the weights' tensor hash, alpha, converter version.
-BUNDLED_TFLITE_INFO = BUNDLED_WEIGHTS.with_suffix(".tflite.json")
 SHA256SUMS = BUNDLED_WEIGHTS.parent / "SHA256SUMS"
 
-# What a job broadcasts: the flatbuffer (litert) or the weight arrays (keras).
-Payload = Union[bytes, List[np.ndarray]]
+
+BUNDLED_TFLITE = BUNDLED_WEIGHTS.with_suffix(".tflite")
+
+
+# What made the bundled flatbuffer: the weights' tensor hash, alpha, converter version.
+BUNDLED_TFLITE_INFO = BUNDLED_WEIGHTS.with_suffix(".tflite.json")
 
 
 def _dist_version(*names: str) -> str:
     """An installed distribution's version without importing it ('' if absent)."""
-    from importlib import metadata
-
     for name in names:
         try:
             return metadata.version(name)
@@ -126,8 +100,6 @@ def convert_to_tflite(weights: List[np.ndarray], alpha: float) -> bytes:
     """
     import tensorflow as tf
 
-    from stages.model import build_model
-
     model = build_model(alpha, None)
     model.set_weights(weights)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -137,7 +109,7 @@ def convert_to_tflite(weights: List[np.ndarray], alpha: float) -> bytes:
         return bytes(converter.convert())
 
 
-def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[bytes, str]:
+def cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[bytes, str]:
     """The flatbuffer of ``weights`` from the driver's cache, converting on a miss."""
     version = converter_version()
     name = f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{version}.tflite"
@@ -174,8 +146,6 @@ def _cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[byte
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from stages.fs import LocalFileSystem
-
     LocalFileSystem().write_bytes(str(path), data)  # written beside, renamed over
 
 
@@ -223,7 +193,7 @@ def bundled_tflite(h5: Path = BUNDLED_WEIGHTS) -> Tuple[bytes, Dict[str, Any]]:
     return data, info
 
 
-def _is_bundled_copy(source: str) -> Optional[Path]:
+def is_bundled_copy(source: str) -> Optional[Path]:
     """The path of ``source`` if it is a byte-identical copy of the bundled ``.h5``
     with its ``SHA256SUMS`` beside it (EMR nodes get such a copy), else ``None``."""
     path = Path(source).expanduser()
@@ -237,33 +207,9 @@ def _is_bundled_copy(source: str) -> Optional[Path]:
     return path if sums.get(path.name) == digest and BUNDLED_TFLITE.name in sums else None
 
 
-def default_engine() -> str:
-    """``litert`` where ai-edge-litert is installed (Linux x86_64 and macOS arm64 wheels,
-    Python 3.11-3.12), else ``keras``; the features' metadata records which ran."""
-    return DEFAULT_ENGINE if litert_version() else "keras"
-
-
-def check_engine(engine: str) -> None:
-    """Refuse an unknown engine, or ``litert`` where ai-edge-litert is not installed.
-
-    Raises
-    ------
-    UsageError
-    """
-    if engine not in ENGINES:
-        raise UsageError(f"unknown --engine {engine!r}: use litert or keras")
-    if engine == "litert" and not litert_version():
-        raise UsageError(
-            "--engine litert needs the ai-edge-litert package (Linux x86_64 or macOS arm64, "
-            "Python 3.11/3.12): pip install ai-edge-litert, or pass --engine keras"
-        )
-
-
-def _litert_versions(converter: str) -> Dict[str, str]:
+def litert_versions(converter: str) -> Dict[str, str]:
     import PIL
     import pyspark
-
-    import stages
 
     return {
         "fruits_pipeline": stages.__version__,
@@ -273,67 +219,6 @@ def _litert_versions(converter: str) -> Dict[str, str]:
         "ai_edge_litert": litert_version(),
         "tflite_converter": f"tensorflow {converter}",
     }
-
-
-# (source, alpha, engine) -> (spec, payload): one driver converts or reads once.
-_PREPARED: Dict[Tuple[str, Optional[float], str], Tuple[ModelSpec, Payload]] = {}
-
-
-def prepare_model(
-    source: str, alpha: Optional[float] = None, engine: Optional[str] = None
-) -> Tuple[ModelSpec, Payload]:
-    """Resolve the weights and what the workers need for ``engine``, on the driver.
-
-    Parameters
-    ----------
-    source : str
-        ``--weights`` (see :func:`stages.model.resolve_weights`).
-    alpha : float, optional
-    engine : {"litert", "keras"}, optional
-        Default :func:`default_engine`.
-
-    Returns
-    -------
-    spec : ModelSpec
-        With ``engine`` set (and, for litert, the LiteRT and converter versions).
-    payload : bytes or list of ndarray
-        The TFLite flatbuffer (litert) or the weight arrays (keras), to broadcast.
-
-    Raises
-    ------
-    UsageError
-        Unknown engine, bad weights, ai-edge-litert missing.
-    """
-    engine = engine or default_engine()
-    check_engine(engine)
-    if engine == "keras":
-        spec, weights = resolve_weights(source, alpha)
-        return dataclasses.replace(spec, engine="keras"), weights
-    key = (source, alpha, engine)
-    if key in _PREPARED:
-        return _PREPARED[key]
-    copy = None if source == "bundled" else _is_bundled_copy(source)
-    if (source == "bundled" or copy is not None) and alpha in (None, BUNDLED_ALPHA):
-        data, info = bundled_tflite(copy or BUNDLED_WEIGHTS)
-        spec = ModelSpec(
-            alpha=BUNDLED_ALPHA,
-            weights_source=(
-                "bundled:" + BUNDLED_WEIGHTS.name if copy is None else f"file:{copy.resolve()}"
-            ),
-            weights_sha256=info["weights_sha256"],
-            engine="litert",
-            versions=_litert_versions(info["converter_version"]),
-        )
-    else:
-        keras_spec, weights = resolve_weights(source, alpha)
-        data, version = _cached_conversion(keras_spec, weights)
-        spec = dataclasses.replace(keras_spec, engine="litert", versions=_litert_versions(version))
-    _PREPARED.clear()
-    _PREPARED[key] = (spec, data)
-    return spec, data
-
-
-# ---------------------------------------------------------------- executor side
 
 
 def litert_featurizer(model: bytes, threads: int = 1) -> Callable[[np.ndarray], np.ndarray]:

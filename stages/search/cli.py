@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 
-from stages.errors import UsageError
-from stages.search import TOP_MAX
+from stages.base.errors import UsageError
+from stages.base.params import TOP_MAX
 
 
 def _top(text: str) -> int:
@@ -53,8 +53,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _cmd_index(args) -> int:
-    from stages.search import build_index
-    from stages.session import cli_session
+    from stages.base.session import cli_session
+    from stages.reduce.index import build_index
 
     local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
     if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
@@ -68,7 +68,7 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_similar(args) -> int:
-    from stages.search import BadImage, QueryEngine
+    from stages.search.query import BadImage, QueryEngine
 
     try:
         with open(args.photo, "rb") as fh:
@@ -90,7 +90,7 @@ def _cmd_similar(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from stages.serve import serve
+    from stages.search.serve import serve
 
     serve(args.results, host=args.host, port=args.port)
     return 0

@@ -22,9 +22,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from stages.errors import UsageError
-from stages.images import IMAGE_SIZE
-from stages.params import check_alpha
+import stages
+from stages.base.errors import UsageError
+from stages.base.options import check_alpha
+from stages.featurize.images import IMAGE_SIZE
 
 __all__ = [
     "BUNDLED_WEIGHTS",
@@ -32,14 +33,13 @@ __all__ = [
     "ModelSpec",
     "resolve_weights",
     "build_model",
-    "get_featurizer",
     "weights_sha256",
 ]
 
 FEATURE_DIM = 1280
 MODEL_NAME = "MobileNetV2"
 BUNDLED_WEIGHTS = (
-    Path(__file__).with_name("weights") / "mobilenet_v2_imagenet_alpha0.35_224_no_top.h5"
+    Path(__file__).parents[1] / "weights" / "mobilenet_v2_imagenet_alpha0.35_224_no_top.h5"
 )
 BUNDLED_ALPHA = 0.35
 # Alphas for which Keras publishes ImageNet weights at 224 px.
@@ -61,7 +61,7 @@ class ModelSpec:
     # Whether photos were turned as their EXIF orientation tag says before the resize.
     exif_orientation: bool = True
     engine: str = "keras"
-    # Pillow JPEG draft factor (0: full decode); see stages.images.decode_image.
+    # Pillow JPEG draft factor (0: full decode); see stages.featurize.images.decode_image.
     jpeg_draft: int = 0
     versions: Dict[str, str] = field(default_factory=dict)
 
@@ -82,8 +82,6 @@ def library_versions() -> Dict[str, str]:
     """Versions of the libraries that shape the features."""
     import PIL
     import pyspark
-
-    import stages
 
     versions = {
         "fruits_pipeline": stages.__version__,
@@ -244,9 +242,6 @@ def _load_weights(source: str, alpha: Optional[float] = None) -> Tuple[ModelSpec
 
 # ---------------------------------------------------------------- executor side
 
-# weights hash -> batch featurizer; lives as long as the Python worker.
-_FEATURIZERS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
-
 
 def _configure_threads(threads: int) -> None:
     import tensorflow as tf
@@ -259,53 +254,7 @@ def _configure_threads(threads: int) -> None:
         pass
 
 
-def get_featurizer(
-    broadcast_weights,
-    key: str,
-    alpha: float,
-    threads: int = 1,
-    on_build: Optional[Callable[[], None]] = None,
-    engine: str = "keras",
-) -> Callable[[np.ndarray], np.ndarray]:
-    """The batch featurizer of this Python worker, built on first use.
-
-    Parameters
-    ----------
-    broadcast_weights : pyspark.Broadcast
-        Broadcast payload, read only when the model is built: the weight arrays
-        (``keras``) or the TFLite flatbuffer (``litert``).
-    key : str
-        The cache key: the weights' SHA-256, alpha and engine.
-    alpha : float
-    threads : int
-        TensorFlow intra-op or XNNPACK threads: the executor cores given to one task.
-    on_build : callable, optional
-        Called once when the model is actually built (counts builds in tests).
-    engine : {"keras", "litert"}
-        ``litert`` never imports TensorFlow (:func:`stages.engine.litert_featurizer`).
-
-    Returns
-    -------
-    callable
-        ``f(x)`` with ``x`` float32 (n, 224, 224, 3) preprocessed, returning
-        float32 (n, 1280).
-    """
-    fn = _FEATURIZERS.get(key)
-    if fn is None:
-        if engine == "litert":
-            from stages.engine import litert_featurizer
-
-            fn = litert_featurizer(broadcast_weights.value, threads)
-        else:
-            fn = _build_featurizer(broadcast_weights.value, alpha, threads)
-        _FEATURIZERS.clear()  # one model per worker: drop one from an earlier job
-        _FEATURIZERS[key] = fn
-        if on_build is not None:
-            on_build()
-    return fn
-
-
-def _build_featurizer(weights: List[np.ndarray], alpha: float, threads: int):
+def keras_featurizer(weights: List[np.ndarray], alpha: float, threads: int):
     _configure_threads(threads)
     import tensorflow as tf
 
@@ -328,4 +277,4 @@ def _build_featurizer(weights: List[np.ndarray], alpha: float, threads: int):
 
 def local_featurizer(weights: List[np.ndarray], alpha: float) -> Callable[[np.ndarray], np.ndarray]:
     """The same compiled featurizer in this process (benchmarks and the Python API)."""
-    return _build_featurizer(weights, alpha, threads=0)
+    return keras_featurizer(weights, alpha, threads=0)

@@ -3,7 +3,7 @@
 :func:`filesystem` gives a :class:`FileSystem`: :class:`LocalFileSystem` (open(),
 os and pyarrow; no JVM, so a local ``RESULTS`` is read in a second without Spark)
 or, given a SparkSession, :class:`HadoopFileSystem` (Hadoop's FileSystem in the
-driver's JVM, :mod:`stages.hadoopfs`: ``s3://``, ``s3a://``, ``hdfs:``, ``file:``).
+driver's JVM, :mod:`stages.storage.hadoopfs`: ``s3://``, ``s3a://``, ``hdfs:``, ``file:``).
 Both read and write whole small files, list files, and read Parquet as an Arrow
 table; both raise ``OSError`` for a file they cannot read.
 
@@ -16,6 +16,9 @@ import os
 import re
 import uuid
 from typing import List, Optional, Sequence, Tuple
+
+from stages.base.arrow_rdd import read_batch, to_arrow_batches
+from stages.storage import hadoopfs
 
 __all__ = [
     "FileSystem",
@@ -178,14 +181,10 @@ class HadoopFileSystem(FileSystem):
         self.spark = spark
 
     def exists(self, uri: str) -> bool:
-        from stages import hadoopfs
-
         return hadoopfs.exists(self.spark, uri)
 
     def read_bytes(self, uri: str) -> bytes:
         from py4j.protocol import Py4JJavaError
-
-        from stages import hadoopfs
 
         try:
             return hadoopfs.read_bytes(self.spark, uri)
@@ -193,21 +192,15 @@ class HadoopFileSystem(FileSystem):
             raise OSError(f"cannot read {uri}: {hadoopfs.java_message(exc)}") from None
 
     def write_bytes(self, uri: str, data: bytes) -> str:
-        from stages import hadoopfs
-
         hadoopfs.write_bytes(self.spark, uri, data)
         return uri
 
     def list_files(self, uri: str, suffix: str = "") -> List[Tuple[str, int]]:
-        from stages import hadoopfs
-
         return hadoopfs.list_files(self.spark, uri, suffix)
 
     def read_parquet(self, uri, columns, where_valid=None, list_head=None):
         import pyarrow as pa
         from pyspark.sql import functions as F
-
-        from stages.arrow_rdd import read_batch, to_arrow_batches
 
         df = self.spark.read.parquet(uri)
         if where_valid is not None:

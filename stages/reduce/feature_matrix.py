@@ -1,16 +1,16 @@
 """Features (the stage-1 contract) as a distributed matrix, and projections back to Parquet.
 
-The Spark plumbing below the PCA estimator (:mod:`stages.pca`) and its model
-(:mod:`stages.pca_model`):
+The Spark plumbing below the PCA estimator (:mod:`stages.reduce.pca`) and its model
+(:mod:`stages.reduce.pca_model`):
 
 * :func:`open_features` validates a features Parquet path (or a DataFrame with its
   schema) and opens it as a :class:`linalg.distributed.KeyedRowMatrix`:
-  :func:`stages.arrow_rdd.to_arrow_batches` gives an RDD of Arrow record batches
+  :func:`stages.base.arrow_rdd.to_arrow_batches` gives an RDD of Arrow record batches
   (optionally persisted in the JVM, no Python object per row); each batch becomes
   one :class:`linalg.distributed.KeyedBlock` of usable float rows with ``path`` and
   ``label`` kept as Arrow arrays.  Error rows are dropped there and counted.
 * :func:`projections_frame` turns a projected matrix back into a DataFrame
-  ``path, label, pca array<double>[k]`` (:func:`stages.arrow_rdd.from_arrow_batches`),
+  ``path, label, pca array<double>[k]`` (:func:`stages.base.arrow_rdd.from_arrow_batches`),
   the schema of ``RESULTS/projections/``.
 """
 
@@ -22,10 +22,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from linalg.distributed import KeyedBlock, KeyedRowMatrix
-from stages import hadoopfs
-from stages.contract import footer_model_spec, model_identity, read_model_spec
-from stages.errors import UsageError
-from stages.sparkutil import SetAccumulator
+from stages.base.arrow_rdd import batch_bytes, from_arrow_batches, read_batch, to_arrow_batches
+from stages.base.contract import footer_model_spec, model_identity, read_model_spec
+from stages.base.errors import UsageError
+from stages.base.sparkutil import SetAccumulator
+from stages.storage import hadoopfs
 
 __all__ = [
     "PROJECTIONS_SCHEMA",
@@ -56,8 +57,6 @@ def _decode_blocks(batches: Iterator[bytes], schema, d: int, lengths) -> Iterato
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from stages.arrow_rdd import read_batch
-
     for data in batches:
         batch = read_batch(data, schema)
         n = batch.num_rows
@@ -84,8 +83,6 @@ def _decode_blocks(batches: Iterator[bytes], schema, d: int, lengths) -> Iterato
 def _projection_batch(block: KeyedBlock) -> bytes:
     """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
     import pyarrow as pa
-
-    from stages.arrow_rdd import batch_bytes
 
     n, k = block.X.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
@@ -263,7 +260,6 @@ def feature_rows(df, d: int, lengths=None, persist: bool = False) -> Tuple[Keyed
     handle : JVM RDD
         ``handle.unpersist(False)`` when done, if persisted.
     """
-    from stages.arrow_rdd import to_arrow_batches
 
     raw, schema, handle = to_arrow_batches(
         df.select("path", "label", "features", "error"), persist=persist
@@ -358,7 +354,6 @@ def open_features(
 
 def projections_frame(spark, projected: KeyedRowMatrix):
     """A projected KeyedRowMatrix as a DataFrame ``path, label, pca`` (lazy)."""
-    from stages.arrow_rdd import from_arrow_batches
 
     schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
     batches = projected.blocks.filter(lambda b: len(b) > 0).map(_projection_batch)

@@ -1,7 +1,7 @@
 """The reduce stage's PCA as an estimator: ``PCA(k=..., variance=...).fit(features)``.
 
 As in Spark ML and scikit-learn, the estimator holds the parameters and ``fit``
-returns a fitted :class:`stages.pca_model.PCAModel` (``mean_``, ``scale_``,
+returns a fitted :class:`stages.reduce.pca_model.PCAModel` (``mean_``, ``scale_``,
 ``components_``, ``explained_variance_ratio_``, ``transform``, ``save``/``load``).
 The fit standardises every column (Spark ML's ``StandardScaler(withMean=True,
 withStd=True)``) and eigendecomposes the correlation matrix:
@@ -13,7 +13,7 @@ withStd=True)``) and eigendecomposes the correlation matrix:
    correlation).  It is the only way moments become components: ``reduce`` and
    ``reduce --update`` (merged moments) both end there.
 
->>> from stages.pca import PCA
+>>> from stages.reduce.pca import PCA
 >>> model = PCA(k=8).fit("out/Features")                   # doctest: +SKIP
 >>> model.components_.shape, model.explained_variance_ratio_.sum()   # doctest: +SKIP
 ((8, 1280), 0.62...)
@@ -27,9 +27,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from linalg.kernels import BlockMoments, fit_pca_from_moments
-from stages.errors import UsageError
-from stages.params import ReduceParams
-from stages.pca_model import PCAModel
+from stages.base.errors import UsageError
+from stages.base.params import ReduceParams
+from stages.reduce.feature_matrix import OpenedFeatures, feature_file_keys, open_features
+from stages.reduce.pca_model import PCAModel
 
 __all__ = ["PCA"]
 
@@ -49,7 +50,7 @@ class PCA:
     ------
     UsageError
         Bad ``k`` / ``variance`` (checked here, before any Spark job, by
-        :class:`stages.params.ReduceParams`: the CLI's rules and messages).
+        :class:`stages.base.params.ReduceParams`: the CLI's rules and messages).
     """
 
     def __init__(self, k: Optional[int] = None, variance: Optional[float] = None):
@@ -69,7 +70,7 @@ class PCA:
 
         Parameters
         ----------
-        features : str, DataFrame or stages.feature_matrix.OpenedFeatures
+        features : str, DataFrame or stages.reduce.feature_matrix.OpenedFeatures
             A features Parquet path or URI (stage 1's output; read with ``spark``,
             default the active session), a DataFrame with its columns ``path,
             label, features, error``, or features already opened (``reduce``
@@ -88,7 +89,6 @@ class PCA:
             Bad features (missing, wrong schema, mixed models or lengths, NaN,
             fewer than 2 usable rows), or ``k`` above their length or rank.
         """
-        from stages.feature_matrix import OpenedFeatures, open_features
 
         if isinstance(features, OpenedFeatures):
             return self._fit_opened(features)
@@ -123,8 +123,6 @@ class PCA:
         t_moments = time.perf_counter()
         statistics: Dict[str, Any] = {}
         if opened.is_path:
-            from stages.feature_matrix import feature_file_keys
-
             keys = feature_file_keys(opened.spark, name, info["file_uris"])
             statistics["files"] = sorted(keys)
         statistics.update(

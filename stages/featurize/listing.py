@@ -27,6 +27,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import List, Tuple
+from urllib.parse import urlparse
+
+from stages.base.s3a import DEFAULT_REGION
 
 __all__ = [
     "IMAGE_NAME",
@@ -148,16 +151,12 @@ def hidden_object_images(uri: str) -> List[Tuple[str, int]]:
     Spark's listing skips: those with a ``_`` or ``.`` name, or under such a folder.
 
     One flat ``ListObjectsV2`` listing with boto3 (its endpoint, region and credentials:
-    the ones :mod:`stages.s3a` gives Spark).  Returns [] for other schemes.
+    the ones :mod:`stages.base.s3a` gives Spark).  Returns [] for other schemes.
     """
-    from urllib.parse import urlparse
-
     parsed = urlparse(uri)
     if parsed.scheme.lower() not in ("s3", "s3a", "s3n"):
         return []
     import boto3
-
-    from stages.s3a import DEFAULT_REGION
 
     bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
     if prefix and not prefix.endswith("/"):

@@ -24,7 +24,7 @@ from functools import cache
 from typing import Dict, Iterable, List, Tuple
 from urllib.parse import urlparse
 
-from stages.errors import UsageError
+from stages.base.errors import UsageError
 
 __all__ = ["S3A_JARS", "find_jars", "needs_s3a", "s3a_conf"]
 
@@ -102,7 +102,7 @@ def s3a_conf() -> Dict[str, str]:
     -------
     dict
         ``spark.jars`` and ``spark.hadoop.fs.s3a.*`` entries; give them to
-        :func:`stages.session.spark_session` (they must be set before the JVM starts).
+        :func:`stages.base.session.spark_session` (they must be set before the JVM starts).
     """
     import boto3
 

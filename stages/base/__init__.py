@@ -1,0 +1,2 @@
+"""The floor everything stands on: errors, logging, parameters, the features contract,
+the Spark session and its helpers."""

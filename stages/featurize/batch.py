@@ -1,0 +1,220 @@
+"""Plain ``featurize``: every image under INPUT to a new FEATURES, committed atomically.
+
+The scan is a local walk (:class:`LocalScan`, which sees every file, zero-byte and
+hidden ones too) or a Hadoop listing (:class:`HadoopScan`: ``s3a://``, ``s3://``,
+``hdfs://``); both feed the shared stage-1 path of :mod:`stages.featurize.frame`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from stages.base.contract import features_schema
+from stages.base.errors import UsageError
+from stages.base.params import FeaturizeParams
+from stages.base.sparkutil import session_conf
+from stages.featurize.frame import (
+    NO_DICTIONARY,
+    FeaturizeReport,
+    choose_partitions,
+    empty_file_rows,
+    escape_glob,
+    featurize_frame,
+    packing,
+    paths_are_url_encoded,
+    prepare_features_model,
+    read_images,
+)
+from stages.featurize.listing import (
+    LocalListing,
+    file_uri,
+    hidden_object_images,
+    make_view,
+    view_index,
+    walk_images,
+)
+from stages.featurize.model import ModelSpec
+from stages.featurize.partition import label_from_path
+from stages.storage import hadoopfs
+from stages.storage.fs import local_path
+from stages.storage.outputs import atomic_output, check_disjoint
+
+logger = logging.getLogger(__name__)
+
+
+def featurize_batch(
+    spark,
+    input_path: str,
+    output_path: str,
+    params: FeaturizeParams,
+) -> FeaturizeReport:
+    """Plain featurize: every image under ``input_path`` to a new ``output_path``.
+
+    The entry point is :func:`stages.featurize.featurize` (it also dispatches
+    ``--incremental``); ``params.incremental`` is ignored here.
+    """
+    check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
+    t0 = time.perf_counter()
+    if not hadoopfs.exists(spark, input_path):
+        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
+    view = None
+    try:
+        with atomic_output(spark, output_path, params.overwrite) as target:
+            path = local_path(input_path)
+            if path is not None:
+                local = walk_images(path)
+                if not local.files and not local.errors:
+                    raise UsageError(_no_images(input_path))
+                view = make_view([p for p, _ in local.files])
+                scan = _LocalScan(spark, local, view)
+            else:
+                scan = _HadoopScan(spark, input_path)
+            report = _featurize_scan(spark, scan, input_path, output_path, target, params)
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+    report.seconds = time.perf_counter() - t0
+    logger.info(
+        f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
+        f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
+    )
+    return report
+
+
+def _no_images(input_path: str) -> str:
+    return f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+
+
+class _LocalScan:
+    """A local INPUT: listed by :func:`stages.featurize.listing.walk_images`, scanned through
+    its view; rows map back to the real paths by the view's index."""
+
+    def __init__(self, spark, local: LocalListing, view: str) -> None:
+        self.images = read_images(spark, view)
+        self.n_images = len(local.files)
+        self.total_bytes = sum(size for _, size in local.files)
+        self.largest = max((size for _, size in local.files), default=0)
+        self.url_encoded = False
+        self.cycles = local.cycles
+        self._paths = [file_uri(p) for p, _ in local.files]
+        self._errors = [(file_uri(p), reason) for p, reason in local.errors]
+        self.n_extra = len(self._errors)  # the error rows of extra_rows
+
+    def rows(self, sc):
+        """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
+        paths = sc.broadcast(self._paths)
+
+        def real(scanned):
+            table = paths.value
+            return [table[view_index(p)] for p in scanned]
+
+        return real, paths
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the files that cannot be read, or None."""
+        if not self._errors:
+            return None
+        rows = [(p, label_from_path(p), None, reason) for p, reason in self._errors]
+        return spark.createDataFrame(rows, features_schema(spec))
+
+
+class _HadoopScan:
+    """An INPUT on a Hadoop filesystem (s3a, EMRFS s3, hdfs): Spark's own listing."""
+
+    def __init__(self, spark, input_path: str) -> None:
+        from pyspark.sql import functions as F
+
+        self.images = read_images(spark, escape_glob(input_path))
+        # One listing job, reading no image bytes: count, bytes, largest file, a '%' path.
+        stats = self.images.agg(
+            F.count("*").alias("n"),
+            F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
+            F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
+            F.max(F.when(F.col("path").contains("%"), F.col("path"))).alias("pct"),
+        ).first()
+        self.n_images = int(stats["n"])
+        self.total_bytes = int(stats["bytes"])
+        self.largest = int(stats["largest"])
+        self.cycles = 0
+        # Spark's file scan silently drops zero-byte files; the file index still lists
+        # them.  Count them without shipping the listing to Python.
+        self._listed = self.images._jdf.inputFiles()
+        self._n_empty = len(self._listed) - self.n_images
+        self.n_extra = max(self._n_empty, 0)  # the error rows of extra_rows
+        self._scanned = self.images
+        # Spark's listing also skips `_` and `.` names (`_DSC0001.JPG`): on S3 one flat
+        # listing finds them, and the driver reads them (they are few).
+        hidden = hidden_object_images(input_path)
+        if hidden:
+            rows = [(p, hadoopfs.read_bytes(spark, p)) for p, _ in hidden]
+            extra = spark.createDataFrame(rows, "path string, content binary")
+            self.images = self.images.select("path", "content").unionByName(extra)
+            self.n_images += len(hidden)
+            self.total_bytes += sum(size for _, size in hidden)
+        if self.n_images + self._n_empty == 0:
+            raise UsageError(_no_images(input_path))
+        self.url_encoded = paths_are_url_encoded(spark, stats["pct"])
+
+    def rows(self, sc):
+        """``(paths mapper, broadcast)``: none here, Spark's paths are the real ones."""
+        return None, None
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """Error rows for the zero-byte files the scan dropped, or None."""
+        if not self.n_extra:
+            return None
+        return empty_file_rows(spark, self._scanned, self._listed, self.url_encoded, spec)
+
+
+def _featurize_scan(spark, scan, input_path, output_path, target, params) -> FeaturizeReport:
+    """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
+    spec, payload, batch_size = prepare_features_model(params)
+    partitions = params.partitions
+    sc = spark.sparkContext
+    n_images = scan.n_images
+    n_parts = choose_partitions(max(1, n_images), sc.defaultParallelism, partitions)
+    loops = f" ({scan.cycles} folder link(s) to a folder already listed)" if scan.cycles else ""
+    logger.info(
+        f"featurize: {n_images} images under {input_path}, {n_parts} tasks, "
+        f"MobileNetV2 alpha={spec.alpha} weights={spec.weights_source} "
+        f"engine={spec.engine}{loops}"
+    )
+    to_paths, paths_bc = scan.rows(sc)
+    open_cost, split = packing(max(1, n_images), n_parts, scan.total_bytes, scan.largest)
+    split_conf = {
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(split),
+        # Spark caps a split at (bytes + files x open cost) / minPartitionNum: 1 keeps
+        # that cap above ours.
+        "spark.sql.files.minPartitionNum": "1",
+    }
+    logger.debug("featurize: file splits %s", split_conf)
+    with session_conf(spark, split_conf):
+        # Same DataFrame, so the file listing is reused; the split settings are read
+        # when this new query is planned.
+        frame = featurize_frame(
+            spark, scan.images, spec, payload, batch_size, scan.url_encoded, to_paths=to_paths
+        )
+        out = frame.df
+        extra = scan.extra_rows(spark, spec)
+        if extra is not None:
+            out = out.unionByName(extra)
+        with session_conf(spark, frame.settings):
+            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(target)
+    frame.release()
+    if paths_bc is not None:
+        paths_bc.unpersist()
+
+    return FeaturizeReport(
+        input=input_path,
+        output=output_path,
+        images=frame.images + scan.n_extra,
+        errors=frame.errors + scan.n_extra,
+        partitions=frame.partitions,
+        seconds=0.0,
+        model=spec.to_dict(),
+        model_builds=frame.model_builds,
+        worker_pids=frame.worker_pids,
+    )

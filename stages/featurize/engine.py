@@ -1,0 +1,193 @@
+"""Inference engines: LiteRT (a TFLite flatbuffer run by XNNPACK) or the Keras model.
+
+``litert`` (the default) converts the Keras model once on the driver to a float32
+TFLite flatbuffer with the weights inside, and broadcasts those bytes; each Python
+worker builds one ``ai_edge_litert`` interpreter from them and never imports
+TensorFlow (0.1 s and ~130 MB against 5 s and 0.7-1.9 GB for a Keras worker).
+``keras`` broadcasts the weight arrays and builds the Keras model on each worker
+(:mod:`stages.featurize.model`); it stays as the reference the LiteRT features are checked
+against (max abs difference <= 2e-4, cosine >= 0.99999 per row).
+
+Conversions are cached on the driver by weights SHA-256, alpha and converter
+(TensorFlow) version; the bundled alpha-0.35 model also ships pre-converted
+(``stages/weights/*.tflite``, in ``SHA256SUMS``) with a JSON of what made it, so
+featurizing with the bundled weights needs no TensorFlow on the driver either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from stages.base.errors import UsageError
+from stages.featurize.litert import (
+    bundled_tflite,
+    cached_conversion,
+    is_bundled_copy,
+    litert_featurizer,
+    litert_version,
+    litert_versions,
+)
+from stages.featurize.model import (
+    BUNDLED_ALPHA,
+    BUNDLED_WEIGHTS,
+    ModelSpec,
+    keras_featurizer,
+    resolve_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_ENGINE",
+    "check_engine",
+    "default_engine",
+    "ENGINES",
+    "litert_featurizer",
+    "prepare_model",
+]
+
+ENGINES = ("litert", "keras")
+DEFAULT_ENGINE = "litert"
+# Images per model call.  XNNPACK runs small batches at least as fast as 64 (they stay in
+# cache) in a fraction of the memory: alpha 1.0, one thread, peak RSS 106 MiB at 4,
+# 131 at 8, 517 at 64 (benchmarks/README.md).  TensorFlow wants larger batches.
+DEFAULT_BATCH = {"litert": 8, "keras": 64}
+
+# What a job broadcasts: the flatbuffer (litert) or the weight arrays (keras).
+Payload = Union[bytes, List[np.ndarray]]
+
+
+def default_engine() -> str:
+    """``litert`` where ai-edge-litert is installed (Linux x86_64 and macOS arm64 wheels,
+    Python 3.11-3.12), else ``keras``; the features' metadata records which ran."""
+    return DEFAULT_ENGINE if litert_version() else "keras"
+
+
+def check_engine(engine: str) -> None:
+    """Refuse an unknown engine, or ``litert`` where ai-edge-litert is not installed.
+
+    Raises
+    ------
+    UsageError
+    """
+    if engine not in ENGINES:
+        raise UsageError(f"unknown --engine {engine!r}: use litert or keras")
+    if engine == "litert" and not litert_version():
+        raise UsageError(
+            "--engine litert needs the ai-edge-litert package (Linux x86_64 or macOS arm64, "
+            "Python 3.11/3.12): pip install ai-edge-litert, or pass --engine keras"
+        )
+
+
+# (source, alpha, engine) -> (spec, payload): one driver converts or reads once.
+_PREPARED: Dict[Tuple[str, Optional[float], str], Tuple[ModelSpec, Payload]] = {}
+
+
+def prepare_model(
+    source: str, alpha: Optional[float] = None, engine: Optional[str] = None
+) -> Tuple[ModelSpec, Payload]:
+    """Resolve the weights and what the workers need for ``engine``, on the driver.
+
+    Parameters
+    ----------
+    source : str
+        ``--weights`` (see :func:`stages.featurize.model.resolve_weights`).
+    alpha : float, optional
+    engine : {"litert", "keras"}, optional
+        Default :func:`default_engine`.
+
+    Returns
+    -------
+    spec : ModelSpec
+        With ``engine`` set (and, for litert, the LiteRT and converter versions).
+    payload : bytes or list of ndarray
+        The TFLite flatbuffer (litert) or the weight arrays (keras), to broadcast.
+
+    Raises
+    ------
+    UsageError
+        Unknown engine, bad weights, ai-edge-litert missing.
+    """
+    engine = engine or default_engine()
+    check_engine(engine)
+    if engine == "keras":
+        spec, weights = resolve_weights(source, alpha)
+        return dataclasses.replace(spec, engine="keras"), weights
+    key = (source, alpha, engine)
+    if key in _PREPARED:
+        return _PREPARED[key]
+    copy = None if source == "bundled" else is_bundled_copy(source)
+    if (source == "bundled" or copy is not None) and alpha in (None, BUNDLED_ALPHA):
+        data, info = bundled_tflite(copy or BUNDLED_WEIGHTS)
+        spec = ModelSpec(
+            alpha=BUNDLED_ALPHA,
+            weights_source=(
+                "bundled:" + BUNDLED_WEIGHTS.name if copy is None else f"file:{copy.resolve()}"
+            ),
+            weights_sha256=info["weights_sha256"],
+            engine="litert",
+            versions=litert_versions(info["converter_version"]),
+        )
+    else:
+        keras_spec, weights = resolve_weights(source, alpha)
+        data, version = cached_conversion(keras_spec, weights)
+        spec = dataclasses.replace(keras_spec, engine="litert", versions=litert_versions(version))
+    _PREPARED.clear()
+    _PREPARED[key] = (spec, data)
+    return spec, data
+
+
+# ---------------------------------------------------------------- executor side
+
+
+# weights hash -> batch featurizer; lives as long as the Python worker.
+_FEATURIZERS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+def get_featurizer(
+    broadcast_weights,
+    key: str,
+    alpha: float,
+    threads: int = 1,
+    on_build: Optional[Callable[[], None]] = None,
+    engine: str = "keras",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The batch featurizer of this Python worker, built on first use.
+
+    Parameters
+    ----------
+    broadcast_weights : pyspark.Broadcast
+        Broadcast payload, read only when the model is built: the weight arrays
+        (``keras``) or the TFLite flatbuffer (``litert``).
+    key : str
+        The cache key: the weights' SHA-256, alpha and engine.
+    alpha : float
+    threads : int
+        TensorFlow intra-op or XNNPACK threads: the executor cores given to one task.
+    on_build : callable, optional
+        Called once when the model is actually built (counts builds in tests).
+    engine : {"keras", "litert"}
+        ``litert`` never imports TensorFlow (:func:`stages.featurize.engine.litert_featurizer`).
+
+    Returns
+    -------
+    callable
+        ``f(x)`` with ``x`` float32 (n, 224, 224, 3) preprocessed, returning
+        float32 (n, 1280).
+    """
+    fn = _FEATURIZERS.get(key)
+    if fn is None:
+        if engine == "litert":
+            fn = litert_featurizer(broadcast_weights.value, threads)
+        else:
+            fn = keras_featurizer(broadcast_weights.value, alpha, threads)
+        _FEATURIZERS.clear()  # one model per worker: drop one from an earlier job
+        _FEATURIZERS[key] = fn
+        if on_build is not None:
+            on_build()
+    return fn

@@ -1,0 +1,254 @@
+"""The app's queries: a photo in, the most similar photos of the collection out.
+
+:class:`SearchIndex` opens ``RESULTS/index/`` (:mod:`stages.reduce.index`);
+:class:`QueryEngine` featurizes and projects a query photo with the model and PCA that
+made the index, searches it and votes a label; :func:`decode_upload` decodes an upload
+with the limits of a public web service.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from linalg.vectors import VectorIndex
+from stages.base.errors import UsageError
+from stages.base.params import TOP_MAX
+from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.reduce.index import FORMAT, INDEX_DIR, MAX_QUERY_PIXELS, local_results, sha256_hex
+from stages.reduce.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_UPLOAD_BYTES",
+    "TOP_MAX",
+    "BadImage",
+    "VectorIndex",
+    "SearchIndex",
+    "QueryEngine",
+    "decode_upload",
+    "vote",
+]
+
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+_MP = MAX_QUERY_PIXELS // 1_000_000
+
+
+class BadImage(ValueError):
+    """A query image that cannot be used; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -> np.ndarray:
+    """Decode a query photo exactly as ``featurize`` decodes the bucket's images
+    (``exif_orientation`` as recorded in the features' model).
+
+    Raises
+    ------
+    BadImage
+        Empty, over :data:`MAX_UPLOAD_BYTES`, not an image, truncated, or more pixels
+        than :data:`MAX_QUERY_PIXELS` (checked from the header, before decoding).
+    """
+    from PIL import Image
+
+    if not data:
+        raise BadImage("the image is empty (0 bytes)", 400)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise BadImage(f"the image is {len(data)} bytes, over the limit of 10 MB", 413)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (expected a JPEG, PNG or another photo format)", 415) from None
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+        raise BadImage(
+            f"the image has hundreds of megapixels, over the limit of {_MP} MP "
+            "(a decompression bomb?)",
+            413,
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"cannot read the image: {exc}", 422) from None
+    if w * h > MAX_QUERY_PIXELS:
+        raise BadImage(
+            f"the image is {w}x{h} pixels, over the limit of {_MP} MP (a decompression bomb?)",
+            413,
+        )
+    try:
+        return decode_image(data, exif_orientation=exif_orientation, draft=draft)
+    except DecodeError as exc:
+        raise BadImage(f"cannot decode the image: {exc}", 422) from None
+
+
+# ---------------------------------------------------------------------------- vectors
+
+
+# ---------------------------------------------------------------------------- building
+
+
+# ---------------------------------------------------------------------------- querying
+
+
+class SearchIndex:
+    """``RESULTS/index/`` loaded for queries (vectors in memory, thumbnails mapped)."""
+
+    def __init__(self, results: str) -> None:
+        import pyarrow.parquet as pq
+
+        base = os.path.join(local_results(results), INDEX_DIR)
+        if not os.path.isfile(os.path.join(base, "index.json")):
+            raise UsageError(
+                f"{results} has no search index: run `fruits-pipeline index {results}`"
+            )
+        with open(os.path.join(base, "index.json"), encoding="utf-8") as fh:
+            self.meta: Dict[str, Any] = json.load(fh)
+        if self.meta.get("format") != FORMAT:
+            raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
+        rows = pq.read_table(os.path.join(base, "rows.parquet"))
+        self.paths: List[str] = rows.column("path").to_pylist()
+        self.labels: List[str] = rows.column("label").to_pylist()
+        hnsw = None
+        if self.meta["kind"] == "faiss-hnsw":
+            import faiss
+
+            hnsw = faiss.read_index(os.path.join(base, "hnsw.faiss"))
+        self.vectors = VectorIndex(np.load(os.path.join(base, "vectors.npy")), hnsw)
+        self._offsets = np.load(os.path.join(base, "thumbs_offsets.npy"))
+        size = os.path.getsize(os.path.join(base, "thumbs.bin"))
+        self._thumbs = (
+            np.memmap(os.path.join(base, "thumbs.bin"), dtype=np.uint8, mode="r")
+            if size
+            else np.zeros(0, np.uint8)
+        )
+        if not len(self.paths) == len(self.vectors) == len(self._offsets) - 1:
+            raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
+
+    def thumbnail(self, row: int) -> Optional[bytes]:
+        """The JPEG thumbnail of a row, or ``None``."""
+        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
+        return bytes(self._thumbs[a:b]) if b > a else None
+
+
+def vote(labels: Sequence[str], distances: Sequence[float]) -> Dict[str, Any]:
+    """The most frequent label of the matches (a tie goes to the label of the nearer match)."""
+    counts = Counter(labels)
+    best = max(counts.values())
+    first = {}
+    for lab, d in zip(labels, distances):
+        first.setdefault(lab, d)
+    label = min((lab for lab, c in counts.items() if c == best), key=lambda lab: first[lab])
+    return {"label": label, "count": best, "of": len(labels)}
+
+
+def _data_uri(jpeg: Optional[bytes]) -> Optional[str]:
+    if jpeg is None:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+class QueryEngine:
+    """Photo in, matches out: the model that made the features, the PCA, the index.
+
+    Parameters
+    ----------
+    results : str
+        A local RESULTS folder with ``pca_model/`` and ``index/``.
+
+    Raises
+    ------
+    UsageError
+        Missing or stale index, or weights that are not the ones that made the features.
+    """
+
+    def __init__(self, results: str) -> None:
+        folder = os.path.join(local_results(results), MODEL_DIR)
+        if not os.path.isfile(os.path.join(folder, ARRAYS)):
+            raise UsageError(f"{results} has no pca_model/: give a RESULTS folder of `reduce`")
+        self.index = SearchIndex(results)
+        with open(os.path.join(folder, ARRAYS), "rb") as fh:
+            arrays = fh.read()  # read once: hashed here, loaded below
+        if sha256_hex(arrays) != self.index.meta["pca_arrays_sha256"]:
+            raise UsageError(
+                f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
+            )
+        with open(os.path.join(folder, META), "rb") as fh:
+            self.pca = PCAModel.from_files(arrays, fh.read())
+        if self.pca.n_components != self.index.meta["dims"]:
+            raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
+        try:
+            self._featurize = self.pca.featurizer()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        spec = self.pca.features_model
+        self._exif_orientation = bool(spec.get("exif_orientation", False))
+        self._jpeg_draft = int(spec.get("jpeg_draft", 0))
+        self.model_info = {
+            "name": spec.get("name"),
+            "alpha": spec.get("alpha"),
+            "weights_source": spec.get("weights_source"),
+            "weights_sha256": spec.get("weights_sha256"),
+            "k": self.pca.n_components,
+            "rows": len(self.index.vectors),
+            "index": self.index.vectors.kind,
+            "recall_at_10": self.index.meta.get("recall_at_10"),
+            "no_match_distance": self.index.meta["no_match_distance"],
+        }
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Decoded images (n, 224, 224, 3) uint8 to PCA coordinates (n, k)."""
+
+        return self.pca.transform(self._featurize(preprocess(images)))
+
+    def answer(self, point: np.ndarray, top: int = 10) -> Dict[str, Any]:
+        """The answer object for one projected photo (see the README)."""
+        ids, dist = self.index.vectors.search(point[None, :], top)
+        ids, dist = ids[0], dist[0]
+        labels = [self.index.labels[i] for i in ids]
+        matches = [
+            {
+                "path": self.index.paths[i],
+                "label": lab,
+                "distance": round(float(d), 4),
+                "thumbnail": _data_uri(self.index.thumbnail(int(i))),
+            }
+            for i, lab, d in zip(ids, labels, dist)
+        ]
+        v = vote(labels, dist)
+        limit = float(self.index.meta["no_match_distance"])
+        close = bool(len(dist) and dist[0] <= limit)
+        if close:
+            verdict = f"{v['label']} — {v['count']} of the {v['of']} nearest"
+        else:
+            verdict = (
+                f"no close match: the nearest image is at {dist[0]:.1f}, beyond {limit:.1f} "
+                "(1.5 x the distance within which 99% of the bucket's images have a neighbour)"
+            )
+        return {
+            "vote": v,
+            "close_match": close,
+            "verdict": verdict,
+            "matches": matches,
+            "model": self.model_info,
+        }
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """:func:`decode_upload` with the EXIF handling that made the features."""
+        return decode_upload(data, exif_orientation=self._exif_orientation, draft=self._jpeg_draft)
+
+    def similar_bytes(self, data: bytes, top: int = 10) -> Dict[str, Any]:
+        """Decode, featurize, project and search one photo (raises :class:`BadImage`)."""
+        return self.answer(self.embed(self.decode(data)[None])[0], top)

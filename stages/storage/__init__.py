@@ -1,0 +1,1 @@
+"""Files: local and Hadoop filesystems, atomic outputs, the FEATURES run layout."""

@@ -1,0 +1,248 @@
+"""The FEATURES table of a growing bucket: one folder per run, a manifest, atomic commits.
+
+``FEATURES/run=<id>/`` holds a run's rows; ``FEATURES/_runs/<id>.json`` is its record,
+written last (the commit); ``_staging/`` holds a run being written.  A reader takes the
+runs that records name and that no later record removes.  :class:`FeaturesTable` is the
+one place that opens, recovers, migrates and commits this layout (``--incremental``,
+``watch``, ``reduce --update``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional
+
+from stages.base.contract import features_schema, footer_model_spec, model_identity
+from stages.base.errors import UsageError
+from stages.storage import hadoopfs
+
+logger = logging.getLogger(__name__)
+
+
+RUNS_DIR = "_runs"
+
+
+STAGING_DIR = "_staging"
+
+
+RUN_PREFIX = "run="
+
+
+def new_run_id() -> str:
+    """A run id that sorts by time: ``20261201T081858123Z-a1b2c3`` (UTC)."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def incremental_schema(spec=None):
+    """The features schema plus the image's ``length`` and ``modificationTime``."""
+    from pyspark.sql.types import LongType, StructField, TimestampType
+
+    schema = features_schema(spec)
+    schema = schema.add(StructField("length", LongType(), True))
+    return schema.add(StructField("modificationTime", TimestampType(), True))
+
+
+class FeaturesTable:
+    """The ``FEATURES`` folder seen through its run manifest.
+
+    Parameters
+    ----------
+    spark : SparkSession
+    uri : str
+        The features folder (local path or Hadoop URI).
+    """
+
+    def __init__(self, spark, uri: str):
+        self.spark = spark
+        self.uri = uri.rstrip("/")
+
+    # ---------------------------------------------------------------- layout
+
+    def run_uri(self, run: str) -> str:
+        """Where run ``run``'s rows live once committed."""
+        return f"{self.uri}/{RUN_PREFIX}{run}"
+
+    def staging_uri(self, run: str) -> str:
+        """Where run ``run``'s rows are written before the commit."""
+        return f"{self.uri}/{STAGING_DIR}/{RUN_PREFIX}{run}"
+
+    def record_uri(self, run: str) -> str:
+        """The manifest record of run ``run``."""
+        return f"{self.uri}/{RUNS_DIR}/{run}.json"
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The committed runs' records, oldest first."""
+        out = []
+        for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}"):
+            if not is_dir and name.endswith(".json") and not name.startswith("."):
+                text = hadoopfs.read_text(self.spark, f"{self.uri}/{RUNS_DIR}/{name}")
+                out.append(json.loads(text))
+        return sorted(out, key=lambda r: r["run"])
+
+    def live_runs(self, records: Optional[List[Dict[str, Any]]] = None) -> List[str]:
+        """Runs whose rows are part of the table: committed and not superseded."""
+        records = self.records() if records is None else records
+        gone = {r for rec in records for r in rec.get("removes", [])}
+        return [rec["run"] for rec in records if rec["run"] not in gone]
+
+    def flat_files(self) -> List[str]:
+        """Parquet files directly in the folder (a table made by a plain ``featurize``)."""
+        return [
+            f"{self.uri}/{name}"
+            for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, self.uri)
+            if not is_dir and name.endswith(".parquet") and not name.startswith(("_", "."))
+        ]
+
+    def data_files(self) -> List[str]:
+        """Every Parquet file of the table (flat or in live run folders)."""
+        return [u for u, _ in hadoopfs.list_files(self.spark, self.uri, ".parquet")]
+
+    def model(self) -> Optional[Dict[str, Any]]:
+        """What made the table's features: the last run's record, else a file footer."""
+        for rec in reversed(self.records()):
+            if rec.get("model"):
+                return rec["model"]
+        files = self.data_files()
+        if not files:
+            return None
+
+        return footer_model_spec(hadoopfs.parquet_footer(self.spark, files[0]))
+
+    # ---------------------------------------------------------------- commit
+
+    def commit(self, record: Dict[str, Any]) -> None:
+        """Steps 2 and 3 of the protocol for a run whose rows are in staging."""
+        hadoopfs.write_text_atomic(
+            self.spark, self.record_uri(record["run"]), json.dumps(record, indent=2)
+        )
+        self._finish(record)
+
+    def _finish(self, record: Dict[str, Any]) -> None:
+        run = record["run"]
+        if record.get("kind") == "migrate":
+            for name in record["files"]:
+                if hadoopfs.exists(self.spark, f"{self.uri}/{name}"):
+                    hadoopfs.rename(self.spark, f"{self.uri}/{name}", f"{self.run_uri(run)}/{name}")
+        staged = self.staging_uri(run)
+        if hadoopfs.exists(self.spark, staged):
+            final = self.run_uri(run)
+            if not hadoopfs.exists(self.spark, final):
+                if not hadoopfs.rename(self.spark, staged, final):
+                    raise OSError(f"could not rename {staged} to {final}")
+            else:  # an S3 rename that died half-way: move what is left, file by file
+                for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, staged):
+                    if not is_dir and not hadoopfs.exists(self.spark, f"{final}/{name}"):
+                        hadoopfs.rename(self.spark, f"{staged}/{name}", f"{final}/{name}")
+                hadoopfs.delete(self.spark, staged)
+        for old in record.get("removes", []):
+            if hadoopfs.delete(self.spark, self.run_uri(old)):
+                logger.info(f"featurize: run {old} superseded by {run}: its folder is deleted")
+        staging = f"{self.uri}/{STAGING_DIR}"
+        if hadoopfs.exists(self.spark, staging) and not hadoopfs.list_dir(self.spark, staging):
+            hadoopfs.delete(self.spark, staging)
+
+    def recover(self) -> None:
+        """Roll committed runs forward and drop aborted ones (idempotent, cheap)."""
+        records = self.records()
+        committed = {r["run"] for r in records}
+        for rec in records:
+            pending = hadoopfs.exists(self.spark, self.staging_uri(rec["run"])) or any(
+                hadoopfs.exists(self.spark, self.run_uri(o)) for o in rec.get("removes", [])
+            )
+            if rec.get("kind") == "migrate":
+                pending = any(hadoopfs.exists(self.spark, f"{self.uri}/{n}") for n in rec["files"])
+            if pending:
+                logger.info(
+                    f"featurize: finishing the commit of run {rec['run']} (a run died after it)"
+                )
+                self._finish(rec)
+        for name, _dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}"):
+            if name.startswith(".") and name.endswith(".tmp"):  # a record never renamed in
+                hadoopfs.delete(self.spark, f"{self.uri}/{RUNS_DIR}/{name}")
+        for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{STAGING_DIR}"):
+            run = name[len(RUN_PREFIX) :] if name.startswith(RUN_PREFIX) else None
+            if is_dir and run not in committed:
+                logger.info(
+                    f"featurize: deleting {STAGING_DIR}/{name}, left by a run that did not commit"
+                )
+                hadoopfs.delete(self.spark, f"{self.uri}/{STAGING_DIR}/{name}")
+
+    def migrate_flat(self) -> Optional[str]:
+        """Move a plain ``featurize`` output's files into a first run (no rewrite).
+
+        The record, listing the files, is written first: a move that dies half-way
+        is finished by :meth:`recover`.  Its rows have no ``length`` and
+        ``modificationTime``: an image counts as changed when it is newer than
+        those files.
+        """
+        files = self.flat_files()
+        if not files:
+            return None
+        run = new_run_id()
+        stamps = {n: m for n, d, _, m in hadoopfs.list_dir(self.spark, self.uri) if not d}
+        names = [u.rsplit("/", 1)[1] for u in files]
+        record = {
+            "run": run,
+            "kind": "migrate",
+            "started": now_iso(),
+            "committed": now_iso(),
+            "rows": int(self.spark.read.parquet(*files).count()),
+            "files": names,
+            "written_ms": max(stamps.get(n, 0) for n in names),
+            "model": self.model(),
+            "removes": [],
+        }
+        self.commit(record)
+        hadoopfs.delete(self.spark, f"{self.uri}/_SUCCESS")
+        logger.info(f"featurize: {len(files)} files of a plain featurize moved into run {run}")
+        return run
+
+    # ---------------------------------------------------------------- reading
+
+    def read_runs(self, runs: List[str], spec=None):
+        """The rows of ``runs`` with the incremental schema and a ``run`` column."""
+        from pyspark.sql import functions as F
+
+        if not runs:
+            return self.spark.createDataFrame([], incremental_schema(spec)).withColumn(
+                "run", F.lit(None).cast("string")
+            )
+        df = (
+            self.spark.read.schema(incremental_schema(spec))
+            .option("basePath", self.uri)
+            .parquet(*[self.run_uri(r) for r in runs])
+        )
+        if "run" not in df.columns:  # only when Spark did not discover the partition column
+            df = df.withColumn("run", F.regexp_extract(F.input_file_name(), r"run=([^/]+)/", 1))
+        return df
+
+
+def check_same_model(table_model: Optional[Dict[str, Any]], spec, where: str) -> None:
+    """Refuse to add features of another model to a table (one line, exit 2)."""
+
+    if table_model is None:
+        raise UsageError(f"{where} records no model: featurize everything again into a new folder")
+    if model_identity(table_model) != model_identity(spec.to_dict()):
+        raise UsageError(
+            f"{where} was made by {table_model.get('name')} {_made_by(table_model)}, not by "
+            f"{_made_by(spec.to_dict())}: give the same --weights/--alpha and decode options, "
+            "or a new FEATURES folder"
+        )
+
+
+def _made_by(model: Dict[str, Any]) -> str:
+    """The options that made features, as the user gave them."""
+    words = [f"alpha={model.get('alpha')} {model.get('weights_source')}"]
+    if not model.get("exif_orientation", False):  # older features: pixels as stored
+        words.append("--ignore-exif-orientation")
+    if int(model.get("jpeg_draft", 0)):
+        words.append(f"--jpeg-draft {model['jpeg_draft']}")
+    return " ".join(words)
