@@ -35,8 +35,10 @@ from stages.featurize.model import (
     BUNDLED_ALPHA,
     BUNDLED_WEIGHTS,
     ModelSpec,
+    WeightsKey,
     keras_featurizer,
     resolve_weights,
+    weights_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,8 +86,9 @@ def check_engine(engine: str) -> None:
         )
 
 
-# (source, alpha, engine) -> (spec, payload): one driver converts or reads once.
-_PREPARED: Dict[Tuple[str, Optional[float], str], Tuple[ModelSpec, Payload]] = {}
+# (weights_key, engine) -> (spec, payload): one driver converts or reads once; the key holds
+# the weights file's mtime and size, as resolve_weights' does (a replaced .h5 is read again).
+_PREPARED: Dict[Tuple[WeightsKey, str], Tuple[ModelSpec, Payload]] = {}
 
 
 def prepare_model(
@@ -118,7 +121,7 @@ def prepare_model(
     if engine == "keras":
         spec, weights = resolve_weights(source, alpha)
         return dataclasses.replace(spec, engine="keras"), weights
-    key = (source, alpha, engine)
+    key = (weights_key(source, alpha), engine)
     if key in _PREPARED:
         return _PREPARED[key]
     copy = None if source == "bundled" else is_bundled_copy(source)

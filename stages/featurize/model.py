@@ -126,21 +126,30 @@ def _check_alpha(alpha: float) -> None:
         raise UsageError(f"--alpha {alpha} {problem}")
 
 
-# (source, alpha, weights file mtime) -> (spec, weights): a second job in the same driver
-# (a warm run; `fruits-pipeline run` in a notebook) skips the Keras build and h5 read.
-_RESOLVED: Dict[Tuple[str, Optional[float], float], Tuple[ModelSpec, List[np.ndarray]]] = {}
+WeightsKey = Tuple[str, Optional[float], int, int]
+
+
+def weights_key(source: str, alpha: Optional[float] = None) -> WeightsKey:
+    """``(source, alpha, mtime_ns, size)``: the key of every memo of a driver that depends on
+    the weights, so a weights file replaced at the same path is read again."""
+    path = BUNDLED_WEIGHTS if source == "bundled" else Path(source).expanduser()
+    try:
+        st = path.stat()
+        return source, alpha, st.st_mtime_ns, st.st_size
+    except OSError:  # imagenet, random:SEED
+        return source, alpha, 0, 0
+
+
+# weights_key -> (spec, weights): a second job in the same driver (a warm run; `fruits-pipeline
+# run` in a notebook) skips the Keras build and h5 read.
+_RESOLVED: Dict[WeightsKey, Tuple[ModelSpec, List[np.ndarray]]] = {}
 
 
 def resolve_weights(
     source: str, alpha: Optional[float] = None
 ) -> Tuple[ModelSpec, List[np.ndarray]]:
     """Load the weights on the driver, once per driver process (see :func:`_load_weights`)."""
-    path = BUNDLED_WEIGHTS if source == "bundled" else Path(source).expanduser()
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:  # imagenet, random:SEED
-        mtime = 0.0
-    key = (source, alpha, mtime)
+    key = weights_key(source, alpha)
     if key not in _RESOLVED:
         _RESOLVED.clear()  # hold one set of weights at a time
         _RESOLVED[key] = _load_weights(source, alpha)

@@ -116,3 +116,23 @@ def test_conversion_is_cached_by_weights_alpha_and_converter(
     monkeypatch.setattr(engine, "_PREPARED", {})
     with pytest.raises(AssertionError, match="converted again"):
         engine.prepare_model("random:5", 0.35, "litert")
+
+
+@pytest.mark.tensorflow
+def test_a_weights_file_replaced_at_the_same_path_is_read_again(
+    tflite_cache, fresh_prepared, tmp_path
+):
+    # A warm driver (a notebook, a second `run`) must not serve the flatbuffer of the file
+    # that was at this path before.
+    import h5py
+
+    h5 = tmp_path / "weights.h5"
+    shutil.copy(engine.BUNDLED_WEIGHTS, h5)  # no SHA256SUMS beside it: converted, not shipped
+    first, data = engine.prepare_model(str(h5), 0.35, "litert")
+    with h5py.File(h5, "r+") as f:
+        names: list = []
+        f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) else None)
+        kernel = f[sorted(names)[0]]
+        kernel[...] = kernel[...] * 2.0
+    second, data2 = engine.prepare_model(str(h5), 0.35, "litert")
+    assert second.weights_sha256 != first.weights_sha256 and data2 != data
