@@ -25,10 +25,7 @@ import numpy as np
 
 from linalg.kernels import (
     BlockMoments,
-    PCAFit,
     block_moments,
-    covariance,
-    fit_pca_from_moments,
     merge_moments,
     project,
 )
@@ -169,24 +166,6 @@ class RowMatrix:
             return BlockMoments.empty(d)
         self._n_cols = result.n_features
         return result
-
-    def compute_covariance(self) -> np.ndarray:
-        """Unbiased covariance (n_cols, n_cols): one pass, as :meth:`compute_moments`."""
-        return covariance(self.compute_moments())
-
-    def compute_pca(
-        self,
-        k: Optional[int] = None,
-        variance: Optional[float] = None,
-        n_cols: Optional[int] = None,
-    ) -> PCAFit:
-        """Standardise-then-PCA fit (Spark ML ``StandardScaler + PCA`` conventions).
-
-        One pass over the data (:meth:`compute_moments`), then
-        :func:`linalg.kernels.fit_pca_from_moments` on the driver: one float64
-        ``eigh`` of the d x d correlation, ``O(d^2)`` memory.
-        """
-        return fit_pca_from_moments(self.compute_moments(n_cols), k=k, variance=variance)
 
     def _with_broadcast(self, W: np.ndarray, mean: Optional[np.ndarray]):
         W = np.asarray(W, dtype=np.float64)

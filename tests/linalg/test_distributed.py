@@ -17,7 +17,7 @@ from linalg.distributed import (
     parse_byte_size,
     tree_depth,
 )
-from linalg.kernels import block_moments, fit_pca_from_moments
+from linalg.kernels import block_moments, covariance, fit_pca_from_moments
 
 
 def _blocks(X: np.ndarray, sizes):
@@ -37,7 +37,7 @@ def test_statistics_with_more_partitions_than_rows(spark):
     assert m.n == 5
     np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(
-        RowMatrix(rdd).compute_covariance(), np.cov(X, rowvar=False), rtol=1e-10
+        covariance(RowMatrix(rdd).compute_moments()), np.cov(X, rowvar=False), rtol=1e-10
     )
 
 
@@ -52,7 +52,7 @@ def test_pca_matches_numpy_correlation_eigh(spark):
     X = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6))
     X[:, 4] = 7.0  # a constant column: standardised to 0, its eigenvalue cleaned to 0
     rdd = spark.sparkContext.parallelize(_blocks(X, [50, 0, 70, 80]), 4)
-    fit = RowMatrix(rdd).compute_pca(k=3)
+    fit = fit_pca_from_moments(RowMatrix(rdd).compute_moments(), k=3)
     Z = np.delete(X, 4, axis=1)
     w, V = np.linalg.eigh(np.corrcoef(Z, rowvar=False))
     w, V = w[::-1], np.insert(V[:, ::-1], 4, 0.0, axis=0)
@@ -71,7 +71,7 @@ def test_keyed_row_matrix_keeps_each_rows_payload(spark):
     keys = np.array([f"row {i:02d}" for i in range(30)])
     blocks = [KeyedBlock(X[s : s + 10], keys[s : s + 10]) for s in (0, 10, 20)]
     m = KeyedRowMatrix(spark.sparkContext.parallelize(blocks, 3), n_cols=5)
-    fit = m.compute_pca(k=2)
+    fit = fit_pca_from_moments(m.compute_moments(), k=2)
     ref = fit_pca_from_moments(block_moments(X), k=2)
     np.testing.assert_allclose(fit.eigenvalues, ref.eigenvalues, rtol=1e-10)
     with m.project(fit.projection_matrix(), fit.mean) as projected:
