@@ -42,7 +42,6 @@ __all__ = [
     "features_schema",
 ]
 
-# Hadoop glob: .jpg and .jpeg in any case.
 # Parquet tries a dictionary for every column first; for 1280 floats a row it always falls
 # back, after hashing them all: the JVM's top cost of the job (profiled).  Writer options.
 NO_DICTIONARY = {"parquet.enable.dictionary#features.list.element": "false"}
@@ -54,8 +53,8 @@ IMAGES_PER_PARTITION = 2048
 
 
 class RunReport:
-    """Throughput and a JSON-ready dict for a stage-1 run's report (a dataclass with
-    ``images`` and ``seconds``)."""
+    """Throughput and a JSON-ready dict, mixed into the dataclasses of stage-1 run reports
+    (:class:`FeaturizeReport`, ``IncrementalReport``): each has ``images`` and ``seconds``."""
 
     images: int
     seconds: float
