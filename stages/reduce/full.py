@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from stages.base.params import ReduceParams
+from stages.base.progress import Progress
 from stages.reduce.feature_matrix import (
     PROJECTIONS_SCHEMA,
     open_features,
@@ -66,7 +67,7 @@ def reduce_full(
     pca = PCA(k=params.k, variance=params.variance)
     check, overwrite = params.check, params.overwrite
     check_disjoint([("RESULTS", results, "FEATURES", features)])
-    with atomic_output(spark, results, overwrite) as target:
+    with atomic_output(spark, results, overwrite) as target, Progress(spark, "reduce", None):
         summary = _reduce(spark, features, results, target, pca, check, featurize_report, index)
     logger.info(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
     return summary
