@@ -51,7 +51,7 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
-    k = model.n_components
+    k = model.n_components_
     fit = model.fit
     t0 = time.perf_counter()
     rows = (

@@ -127,7 +127,7 @@ def update_reduce(
                         covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
     stats = model.statistics
     requested = (
-        stats.get("requested") or {"k": model.n_components, "variance": None}
+        stats.get("requested") or {"k": model.n_components_, "variance": None}
         if k is None and variance is None
         else {"k": k, "variance": variance}
     )
@@ -158,7 +158,7 @@ def update_reduce(
         return summary
     else:
         new_uris = [uris[n] for n in new]
-        d = model.fit.n_features
+        d = model.pca_fit.n_features
         added = None
         new_rows = new_errors = 0
         if new_uris:
@@ -187,7 +187,7 @@ def update_reduce(
         t_stats = time.perf_counter()
         logger.info(
             f"reduce --update: {len(new)} new feature files, {new_rows} rows "
-            f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
+            f"({new_errors} errors) merged into the statistics of {model.pca_fit.n_samples} rows"
         )
         error_rows = int(stats.get("error_rows", 0)) + new_errors
         new_model = PCA(**requested).fit_moments(

@@ -187,7 +187,7 @@ class QueryEngine:
             )
         with open(os.path.join(folder, META), "rb") as fh:
             self.pca = PCAModel.from_files(arrays, fh.read())
-        if self.pca.n_components != self.index.meta["dims"]:
+        if self.pca.n_components_ != self.index.meta["dims"]:
             raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
         try:
             self._featurize = self.pca.featurizer()
@@ -201,7 +201,7 @@ class QueryEngine:
             "alpha": spec.get("alpha"),
             "weights_source": spec.get("weights_source"),
             "weights_sha256": spec.get("weights_sha256"),
-            "k": self.pca.n_components,
+            "k": self.pca.n_components_,
             "rows": len(self.index.vectors),
             "index": self.index.vectors.kind,
             "recall_at_10": self.index.meta.get("recall_at_10"),

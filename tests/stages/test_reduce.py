@@ -120,8 +120,8 @@ def test_agrees_with_numpy_and_keeps_path_and_label(results, sample_features):
     X, paths, w, V, Z = _numpy_reference(sample_features, 8)
     assert (np.ptp(X, axis=0) == 0).sum() > 0  # all-zero columns: normal on small samples
     model = PCAModel.load(str(results))
-    np.testing.assert_allclose(model.fit.eigenvalues[:8], w[:8], rtol=1e-9)
-    cos = np.abs(np.sum(model.fit.components * V, axis=0))
+    np.testing.assert_allclose(model.pca_fit.eigenvalues[:8], w[:8], rtol=1e-9)
+    cos = np.abs(np.sum(model.pca_fit.components * V, axis=0))
     assert cos.min() >= 1 - 1e-9
     proj = pq.read_table(results / "projections").to_pydict()
     assert sorted(proj["path"]) == sorted(paths)
