@@ -42,6 +42,7 @@ from stages.featurize.frame import (
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.update import project_pending, project_run
 from stages.storage import hadoopfs
+from stages.storage.layout import Results
 from stages.storage.table import (
     FeaturesTable,
     RunRecord,
@@ -190,7 +191,7 @@ def watch(
     table = FeaturesTable(spark, features).open_for_append(spec)
     model = None
     if opts.results:
-        if not hadoopfs.exists(spark, opts.results.rstrip("/") + "/pca_model"):
+        if not hadoopfs.exists(spark, Results(opts.results).model):
             raise UsageError(
                 f"--results {opts.results} holds no pca_model: run `fruits-pipeline reduce` first"
             )

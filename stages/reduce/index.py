@@ -42,15 +42,13 @@ from linalg.vectors import (
 )
 from stages.base.errors import UsageError
 from stages.storage import hadoopfs
+from stages.storage.layout import INDEX_META, Results
 from stages.storage.outputs import atomic_output
 
 logger = logging.getLogger(__name__)
 
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
-
-
-INDEX_DIR = "index"
 
 
 FORMAT = 1
@@ -134,7 +132,7 @@ def build_index_files(
     np.save(buf, offsets)
     files["thumbs_offsets.npy"] = buf.getvalue()
     meta["build_s"] = time.perf_counter() - t0
-    files["index.json"] = json.dumps(meta, indent=2).encode()
+    files[INDEX_META] = json.dumps(meta, indent=2).encode()
     return files
 
 
@@ -170,17 +168,17 @@ def build_index(spark, results: str) -> Dict[str, Any]:
     build leaves the previous index in place.  Returns the index's ``index.json`` content.
     """
 
-    base = results.rstrip("/")
-    if not hadoopfs.exists(spark, f"{base}/projections") or not hadoopfs.exists(
-        spark, f"{base}/pca_model/model.json"
+    layout = Results(results)
+    if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
+        spark, layout.model_meta
     ):
         raise UsageError(
             f"{results} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
         )
     t0 = time.perf_counter()
-    arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
-    model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
-    proj = spark.read.parquet(f"{base}/projections")
+    arrays = hadoopfs.read_bytes(spark, layout.arrays)
+    model = json.loads(hadoopfs.read_bytes(spark, layout.model_meta).decode("utf-8"))
+    proj = spark.read.parquet(layout.projections)
     pdf = _thumbnail_column(spark, proj).orderBy("path").toPandas()
     if len(pdf) == 0:
         raise UsageError(f"{results}/projections has no rows: nothing to index")
@@ -200,10 +198,10 @@ def build_index(spark, results: str) -> Dict[str, Any]:
         model.get("features_model") or {},
     )
     # Written beside and swapped in; index.json last, so a partial index is no index.
-    with atomic_output(spark, f"{base}/{INDEX_DIR}", overwrite=True) as target:
-        for name in sorted(files, key=lambda n: n == "index.json"):
+    with atomic_output(spark, layout.index, overwrite=True) as target:
+        for name in sorted(files, key=lambda n: n == INDEX_META):
             hadoopfs.write_bytes(spark, f"{target}/{name}", files[name])
-    meta = json.loads(files["index.json"])
+    meta = json.loads(files[INDEX_META])
     logger.info(
         f"index: {meta['rows']} rows, {meta['kind']} search, recall@10 {meta['recall_at_10']:.3f}, "
         f"{time.perf_counter() - t0:.1f} s"

@@ -38,12 +38,9 @@ from stages.reduce.feature_matrix import (
     projections_frame,
 )
 from stages.storage.fs import filesystem
+from stages.storage.layout import ARRAYS, MODEL_DIR, MODEL_META
 
 __all__ = ["PCAModel"]
-
-MODEL_DIR = "pca_model"
-ARRAYS = "arrays.npz"
-META = "model.json"
 
 
 @dataclass(frozen=True)
@@ -300,7 +297,7 @@ class PCAModel:
         }
         if self.statistics:
             meta["statistics"] = self.statistics
-        return {ARRAYS: buf.getvalue(), META: json.dumps(meta, indent=2).encode()}
+        return {ARRAYS: buf.getvalue(), MODEL_META: json.dumps(meta, indent=2).encode()}
 
     @classmethod
     def from_files(cls, arrays: bytes, meta: bytes) -> PCAModel:
@@ -325,7 +322,9 @@ class PCAModel:
 
         base = _model_dir(results)
         fs = filesystem(spark)
-        return cls.from_files(fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{META}"))
+        return cls.from_files(
+            fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{MODEL_META}")
+        )
 
     def save(self, results: str, spark=None) -> str:
         """Write ``RESULTS/pca_model/`` (or into ``.../pca_model`` if given that): a local

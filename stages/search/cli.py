@@ -8,6 +8,7 @@ import os
 
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
+from stages.storage.layout import PROJECTIONS
 
 
 def _top(text: str) -> int:
@@ -57,7 +58,7 @@ def _cmd_index(args) -> int:
     from stages.reduce.index import build_index
 
     local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
-    if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
+    if "://" not in local and not os.path.isdir(os.path.join(local, PROJECTIONS)):
         raise UsageError(f"{args.results} has no projections/: give a RESULTS folder of `reduce`")
     spark = cli_session(args, "fruits-pipeline index")
     meta = build_index(spark, args.results)

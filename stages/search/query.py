@@ -22,8 +22,9 @@ from linalg.vectors import VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
 from stages.featurize.images import DecodeError, decode_image, preprocess
-from stages.reduce.index import FORMAT, INDEX_DIR, MAX_QUERY_PIXELS, local_results, sha256_hex
-from stages.reduce.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
+from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
+from stages.reduce.pca_model import PCAModel
+from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +111,11 @@ class SearchIndex:
         import pyarrow.parquet as pq
 
         base = os.path.join(local_results(results), INDEX_DIR)
-        if not os.path.isfile(os.path.join(base, "index.json")):
+        if not os.path.isfile(os.path.join(base, INDEX_META)):
             raise UsageError(
                 f"{results} has no search index: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(base, "index.json"), encoding="utf-8") as fh:
+        with open(os.path.join(base, INDEX_META), encoding="utf-8") as fh:
             self.meta: Dict[str, Any] = json.load(fh)
         if self.meta.get("format") != FORMAT:
             raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
@@ -185,7 +186,7 @@ class QueryEngine:
             raise UsageError(
                 f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(folder, META), "rb") as fh:
+        with open(os.path.join(folder, MODEL_META), "rb") as fh:
             self.pca = PCAModel.from_files(arrays, fh.read())
         if self.pca.n_components_ != self.index.meta["dims"]:
             raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
