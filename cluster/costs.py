@@ -29,6 +29,7 @@ __all__ = [
     "SPOT_FRACTION",
     "THROUGHPUT",
     "Estimate",
+    "Model",
     "ceiling_per_hour",
     "deadline_seconds",
     "estimate",
@@ -64,6 +65,20 @@ LIST_PER_S = 10_000.0  # objects listed per second (1000 a page, ~100 ms a page)
 IMAGES_PER_TASK = 2048  # the featurize stage's task size; one Parquet file each
 # reduce: 118 ms per 1000 rows on local[2] (README, reduce benchmark), i.e. 0.236 core-s
 REDUCE_CORE_S_PER_1000 = 0.236
+
+
+@dataclass(frozen=True)
+class Model:
+    """The estimate's assumptions: the constants above, which ``benchmarks/instance_sizes.py``
+    varies; ``img_per_core_s`` replaces the measured :data:`THROUGHPUT` when given."""
+
+    startup_s: float = STARTUP_S
+    step_start_s: float = STEP_START_S
+    efficiency: float = NODE_EFFICIENCY
+    s3_get_ms: float = S3_GET_MS
+    list_per_s: float = LIST_PER_S
+    spot_fraction: float = SPOT_FRACTION
+    img_per_core_s: Optional[float] = None
 
 
 def hms(seconds: float) -> str:
@@ -197,6 +212,7 @@ def estimate(
     images_source: str,
     engine: str = "litert",
     alpha: float = 1.0,
+    model: Model = Model(),
 ) -> Estimate:
     """Time and cost of featurizing ``images`` and reducing them on the cluster ``opts``.
 
@@ -212,26 +228,30 @@ def estimate(
         How the count was found (printed).
     engine, alpha : str, float
         Featurize engine and MobileNetV2 width (EMR's default weights: alpha 1.0).
+    model : Model
+        The assumptions (defaults: this module's constants).
     """
     it = find_instance_type(opts.instance_type)
     lay = executor_layout(opts.instance_type, engine)
     rate, rate_source = per_core_rate(engine, alpha)
+    if model.img_per_core_s:
+        rate, rate_source = model.img_per_core_s, "given"
     workers = opts.core + opts.task
     slots = max(1, workers * lay.executors_per_node - lay.driver_slots)
-    compute = rate * lay.task_cpus * NODE_EFFICIENCY
-    s3_cap = 1000.0 / S3_GET_MS
+    compute = rate * lay.task_cpus * model.efficiency
+    s3_cap = 1000.0 / model.s3_get_ms if model.s3_get_ms > 0 else math.inf
     slot_rate = min(compute, s3_cap)
     if images:
         busy = min(slots, max(1, math.ceil(images / 64)))  # tasks are batches of >= 64
-        featurize_s = STEP_START_S + images / LIST_PER_S + images / (busy * slot_rate)
+        featurize_s = model.step_start_s + images / model.list_per_s + images / (busy * slot_rate)
         cores = max(1, workers * it.vcpu - lay.driver_slots * lay.task_cpus)
-        reduce_s = STEP_START_S + images / 1000 * REDUCE_CORE_S_PER_1000 / cores
+        reduce_s = model.step_start_s + images / 1000 * REDUCE_CORE_S_PER_1000 / cores
     else:
         featurize_s = reduce_s = 0.0
-    hours = (STARTUP_S + featurize_s + reduce_s) / 3600
+    hours = (model.startup_s + featurize_s + reduce_s) / 3600
     nodes = 1 + workers
     spot_nodes = opts.task if opts.spot else 0
-    ec2_per_h = (nodes - spot_nodes) * it.ec2_usd + spot_nodes * it.ec2_usd * SPOT_FRACTION
+    ec2_per_h = (nodes - spot_nodes) * it.ec2_usd + spot_nodes * it.ec2_usd * model.spot_fraction
     per_h = _per_hour(nodes, ec2_per_h, it.emr_usd, _ebs_per_node_hour(opts))
     lists = math.ceil(images / 1000) * 2  # our count, and featurize's own listing
     # a Parquet file a task, and the two stages' commit files
@@ -247,13 +267,13 @@ def estimate(
     }
     assumptions = [
         f"{rate:.1f} img/s per core ({engine}, alpha {alpha}: {rate_source})",
-        f"{S3_GET_MS:g} ms per S3 GET, one GET per image",
-        f"start-up {hms(STARTUP_S)} and {STEP_START_S:g} s per step",
-        f"node efficiency {NODE_EFFICIENCY:g}",
+        f"{model.s3_get_ms:g} ms per S3 GET, one GET per image",
+        f"start-up {hms(model.startup_s)} and {model.step_start_s:g} s per step",
+        f"node efficiency {model.efficiency:g}",
         "prices recalled, not fetched (cluster/sizing.py, cluster/costs.py)",
     ]
     if opts.spot:
-        assumptions.append(f"Spot EC2 at {SPOT_FRACTION:g} x on-demand")
+        assumptions.append(f"Spot EC2 at {model.spot_fraction:g} x on-demand")
     return Estimate(
         images=images,
         images_source=images_source,
@@ -262,7 +282,7 @@ def estimate(
         slots=slots,
         slot_rate=slot_rate,
         s3_bound=s3_cap < compute,
-        startup_s=STARTUP_S,
+        startup_s=model.startup_s,
         featurize_s=featurize_s,
         reduce_s=reduce_s,
         usd=usd,
