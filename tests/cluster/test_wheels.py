@@ -54,6 +54,7 @@ def test_platform_tags_reach_back_from_the_nodes_glibc():
     assert "manylinux_2_35_aarch64" not in tags  # newer than Amazon Linux 2023's glibc
 
 
+@pytest.mark.cluster  # a dozen pip processes asking PyPI
 def test_every_aarch64_pin_has_a_wheel_and_tensorflow_cpu_has_none():
     reason = _pypi_unreachable()
     if reason:
@@ -70,6 +71,7 @@ def test_every_aarch64_pin_has_a_wheel_and_tensorflow_cpu_has_none():
         result.verdict()  # names the first pin without a wheel
 
 
+@pytest.mark.cluster  # two pip processes
 def test_an_unreachable_index_is_a_warning_not_a_verdict(monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
