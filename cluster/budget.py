@@ -37,6 +37,7 @@ __all__ = [
     "budget_request",
     "check_alerts",
     "create_budget",
+    "delete_budget",
     "new_run_id",
 ]
 
@@ -140,3 +141,9 @@ def create_budget(
         f"80 % and 100 % of actual spend to {to}"
     )
     return name
+
+
+def delete_budget(budgets_client, account_id: str, name: str) -> None:
+    """Delete the budget ``name`` (the run it was for never started)."""
+    budgets_client.delete_budget(AccountId=account_id, BudgetName=name)
+    logger.info(f"emr: budget {name} deleted: the cluster was not created")

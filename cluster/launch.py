@@ -147,7 +147,7 @@ def start(opts: ClusterOptions, request: Dict[str, Any], deadline_s: Optional[fl
     account = _account(opts.region) if (opts.budget or deadline_s is not None) else ""
     request = dict(request, Tags=list(request.get("Tags", [])))
     if opts.budget is not None:
-        name = budget.create_budget(
+        budget_id = budget.create_budget(
             emr.client("budgets", budget.BUDGETS_REGION),
             account,
             opts.run_id or "",
@@ -155,14 +155,20 @@ def start(opts: ClusterOptions, request: Dict[str, Any], deadline_s: Optional[fl
             opts.alert_emails,
             opts.alert_sns,
         )
-        request["Tags"].append({"Key": budget.BUDGET_TAG, "Value": name})
+        request["Tags"].append({"Key": budget.BUDGET_TAG, "Value": budget_id})
     role = (
         deadline.ensure_role(emr.client("iam", opts.region), account)
         if deadline_s is not None
         else None
     )
     emr_client = emr.client("emr", opts.region)
-    cluster_id = emr.create_cluster(emr_client, request)
+    try:
+        cluster_id = emr.create_cluster(emr_client, request)
+    except BaseException:
+        if opts.budget is not None:  # no cluster will ever carry the run's tag
+            budgets = emr.client("budgets", budget.BUDGETS_REGION)
+            budget.delete_budget(budgets, account, budget_id)
+        raise
     try:
         if role is not None and deadline_s is not None:
             when = t0 + timedelta(seconds=deadline_s)

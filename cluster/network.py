@@ -63,9 +63,7 @@ def check_cidr(cidr: str, anywhere: bool = False) -> str:
             f"--ssh-from {cidr} is a /{net.prefixlen}, wider than /{MIN_PREFIX} "
             f"({net.num_addresses:,} addresses): give your own address or network"
         )
-    if str(net) != cidr.strip() and "/" in cidr:
-        logger.info(f"emr: --ssh-from {cidr} is the network {net}")
-    return str(net)
+    return str(net)  # 203.0.113.7/24 -> 203.0.113.0/24: what the rule will say
 
 
 def ingress_permission(cidr: str, run_id: str) -> Dict[str, Any]:

@@ -211,6 +211,21 @@ def test_budget_filters_on_the_run_tag_with_both_notifications(calls, capsys):
     assert json.loads(capsys.readouterr().out)["budget_kept"] == tags[budget.BUDGET_TAG]
 
 
+def test_a_cluster_that_was_not_created_leaves_no_budget(calls, capsys, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    def refused(*args, **kwargs):
+        raise ClientError({"Error": {"Code": "ValidationException", "Message": "no"}}, "RJF")
+
+    monkeypatch.setattr(emr, "create_cluster", refused)
+    argv = ["emr", "up", "--bucket", BUCKET, "--budget", "5", "--alert-email", "a@b.eu"]
+    assert main([*argv, "--quiet"]) == 2
+    assert "AWS refused RJF: ValidationException" in capsys.readouterr().err
+    assert "CreateBudget" in calls and "DeleteBudget" in calls
+    budgets = boto3.client("budgets", region_name="us-east-1")
+    assert not budgets.describe_budgets(AccountId="123456789012").get("Budgets")
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
