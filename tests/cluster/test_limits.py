@@ -300,3 +300,22 @@ def test_launch_lines_name_the_deadline_span():
     opts = ClusterOptions(bucket=BUCKET, max_cost=1.0, run_id="r")
     lines = launch.limit_lines(opts, 3600.0)
     assert any("1h00m after start" in line for line in lines)
+
+
+@pytest.mark.cluster  # a dozen pip processes asking PyPI
+def test_a_graviton_plan_resolves_every_pinned_wheel(calls, capsys):
+    from tests.cluster.test_wheels import _pypi_unreachable
+
+    reason = _pypi_unreachable()
+    if reason:
+        pytest.skip(reason)
+    argv = ["emr", "plan", "--bucket", BUCKET, "--instance-type", "m7g.xlarge", "--images", "1000"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    if "not checked" in err:
+        pytest.skip("PyPI did not answer pip: " + err)
+    pins = package.bootstrap_pins(arch="aarch64")
+    assert "tensorflow" in pins and "tensorflow-cpu" not in pins
+    line = "emr: every pinned library has a CPython 3.11 aarch64 wheel: "
+    assert line + ", ".join(f"{n}=={v}" for n, v in pins.items()) in err
+    assert set(calls) <= _READS, calls

@@ -54,18 +54,17 @@ def test_platform_tags_reach_back_from_the_nodes_glibc():
     assert "manylinux_2_35_aarch64" not in tags  # newer than Amazon Linux 2023's glibc
 
 
-@pytest.mark.cluster  # a dozen pip processes asking PyPI
-def test_every_aarch64_pin_has_a_wheel_and_tensorflow_cpu_has_none():
+@pytest.mark.cluster  # pip processes asking PyPI
+def test_tensorflow_cpu_has_no_aarch64_wheel_and_is_named_first():
     reason = _pypi_unreachable()
     if reason:
         pytest.skip(reason)
-    pins = package.bootstrap_pins(arch="aarch64")
-    # the x86_64 pins (tensorflow-cpu first) and aarch64's tensorflow: one round of pip
-    result = wheels.check_wheels({**package.bootstrap_pins(), **pins}, "aarch64")
+    x86 = package.bootstrap_pins()
+    first_two = dict(list(x86.items())[:2])  # tensorflow-cpu, ai-edge-litert
+    result = wheels.check_wheels(first_two, "aarch64")
     if result.unreachable:
         pytest.skip("PyPI did not answer pip: " + str(result.results))
     assert result.missing == ["tensorflow-cpu"], result.results
-    assert all(result.results[name] == ("ok", v) for name, v in pins.items()), result.results
     assert result.results["ai-edge-litert"] == ("ok", "2.3.0")  # the README was wrong
     with pytest.raises(UsageError, match=r"no aarch64 wheel of tensorflow-cpu==2\.21\.0"):
         result.verdict()  # names the first pin without a wheel
