@@ -12,6 +12,7 @@ terminate, then remove the schedule and the SSH rule the cluster's tags name.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Optional
 
@@ -81,8 +82,12 @@ def estimate_run(
             raise UsageError(f"--images {images} must be 0 or more")
         source = "--images"
     elif input_uri:
+        t0 = time.monotonic()
         images, calls = emr.count_images(s3_client, input_uri)
-        source = f"counted in {input_uri}, {calls} LIST call{'s' * (calls != 1)}"
+        source = (
+            f"counted in {input_uri}: {calls} LIST call{'s' * (calls != 1)}, "
+            f"{time.monotonic() - t0:.1f} s; --images N skips the count"
+        )
     else:
         images, source = 0, "no --images or --input: start-up alone"
     return costs.estimate(opts, images, source, engine, alpha)
