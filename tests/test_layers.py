@@ -61,6 +61,8 @@ LAZY_OURS: Dict[Tuple[str, str], str] = {
     ("stages.reduce.index", "stages.featurize.images"): "thumbnails: Pillow",
     ("stages.report.data", "stages.featurize.images"): "thumbnails: Pillow",
     ("stages.notebook", "stages.base.session"): "a local session only outside sparkmagic",
+    # the emr command line's options (split from cluster.cli): --help never loads numpy
+    ("cluster.options", "stages.featurize.model"): "--weights bundled on EMR only",
 }
 
 
