@@ -52,7 +52,7 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     from pyspark.sql import functions as F
 
     k = model.n_components_
-    fit = model.fit
+    fit = model.pca_fit
     t0 = time.perf_counter()
     rows = (
         spark.read.parquet(features)

@@ -199,7 +199,7 @@ def update_reduce(
                 "requested": requested,
             },
         )
-        fit = new_model.fit
+        fit = new_model.pca_fit
         t_fit = time.perf_counter()
         # Every row again, with the new model: a plain lazy read (the folder was listed,
         # and the new rows checked, above; the old ones when the model was fitted).
