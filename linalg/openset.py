@@ -75,27 +75,34 @@ def l2_normalise(X: np.ndarray) -> np.ndarray:
     return Y / np.where(norms > 0, norms, 1.0)[:, None]
 
 
-def nearest(Q: np.ndarray, R: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``R`` to each row of ``Q`` (exact, Euclidean, float64).
+def nearest(
+    Q: np.ndarray, R: np.ndarray, k: int, r_sq: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``R`` to each row of ``Q`` (exact, Euclidean).
 
-    Returns ``(ids, distances)``, both (q, min(k, len(R))), nearest first, ties by row id.
+    The candidates come from one GEMM in ``R``'s precision (float32 halves the memory
+    traffic of the reference rows; float64 otherwise), 8 more than ``k``, then are measured
+    in float64.  ``r_sq`` (optional) is ``R``'s squared row norms, computed once by a caller
+    that asks the same ``R`` many times.  Returns ``(ids, distances)``, both
+    (q, min(k, len(R))), nearest first, ties by row id.
     """
     Q = np.atleast_2d(np.asarray(Q, dtype=np.float64))
-    R = np.asarray(R, dtype=np.float64)
+    if R.dtype != np.float32:
+        R = np.asarray(R, dtype=np.float64)
     k = min(k, R.shape[0])
     ids = np.empty((Q.shape[0], k), dtype=np.int64)
     dist = np.empty((Q.shape[0], k), dtype=np.float64)
-    rn = np.einsum("ij,ij->i", R, R)
+    rn = np.einsum("ij,ij->i", R, R) if r_sq is None else r_sq
+    m = min(R.shape[0], k + 8)
     for s in range(0, Q.shape[0], _CHUNK):
         q = Q[s : s + _CHUNK]
         # ||r||^2 - 2 r.q ranks like ||r - q||^2; the kept candidates are then measured
-        # directly, so the reported distances carry no cancellation error.
-        d2 = rn[None, :] - 2.0 * (q @ R.T)
-        m = min(R.shape[0], k + 8)
+        # directly in float64, so the reported distances carry no cancellation error.
+        d2 = rn[None, :] - 2.0 * (q.astype(R.dtype) @ R.T)
         cand = np.argpartition(d2, m - 1, axis=1)[:, :m] if m < R.shape[0] else None
         for i in range(q.shape[0]):
             c = np.arange(R.shape[0]) if cand is None else cand[i]
-            diff = R[c] - q[i]
+            diff = R[c].astype(np.float64) - q[i]
             d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
             order = np.lexsort((c, d))[:k]
             ids[s + i], dist[s + i] = c[order], d[order]
@@ -235,7 +242,8 @@ def calibrate(
         (``known_accepted``, ``known_right``, ``unknown_rejected``, ``auroc``,
         ``fpr_at_95_tpr``), every rule's ``candidates`` and how they were measured.
     """
-    X = l2_normalise(vectors)
+    # Normalised in float64, kept in float32 as the app keeps them (the same scores).
+    X = l2_normalise(vectors).astype(np.float32)
     labels = np.asarray(labels, dtype=object)
     if len(labels) != X.shape[0]:
         raise ValueError(f"{X.shape[0]} vectors but {len(labels)} labels")
@@ -354,13 +362,15 @@ class OpenSet:
 
     def __init__(self, rule: Dict[str, Any], reference: np.ndarray, labels: Sequence[Any]) -> None:
         self.rule = rule
-        self.reference = l2_normalise(reference)
+        self.reference = l2_normalise(reference).astype(np.float32)
+        self._sq = np.einsum("ij,ij->i", self.reference, self.reference)
         self.labels = np.asarray(labels, dtype=object)
         self._scale = {str(k): v for k, v in (rule.get("class_scale") or {}).items()}
 
     def score(self, queries: np.ndarray) -> np.ndarray:
         """The rule's score of each query (lower is more "known")."""
-        ids, dist = nearest(l2_normalise(np.atleast_2d(queries)), self.reference, VOTE_K)
+        q = l2_normalise(np.atleast_2d(queries))
+        ids, dist = nearest(q, self.reference, VOTE_K, self._sq)
         lab = np.array([[str(x) for x in row] for row in self.labels[ids]], dtype=object)
         return scores(
             self.rule["rule"], dist, lab, self._scale, self.rule.get("default_scale", 1.0)

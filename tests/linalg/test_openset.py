@@ -53,6 +53,18 @@ def test_nearest_equals_brute_force(Q, R, k):
     assert np.all(np.diff(dist, axis=1) >= 0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 12))
+def test_nearest_on_float32_unit_rows_equals_brute_force(seed, n, k):
+    rng = np.random.default_rng(seed)
+    R = openset.l2_normalise(rng.normal(size=(n, 5))).astype(np.float32)
+    Q = openset.l2_normalise(rng.normal(size=(7, 5)))
+    ids, dist = openset.nearest(Q, R, k)
+    full = np.linalg.norm(Q[:, None, :] - R[None, :, :].astype(np.float64), axis=2)
+    np.testing.assert_allclose(dist, np.sort(full, axis=1)[:, : ids.shape[1]], atol=1e-12)
+    np.testing.assert_allclose(np.take_along_axis(full, ids, 1), dist, atol=1e-12)
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.integers(0, 20), min_size=1, max_size=40),
