@@ -8,11 +8,19 @@ play new photos of known fruits), score both against the rest, repeat, and set t
 so that :data:`TPR` of the known photos are accepted (Sun et al., ICML 2022, "Out-of-
 Distribution Detection with Deep Nearest Neighbors").
 
+The scores see directions only (L2-normalised rows), so a second test guards the range: a
+photo whose vector is longer than :data:`RANGE_FACTOR` x the 99th percentile of the
+reference rows' norms (the index holds centred PCA scores: the norm is the distance from the
+collection's mean) lies outside everything the collection holds and is refused whatever its
+direction (a colour gradient can point like an apple from far away).  The calibration
+counts it: such a photo scores ``inf``.
+
 Every score is computed on L2-normalised vectors against a **reference set**: the index's
 rows, or above :data:`CALIBRATION_ROWS` a seeded sample of them (:func:`reference_rows`), the
 same rows at calibration and at query time, so a query's score has the distribution that was
 calibrated and the work stays bounded whatever the bucket's size.  Lower scores are more
-"known"; a photo is accepted when ``score <= threshold``.  The rules (:data:`RULES`):
+"known"; a photo is accepted when ``score <= threshold`` and its norm is within
+``range_limit``.  The rules (:data:`RULES`):
 
 - ``knn``: the distance to the k-th nearest reference row (Sun et al.), k in :data:`KS`;
 - ``class``: the distance to the nearest row over that row's class scale (the 95th
@@ -47,6 +55,7 @@ __all__ = [
     "l2_normalise",
     "nearest",
     "reference_rows",
+    "row_norms",
     "scores",
 ]
 
@@ -58,21 +67,37 @@ QUERIES_MAX = 1000  # known and unknown queries per repeat, each
 TPR = 0.95  # share of known photos the threshold accepts (Sun et al.)
 KS = (1, 2, 3, 5, 10)
 VOTE_K = 10
+RANGE_FACTOR = 1.5  # x the p99 of the reference rows' norms: the range guard
 RULES = tuple(f"knn{k}" for k in KS) + ("class", "ratio", "margin")
 MIN_ROWS = 20
 MIN_CLASS_ROWS = 2  # a class needs this many rows to give held-out known photos
 _CHUNK = 512
 
 
-def l2_normalise(X: np.ndarray) -> np.ndarray:
-    """Rows of ``X`` scaled to unit Euclidean norm, float64 (zero rows stay zero)."""
-    X = np.asarray(X, dtype=np.float64)
+def _scaled(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Scaled by the largest entry first: squares of tiny (or huge) rows would underflow
     # (overflow) and leave them unnormalised.
+    X = np.atleast_2d(np.asarray(X, dtype=np.float64))
     big = np.abs(X).max(axis=1, initial=0.0)
     Y = X / np.where(big > 0, big, 1.0)[:, None]
-    norms = np.sqrt(np.einsum("ij,ij->i", Y, Y))
+    return Y, big, np.sqrt(np.einsum("ij,ij->i", Y, Y))
+
+
+def l2_normalise(X: np.ndarray) -> np.ndarray:
+    """Rows of ``X`` scaled to unit Euclidean norm, float64 (zero rows stay zero)."""
+    Y, _, norms = _scaled(X)
     return Y / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """The Euclidean norm of each row of ``X``, float64, without under- or overflow."""
+    _, big, norms = _scaled(X)
+    return big * norms
+
+
+def range_limit(norms: np.ndarray) -> float:
+    """The range guard: :data:`RANGE_FACTOR` x the 99th percentile of ``norms``."""
+    return float(RANGE_FACTOR * np.quantile(norms, 0.99))
 
 
 def nearest(
@@ -160,10 +185,15 @@ def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
 
 
 def threshold_at(known: np.ndarray, tpr: float = TPR) -> float:
-    """The smallest threshold that accepts at least ``tpr`` of ``known`` (``score <= t``)."""
+    """The smallest threshold that accepts at least ``tpr`` of ``known`` (``score <= t``);
+    the largest finite score when that would be ``inf`` (too many out of range)."""
     known = np.sort(np.asarray(known, dtype=np.float64))
     i = int(np.ceil(tpr * len(known) - 1e-9)) - 1
-    return float(known[min(max(i, 0), len(known) - 1)])
+    t = float(known[min(max(i, 0), len(known) - 1)])
+    if np.isinf(t):
+        finite = known[np.isfinite(known)]
+        t = float(finite[-1]) if finite.size else 0.0
+    return t
 
 
 def fpr_at_tpr(known: np.ndarray, unknown: np.ndarray, tpr: float = TPR) -> float:
@@ -244,12 +274,13 @@ def calibrate(
     """
     # Normalised in float64, kept in float32 as the app keeps them (the same scores).
     X = l2_normalise(vectors).astype(np.float32)
+    norms = row_norms(vectors)
     labels = np.asarray(labels, dtype=object)
     if len(labels) != X.shape[0]:
         raise ValueError(f"{X.shape[0]} vectors but {len(labels)} labels")
     problem = calibration_problem(labels.tolist())
     if problem is not None:
-        return _fallback(X, problem)
+        return _fallback(X, norms, problem)
     rng = np.random.default_rng(seed)
     classes = np.array(sorted(set(labels.tolist()), key=str), dtype=object)
     known: Dict[str, List[np.ndarray]] = {r: [] for r in RULES}
@@ -271,12 +302,13 @@ def calibrate(
         q_known = _at_most(q_known, rng)
         q_unknown = _at_most(q_unknown, rng)
         R, lab = X[keep], labels[keep]
+        limit = range_limit(norms[keep])
         scale, default = _class_scale(R, lab, rng)
         s_known, voted = _rule_scores(X[q_known], R, lab, scale, default)
         s_unknown, _ = _rule_scores(X[q_unknown], R, lab, scale, default)
-        for r in RULES:
-            known[r].append(s_known[r])
-            unknown[r].append(s_unknown[r])
+        for r in RULES:  # out of range: refused whatever the score
+            known[r].append(np.where(norms[q_known] <= limit, s_known[r], np.inf))
+            unknown[r].append(np.where(norms[q_unknown] <= limit, s_unknown[r], np.inf))
         right.append(voted == labels[q_known])
         n_known += len(q_known)
         n_unknown += len(q_unknown)
@@ -295,6 +327,7 @@ def calibrate(
         }
     best = min(RULES, key=lambda r: _preference(r, candidates[r]))
     result: Dict[str, Any] = {"rule": best, "calibrated": True, **candidates[best]}
+    result["range_limit"] = range_limit(norms)
     if best == "class":
         scale, default = _class_scale(X, labels, np.random.default_rng(seed))
         result["class_scale"] = {str(c): v for c, v in scale.items()}
@@ -325,11 +358,12 @@ def _at_most(rows: np.ndarray, rng) -> np.ndarray:
     return np.sort(rng.choice(rows, size=QUERIES_MAX, replace=False))
 
 
-def _fallback(X: np.ndarray, reason: str) -> Dict[str, Any]:
+def _fallback(X: np.ndarray, norms: np.ndarray, reason: str) -> Dict[str, Any]:
     """The documented rule for a collection too small to calibrate (Sun et al.'s threshold
     without held-out classes): accept a photo whose nearest row is within the 95th
-    percentile of the rows' distances to their nearest *other* row; nothing is accepted with
-    a single row (no distance to measure).  How many unknown fruits it refuses is unknown."""
+    percentile of the rows' distances to their nearest *other* row (and within the range
+    guard); nothing is accepted with a single row (no distance to measure).  How many
+    unknown fruits it refuses is unknown."""
     out: Dict[str, Any] = {"rule": "knn1", "calibrated": False, "reason": reason}
     if X.shape[0] < 2:
         out["threshold"] = None
@@ -339,6 +373,7 @@ def _fallback(X: np.ndarray, reason: str) -> Dict[str, Any]:
     ids, dist = nearest(X[rows], X, 2)
     nn = np.where(ids[:, 0] == rows, dist[:, -1], dist[:, 0])
     out["threshold"] = threshold_at(nn, TPR)
+    out["range_limit"] = range_limit(norms)
     out["known_accepted"] = float(np.mean(nn <= out["threshold"]))
     out["fallback"] = (
         f"nearest photo within the distance at which {TPR:.0%} of the collection's photos "
@@ -376,10 +411,12 @@ class OpenSet:
             self.rule["rule"], dist, lab, self._scale, self.rule.get("default_scale", 1.0)
         )
 
-    def accept(self, queries: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """``(accepted, score)`` of each query: accepted when ``score <= threshold``."""
+    def accept(self, queries: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(accepted, score, in_range)`` of each query: accepted when in range (norm
+        within ``range_limit``) and ``score <= threshold``."""
         s = self.score(queries)
+        in_range = row_norms(queries) <= float(self.rule.get("range_limit", np.inf))
         t = self.rule.get("threshold")
         if t is None:
-            return np.zeros(len(s), dtype=bool), s
-        return s <= float(t), s
+            return np.zeros(len(s), dtype=bool), s, in_range
+        return (s <= float(t)) & in_range, s, in_range

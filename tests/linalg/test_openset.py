@@ -115,13 +115,15 @@ def test_reference_rows_are_a_seeded_sorted_sample():
     assert not np.array_equal(a, openset.reference_rows(10_000, 300, seed=4))
 
 
-def test_calibrate_is_deterministic_and_ignores_the_norm_of_the_rows():
+def test_calibrate_is_deterministic_and_scores_directions():
     X, labels = clusters(8, 15)
     a = openset.calibrate(X, labels, seed=7)
     assert a == openset.calibrate(X, labels, seed=7)
-    # Powers of two scale exactly: the normalised rows, hence the result, are bit-identical.
-    scale = 2.0 ** np.random.default_rng(1).integers(-8, 8, size=(len(X), 1))
-    assert a == openset.calibrate(X * scale, labels, seed=7)
+    # Powers of two scale exactly: the normalised rows, hence the scores, are bit-identical;
+    # only the range guard (a norm) scales.
+    b = openset.calibrate(X * 2.0**-5, labels, seed=7)
+    assert b.pop("range_limit") == a.pop("range_limit") * 2.0**-5
+    assert a == b
     assert a["calibrated"] and a["rule"] in openset.RULES
     assert set(a["candidates"]) == set(openset.RULES)
 
@@ -134,12 +136,35 @@ def test_calibrate_separates_well_separated_classes():
     assert rule["repeats"] == openset.REPEATS and rule["held_out_classes_per_repeat"] == 2
     # Applied: the rows themselves are accepted, a direction no class is near is not.
     model = openset.OpenSet(rule, X, labels)
-    accepted, _ = model.accept(X[::7])
+    accepted, _, in_range = model.accept(X[::7])
+    assert in_range.all()
     assert accepted.all()
     rng = np.random.default_rng(5)
     far = rng.normal(size=(50, X.shape[1]))
-    far_ok, _ = model.accept(far)
+    far_ok, _, _ = model.accept(far)
     assert far_ok.mean() < 0.2
+
+
+def test_the_range_guard_refuses_what_lies_beyond_the_collection():
+    X, labels = clusters(6, 20, spread=0.02)
+    rule = openset.calibrate(X, labels)
+    limit = rule["range_limit"]
+    norms = openset.row_norms(X)
+    assert limit == pytest.approx(openset.RANGE_FACTOR * np.quantile(norms, 0.99))
+    model = openset.OpenSet(rule, X, labels)
+    # The direction of a known row, three times as far as the farthest row: refused.
+    far = X[:5] / norms[:5, None] * 3 * norms.max()
+    accepted, score, in_range = model.accept(far)
+    assert not in_range.any() and not accepted.any()
+    assert np.all(score <= rule["threshold"])  # the score alone would have said yes
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices(min_rows=1), st.floats(-300, 300))
+def test_row_norms_without_overflow(X, log2):
+    Y = X * 2.0 ** int(log2)
+    # hypot is the reference that neither under- nor overflows (np.linalg.norm does).
+    np.testing.assert_allclose(openset.row_norms(Y), np.hypot.reduce(Y, axis=1), rtol=1e-12)
 
 
 def test_one_class_falls_back_and_says_so():
@@ -157,7 +182,7 @@ def test_one_class_falls_back_and_says_so():
 def test_a_single_photo_matches_nothing():
     rule = openset.calibrate(np.ones((1, 4)), ["Kiwi"])
     assert rule["threshold"] is None and rule["calibrated"] is False
-    accepted, _ = openset.OpenSet(rule, np.ones((1, 4)), ["Kiwi"]).accept(np.ones((3, 4)))
+    accepted, _, _ = openset.OpenSet(rule, np.ones((1, 4)), ["Kiwi"]).accept(np.ones((3, 4)))
     assert not accepted.any()
 
 
