@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from stages.base.errors import UsageError
 from stages.cli import main
 from stages.reduce.index import build_index_files
 from stages.search.query import NO_MATCH, QueryEngine, SearchIndex
@@ -41,6 +42,22 @@ def test_the_calibration_at_index_build_is_deterministic():
     assert rules[0]["repeats"] == 5 and rules[0]["held_out_classes_per_repeat"] == 2
     for key in ("known_accepted", "unknown_rejected", "auroc", "fpr_at_95_tpr"):
         assert 0.0 <= rules[0][key] <= 1.0
+
+
+def test_an_index_without_the_rule_is_refused(tmp_path):
+    vectors, labels = _clustered(3, 10)
+    paths = [f"/b/{i}.jpg" for i in range(len(labels))]
+    files = build_index_files(paths, labels, vectors, [None] * len(paths), "0" * 64, {})
+    (tmp_path / "index").mkdir()
+    for name, data in files.items():
+        (tmp_path / "index" / name).write_bytes(data)
+    assert SearchIndex(str(tmp_path)).open_set.rule["calibrated"]
+    meta = json.loads(files["index.json"])
+    del meta["open_set"]
+    meta["format"] = 1  # an index of before the open-set rule
+    (tmp_path / "index" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="another format: run `fruits-pipeline index`"):
+        SearchIndex(str(tmp_path))
 
 
 @pytest.mark.slow
