@@ -1,0 +1,144 @@
+"""The photos under an S3 prefix, listed by the executors: LISTs only, no HEAD.
+
+Spark's own listing of ``s3a://`` costs one LIST per folder on the driver (in
+parallel only above 32 folders a level), then its ``binaryFile`` reader asks each
+file's status again (a HEAD per object) even when no byte is read.  The LIST
+responses already carry each object's size and time; that is all a run needs.
+
+:func:`listing_frame` lists the prefix's first level on the driver (one LIST per
+1000 sub-folders), then each sub-folder flat (``ListObjectsV2`` without a
+delimiter, 1000 keys a request) in a Spark task: one request per 1000 objects,
+spread over the executors.  Names are kept by the caller's rule (a regular
+expression on the file name), never by Spark's, so ``_DSC0001.JPG`` and
+``.hidden.jpg`` are listed like any photo.
+
+Times are whole seconds (``Last-Modified`` of a HEAD or GET has no milliseconds,
+and that is what earlier runs recorded), as ``modificationTime`` timestamps.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Dict, Iterator, List, Optional, Pattern, Tuple
+
+from stages.storage.fetch import StoreSettings, requests_made, s3_client, split_s3
+
+__all__ = ["LISTING_SCHEMA", "CountsParam", "list_flat", "list_level", "listing_frame"]
+
+LISTING_SCHEMA = "path string, length long, modificationTime timestamp"
+_PAGE = 1000  # S3's maximum keys per ListObjectsV2 response
+
+
+def _stamp(dt: datetime) -> datetime:
+    """A LIST's ``LastModified`` as a naive UTC datetime in whole seconds (Spark's
+    timestamps are UTC instants; the session's time zone is UTC)."""
+    return dt.astimezone(timezone.utc).replace(microsecond=0, tzinfo=None)
+
+
+def _accept(pattern):
+    """A file-name test from a regular expression (a string, or compiled with its flags)."""
+    if isinstance(pattern, str):
+        pattern = re.compile(pattern, re.DOTALL)
+    rule = pattern
+    return (lambda name: True) if rule is None else (lambda name: bool(rule.fullmatch(name)))
+
+
+def list_flat(
+    uri: str, settings: StoreSettings, pattern: Optional[Pattern] = None
+) -> Iterator[Tuple[str, int, datetime]]:
+    """``(uri, size, time)`` of every object under the prefix ``uri`` (all depths)
+    whose file name matches ``pattern``; one LIST per 1000 objects."""
+    scheme, bucket, prefix = split_s3(uri)
+    accept = _accept(pattern)
+    pages = s3_client(settings).get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": _PAGE}):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if accept(key.rsplit("/", 1)[-1]):
+                yield f"{scheme}://{bucket}/{key}", int(obj["Size"]), _stamp(obj["LastModified"])
+
+
+def list_level(
+    uri: str, settings: StoreSettings, pattern: Optional[Pattern] = None, files: bool = True
+) -> Tuple[List[str], List[Tuple[str, int, datetime]]]:
+    """The first level under the prefix ``uri``: its sub-folder URIs and (with
+    ``files``) the matching objects directly in it; one LIST per 1000 entries."""
+    scheme, bucket, prefix = split_s3(uri)
+    accept = _accept(pattern)
+    folders: List[str] = []
+    found: List[Tuple[str, int, datetime]] = []
+    pages = s3_client(settings).get_paginator("list_objects_v2")
+    for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        folders += [f"{scheme}://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", [])]
+        for obj in page.get("Contents", []) if files else []:
+            key = obj["Key"]
+            if accept(key.rsplit("/", 1)[-1]):
+                stamp = _stamp(obj["LastModified"])
+                found.append((f"{scheme}://{bucket}/{key}", int(obj["Size"]), stamp))
+    return folders, found
+
+
+class CountsParam:
+    """A Spark ``AccumulatorParam`` adding ``{name: count}`` dicts (requests by kind)."""
+
+    def zero(self, value: Dict[str, int]) -> Dict[str, int]:
+        return {}
+
+    def addInPlace(self, a: Dict[str, int], b: Dict[str, int]) -> Dict[str, int]:
+        for k, v in b.items():
+            a[k] = a.get(k, 0) + v
+        return a
+
+
+def delta(before: Dict[str, int], after: Dict[str, int]) -> Dict[str, int]:
+    """``after - before`` of two request counts (kinds with no new request left out)."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def listing_frame(
+    spark, uri: str, settings: StoreSettings, pattern: Optional[Pattern] = None, counts=None
+):
+    """The matching objects under the prefix ``uri`` as a DataFrame of
+    :data:`LISTING_SCHEMA`, listed by the executors.
+
+    The driver lists the first level's sub-folders; each is listed flat in a task,
+    and one more task lists the objects directly under ``uri``.  Nothing that
+    grows with the number of objects passes through the driver.
+
+    Parameters
+    ----------
+    spark : SparkSession
+    uri : str
+        ``s3://``, ``s3a://`` or ``s3n://`` prefix (a folder: a trailing ``/`` is added).
+    settings : StoreSettings
+    pattern : str or re.Pattern, optional
+        Regular expression a file name must match in full (compiled: with its flags).
+    counts : Accumulator, optional
+        Of :class:`CountsParam`: receives the executors' requests by operation (the
+        driver's own are in :func:`stages.storage.fetch.requests_made`).
+
+    Returns
+    -------
+    DataFrame
+        Lazy: the listing runs when it is first computed (cache it to list once).
+    """
+    root = uri if uri.endswith("/") else uri + "/"
+    # The driver keeps the sub-folders only; the objects directly under the root (a
+    # few, or all of them in a flat folder) are listed again by a task.
+    folders, _ = list_level(root, settings, pattern, files=False)
+    sc = spark.sparkContext
+    tasks: List[Tuple[str, bool]] = [(root, False)] + [(f, True) for f in folders]
+
+    def run(items):
+        before = requests_made(settings)
+        for folder, flat in items:
+            if flat:
+                yield from list_flat(folder, settings, pattern)
+            else:
+                yield from list_level(folder, settings, pattern)[1]
+        if counts is not None:
+            counts.add(delta(before, requests_made(settings)))
+
+    n = max(1, min(len(tasks), 4 * sc.defaultParallelism))
+    return spark.createDataFrame(sc.parallelize(tasks, n).mapPartitions(run), LISTING_SCHEMA)
