@@ -30,9 +30,12 @@ from urllib.parse import urlsplit
 __all__ = [
     "DEFAULT_IN_FLIGHT",
     "Fetched",
+    "ReadError",
     "RequestCounter",
     "StoreSettings",
     "fetch_ordered",
+    "path_bytes_batches",
+    "requests_made",
     "is_object_store",
     "s3_client",
     "split_s3",
@@ -294,3 +297,55 @@ def fetch_ordered(
     finally:
         for _, fut in pending:  # the caller stopped early: drop what was not started
             fut.cancel()
+
+
+class ReadError(str):
+    """Why a photo's bytes could not be read (a row's ``error``), in place of its bytes."""
+
+
+def path_bytes_batches(
+    batches: Iterable, batch_size: int, settings: Optional[StoreSettings], to_paths=None
+) -> Iterator[Tuple[list, list]]:
+    """``(paths, contents)`` of at most ``batch_size`` photos, from Arrow batches.
+
+    With ``settings``, the batches carry ``path`` only and the bytes are fetched here
+    (:func:`fetch_ordered`: the next batch's requests are in flight while the caller
+    works on this one); a photo that cannot be read gets a :class:`ReadError` in
+    place of its bytes.  Without, the batches carry Spark's ``content`` as their
+    second column (a filesystem this module does not read, such as ``hdfs:``).
+
+    Parameters
+    ----------
+    batches : iterable of pyarrow.RecordBatch
+        ``path`` first.
+    batch_size : int
+    settings : StoreSettings or None
+    to_paths : callable, optional
+        Maps a batch's scanned paths to the real ones (a local INPUT scanned through a
+        view of symlinks); the real ones are read and returned.
+    """
+    if settings is None:
+        for batch in batches:
+            paths = batch.column(0).to_pylist()
+            if to_paths is not None:
+                paths = to_paths(paths)
+            contents = batch.column(1)
+            for i in range(0, len(paths), batch_size):
+                yield paths[i : i + batch_size], [c.as_py() for c in contents[i : i + batch_size]]
+        return
+
+    def all_paths():
+        for batch in batches:
+            paths = batch.column(0).to_pylist()
+            yield from (to_paths(paths) if to_paths is not None else paths)
+
+    ahead = batch_size + settings.in_flight  # the next model batch, and more in flight
+    paths, contents = [], []
+    for uri, got in fetch_ordered(all_paths(), settings, ahead):
+        paths.append(uri)
+        contents.append(got.data if got.error is None else ReadError(got.error))
+        if len(paths) == batch_size:
+            yield paths, contents
+            paths, contents = [], []
+    if paths:
+        yield paths, contents

@@ -171,3 +171,36 @@ def test_settings_without_spark_follow_boto3s_environment(monkeypatch):
 )
 def test_the_proxy_classifies_s3_requests(method, target, kind):
     assert request_kind(method, target, {}) == kind
+
+
+def test_path_bytes_batches_fetch_by_path_or_take_sparks_content(tmp_path):
+    import pyarrow as pa
+
+    from stages.storage.fetch import ReadError, path_bytes_batches
+
+    files = []
+    for i in range(5):
+        f = tmp_path / f"{i}.jpg"
+        f.write_bytes(bytes([i]) * (i + 1))
+        files.append(str(f))
+    files.insert(2, str(tmp_path / "gone.jpg"))
+    arrow = [pa.record_batch([pa.array(files[:4])], ["path"]),
+             pa.record_batch([pa.array(files[4:])], ["path"])]  # fmt: skip
+    got = list(path_bytes_batches(arrow, 4, StoreSettings(in_flight=3)))
+    assert [p for ps, _ in got for p in ps] == files  # across Arrow batches, in order
+    assert [len(ps) for ps, _ in got] == [4, 2]
+    contents = [c for _, cs in got for c in cs]
+    assert isinstance(contents[2], ReadError) and "No such file" in contents[2]
+    assert [c for i, c in enumerate(contents) if i != 2] == [bytes([i]) * (i + 1) for i in range(5)]
+    # A view's scanned paths mapped to the real ones before reading.
+    mapped = list(path_bytes_batches(
+        [pa.record_batch([pa.array(["v0", "v1"])], ["path"])], 8, StoreSettings(),
+        to_paths=lambda ps: [files[int(p[1:])] for p in ps],
+    ))  # fmt: skip
+    assert mapped == [([files[0], files[1]], [b"\x00", b"\x01\x01"])]
+    # Without settings: Spark's content column, as read by Spark.
+    spark_read = [pa.record_batch([pa.array(["a", "b", "c"]), pa.array([b"1", b"2", b"3"])],
+                                  ["path", "content"])]  # fmt: skip
+    assert list(path_bytes_batches(spark_read, 2, None)) == [
+        (["a", "b"], [b"1", b"2"]), (["c"], [b"3"]),
+    ]  # fmt: skip
