@@ -6,9 +6,10 @@ file's status again (a HEAD per object) even when no byte is read.  The LIST
 responses already carry each object's size and time; that is all a run needs.
 
 :func:`listing_frame` lists the prefix's first level on the driver (one LIST per
-1000 sub-folders), then each sub-folder flat (``ListObjectsV2`` without a
-delimiter, 1000 keys a request) in a Spark task: one request per 1000 objects,
-spread over the executors.  Names are kept by the caller's rule (a regular
+1000 sub-folders), then ranges of consecutive sub-folders flat (``ListObjectsV2``
+without a delimiter, 1000 keys a request, from one folder to the next range's
+first), a few ranges per core: one request per 1000 objects however the photos
+are spread over folders, in parallel.  Names are kept by the caller's rule (a regular
 expression on the file name), never by Spark's, so ``_DSC0001.JPG`` and
 ``.hidden.jpg`` are listed like any photo.
 
@@ -45,16 +46,35 @@ def _accept(pattern):
 
 
 def list_flat(
-    uri: str, settings: StoreSettings, pattern: Optional[Pattern] = None
+    uri: str,
+    settings: StoreSettings,
+    pattern: Optional[Pattern] = None,
+    first: str = "",
+    end: str = "",
 ) -> Iterator[Tuple[str, int, datetime]]:
     """``(uri, size, time)`` of every object under the prefix ``uri`` (all depths)
-    whose file name matches ``pattern``; one LIST per 1000 objects."""
+    whose file name matches ``pattern``; one LIST per 1000 objects.
+
+    With ``first`` (a sub-folder URI) only the objects in the sub-folders from
+    ``first`` up to ``end`` (excluded; the last sub-folder when empty) are listed:
+    one flat pass over a range of folders, however small each folder is.
+    """
     scheme, bucket, prefix = split_s3(uri)
     accept = _accept(pattern)
+    lo = split_s3(first)[2] if first else ""
+    hi = split_s3(end)[2] if end else ""
+    args = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": _PAGE}}
+    if lo:
+        args["StartAfter"] = lo  # keys sort after their folder's prefix: lo's marker only
     pages = s3_client(settings).get_paginator("list_objects_v2")
-    for page in pages.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": _PAGE}):
+    for page in pages.paginate(**args):
         for obj in page.get("Contents", []):
             key = obj["Key"]
+            if hi and key >= hi:
+                return
+            # In a range, an object directly under ``uri`` (no '/' after it) is not ours.
+            if lo and "/" not in key[len(prefix) :]:
+                continue
             if accept(key.rsplit("/", 1)[-1]):
                 yield f"{scheme}://{bucket}/{key}", int(obj["Size"]), _stamp(obj["LastModified"])
 
@@ -102,8 +122,9 @@ def listing_frame(
     """The matching objects under the prefix ``uri`` as a DataFrame of
     :data:`LISTING_SCHEMA`, listed by the executors.
 
-    The driver lists the first level's sub-folders; each is listed flat in a task,
-    and one more task lists the objects directly under ``uri``.  Nothing that
+    The driver lists the first level's sub-folders (one LIST per 1000); tasks list
+    ranges of them flat (a few ranges per core), and one more task the objects
+    directly under ``uri``.  Nothing that
     grows with the number of objects passes through the driver.
 
     Parameters
@@ -128,17 +149,25 @@ def listing_frame(
     # few, or all of them in a flat folder) are listed again by a task.
     folders, _ = list_level(root, settings, pattern, files=False)
     sc = spark.sparkContext
-    tasks: List[Tuple[str, bool]] = [(root, False)] + [(f, True) for f in folders]
+    # Consecutive sub-folders in ranges, each listed flat in one pass: 1000 keys a
+    # LIST whether the folders hold 10 photos or 10,000, a few ranges per core.
+    n_ranges = max(1, min(len(folders), 4 * sc.defaultParallelism))
+    step = -(-len(folders) // n_ranges) if folders else 1
+    starts = list(range(0, len(folders), step))
+    tasks: List[Tuple[str, str]] = [("", "")] + [
+        (folders[i], folders[i + step] if i + step < len(folders) else "") for i in starts
+    ]
 
     def run(items):
         before = requests_made(settings)
-        for folder, flat in items:
-            if flat:
-                yield from list_flat(folder, settings, pattern)
+        for first, end in items:
+            if first:
+                yield from list_flat(root, settings, pattern, first, end)
             else:
-                yield from list_level(folder, settings, pattern)[1]
+                yield from list_level(root, settings, pattern)[1]
         if counts is not None:
             counts.add(delta(before, requests_made(settings)))
 
-    n = max(1, min(len(tasks), 4 * sc.defaultParallelism))
-    return spark.createDataFrame(sc.parallelize(tasks, n).mapPartitions(run), LISTING_SCHEMA)
+    return spark.createDataFrame(
+        sc.parallelize(tasks, len(tasks)).mapPartitions(run), LISTING_SCHEMA
+    )

@@ -59,11 +59,12 @@ def bucket(moto_s3_client):
     )
     for key, body in KEYS.items():
         moto_s3_client.put_object(Bucket=LISTED, Key=key, Body=body)
+
+    def put(i: int) -> None:
+        moto_s3_client.put_object(Bucket=LISTED, Key=f"Many/Lemon/{i:05d}.jpg", Body=b"x")
+
     with ThreadPoolExecutor(8) as pool:  # clients are thread-safe; 8 at a time is 4x faster
-        list(pool.map(
-            lambda i: moto_s3_client.put_object(Bucket=LISTED, Key=f"Many/Lemon/{i:05d}.jpg", Body=b"x"),
-            range(MANY),
-        ))  # fmt: skip
+        list(pool.map(put, range(MANY)))
     return KEYS
 
 
@@ -100,6 +101,21 @@ def test_a_folder_over_a_page_takes_a_list_per_page(spark, bucket, proxy, settin
     n = listing_frame(spark, f"s3://{LISTED}/Many/", settings, IMAGE_NAME).count()
     assert n == MANY
     assert proxy.snapshot() == {"LIST": 1 + 1 + 2}
+
+
+def test_ranges_of_small_folders_list_each_photo_once(spark, bucket, moto_s3_client, proxy,
+                                                       settings):  # fmt: skip
+    # 30 folders of 2 photos, with names that sort between a folder and its prefix
+    # ("F01-b/" and "F01.jpg" between "F01" and "F01/"): each listed once, by ranges.
+    keys = [f"Ranges/F{i:02d}/{j}.jpg" for i in range(30) for j in range(2)]
+    keys += ["Ranges/F01-b/x.jpg", "Ranges/F01.jpg", "Ranges/F01.b/y.jpg", "Ranges/zz.jpg"]
+    for key in keys:
+        moto_s3_client.put_object(Bucket=LISTED, Key=key, Body=b"1")
+    proxy.reset()
+    rows = listing_frame(spark, f"s3a://{LISTED}/Ranges/", settings, IMAGE_NAME).collect()
+    assert sorted(r.path for r in rows) == sorted(f"s3a://{LISTED}/{k}" for k in keys)
+    ranges = 4 * spark.sparkContext.defaultParallelism
+    assert proxy.snapshot() == {"LIST": 1 + 1 + ranges}  # not one per folder (32)
 
 
 def test_flat_listing_keeps_the_scheme_and_the_key_as_is(bucket, settings):
