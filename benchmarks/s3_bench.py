@@ -91,8 +91,8 @@ class LocalS3:
         )
 
     def spark(self, master: str = "local[2]"):
-        from stages.s3a import find_jars
-        from stages.session import spark_session
+        from stages.base.s3a import find_jars
+        from stages.base.session import spark_session
         from tests.s3_fixtures import S3A_SETTINGS
 
         conf = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
@@ -183,7 +183,7 @@ def worker_throughput(args) -> Dict[str, Any]:
 
 
 def worker_incremental(args) -> Dict[str, Any]:
-    from stages.incremental import featurize_incremental
+    from stages.featurize.incremental import featurize_incremental
 
     s3 = LocalS3()
     spark = s3.spark()
@@ -233,7 +233,7 @@ def worker_queue(args) -> Dict[str, Any]:
     import boto3
 
     from cluster.notifications import setup_notifications
-    from stages.incremental import FeaturesTable
+    from stages.storage.table import FeaturesTable
     from stages.watch import watch
 
     s3 = LocalS3(args.latency)

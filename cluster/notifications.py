@@ -22,7 +22,9 @@ import logging
 import re
 from typing import Any, Dict
 
+from cluster import emr
 from cluster.guard import DEFAULT_REGION, check_bucket, check_region, validate_bucket_name
+from stages.base.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,6 @@ def setup_notifications(
     UsageError
         A bucket outside the EU or missing, a bad queue name.
     """
-    from stages.errors import UsageError
-
     validate_bucket_name(bucket)
     region = check_bucket(s3, bucket)
     name = queue_name or f"{bucket}-new-photos"[:80]
@@ -123,8 +123,6 @@ def setup_notifications(
 
 
 def _cmd_notifications(args) -> int:
-    from cluster import emr
-
     region = check_region(getattr(args, "region", None) or DEFAULT_REGION)
     result = setup_notifications(
         emr.client("s3", region),

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterable, Iterator, Optional, Tuple
 from urllib.parse import urlsplit
 
+from stages.storage.fs import local_path  # the one place that decides what is local
+
 __all__ = [
     "DEFAULT_IN_FLIGHT",
     "Fetched",
@@ -244,8 +246,6 @@ def _fetch_one(uri: str, settings: StoreSettings) -> Fetched:
         stamp = resp.get("LastModified")
         mtime = int(stamp.timestamp()) * 1000 if stamp is not None else None
         return Fetched(data, len(data), mtime)
-    from stages.fs import local_path  # the one place that decides what is local
-
     path = local_path(uri)
     if path is None:
         return Fetched(None, error=f"cannot read {uri}: not a local path or an S3 object")

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from benchmarks.s3_latency_proxy import LatencyProxy
-from stages.listing import IMAGE_NAME
+from stages.featurize.listing import IMAGE_NAME
 from stages.storage.fetch import StoreSettings
 from stages.storage.s3list import CountsParam, list_flat, listing_frame
 from tests import s3_fixtures
