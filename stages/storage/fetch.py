@@ -25,7 +25,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Iterable, Iterator, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from stages.storage.fs import local_path  # the one place that decides what is local
 
@@ -195,9 +195,11 @@ def s3_client(settings: StoreSettings):
 
 
 def requests_made(settings: StoreSettings) -> Dict[str, int]:
-    """S3 requests this process made with ``settings`` so far, by operation."""
-    s3_client(settings)
-    return _counters[settings].snapshot()
+    """S3 requests this process made with ``settings`` so far, by operation (none, and
+    no client made, if it made none)."""
+    with _lock:
+        counter = _counters.get(settings)
+    return counter.snapshot() if counter is not None else {}
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
@@ -227,6 +229,9 @@ class Fetched:
     size: int = 0
     mtime_ms: Optional[int] = None
     error: Optional[str] = None
+
+
+_EMPTY = Fetched(b"", 0)
 
 
 def _fetch_one(uri: str, settings: StoreSettings) -> Fetched:
@@ -276,8 +281,14 @@ def fetch_ordered(
     ahead : int, optional
         Objects held fetched-or-in-flight beyond the one being returned.
     """
-    pool = _pool(settings.in_flight)
-    window = max(1, ahead if ahead is not None else 2 * settings.in_flight)
+    window = ahead if ahead is not None else 2 * settings.in_flight
+    return _ordered(uris, lambda uri: _fetch_one(uri, settings), settings.in_flight, window)
+
+
+def _ordered(uris: Iterable[str], fetch, threads: int, window: int):
+    """``(uri, fetch(uri))`` in order, ``threads`` at once, up to ``window`` ahead."""
+    pool = _pool(threads)
+    window = max(1, window)
     pending: Deque[Tuple[str, Future]] = deque()
     it = iter(uris)
     exhausted = False
@@ -289,7 +300,7 @@ def fetch_ordered(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((uri, pool.submit(_fetch_one, uri, settings)))
+                pending.append((uri, pool.submit(fetch, uri)))
             if not pending:
                 return
             uri, fut = pending.popleft()
@@ -304,13 +315,18 @@ class ReadError(str):
 
 
 def path_bytes_batches(
-    batches: Iterable, batch_size: int, settings: Optional[StoreSettings], to_paths=None
+    batches: Iterable,
+    batch_size: int,
+    settings: Optional[StoreSettings],
+    to_paths=None,
+    url_encoded: bool = False,
 ) -> Iterator[Tuple[list, list]]:
     """``(paths, contents)`` of at most ``batch_size`` photos, from Arrow batches.
 
-    With ``settings``, the batches carry ``path`` only and the bytes are fetched here
-    (:func:`fetch_ordered`: the next batch's requests are in flight while the caller
-    works on this one); a photo that cannot be read gets a :class:`ReadError` in
+    With ``settings``, the batches carry ``path`` (and optionally the listing's
+    ``length``) and the bytes are fetched here (:func:`fetch_ordered`: the next
+    batch's requests are in flight while the caller works on this one); a photo that
+    cannot be read, or has zero bytes (no request made), gets a :class:`ReadError` in
     place of its bytes.  Without, the batches carry Spark's ``content`` as their
     second column (a filesystem this module does not read, such as ``hdfs:``).
 
@@ -323,6 +339,9 @@ def path_bytes_batches(
     to_paths : callable, optional
         Maps a batch's scanned paths to the real ones (a local INPUT scanned through a
         view of symlinks); the real ones are read and returned.
+    url_encoded : bool
+        The paths are percent-encoded (as some Spark sources spell them): the object
+        read is the decoded one; the path returned stays as given.
     """
     if settings is None:
         for batch in batches:
@@ -334,16 +353,37 @@ def path_bytes_batches(
                 yield paths[i : i + batch_size], [c.as_py() for c in contents[i : i + batch_size]]
         return
 
+    empty: set = set()
+
     def all_paths():
         for batch in batches:
             paths = batch.column(0).to_pylist()
-            yield from (to_paths(paths) if to_paths is not None else paths)
+            if to_paths is not None:
+                paths = to_paths(paths)
+            names = batch.schema.names
+            sizes = batch.column(names.index("length")).to_pylist() if "length" in names else None
+            for i, path in enumerate(paths):
+                if sizes is not None and sizes[i] == 0:
+                    empty.add(path)
+                yield path
+
+    def fetch_one(path):
+        return (
+            _EMPTY
+            if path in empty
+            else _fetch_one(unquote(path) if url_encoded else path, settings)
+        )
 
     ahead = batch_size + settings.in_flight  # the next model batch, and more in flight
     paths, contents = [], []
-    for uri, got in fetch_ordered(all_paths(), settings, ahead):
+    for uri, got in _ordered(all_paths(), fetch_one, settings.in_flight, ahead):
         paths.append(uri)
-        contents.append(got.data if got.error is None else ReadError(got.error))
+        if got.error is not None:
+            contents.append(ReadError(got.error))
+        elif not got.data:
+            contents.append(ReadError("empty file (0 bytes)"))
+        else:
+            contents.append(got.data)
         if len(paths) == batch_size:
             yield paths, contents
             paths, contents = [], []
