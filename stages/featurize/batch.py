@@ -45,7 +45,7 @@ from stages.storage import hadoopfs
 from stages.storage.fetch import StoreSettings, is_object_store, store_settings
 from stages.storage.fs import local_path
 from stages.storage.outputs import atomic_output, check_disjoint
-from stages.storage.s3list import CountsParam, listing_frame
+from stages.storage.s3list import RunRequests, listing_frame
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ def featurize_batch(
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     view = None
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     try:
         with atomic_output(spark, output_path, params.overwrite) as target:
             path = local_path(input_path)
@@ -75,15 +77,18 @@ def featurize_batch(
                     raise UsageError(_no_images(input_path))
                 view = make_view([p for p, _ in local.files])
                 scan = _LocalScan(spark, local, view)
-            elif is_object_store(input_path):
-                scan = _ObjectScan(spark, input_path)
+            elif settings is not None:
+                scan = _ObjectScan(spark, input_path, settings, tally.acc)
             else:
                 scan = _HadoopScan(spark, input_path)
-            report = _featurize_scan(spark, scan, input_path, output_path, target, params)
+            report = _featurize_scan(
+                spark, scan, input_path, output_path, target, params, tally.acc
+            )
     finally:
         if view is not None:
             shutil.rmtree(view, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
+    report.requests = tally.total()
     logger.info(
         f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
         f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
@@ -110,7 +115,6 @@ class _LocalScan:
         self._errors = [(file_uri(p), reason) for p, reason in local.errors]
         self.n_extra = len(self._errors)  # the error rows of extra_rows
         self.fetch: Optional[StoreSettings] = StoreSettings()  # workers open() the files
-        self.requests = None
 
     def source(self, n_parts: int):
         """The rows to featurize (Spark's split settings make ``n_parts`` tasks)."""
@@ -162,7 +166,6 @@ class _HadoopScan:
             raise UsageError(_no_images(input_path))
         self.url_encoded = paths_are_url_encoded(spark, stats["pct"])
         self.fetch: Optional[StoreSettings] = None  # Spark reads the bytes (hdfs:, ...)
-        self.requests = None
 
     def source(self, n_parts: int):
         """The rows to featurize (Spark's split settings make ``n_parts`` tasks)."""
@@ -185,12 +188,11 @@ class _ObjectScan:
     names included); each worker GETs its photos, many at a time.  No HEAD anywhere:
     the LIST gave the sizes."""
 
-    def __init__(self, spark, input_path: str) -> None:
+    def __init__(self, spark, input_path: str, settings: StoreSettings, requests) -> None:
         from pyspark.sql import functions as F
 
-        self.fetch: Optional[StoreSettings] = store_settings(spark)
-        self.requests = spark.sparkContext.accumulator({}, CountsParam())
-        listing = listing_frame(spark, input_path, self.fetch, IMAGE_NAME, self.requests)
+        self.fetch: Optional[StoreSettings] = settings
+        listing = listing_frame(spark, input_path, settings, IMAGE_NAME, requests)
         self.images = listing.cache()
         stats = self.images.agg(
             F.count("*").alias("n"),
@@ -224,7 +226,9 @@ class _ObjectScan:
         self.images.unpersist()
 
 
-def _featurize_scan(spark, scan, input_path, output_path, target, params) -> FeaturizeReport:
+def _featurize_scan(
+    spark, scan, input_path, output_path, target, params, requests=None
+) -> FeaturizeReport:
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
     spec, payload, batch_size = prepare_features_model(params)
     partitions = params.partitions
@@ -252,7 +256,7 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         # when this new query is planned.
         frame = featurize_frame(
             spark, scan.source(n_parts), spec, payload, batch_size, scan.url_encoded,
-            to_paths=to_paths, fetch=scan.fetch,
+            to_paths=to_paths, fetch=scan.fetch, requests=requests,
         )  # fmt: skip
         out = frame.df
         extra = scan.extra_rows(spark, spec)
@@ -265,10 +269,6 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         paths_bc.unpersist()
     if isinstance(scan, _ObjectScan):
         scan.release()
-    requests = dict(frame.requests)
-    if scan.requests is not None:  # the executors' listing
-        for k, v in scan.requests.value.items():
-            requests[k] = requests.get(k, 0) + v
 
     return FeaturizeReport(
         input=input_path,
@@ -280,5 +280,4 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         model=spec.to_dict(),
         model_builds=frame.model_builds,
         worker_pids=frame.worker_pids,
-        requests=requests,
     )

@@ -225,6 +225,7 @@ def featurize_frame(
     broadcast=None,
     to_paths=None,
     fetch: Optional[StoreSettings] = None,
+    requests=None,
 ) -> FeaturizedFrame:
     """Featurize a ``binaryFile`` DataFrame: the one code path of every stage-1 job.
 
@@ -256,6 +257,9 @@ def featurize_frame(
     fetch : StoreSettings, optional
         The workers read the photos themselves, one GET each and many in flight
         (local files and S3: :mod:`stages.storage.fetch`); Spark reads no byte.
+    requests : Accumulator, optional
+        Of :class:`~stages.storage.s3list.CountsParam`: receives the workers' S3
+        requests (a new one, :attr:`FeaturizedFrame.requests`, when not given).
 
     Returns
     -------
@@ -276,12 +280,12 @@ def featurize_frame(
     arrow_schema = to_arrow_schema(schema)
     alpha_, engine_, draft = spec.alpha, spec.engine, spec.jpeg_draft
     exif = spec.exif_orientation
-    requests = None
     if fetch is None:
         source = images.select("path", "content")
     else:
         source = images.select("path", *(["length"] if "length" in images.columns else []))
-        requests = sc.accumulator({}, CountsParam())
+        if requests is None:
+            requests = sc.accumulator({}, CountsParam())
     if partitions is not None and source.rdd.getNumPartitions() > partitions:
         source = source.coalesce(partitions)
     n_tasks = source.rdd.getNumPartitions()

@@ -41,6 +41,7 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Dict, List, Optional
 
 from stages.base.errors import UsageError
@@ -57,8 +58,11 @@ from stages.featurize.frame import (
     prepare_features_model,
     read_images,
 )
+from stages.featurize.listing import IMAGE_NAME
 from stages.featurize.plan import make_plan, qualified_prefix, status_column
 from stages.storage import hadoopfs
+from stages.storage.fetch import is_object_store, store_settings
+from stages.storage.s3list import RunRequests, listing_of
 from stages.storage.table import (
     FeaturesTable,
     check_same_model,
@@ -98,6 +102,15 @@ class IncrementalReport(RunReport):
     seconds: float
     scan: str = "none"
     superseded: List[str] = field(default_factory=list)
+    # S3 requests by kind (boto3's operations; S3A's statistics as ``s3a.<name>``).
+    requests: Dict[str, int] = field(default_factory=dict)
+
+
+def _iso_ms(text: Optional[str]) -> Optional[int]:
+    """Milliseconds since the epoch of an ISO time (a record's ``committed``)."""
+    if not text:
+        return None
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def _input_exists(spark, uri: str) -> bool:
@@ -158,6 +171,8 @@ def featurize_incremental(
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     table = FeaturesTable(spark, output_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
     fresh = not hadoopfs.has_data(spark, output_path)
@@ -170,7 +185,9 @@ def featurize_incremental(
             table.migrate_flat()
     records = table.records()
     live = table.live_runs(records)
-    written_ms = {r["run"]: r.get("written_ms") for r in records}
+    # When each run's rows were written: an image no newer than that is the one they
+    # describe, for rows that record no time (a migrated table's, the queue's).
+    written_ms = {r["run"]: r.get("written_ms") or _iso_ms(r.get("committed")) for r in records}
 
     # Planning reads file metadata only: pack the listing into one task per core
     # (Spark's default 4 MB open cost per file made ~30-file tasks: 2.7 s of tasks
@@ -186,10 +203,17 @@ def featurize_incremental(
             },
         )
     )
-    images = read_images(spark, input_path)
-    meta = images.select("path", "length", "modificationTime")
-    listed_files = images._jdf.inputFiles()
-    n_listed = len(listed_files)
+    if settings is not None:
+        # S3: the executors list (LISTs only, the name rule of every path); the LIST's
+        # sizes and times are the plan's, so an old photo costs no request at all.
+        images = None
+        meta = listing_of(spark, input_path, settings, IMAGE_NAME, tally.acc).cache()
+        n_listed = meta.count()
+    else:
+        images = read_images(spark, input_path)
+        meta = images.select("path", "length", "modificationTime")
+        listed_files = images._jdf.inputFiles()
+        n_listed = len(listed_files)
     if n_listed == 0 and not prune:
         planning.close()
         raise UsageError(
@@ -212,7 +236,7 @@ def featurize_incremental(
         pct = max((r["pct"] for r in summary if r["pct"]), default=None)
         url_encoded = paths_are_url_encoded(spark, pct)
         empties = None
-        if n_listed > n_scanned:  # zero-byte files: the scan drops them, the index lists them
+        if images is not None and n_listed > n_scanned:  # zero-byte files the scan drops
             empties = empty_file_rows(spark, images, listed_files, url_encoded, spec)
             plan.unpersist()
             plan, summary = make_plan(
@@ -239,6 +263,8 @@ def featurize_incremental(
         n_empty_todo = sum(
             int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
         )
+        if settings is not None:
+            n_empty_todo = 0  # S3: a zero-byte object is an error row of the frame itself
         n_read = todo_n - n_empty_todo
         logger.info(
             f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
@@ -249,8 +275,9 @@ def featurize_incremental(
             logger.info(f"featurize: nothing new for {output_path}: no run written")
             seconds = time.perf_counter() - t0
             return IncrementalReport(
-                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds
-            )
+                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds,
+                requests=tally.total(),
+            )  # fmt: skip
         superseded = sorted({r["run"] for r in summary if r["status"] in ("changed", "pruned")})
         todo = plan.where(F.col("status").isin("new", "changed")).select(
             "path", "length", "modificationTime"
@@ -260,7 +287,11 @@ def featurize_incremental(
         scan = "none"
         parts = []
         frame = None
-        if n_read > 0:
+        n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0 and settings is not None:
+            scan = "fetch"  # the workers GET the new photos by name: nothing else is read
+            source = todo.select("path", "length").repartition(n_parts)
+        elif n_read > 0:
             to_read = todo.where(F.col("length") > 0)
             if n_read > _SCAN_ALL_SHARE * max(1, n_scanned):
                 scan = "all"
@@ -274,7 +305,7 @@ def featurize_incremental(
                     spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
                 ):
                     source = spark.read.format("binaryFile").load(names)
-            n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0:
             frame = featurize_frame(
                 spark,
                 source,
@@ -283,6 +314,8 @@ def featurize_incremental(
                 batch_size,
                 url_encoded,
                 partitions=n_parts,
+                fetch=settings,
+                requests=tally.acc,
             )
             parts.append(frame.df.join(F.broadcast(todo), "path"))
         if empties is not None and n_empty_todo:
@@ -321,11 +354,14 @@ def featurize_incremental(
             "errors": int(errors),
             "model": spec.to_dict(),
             "removes": superseded,
+            "requests": tally.total(),  # up to the commit: its own PUT is not in
         }
         table.commit(record)
     finally:
         planning.close()
         plan.unpersist()
+        if settings is not None:
+            meta.unpersist()
     seconds = time.perf_counter() - t0
     report = IncrementalReport(
         input_path,
@@ -341,6 +377,7 @@ def featurize_incremental(
         seconds,
         scan,
         superseded,
+        tally.total(),
     )
     logger.info(
         f"featurize: committed run {run}: {report.images} images featurized "

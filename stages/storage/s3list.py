@@ -23,9 +23,19 @@ import re
 from datetime import datetime, timezone
 from typing import Dict, Iterator, List, Optional, Pattern, Tuple
 
+from stages.storage import hadoopfs
 from stages.storage.fetch import StoreSettings, requests_made, s3_client, split_s3
 
-__all__ = ["LISTING_SCHEMA", "CountsParam", "list_flat", "list_level", "listing_frame"]
+__all__ = [
+    "LISTING_SCHEMA",
+    "CountsParam",
+    "is_glob",
+    "list_flat",
+    "list_level",
+    "listing_frame",
+    "listing_of",
+    "RunRequests",
+]
 
 LISTING_SCHEMA = "path string, length long, modificationTime timestamp"
 _PAGE = 1000  # S3's maximum keys per ListObjectsV2 response
@@ -171,3 +181,64 @@ def listing_frame(
     return spark.createDataFrame(
         sc.parallelize(tasks, len(tasks)).mapPartitions(run), LISTING_SCHEMA
     )
+
+
+def is_glob(uri: str) -> bool:
+    """Whether ``uri`` holds Hadoop glob characters (``Test/2026/12/{01,02}/``)."""
+    return any(c in uri for c in "{}[]*?")
+
+
+def listing_of(
+    spark, uri: str, settings: StoreSettings, pattern: Optional[Pattern] = None, counts=None
+):
+    """:func:`listing_frame` of ``uri``, or of every folder a Hadoop glob ``uri`` matches
+    (the glob itself is expanded by Hadoop: a LIST per globbed level)."""
+    if not is_glob(uri):
+        return listing_frame(spark, uri, settings, pattern, counts)
+    scheme = split_s3(uri)[0]
+    frames = []
+    files = []
+    for match, is_dir in hadoopfs.glob_paths(spark, uri):
+        # Hadoop qualifies the scheme as it likes (s3a:// stays s3a://); keep the user's.
+        match = scheme + match[match.index("://") :]
+        if is_dir:
+            frames.append(listing_frame(spark, match, settings, pattern, counts))
+        else:
+            files += [f for f in list_flat(match, settings, pattern) if f[0] == match]
+    out = spark.createDataFrame(files, LISTING_SCHEMA)
+    for frame in frames:
+        out = out.unionByName(frame)
+    return out
+
+
+class RunRequests:
+    """The S3 requests of one run, by kind, from the clients' own statistics.
+
+    Three places make requests: boto3 on the driver (the listing's first level),
+    boto3 on the executors (the listing's ranges, the photos' GETs: added to
+    :attr:`acc` by the tasks), and Hadoop's S3A in the driver's JVM (existence
+    checks, the output's commit; in local mode the executors' writes too).  S3A's
+    counters appear as ``s3a.<statistic>``; EMRFS keeps none we can read.
+    """
+
+    def __init__(self, spark, settings: Optional[StoreSettings], uris) -> None:
+        self.spark = spark
+        self.settings = settings
+        self.acc = spark.sparkContext.accumulator({}, CountsParam())
+        self._boto = requests_made(settings) if settings is not None else {}
+        # One S3A filesystem per bucket: count each once.
+        self._uris = list(
+            {split_s3(u)[:2]: u for u in uris if u.lower().startswith("s3a://")}.values()
+        )
+        self._s3a = [hadoopfs.request_statistics(spark, u) for u in self._uris]
+
+    def total(self) -> Dict[str, int]:
+        """Requests since this object was made."""
+        out = dict(self.acc.value)
+        if self.settings is not None:
+            for k, v in delta(self._boto, requests_made(self.settings)).items():
+                out[k] = out.get(k, 0) + v
+        for uri, before in zip(self._uris, self._s3a):
+            for k, v in delta(before, hadoopfs.request_statistics(self.spark, uri)).items():
+                out[f"s3a.{k}"] = out.get(f"s3a.{k}", 0) + v
+        return dict(sorted(out.items()))
