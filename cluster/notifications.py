@@ -34,7 +34,9 @@ CONFIG_ID = "fruits-pipeline-new-photos"
 # SQS keeps a message 4 days by default; 14 (the maximum) leaves a long weekend of
 # outage before anything is lost (the reconciliation listing would still find it).
 RETENTION_SECONDS = 14 * 24 * 3600
-VISIBILITY_SECONDS = 900  # as stages.storage.s3events: a batch commits well within it
+# A received message stays hidden this long: a run commits well within it, and a
+# consumer that died has its messages delivered again after it.
+VISIBILITY_SECONDS = 900
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 
 

@@ -27,7 +27,7 @@ PROG = "fruits-pipeline"
 logger = logging.getLogger("stages.cli")  # not __name__: `python -m stages.cli` runs it as __main__
 # `run` is one featurize and one reduce: no growing-bucket options, one --overwrite.
 RUN_EXCLUDES = {
-    "featurize": ("incremental", "prune", "overwrite"),
+    "featurize": ("incremental", "prune", "queue", "overwrite"),
     "reduce": ("update", "overwrite"),
 }
 _KEEP_LOGS = 50  # a folder of logs that grows without end would be the next bug report

@@ -15,7 +15,9 @@ cache, same error rows) and commits the rows as one run of the features table
 * paths already in the table (from ``featurize --incremental``) are skipped.
 
 ``--available-now`` processes what is there and stops (a cron job or an EMR
-step); ``--trigger 10s`` keeps going.  With ``--results``, each committed run is
+step); ``--trigger 10s`` keeps going.  ``--queue URL`` takes the new photos from an
+SQS queue of the bucket's S3 notifications instead of listing INPUT
+(:mod:`stages.featurize.queue`).  With ``--results``, each committed run is
 also projected with the saved PCA model into
 ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place).
 """
@@ -39,9 +41,11 @@ from stages.featurize.frame import (
     paths_are_url_encoded,
     prepare_features_model,
 )
+from stages.featurize.queue import check_queue_input, watch_queue
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.update import project_pending, project_run
 from stages.storage import hadoopfs
+from stages.storage.fetch import reader_settings
 from stages.storage.table import (
     FeaturesTable,
     check_same_model,
@@ -72,6 +76,7 @@ class _Sink:
         self.done: set = set()
         self.committed: set = set()
         self.known = None  # DataFrame of the paths in the table at start (cached)
+        self.fetch = reader_settings(spark, input_path)
         self.totals = {"batches": 0, "images": 0, "errors": 0, "runs": [], "skipped_batches": 0}
 
     def __call__(self, batch_df, batch_id: int) -> None:
@@ -103,7 +108,10 @@ class _Sink:
         pct = next((r[0] for r in todo_rows if "%" in r[0]), None)
         n = len(todo_rows)
         n_parts = choose_partitions(n, spark.sparkContext.defaultParallelism, self.opts.partitions)
-        source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
+        if self.fetch is not None:  # the workers read each new photo once, by name
+            source = todo.select("path").repartition(n_parts)
+        else:
+            source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
         frame = featurize_frame(
             spark,
             source,
@@ -113,6 +121,7 @@ class _Sink:
             paths_are_url_encoded(spark, pct),
             partitions=n_parts,
             broadcast=self.bc,
+            fetch=self.fetch,
         )
         schema = incremental_schema(self.spec)
         out = frame.df.join(F.broadcast(todo), "path").select(
@@ -187,6 +196,8 @@ def watch(
     """
 
     opts = WatchParams.of(params, **options)
+    if opts.queue:
+        check_queue_input(input_path)
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, features):
@@ -214,6 +225,14 @@ def watch(
             )
 
         project_pending(spark, table, model, opts.results)
+    if opts.queue:
+        # New photos from the bucket's notifications: no listing, no checkpoint (the
+        # queue keeps what is not yet committed, the table what is).
+        def project(run: str) -> None:
+            rows = project_run(spark, table, run, model, opts.results)
+            logger.info(f"watch: run {run}: {rows} projected")
+
+        return watch_queue(spark, input_path, features, opts, project if model else None)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
 
     sink = _Sink(spark, input_path, table, spec, weights, opts, model)

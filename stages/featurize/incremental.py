@@ -42,7 +42,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
@@ -60,6 +60,7 @@ from stages.featurize.frame import (
 )
 from stages.featurize.listing import IMAGE_NAME
 from stages.featurize.plan import make_plan, qualified_prefix, status_column
+from stages.featurize.queue import QueueReport, featurize_from_queue
 from stages.storage import hadoopfs
 from stages.storage.fetch import is_object_store, store_settings
 from stages.storage.s3list import RunRequests, listing_of
@@ -129,7 +130,7 @@ def featurize_incremental(
     output_path: str,
     params: Optional[FeaturizeParams] = None,
     **options: Any,
-) -> IncrementalReport:
+) -> Union[IncrementalReport, QueueReport]:
     """Featurize only the images not yet in ``output_path`` (or changed since).
 
     An image is featurized when its path has no row yet, or its size or
@@ -149,7 +150,8 @@ def featurize_incremental(
 
     Returns
     -------
-    IncrementalReport
+    IncrementalReport, or QueueReport with ``queue`` (the photos an SQS queue of S3
+    notifications announces: :mod:`stages.featurize.queue`)
 
     Raises
     ------
@@ -160,6 +162,8 @@ def featurize_incremental(
 
     # Incremental by definition (so `overwrite` is refused, `prune` allowed).
     params = FeaturizeParams.of(params, **{**options, "incremental": True})
+    if params.queue:
+        return featurize_from_queue(spark, input_path, output_path, params, params.queue)
     prune, partitions = params.prune, params.partitions
     if prune and any(c in input_path for c in "{}[]*?"):
         raise UsageError(

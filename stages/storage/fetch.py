@@ -37,6 +37,7 @@ __all__ = [
     "StoreSettings",
     "fetch_ordered",
     "path_bytes_batches",
+    "reader_settings",
     "requests_made",
     "is_object_store",
     "s3_client",
@@ -90,6 +91,14 @@ class StoreSettings:
     secret_key: Optional[str] = field(default=None, repr=False)
     session_token: Optional[str] = field(default=None, repr=False)
     in_flight: int = DEFAULT_IN_FLIGHT
+
+
+def reader_settings(spark, uri: str) -> Optional[StoreSettings]:
+    """How the workers read the photos under ``uri``: S3's settings (:func:`store_settings`),
+    plain ``open()`` for a local path, or None where Spark must read them (``hdfs:``)."""
+    if is_object_store(uri):
+        return store_settings(spark)
+    return StoreSettings() if local_path(uri) is not None else None
 
 
 def store_settings(spark=None, in_flight: int = DEFAULT_IN_FLIGHT) -> StoreSettings:

@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EventQueue", "Message", "ObjectEvent", "parse_message"]
 
-# Long enough for a batch to be featurized and committed before SQS shows its messages
-# to another reader; a consumer that dies makes them visible again after this.
-DEFAULT_VISIBILITY = 900
 _MAX_MESSAGES = 10  # SQS's maximum per ReceiveMessage and per DeleteMessageBatch
 
 
@@ -141,17 +138,16 @@ class EventQueue:
     settings : StoreSettings
         Its keys (and, for a local emulator, its endpoint: moto serves SQS and S3 on
         one port); ``AWS_ENDPOINT_URL_SQS`` wins for the endpoint, as in boto3.
-    visibility : int
-        Seconds a received message stays hidden from other readers.
+    visibility : int, optional
+        Seconds a received message stays hidden from other readers (default: the
+        queue's own ``VisibilityTimeout``, which ``bucket notifications`` sets).
     """
 
-    def __init__(
-        self, url: str, settings: StoreSettings, visibility: int = DEFAULT_VISIBILITY
-    ) -> None:
+    def __init__(self, url: str, settings: StoreSettings, visibility: Optional[int] = None) -> None:
         import boto3
 
         self.url = url
-        self.visibility = int(visibility)
+        self.visibility = visibility
         self.counter = RequestCounter()
         endpoint = os.environ.get("AWS_ENDPOINT_URL_SQS") or settings.endpoint
         self.client = boto3.session.Session().client(
@@ -167,12 +163,14 @@ class EventQueue:
     def receive(self, wait_seconds: int = 0, max_messages: int = _MAX_MESSAGES) -> List[Message]:
         """Up to ``max_messages`` (at most 10) messages; waits up to ``wait_seconds``
         (long polling, at most 20) when the queue is empty."""
-        resp = self.client.receive_message(
-            QueueUrl=self.url,
-            MaxNumberOfMessages=max(1, min(_MAX_MESSAGES, max_messages)),
-            WaitTimeSeconds=max(0, min(20, int(wait_seconds))),
-            VisibilityTimeout=self.visibility,
-        )
+        args = {
+            "QueueUrl": self.url,
+            "MaxNumberOfMessages": max(1, min(_MAX_MESSAGES, max_messages)),
+            "WaitTimeSeconds": max(0, min(20, int(wait_seconds))),
+        }
+        if self.visibility is not None:
+            args["VisibilityTimeout"] = int(self.visibility)
+        resp = self.client.receive_message(**args)
         out = []
         for m in resp.get("Messages", []):
             events, test = parse_message(m.get("Body", ""))
