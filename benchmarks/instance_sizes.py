@@ -15,9 +15,12 @@ executor core) or ``--img-per-core-s``; the rest are **assumptions to check**:
   a per-node efficiency (default 0.9) for the NodeManager, DataNode and OS;
 * an EMR vCPU runs MobileNetV2 as fast as one core of this machine (m5 and c5 are
   Xeons of similar clock; c5's is ~10% higher: not counted);
-* S3 first-byte latency per image (default 15 ms) overlaps inference (Spark's writer
-  thread feeds the Python worker while it computes), so a slot runs at the slower of
-  compute and ``1 / latency``;
+* S3 first-byte latency per request (default 15 ms); each photo costs
+  ``--s3-requests-per-photo`` requests (1 GET: measured by ``benchmarks/s3_bench.py``;
+  4 before the workers fetched their own bytes) with ``--s3-in-flight`` of them
+  outstanding per slot (32, :data:`stages.storage.fetch.DEFAULT_IN_FLIGHT`), overlapped
+  with inference, so a slot runs at the slower of compute and
+  ``in_flight / (requests x latency)``;
 * per-run fixed cost: the measured cold one-off (worker start, TensorFlow import,
   model build) plus the listing of the input.
 
@@ -140,7 +143,8 @@ def plan_row(
     """Time and cost of one featurize run of ``images`` on ``core_nodes`` nodes of ``nt``."""
     slots = max(1, core_nodes * nt.slots - 1)  # the driver's container takes one
     per_slot_compute = rate * nt.threads_per_slot * args.efficiency
-    per_slot_s3 = 1000.0 / args.s3_get_ms if args.s3_get_ms > 0 else math.inf
+    per_photo_ms = args.s3_get_ms * args.s3_requests_per_photo
+    per_slot_s3 = 1000.0 * args.s3_in_flight / per_photo_ms if per_photo_ms > 0 else math.inf
     per_slot = min(per_slot_compute, per_slot_s3)
     cluster_rate = slots * per_slot
     # Fewer images than slots cannot use them all; tasks are image batches of 64.
@@ -196,7 +200,9 @@ def model(args) -> int:
         f"fixed per run {fixed:.0f} s (cold one-off: driver conversion, workers, model build)",
         f"cluster start-up {args.startup_min:g} min, billed; per-second billing, 1 min minimum",
         f"per-node efficiency {args.efficiency:g} (NodeManager, DataNode, OS)",
-        f"S3 first-byte latency {args.s3_get_ms:g} ms per image, overlapped with inference",
+        f"S3 first-byte latency {args.s3_get_ms:g} ms a request, "
+        f"{args.s3_requests_per_photo:g} request(s) a photo, {args.s3_in_flight} in flight a slot, "
+        "overlapped with inference",
         f"listing {args.list_per_s:g} objects/s",
         f"instance table: {table_source}; prices: {PRICE_SOURCE}",
         "primary node: same type as the core nodes, billed; slots = nodes x Python workers"
@@ -261,6 +267,8 @@ def model(args) -> int:
             "startup_min": args.startup_min,
             "efficiency": args.efficiency,
             "s3_get_ms": args.s3_get_ms,
+            "s3_requests_per_photo": args.s3_requests_per_photo,
+            "s3_in_flight": args.s3_in_flight,
             "list_per_s": args.list_per_s,
         },
         "node_types": {k: vars(v) for k, v in types.items()},
@@ -364,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-min", type=float, default=8.0)
     p.add_argument("--efficiency", type=float, default=0.9)
     p.add_argument("--s3-get-ms", type=float, default=15.0)
+    p.add_argument(
+        "--s3-requests-per-photo", type=float, default=1.0,
+        help="S3 requests a photo costs (1 GET, measured by s3_bench.py; 4 before)",
+    )  # fmt: skip
+    p.add_argument(
+        "--s3-in-flight", type=int, default=32, help="requests outstanding per slot (1 before)"
+    )
     p.add_argument("--list-per-s", type=float, default=10000.0, help="S3 listing, objects/s")
     p.add_argument("--stem", default=None)
     g = p.add_argument_group("real EMR sweep (needs AWS; not run here)")

@@ -133,6 +133,8 @@ def worker_throughput(args) -> Dict[str, Any]:
     s3 = LocalS3()
     images = _images(Path(args.images), args.n)
     s3.upload([(f"Test/{p.parent.name}/{p.name}", p.read_bytes()) for p in images])
+    warm = _images(SAMPLE_IMAGES, 100)
+    s3.upload([(f"Warm/{p.parent.name}/{p.name}", p.read_bytes()) for p in warm])
     local = Path(args.work) / "local"
     if local.exists():
         shutil.rmtree(local)
@@ -143,18 +145,28 @@ def worker_throughput(args) -> Dict[str, Any]:
     out = Path(args.work) / "out"
     shutil.rmtree(out, ignore_errors=True)
     opts = {"weights": "bundled"}
-    # Warm-up: Python workers started, the model built and cached in each.
+    # Warm-up: Python workers started, the model built and cached in each, boto3 loaded
+    # in each worker and the S3 listing's code path compiled.
     featurize(spark, str(SAMPLE_IMAGES), str(out / "warm"), **opts)
-    plan = [("local", None)] + [("s3a", float(ms)) for ms in args.latencies.split(",")]
-    plan.append(("local", None))
+    featurize(spark, f"s3a://{BUCKET}/Warm/", str(out / "warm_s3"), **opts)
+    latencies = [float(ms) for ms in args.latencies.split(",")]
+    # Local first and last (their mean is the baseline); the middle latency twice.
+    plan = [("local", None)] + [("s3a", ms) for ms in latencies]
+    plan += [("s3a", latencies[len(latencies) // 2]), ("local", None)]
+    import psutil
+
+    me = psutil.Process()
     rows = []
     for i, (store, ms) in enumerate(plan):
         s3.proxy.set_latency(ms or 0.0)
         s3.proxy.reset()
         src = str(local) if store == "local" else f"s3a://{BUCKET}/Test/"
+        cpu = sum(me.cpu_times()[:2])
         t = time.perf_counter()
         report = featurize(spark, src, str(out / f"run{i}"), **opts)
         seconds = time.perf_counter() - t
+        # This process: the driver, and moto and the proxy (what S3 itself would do).
+        cpu = sum(me.cpu_times()[:2]) - cpu
         counts = s3.proxy.reset()
         n = report.images
         rows.append(
@@ -168,6 +180,7 @@ def worker_throughput(args) -> Dict[str, Any]:
                 "requests": counts,
                 "per_photo": _per_photo(counts, n),
                 "summary_requests": getattr(report, "requests", None),
+                "driver_and_s3_cpu_s": cpu,
             }
         )
         print(f"{store} {ms} ms: {n / seconds:.1f} img/s {counts}", file=sys.stderr, flush=True)
@@ -265,7 +278,7 @@ def worker_queue(args) -> Dict[str, Any]:
         weights="bundled",
         queue=conf["queue_url"],
         stop_after=duration,
-        trigger_seconds=args.trigger,
+        trigger=f"{args.trigger:g}s",
     )
     stop.set()
     thread.join()
@@ -327,6 +340,7 @@ def parent(args) -> int:
                     Col("GET/photo", "get"),
                     Col("HEAD/photo", "head"),
                     Col("LISTs", "list"),
+                    Col("driver+S3 server CPU (s)", "driver_and_s3_cpu_s"),
                 ],
                 rows,
             )  # fmt: skip
