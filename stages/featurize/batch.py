@@ -63,11 +63,11 @@ def featurize_batch(
     """
     check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     if not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     view = None
-    settings = store_settings(spark) if is_object_store(input_path) else None
-    tally = RunRequests(spark, settings, [input_path, output_path])
     try:
         with atomic_output(spark, output_path, params.overwrite) as target:
             path = local_path(input_path)

@@ -171,12 +171,12 @@ def featurize_incremental(
             "it drops the rows of images no longer under it"
         )
     t0 = time.perf_counter()
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     if not _input_exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, output_path):
         raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
-    settings = store_settings(spark) if is_object_store(input_path) else None
-    tally = RunRequests(spark, settings, [input_path, output_path])
     table = FeaturesTable(spark, output_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
     fresh = not hadoopfs.has_data(spark, output_path)

@@ -207,3 +207,19 @@ def test_queue_options_are_checked_before_spark(capsys):
     assert "--queue reads S3 notifications: INPUT must be s3:// or s3a://" in (
         capsys.readouterr().err
     )
+
+
+def test_watch_queue_available_now_takes_what_the_queue_holds(
+    s3a_spark, moto_s3_client, sqs, queue_url, tmp_path
+):
+    from stages.watch import watch
+
+    _drain(sqs, queue_url)
+    keys = ["Test/Watched/1.jpg", "Test/Watched/été 2.jpg"]
+    _upload(moto_s3_client, keys, 30)
+    features = str(tmp_path / "watched")
+    result = watch(s3a_spark, f"s3a://{QUEUED}/Test/", features, weights="bundled",
+                   queue=queue_url, available_now=True)  # fmt: skip
+    assert (result["batches"], result["images"], result["messages"]) == (1, 2, 2)
+    assert _rows(s3a_spark, features) == {f"s3a://{QUEUED}/{k}": 1 for k in keys}
+    assert _waiting(sqs, queue_url) == 0
