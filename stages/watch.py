@@ -246,7 +246,10 @@ def watch(
     opts = WatchParams.of(params, **options)
     if opts.queue:
         check_queue_input(input_path)
-    if not hadoopfs.exists(spark, input_path):
+        # The queue announces what lands under INPUT: it may hold nothing yet.
+        if hadoopfs.bucket_missing(spark, input_path):
+            raise UsageError(f"the bucket of input {input_path} does not exist")
+    elif not hadoopfs.exists(spark, input_path):
         raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
     if hadoopfs.bucket_missing(spark, features):
         raise UsageError(f"the bucket of output {features} does not exist: create it first")
