@@ -14,8 +14,13 @@ cache, same error rows) and commits the rows as one run of the features table
   aborted staging folder deleted and runs again;
 * paths already in the table (from ``featurize --incremental``) are skipped.
 
+On S3 without a queue, each trigger is a ``featurize --incremental`` run instead
+of a micro-batch of Spark's file stream (:func:`_watch_s3_listing` says why).
+
 ``--available-now`` processes what is there and stops (a cron job or an EMR
-step); ``--trigger 10s`` keeps going.  With ``--results``, each committed run is
+step); ``--trigger 10s`` keeps going.  ``--queue URL`` takes the new photos from an
+SQS queue of the bucket's S3 notifications instead of listing INPUT
+(:mod:`stages.featurize.queue`).  With ``--results``, each committed run is
 also projected with the saved PCA model into
 ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place).
 """
@@ -30,7 +35,7 @@ from typing import Any, Dict, Optional
 
 from stages.base.contract import IMAGE_GLOB, model_identity
 from stages.base.errors import UsageError
-from stages.base.params import WatchParams
+from stages.base.params import FeaturizeParams, ModelParams, WatchParams
 from stages.featurize.frame import (
     choose_partitions,
     featurize_frame,
@@ -39,9 +44,12 @@ from stages.featurize.frame import (
     require_input,
     write_features,
 )
+from stages.featurize.incremental import featurize_incremental
+from stages.featurize.queue import check_queue_input, watch_queue
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.update import project_pending, project_run
 from stages.storage import hadoopfs
+from stages.storage.fetch import is_object_store, reader_settings
 from stages.storage.layout import Results
 from stages.storage.table import (
     FeaturesTable,
@@ -73,6 +81,7 @@ class _Sink:
         self.done: set = set()
         self.committed: set = set()
         self.known = None  # DataFrame of the paths in the table at start (cached)
+        self.fetch = reader_settings(spark, input_path)
         self.totals = {"batches": 0, "images": 0, "errors": 0, "runs": [], "skipped_batches": 0}
 
     def __call__(self, batch_df, batch_id: int) -> None:
@@ -104,7 +113,10 @@ class _Sink:
         pct = next((r[0] for r in todo_rows if "%" in r[0]), None)
         n = len(todo_rows)
         n_parts = choose_partitions(n, spark.sparkContext.defaultParallelism, self.opts.partitions)
-        source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
+        if self.fetch is not None:  # the workers read each new photo once, by name
+            source = todo.select("path").repartition(n_parts)
+        else:
+            source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
         frame = featurize_frame(
             spark,
             source,
@@ -114,6 +126,7 @@ class _Sink:
             paths_are_url_encoded(spark, pct),
             partitions=n_parts,
             broadcast=self.bc,
+            fetch=self.fetch,
         )
         schema = incremental_schema(self.spec)
         out = frame.df.join(F.broadcast(todo), "path").select(
@@ -151,6 +164,50 @@ class _Sink:
         )
 
 
+def _watch_s3_listing(spark, input_path, features, opts: WatchParams, model) -> Dict[str, Any]:
+    """S3 without a queue: a ``featurize --incremental`` run every trigger.
+
+    Spark's file stream source costs, on S3, a LIST per new file and a HEAD per new
+    file each micro-batch, skips ``_``/``.`` names, and keeps every file it has seen
+    in its log for ever.  The incremental plan lists with LISTs only (the executors',
+    one per 1000 objects), keeps every name plain ``featurize`` keeps, reads each new
+    photo once, and is exactly once by the table's manifest (no checkpoint needed).
+    """
+    model_fields = [f.name for f in dataclasses.fields(ModelParams)]
+    params = FeaturizeParams.of(
+        None, incremental=True, **{name: getattr(opts, name) for name in model_fields}
+    )
+    totals: Dict[str, Any] = {"batches": 0, "images": 0, "errors": 0, "runs": []}
+    start = time.monotonic()
+    while True:
+        t = time.monotonic()
+        try:
+            report = featurize_incremental(spark, input_path, features, params)
+        except UsageError as exc:
+            if not str(exc).startswith("no .jpg"):
+                raise
+            report = None  # nothing under INPUT yet: wait for the first photo
+        if report is not None and report.run is not None:
+            totals["batches"] += 1
+            totals["images"] += report.images
+            totals["errors"] += report.errors
+            totals["runs"].append(report.run)
+            if model is not None:
+                rows = project_run(spark, FeaturesTable(spark, features), report.run, model,
+                                   opts.results)  # fmt: skip
+                logger.info(f"watch: run {report.run}: {rows} projected")
+        if opts.available_now:
+            break
+        now = time.monotonic()
+        if opts.stop_after is not None and now - start >= opts.stop_after:
+            break
+        pause = max(0.0, t + opts.trigger_seconds - now)
+        if opts.stop_after is not None:
+            pause = min(pause, max(0.0, start + opts.stop_after - now))
+        time.sleep(pause)
+    return {"input": input_path, "mode": "listing", **totals}
+
+
 def watch(
     spark,
     input_path: str,
@@ -185,7 +242,13 @@ def watch(
     """
 
     opts = WatchParams.of(params, **options)
-    require_input(spark, input_path)
+    if opts.queue:
+        check_queue_input(input_path)
+        # The queue announces what lands under INPUT: it may hold nothing yet.
+        if hadoopfs.bucket_missing(spark, input_path):
+            raise UsageError(f"the bucket of input {input_path} does not exist")
+    else:
+        require_input(spark, input_path)
     spec, weights, batch_size = prepare_features_model(opts)
     opts = dataclasses.replace(opts, batch_size=batch_size)
     table = FeaturesTable(spark, features).open_for_append(spec)
@@ -203,6 +266,16 @@ def watch(
             )
 
         project_pending(spark, table, model, opts.results)
+    if opts.queue:
+        # New photos from the bucket's notifications: no listing, no checkpoint (the
+        # queue keeps what is not yet committed, the table what is).
+        def project(run: str) -> None:
+            rows = project_run(spark, table, run, model, opts.results)
+            logger.info(f"watch: run {run}: {rows} projected")
+
+        return watch_queue(spark, input_path, features, opts, project if model else None)
+    if is_object_store(input_path):
+        return _watch_s3_listing(spark, input_path, features, opts, model)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
 
     sink = _Sink(spark, input_path, table, spec, weights, opts, model)

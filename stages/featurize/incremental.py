@@ -41,8 +41,10 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from datetime import datetime
+from typing import Any, Dict, List, Optional, Union
 
+from stages.base.contract import IMAGE_NAME
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
 from stages.base.progress import Progress
@@ -60,6 +62,9 @@ from stages.featurize.frame import (
     write_features,
 )
 from stages.featurize.plan import make_plan, qualified_prefix, status_column
+from stages.featurize.queue import QueueReport, featurize_from_queue
+from stages.storage.fetch import is_object_store, store_settings
+from stages.storage.s3list import RunRequests, listing_of
 from stages.storage.table import (
     FeaturesTable,
     RunRecord,
@@ -99,6 +104,15 @@ class IncrementalReport(RunReport):
     seconds: float
     scan: str = "none"
     superseded: List[str] = field(default_factory=list)
+    # S3 requests by kind (boto3's operations; S3A's statistics as ``s3a.<name>``).
+    requests: Dict[str, int] = field(default_factory=dict)
+
+
+def _iso_ms(text: Optional[str]) -> Optional[int]:
+    """Milliseconds since the epoch of an ISO time (a record's ``committed``)."""
+    if not text:
+        return None
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def featurize_incremental(
@@ -107,7 +121,7 @@ def featurize_incremental(
     output_path: str,
     params: Optional[FeaturizeParams] = None,
     **options: Any,
-) -> IncrementalReport:
+) -> Union[IncrementalReport, QueueReport]:
     """Featurize only the images not yet in ``output_path`` (or changed since).
 
     An image is featurized when its path has no row yet, or its size or
@@ -127,7 +141,8 @@ def featurize_incremental(
 
     Returns
     -------
-    IncrementalReport
+    IncrementalReport, or QueueReport with ``queue`` (the photos an SQS queue of S3
+    notifications announces: :mod:`stages.featurize.queue`)
 
     Raises
     ------
@@ -138,6 +153,8 @@ def featurize_incremental(
 
     # Incremental by definition (so `overwrite` is refused, `prune` allowed).
     params = FeaturizeParams.of(params, **{**options, "incremental": True})
+    if params.queue:
+        return featurize_from_queue(spark, input_path, output_path, params, params.queue)
     prune, partitions = params.prune, params.partitions
     if prune and any(c in input_path for c in "{}[]*?"):
         raise UsageError(
@@ -145,12 +162,16 @@ def featurize_incremental(
             "it drops the rows of images no longer under it"
         )
     t0 = time.perf_counter()
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     require_input(spark, input_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
     table = FeaturesTable(spark, output_path).open_for_append(spec)
     records = table.records()
     live = table.live_runs(records)
-    written_ms = {r["run"]: r.get("written_ms") for r in records}
+    # When each run's rows were written: an image no newer than that is the one they
+    # describe, for rows that record no time (a migrated table's, the queue's).
+    written_ms = {r["run"]: r.get("written_ms") or _iso_ms(r.get("committed")) for r in records}
 
     # Planning reads file metadata only: pack the listing into one task per core
     # (Spark's default 4 MB open cost per file made ~30-file tasks: 2.7 s of tasks
@@ -166,10 +187,17 @@ def featurize_incremental(
             },
         )
     )
-    images = read_images(spark, input_path)
-    meta = images.select("path", "length", "modificationTime")
-    listed_files = images._jdf.inputFiles()
-    n_listed = len(listed_files)
+    if settings is not None:
+        # S3: the executors list (LISTs only, the name rule of every path); the LIST's
+        # sizes and times are the plan's, so an old photo costs no request at all.
+        images = None
+        meta = listing_of(spark, input_path, settings, IMAGE_NAME, tally.acc).cache()
+        n_listed = meta.count()
+    else:
+        images = read_images(spark, input_path)
+        meta = images.select("path", "length", "modificationTime")
+        listed_files = images._jdf.inputFiles()
+        n_listed = len(listed_files)
     if n_listed == 0 and not prune:
         planning.close()
         raise UsageError(
@@ -192,7 +220,7 @@ def featurize_incremental(
         pct = max((r["pct"] for r in summary if r["pct"]), default=None)
         url_encoded = paths_are_url_encoded(spark, pct)
         empties = None
-        if n_listed > n_scanned:  # zero-byte files: the scan drops them, the index lists them
+        if images is not None and n_listed > n_scanned:  # zero-byte files the scan drops
             empties = empty_file_rows(spark, images, listed_files, url_encoded, spec)
             plan.unpersist()
             plan, summary = make_plan(
@@ -219,6 +247,8 @@ def featurize_incremental(
         n_empty_todo = sum(
             int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
         )
+        if settings is not None:
+            n_empty_todo = 0  # S3: a zero-byte object is an error row of the frame itself
         n_read = todo_n - n_empty_todo
         logger.info(
             f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
@@ -229,8 +259,9 @@ def featurize_incremental(
             logger.info(f"featurize: nothing new for {output_path}: no run written")
             seconds = time.perf_counter() - t0
             return IncrementalReport(
-                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds
-            )
+                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds,
+                requests=tally.total(),
+            )  # fmt: skip
         superseded = sorted({r["run"] for r in summary if r["status"] in ("changed", "pruned")})
         todo = plan.where(F.col("status").isin("new", "changed")).select(
             "path", "length", "modificationTime"
@@ -240,7 +271,11 @@ def featurize_incremental(
         scan = "none"
         parts = []
         frame = None
-        if n_read > 0:
+        n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0 and settings is not None:
+            scan = "fetch"  # the workers GET the new photos by name: nothing else is read
+            source = todo.select("path", "length").repartition(n_parts)
+        elif n_read > 0:
             to_read = todo.where(F.col("length") > 0)
             if n_read > _SCAN_ALL_SHARE * max(1, n_scanned):
                 scan = "all"
@@ -254,7 +289,7 @@ def featurize_incremental(
                     spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
                 ):
                     source = spark.read.format("binaryFile").load(names)
-            n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0:
             frame = featurize_frame(
                 spark,
                 source,
@@ -263,6 +298,8 @@ def featurize_incremental(
                 batch_size,
                 url_encoded,
                 partitions=n_parts,
+                fetch=settings,
+                requests=tally.acc,
             )
             parts.append(frame.df.join(F.broadcast(todo), "path"))
         if empties is not None and n_empty_todo:
@@ -300,11 +337,14 @@ def featurize_incremental(
             errors=int(errors),
             model=spec.to_dict(),
             removes=superseded,
+            requests=tally.total(),  # up to the commit: its own PUT is not in
         )
         table.commit(record)
     finally:
         planning.close()
         plan.unpersist()
+        if settings is not None:
+            meta.unpersist()
     seconds = time.perf_counter() - t0
     report = IncrementalReport(
         input_path,
@@ -320,6 +360,7 @@ def featurize_incremental(
         seconds,
         scan,
         superseded,
+        tally.total(),
     )
     logger.info(
         f"featurize: committed run {run}: {report.images} images featurized "

@@ -17,6 +17,8 @@ import numpy as np
 from stages.base.contract import features_schema
 from stages.featurize.engine import get_featurizer
 from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.storage.fetch import ReadError, StoreSettings, path_bytes_batches, requests_made
+from stages.storage.s3list import delta
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:
@@ -50,6 +52,8 @@ def featurize_partition(
     jpeg_draft: int = 0,
     exif_orientation: bool = True,
     to_paths=None,
+    fetch: Optional[StoreSettings] = None,
+    requests=None,
 ) -> Iterator[Any]:
     """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
@@ -58,7 +62,10 @@ def featurize_partition(
     row that cannot be decoded gets its reason in ``error`` and null features; the
     model is only built if a row decodes.  ``counts``, a pair of accumulators,
     receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
-    ones written (a local INPUT is scanned through a view of symlinks).
+    ones written (a local INPUT is scanned through a view of symlinks).  With
+    ``fetch``, the batches carry paths only and the worker reads the bytes itself,
+    many requests in flight (:func:`stages.storage.fetch.path_bytes_batches`);
+    ``requests``, an accumulator, then receives the S3 requests it made by kind.
     """
     import pyarrow as pa
     from pyspark import TaskContext
@@ -79,6 +86,9 @@ def featurize_partition(
         errors: List[Optional[str]] = [None] * len(paths)
         arrays = []
         for i, content in enumerate(contents):
+            if isinstance(content, ReadError):
+                errors[i] = str(content)
+                continue
             try:
                 arrays.append(
                     decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
@@ -114,17 +124,12 @@ def featurize_partition(
         columns += [features, pa.array(errors, pa.string())]
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    for batch in batches:
-        paths = batch.column(0).to_pylist()
-        if to_paths is not None:
-            paths = to_paths(paths)
-        contents = batch.column(1)
+    before = requests_made(fetch) if requests is not None else None
+    for paths, contents in path_bytes_batches(batches, batch_size, fetch, to_paths, url_encoded):
         seen += len(paths)
-        for i in range(0, len(paths), batch_size):
-            yield model_batch(
-                paths[i : i + batch_size],
-                [c.as_py() for c in contents[i : i + batch_size]],
-            )
+        yield model_batch(paths, contents)
+    if before is not None:
+        requests.add(delta(before, requests_made(fetch)))
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.

@@ -56,7 +56,8 @@ class RunRecord:
     """A run's manifest record (``_runs/<run>.json``), written last: the commit.
 
     ``kind`` is ``featurize`` (``--incremental``: with ``changed``, ``pruned`` and
-    ``carried``) or ``watch`` (a micro-batch: with its ``query`` and ``batch``);
+    ``carried``), ``watch`` (a micro-batch: with its ``query`` and ``batch``) or
+    ``queue`` (photos announced by an SQS ``queue``);
     ``removes`` names the runs this one supersedes.  ``committed`` is set by
     :meth:`FeaturesTable.commit`.
     """
@@ -75,14 +76,18 @@ class RunRecord:
     carried: Optional[int] = None
     query: Optional[str] = None
     batch: Optional[int] = None
+    queue: Optional[str] = None  # the SQS queue of a ``queue`` run
     committed: Optional[str] = None
+    # S3 requests by kind, up to the commit (its own PUT is not in).
+    requests: Optional[Dict[str, int]] = None
 
-    _ORDER = ("run", "kind", "input", "query", "batch", "started", "committed", "rows", "new")
-    _ORDER_END = ("changed", "pruned", "carried", "errors", "model", "removes")
+    _ORDER = ("run", "kind", "input", "queue", "query", "batch", "started", "committed", "rows")
+    _ORDER_MID = ("new",)
+    _ORDER_END = ("changed", "pruned", "carried", "errors", "model", "removes", "requests")
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object of the record (fields that do not apply left out)."""
-        values = {k: getattr(self, k) for k in self._ORDER + self._ORDER_END}
+        values = {k: getattr(self, k) for k in self._ORDER + self._ORDER_MID + self._ORDER_END}
         return {k: v for k, v in values.items() if v is not None}
 
 
