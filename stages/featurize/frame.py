@@ -346,13 +346,15 @@ def _scan_spelling(uri: str, url_encoded: bool) -> str:
 
 
 def require_input(spark, uri: str) -> None:
-    """Refuse an INPUT that does not exist (for a Hadoop glob such as
-    ``Test/2026/12/{01,02}/``: that matches nothing), with the one message all stage-1
-    commands give."""
-    if any(c in uri for c in "{}[]*?"):
+    """Refuse an INPUT that does not exist, with the one message all stage-1 commands give.
+
+    A path is taken literally first (a folder may be named ``[2026] {a,b}``); only when no
+    such path exists is it tried as a Hadoop glob (``Test/2026/12/{01,02}/``), which must
+    match something.
+    """
+    found = hadoopfs.exists(spark, uri)
+    if not found and any(c in uri for c in "{}[]*?"):
         found = not hadoopfs.bucket_missing(spark, uri) and hadoopfs.glob_matches(spark, uri) > 0
-    else:
-        found = hadoopfs.exists(spark, uri)
     if not found:
         raise UsageError(f"input {uri} does not exist: give a folder of <Class>/<image>.jpg")
 
