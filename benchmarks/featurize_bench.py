@@ -1011,6 +1011,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="also a warm job under cProfile in the workers"
     )
     p.add_argument(
+        "--limit",
+        action="store_true",
+        help="only whole processes: fruits-pipeline featurize against the fair single-process "
+        "limit (benchmarks/litert_limit.py) at the largest --sizes, --repeats pairs per alpha",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=None,
@@ -1065,7 +1071,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.partitions = "" if args.quick else "1,2,4,8,16,32"
     args.partitions = [int(x) for x in args.partitions.split(",") if x]
     args.masters = [m for m in args.masters.split(",") if m]
+    if args.limit:
+        return limit_parent(args)
     return parent(args)
+
+
+def limit_parent(args) -> int:
+    """``--limit``: the whole-process pairs of :func:`benchmarks.limit_ab.limit_ab`."""
+    from benchmarks.limit_ab import limit_ab, limit_table
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    n_folder = len(list_images(args.images))
+    size = max(args.sizes or [n_folder])
+    images = (
+        args.images
+        if size == n_folder
+        else str(make_copies(args.images, work / f"copies-{size}", size))
+    )
+    info = machine_info()
+    print(f"featurize vs the limit: {size} images; load {info['loadavg_1_5_15']}", flush=True)
+    rows = limit_ab(images, args.alphas, args.repeats, work)
+    info["loadavg_end"] = list(os.getloadavg())
+    tables = [limit_table(rows)]
+    show_tables(tables)
+    data = {
+        "benchmark": "featurize_limit",
+        "command": " ".join(["python", "benchmarks/featurize_bench.py", *sys.argv[1:]]),
+        "machine": info,
+        "rows": rows,
+        "goal": {
+            "speed_ratio": {"1.0": 0.85, "0.35": 0.6},
+            "cpu_ratio": 1.25,
+            "worker_peak_mib": 400,
+        },
+    }
+    path = write_results(args.stem or "featurize_limit", data, tables)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
