@@ -54,7 +54,11 @@ def timed_tree(cmd: Sequence[str], log: Path) -> Dict[str, Any]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as fh, RssSampler(interval=0.1) as sampler:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        # Started in the log's folder: ``-m stages.cli`` then imports the stages of
+        # PYTHONPATH (a --code copy first), not the checkout's by the current folder.
+        proc = subprocess.Popen(
+            list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=log.parent
+        )
         rc = proc.wait()
         wall = time.perf_counter() - t0
         while True:  # the adopted orphans (the JVM, its Python workers)

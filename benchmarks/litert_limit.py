@@ -1,7 +1,7 @@
 """The fair single-process limit of stage 1: what one Python process reaches on the same cores.
 
 One process, no Spark: list the JPEGs, read and decode them with
-:func:`stages.images.decode_image` (the same checks as the pipeline: EXIF, the
+:func:`stages.featurize.images.decode_image` (the same checks as the pipeline: EXIF, the
 one-colour test) on a thread pool that runs ahead of the model, so decoding overlaps
 inference; run the MobileNetV2 flatbuffer with LiteRT (XNNPACK on all cores) in
 batches of 16; write the same Parquet columns as ``fruits-pipeline featurize``
@@ -29,8 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-# Run as a script: this repository first (site-packages holds an unrelated ``benchmarks``).
+# Run as a script: this repository first (site-packages holds an unrelated ``benchmarks``),
+# and before it the patched copy of ``stages/`` that featurize_bench.py --code measures.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if os.environ.get("FRUITS_BENCH_CODE"):
+    sys.path.insert(0, os.environ["FRUITS_BENCH_CODE"])
 
 BATCH = 16
 # Batches decoded ahead of the one the model runs: enough to hide a slow photo.
@@ -54,7 +57,8 @@ def model_file(alpha: float) -> str:
     Alpha 0.35: the bundled weights' shipped flatbuffer.  Otherwise the driver's
     conversion cache, converted now on a miss (the preparation: never timed).
     """
-    from stages.engine import BUNDLED_TFLITE, converter_version, prepare_model, tflite_cache_dir
+    from stages.featurize.engine import prepare_model
+    from stages.featurize.litert import BUNDLED_TFLITE, converter_version, tflite_cache_dir
 
     if weights_for(alpha) == "bundled":
         return str(BUNDLED_TFLITE)
@@ -65,7 +69,7 @@ def model_file(alpha: float) -> str:
 
 def load_photo(path: str) -> Tuple[str, str, Any, Optional[str]]:
     """``(path, label, uint8 array or None, error or None)`` of one photo file."""
-    from stages.images import DecodeError, decode_image
+    from stages.featurize.images import DecodeError, decode_image
 
     label = Path(path).parent.name
     try:
@@ -126,7 +130,7 @@ class Limit:
 
     def infer(self, x):
         """Features (n, width) float32 of a preprocessed float32 batch ``x``."""
-        from stages.images import IMAGE_SIZE
+        from stages.featurize.images import IMAGE_SIZE
 
         if x.shape[0] != self._n:
             self.interp.resize_tensor_input(self._in, [x.shape[0], IMAGE_SIZE, IMAGE_SIZE, 3])
@@ -140,7 +144,7 @@ class Limit:
         """Read, decode (overlapped), infer: ``{paths, labels, features, valid, errors}``."""
         import numpy as np
 
-        from stages.images import preprocess
+        from stages.featurize.images import preprocess
 
         out: Dict[str, Any] = {"paths": [], "labels": [], "errors": [], "valid": []}
         feats = []
