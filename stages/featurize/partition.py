@@ -9,7 +9,7 @@ batches of ``path, label, features, error`` (+ ``length``/``modificationTime`` w
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 import numpy as np
@@ -33,6 +33,70 @@ def label_from_path(path: str, url_encoded: bool = False) -> str:
     parts = path.rstrip("/").split("/")
     label = parts[-2] if len(parts) >= 2 else ""
     return unquote(label) if url_encoded else label
+
+
+def string_array(values: Sequence[Optional[str]]):
+    """An Arrow ``string`` array of ``values`` (None: null), built from its buffers.
+
+    ``pa.array`` imports pandas on first use (to test for pandas objects): about a
+    CPU-second per Python worker, for nothing.
+    """
+    import pyarrow as pa
+
+    n = len(values)
+    encoded = [b"" if v is None else v.encode() for v in values]
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, n)
+    nulls = n - int(np.count_nonzero(valid))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+
+
+def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
+    """The ``features`` column: row ``i`` the next row of ``feats`` where ``ok[i]``, else null.
+
+    ``feats`` (float32, one row per true ``ok``) becomes the values buffer as it is:
+    no copy, no Python object per float.
+    """
+    import pyarrow as pa
+
+    n, width = len(ok), (feats.shape[1] if feats.ndim == 2 else 0)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(ok, out=offsets[1:])
+    offsets *= width
+    values = np.ascontiguousarray(feats, dtype=np.float32).reshape(-1)
+    child = pa.Array.from_buffers(pa.float32(), len(values), [None, pa.py_buffer(values)])
+    nulls = n - int(np.count_nonzero(ok))
+    bitmap = pa.py_buffer(np.packbits(ok, bitorder="little")) if nulls else None
+    return pa.Array.from_buffers(
+        list_type, n, [bitmap, pa.py_buffer(offsets)], null_count=nulls, children=[child]
+    )
+
+
+def decode_rows(
+    contents: Sequence[Any], exif_orientation: bool = True, jpeg_draft: int = 0
+) -> Tuple[List[np.ndarray], List[Optional[str]]]:
+    """Decode a model batch: the arrays of the photos that decode, and each row's error."""
+    errors: List[Optional[str]] = [None] * len(contents)
+    arrays = []
+    for i, content in enumerate(contents):
+        try:
+            arrays.append(
+                decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
+            )
+        except DecodeError as exc:
+            errors[i] = str(exc)
+    return arrays, errors
+
+
+def input_rows(batch, to_paths=None) -> Tuple[List[str], List[bytes]]:
+    """The paths and photo bytes of an input Arrow batch of ``(path, content)``."""
+    paths = batch.column(0).to_pylist()
+    if to_paths is not None:
+        paths = to_paths(paths)
+    return paths, batch.column(1).to_pylist()
 
 
 def featurize_partition(
@@ -76,15 +140,7 @@ def featurize_partition(
     def model_batch(paths, contents):
         nonlocal featurizer, bad
         labels = [label_from_path(p, url_encoded) for p in paths]
-        errors: List[Optional[str]] = [None] * len(paths)
-        arrays = []
-        for i, content in enumerate(contents):
-            try:
-                arrays.append(
-                    decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
-                )
-            except DecodeError as exc:
-                errors[i] = str(exc)
+        arrays, errors = decode_rows(contents, exif_orientation, jpeg_draft)
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
             if featurizer is None:
@@ -96,35 +152,24 @@ def featurize_partition(
                     pids.add({os.getpid()})
             feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
             finite = np.isfinite(feats).all(axis=1)
-            decoded = np.flatnonzero(ok)
-            for i in decoded[~finite]:
-                errors[i] = "model output is not finite"
-            ok[decoded[~finite]] = False
-            feats = feats[finite]
+            if not finite.all():
+                decoded = np.flatnonzero(ok)
+                for i in decoded[~finite]:
+                    errors[i] = "model output is not finite"
+                ok[decoded[~finite]] = False
+                feats = feats[finite]
         else:
             feats = np.zeros((0, 0), np.float32)
         bad += int((~ok).sum())
-        # The model's own width: 1280 up to alpha 1.0, more above (1792 at 1.4).
-        offsets = np.zeros(len(paths) + 1, np.int32)
-        offsets[1:] = np.cumsum(ok) * feats.shape[1]
-        features = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
-        )
-        columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
-        columns += [features, pa.array(errors, pa.string())]
+        columns = [string_array(paths), string_array(labels)]
+        columns += [features_array(feats, ok, list_type), string_array(errors)]
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     for batch in batches:
-        paths = batch.column(0).to_pylist()
-        if to_paths is not None:
-            paths = to_paths(paths)
-        contents = batch.column(1)
+        paths, contents = input_rows(batch, to_paths)
         seen += len(paths)
         for i in range(0, len(paths), batch_size):
-            yield model_batch(
-                paths[i : i + batch_size],
-                [c.as_py() for c in contents[i : i + batch_size]],
-            )
+            yield model_batch(paths[i : i + batch_size], contents[i : i + batch_size])
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.
