@@ -35,6 +35,17 @@ def label_from_path(path: str, url_encoded: bool = False) -> str:
     return unquote(label) if url_encoded else label
 
 
+# Rows per Arrow batch between the JVM and the Python worker, at least: LiteRT's model
+# batches are small (4), and each Arrow batch costs both sides a round of framing.
+ARROW_BATCH_ROWS = 16
+
+
+def arrow_batch_rows(batch_size: int) -> int:
+    """Rows per Arrow batch for model batches of ``batch_size``: whole model batches,
+    at least :data:`ARROW_BATCH_ROWS` (a batch of 12 MP photos stays ~100 MB)."""
+    return batch_size * max(1, -(-ARROW_BATCH_ROWS // batch_size))
+
+
 def string_array(values: Sequence[Optional[str]]):
     """An Arrow ``string`` array of ``values`` (None: null), built from its buffers.
 
@@ -117,8 +128,9 @@ def featurize_partition(
 ) -> Iterator[Any]:
     """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
-    Runs on the executors (``mapInArrow``).  Each output batch holds one model
-    batch's rows, features as one float32 buffer (no Python object per float).  A
+    Runs on the executors (``mapInArrow``).  Each output batch holds one input
+    batch's rows (the model runs on ``batch_size`` of them at a time), features as
+    one float32 buffer (no Python object per float).  A
     row that cannot be decoded gets its reason in ``error`` and null features; the
     model is only built if a row decodes.  ``counts``, a pair of accumulators,
     receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
@@ -137,20 +149,29 @@ def featurize_partition(
     featurizer = None
     seen = bad = 0
 
-    def model_batch(paths, contents):
-        nonlocal featurizer, bad
+    def infer(arrays: List[np.ndarray]) -> np.ndarray:
+        """Features of decoded photos, in model batches of ``batch_size``."""
+        nonlocal featurizer
+        if featurizer is None:
+            on_build = (lambda: builds.add(1)) if builds is not None else None
+            featurizer = get_featurizer(
+                broadcast_model, model_key, alpha, threads, on_build, engine
+            )
+            if pids is not None:
+                pids.add({os.getpid()})
+        parts = [
+            featurizer(preprocess(np.stack(arrays[i : i + batch_size])))
+            for i in range(0, len(arrays), batch_size)
+        ]
+        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+
+    def output_batch(paths, contents):
+        nonlocal bad
         labels = [label_from_path(p, url_encoded) for p in paths]
         arrays, errors = decode_rows(contents, exif_orientation, jpeg_draft)
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
-            if featurizer is None:
-                on_build = (lambda: builds.add(1)) if builds is not None else None
-                featurizer = get_featurizer(
-                    broadcast_model, model_key, alpha, threads, on_build, engine
-                )
-                if pids is not None:
-                    pids.add({os.getpid()})
-            feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
+            feats = np.asarray(infer(arrays), dtype=np.float32)
             finite = np.isfinite(feats).all(axis=1)
             if not finite.all():
                 decoded = np.flatnonzero(ok)
@@ -166,10 +187,11 @@ def featurize_partition(
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     for batch in batches:
+        # One output batch per input batch (arrow_batch_rows(batch_size) rows): fewer
+        # Arrow batches for the JVM to read than one per model batch.
         paths, contents = input_rows(batch, to_paths)
         seen += len(paths)
-        for i in range(0, len(paths), batch_size):
-            yield model_batch(paths[i : i + batch_size], contents[i : i + batch_size])
+        yield output_batch(paths, contents)
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.

@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages.featurize.images import FLAT_SHARE, _flat_share
-from stages.featurize.partition import features_array, string_array
+from stages.featurize.partition import (
+    ARROW_BATCH_ROWS,
+    arrow_batch_rows,
+    features_array,
+    string_array,
+)
 from tests.conftest import SAMPLE
 
 LIST = pa.list_(pa.field("element", pa.float32(), nullable=False))
@@ -95,3 +100,11 @@ print(rows, errors, "pandas" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["6", "1", "False"]
+
+
+@given(st.integers(1, 300))
+def test_arrow_batches_hold_whole_model_batches_and_at_least_16_rows(batch_size):
+    rows = arrow_batch_rows(batch_size)
+    assert rows % batch_size == 0
+    assert rows >= ARROW_BATCH_ROWS
+    assert rows - batch_size < ARROW_BATCH_ROWS  # the fewest model batches that reach 16
