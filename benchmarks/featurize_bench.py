@@ -1048,6 +1048,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="also a warm job under cProfile in the workers"
     )
     p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --limit: also featurize with this environment variable, each round",
+    )
+    p.add_argument(
         "--limit",
         action="store_true",
         help="only whole processes: fruits-pipeline featurize against the fair single-process "
@@ -1128,7 +1135,8 @@ def limit_parent(args) -> int:
     )
     info = machine_info()
     print(f"featurize vs the limit: {size} images; load {info['loadavg_1_5_15']}", flush=True)
-    rows = limit_ab(images, args.alphas, args.repeats, work)
+    variants = {f"featurize {v}": dict([v.split("=", 1)]) for v in args.variant}
+    rows = limit_ab(images, args.alphas, args.repeats, work, variants)
     info["loadavg_end"] = list(os.getloadavg())
     tables = [limit_table(rows)]
     show_tables(tables)

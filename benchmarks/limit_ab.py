@@ -13,13 +13,14 @@ side converts.  The features of the last pair are compared row by row.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks._common import ROOT, RssSampler
 from benchmarks._table import Col, pct, records_table
@@ -37,7 +38,9 @@ def _become_subreaper() -> None:
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def timed_tree(cmd: Sequence[str], log: Path) -> Dict[str, Any]:
+def timed_tree(
+    cmd: Sequence[str], log: Path, extra_env: Optional[Dict[str, str]] = None
+) -> Dict[str, Any]:
     """Run ``cmd`` and every process it starts to their end.
 
     Returns wall s, CPU s of the whole tree (the kernel's account of the reaped
@@ -51,6 +54,7 @@ def timed_tree(cmd: Sequence[str], log: Path) -> Dict[str, Any]:
     env = dict(os.environ)
     paths = [env.get("FRUITS_BENCH_CODE", ""), str(ROOT), env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.update(extra_env or {})
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as fh, RssSampler(interval=0.1) as sampler:
         t0 = time.perf_counter()
@@ -95,44 +99,63 @@ def max_feature_difference(a: str, b: str) -> float:
         return dict(zip(paths, t.column("features").to_pylist()))
 
     fa, fb = load(a), load(b)
-    worst = 0.0
+    worst, compared = 0.0, 0
     for p, v in fa.items():
         w = fb.get(p)
         if v is None or w is None:
             continue
+        compared += 1
         worst = max(worst, float(np.max(np.abs(np.asarray(v) - np.asarray(w)))))
+    if compared == 0:
+        raise RuntimeError(f"no row of {a} has features in {b}: different paths?")
     return worst
 
 
-def limit_ab(images: str, alphas: Sequence[float], repeats: int, work: Path) -> List[Dict]:
-    """Per alpha: ``repeats`` interleaved pairs of whole processes, medians and ratios."""
+def limit_ab(
+    images: str,
+    alphas: Sequence[float],
+    repeats: int,
+    work: Path,
+    variants: Optional[Dict[str, Dict[str, str]]] = None,
+) -> List[Dict]:
+    """Per alpha: ``repeats`` rounds of whole processes in turn (the limit, featurize, and
+    featurize under each of ``variants``' environments), medians and ratios to the limit
+    of the same round; one row per featurize kind and alpha."""
     py = sys.executable
+    kinds = {"featurize": {}, **(variants or {})}
     rows = []
     for alpha in alphas:
         model = model_file(alpha)  # prepared, untimed
-        n = None
-        pairs = []
+        rounds: Dict[str, List[Dict[str, Any]]] = {k: [] for k in kinds}
         for r in range(repeats):
-            print(f"  limit vs featurize, alpha {alpha}, pair {r + 1}/{repeats} ...", flush=True)
+            print(f"  limit vs featurize, alpha {alpha}, round {r + 1}/{repeats} ...", flush=True)
             lim = timed_tree(
                 [py, str(LIMIT_SCRIPT), images, str(work / "limit-out"), "--model", model],
                 work / f"log-limit-{alpha}-{r}.txt",
             )
-            cli = timed_tree(
-                [py, "-m", "stages.cli", "featurize", images, str(work / "cli-out")]
-                + ["--weights", weights_for(alpha), "--alpha", str(alpha), "--overwrite"],
-                work / f"log-cli-{alpha}-{r}.txt",
-            )
-            pairs.append({"limit": lim, "cli": cli})
+            for i, (kind, env) in enumerate(kinds.items()):
+                cli = timed_tree(
+                    [py, "-m", "stages.cli", "featurize", images, str(work / f"cli-out-{i}")]
+                    + ["--weights", weights_for(alpha), "--alpha", str(alpha), "--overwrite"],
+                    work / f"log-cli{i}-{alpha}-{r}.txt",
+                    env,
+                )
+                rounds[kind].append({"limit": lim, "cli": cli})
+            # Kept as they come: a long run stopped early still has its rounds.
+            (work / f"rounds-{alpha}.json").write_text(json.dumps(rounds))
         import pyarrow.parquet as pq
 
         n = pq.read_metadata(str(work / "limit-out" / "part-0.parquet")).num_rows
-        row = summarise_pairs(pairs, n)
-        row.update(
-            alpha=alpha,
-            max_abs_diff=max_feature_difference(str(work / "limit-out"), str(work / "cli-out")),
-        )
-        rows.append(row)
+        for i, kind in enumerate(kinds):
+            row = summarise_pairs(rounds[kind], n)
+            row.update(
+                alpha=alpha,
+                kind=kind,
+                max_abs_diff=max_feature_difference(
+                    str(work / "limit-out"), str(work / f"cli-out-{i}")
+                ),
+            )
+            rows.append(row)
     return rows
 
 
@@ -167,6 +190,7 @@ def summarise_pairs(pairs: List[Dict[str, Any]], n: int) -> Dict[str, Any]:
 
 LIMIT_COLS = [
     Col("alpha", "alpha"),
+    Col("run", "kind"),
     Col("images", "images"),
     Col("pairs", "pairs"),
     Col("limit s", "limit_wall_s"),
