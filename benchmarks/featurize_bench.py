@@ -1048,6 +1048,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="also a warm job under cProfile in the workers"
     )
     p.add_argument(
+        "--render-rounds",
+        action="store_true",
+        help="with --limit: only tabulate the rounds kept in --workdir by an earlier run",
+    )
+    p.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -1122,7 +1127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def limit_parent(args) -> int:
     """``--limit``: the whole-process pairs of :func:`benchmarks.limit_ab.limit_ab`."""
-    from benchmarks.limit_ab import limit_ab, limit_table
+    from benchmarks.limit_ab import limit_ab, limit_table, rows_from_saved_rounds
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -1135,8 +1140,11 @@ def limit_parent(args) -> int:
     )
     info = machine_info()
     print(f"featurize vs the limit: {size} images; load {info['loadavg_1_5_15']}", flush=True)
-    variants = {f"featurize {v}": dict([v.split("=", 1)]) for v in args.variant}
-    rows = limit_ab(images, args.alphas, args.repeats, work, variants)
+    if args.render_rounds:
+        rows = rows_from_saved_rounds(work)
+    else:
+        variants = {f"featurize {v}": dict([v.split("=", 1)]) for v in args.variant}
+        rows = limit_ab(images, args.alphas, args.repeats, work, variants)
     info["loadavg_end"] = list(os.getloadavg())
     tables = [limit_table(rows)]
     show_tables(tables)

@@ -143,19 +143,31 @@ def limit_ab(
                 rounds[kind].append({"limit": lim, "cli": cli})
             # Kept as they come: a long run stopped early still has its rounds.
             (work / f"rounds-{alpha}.json").write_text(json.dumps(rounds))
-        import pyarrow.parquet as pq
+        rows += summarise_rounds(rounds, alpha, work)
+    return rows
 
-        n = pq.read_metadata(str(work / "limit-out" / "part-0.parquet")).num_rows
-        for i, kind in enumerate(kinds):
-            row = summarise_pairs(rounds[kind], n)
-            row.update(
-                alpha=alpha,
-                kind=kind,
-                max_abs_diff=max_feature_difference(
-                    str(work / "limit-out"), str(work / f"cli-out-{i}")
-                ),
-            )
-            rows.append(row)
+
+def summarise_rounds(rounds: Dict[str, List[Dict]], alpha: float, work: Path) -> List[Dict]:
+    """One row per featurize kind of an alpha's rounds (the last outputs compared)."""
+    import pyarrow.parquet as pq
+
+    n = pq.read_metadata(str(work / "limit-out" / "part-0.parquet")).num_rows
+    rows = []
+    for i, kind in enumerate(rounds):
+        row = summarise_pairs(rounds[kind], n)
+        diff = max_feature_difference(str(work / "limit-out"), str(work / f"cli-out-{i}"))
+        row.update(alpha=alpha, kind=kind, max_abs_diff=diff)
+        rows.append(row)
+    return rows
+
+
+def rows_from_saved_rounds(work: Path) -> List[Dict]:
+    """The rows of the rounds a run kept in ``work`` (``rounds-ALPHA.json``), e.g. of a
+    long run stopped after its first alpha; its last outputs must still be there."""
+    rows = []
+    for path in sorted(work.glob("rounds-*.json")):
+        alpha = float(path.stem.split("-", 1)[1])
+        rows += summarise_rounds(json.loads(path.read_text()), alpha, work)
     return rows
 
 
