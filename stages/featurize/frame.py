@@ -275,7 +275,7 @@ def featurize_frame(
     # Arrow both ways: no Python object per row in, none per float out.
     out = source.mapInArrow(run, schema)
     # Rows reach the workers as Arrow batches of a few model batches (16 rows with
-    # LiteRT): a batch of 12 MP photos stays around 100 MB.
+    # LiteRT): a batch of 12 MP photos stays below 100 MB of JPEG bytes.
     rows = arrow_batch_rows(batch_size)
     settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows)}
     owned = bc if broadcast is None else None

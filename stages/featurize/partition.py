@@ -42,7 +42,7 @@ ARROW_BATCH_ROWS = 16
 
 def arrow_batch_rows(batch_size: int) -> int:
     """Rows per Arrow batch for model batches of ``batch_size``: whole model batches,
-    at least :data:`ARROW_BATCH_ROWS` (a batch of 12 MP photos stays ~100 MB)."""
+    at least :data:`ARROW_BATCH_ROWS` (16 photos of 12 MP: ~80 MB of JPEG bytes)."""
     return batch_size * max(1, -(-ARROW_BATCH_ROWS // batch_size))
 
 
@@ -89,7 +89,7 @@ def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
 def decode_rows(
     contents: Sequence[Any], exif_orientation: bool = True, jpeg_draft: int = 0
 ) -> Tuple[List[np.ndarray], List[Optional[str]]]:
-    """Decode a model batch: the arrays of the photos that decode, and each row's error."""
+    """Decode photos' bytes: the arrays of those that decode, and each row's error."""
     errors: List[Optional[str]] = [None] * len(contents)
     arrays = []
     for i, content in enumerate(contents):
@@ -130,9 +130,9 @@ def featurize_partition(
 
     Runs on the executors (``mapInArrow``).  Each output batch holds one input
     batch's rows (the model runs on ``batch_size`` of them at a time), features as
-    one float32 buffer (no Python object per float).  A
-    row that cannot be decoded gets its reason in ``error`` and null features; the
-    model is only built if a row decodes.  ``counts``, a pair of accumulators,
+    one float32 buffer (no Python object per float).  A row that cannot be decoded
+    gets its reason in ``error`` and null features; the model is only built if a
+    row decodes.  ``counts``, a pair of accumulators,
     receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
     ones written (a local INPUT is scanned through a view of symlinks).
     """
