@@ -88,7 +88,7 @@ class ModelParams(StageParams):
     )
     batch_size: Optional[int] = option(
         None, flag="--batch-size", kind=int, check=at_least_1, group=_FEATURIZE,
-        help="images per model call (default 8 with litert, 64 with keras)",
+        help="images per model call (default 4 with litert, 64 with keras)",
     )  # fmt: skip
     partitions: Optional[int] = option(
         None, flag="--partitions", kind=int, check=at_least_1, group=_FEATURIZE,

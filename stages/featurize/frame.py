@@ -27,7 +27,7 @@ from stages.base.params import ModelParams
 from stages.base.sparkutil import SetAccumulator, session_conf
 from stages.featurize.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.featurize.model import ModelSpec
-from stages.featurize.partition import featurize_partition, label_from_path
+from stages.featurize.partition import arrow_batch_rows, featurize_partition, label_from_path
 from stages.storage import hadoopfs
 from stages.storage.fetch import StoreSettings
 from stages.storage.s3list import CountsParam
@@ -299,9 +299,10 @@ def featurize_frame(
 
     # Arrow both ways: no Python object per row in, none per float out.
     out = source.mapInArrow(run, schema)
-    # Rows reach the workers as Arrow batches of one model batch: a batch of 12 MP
-    # photos stays a few hundred MB.
-    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
+    # Rows reach the workers as Arrow batches of a few model batches (16 rows with
+    # LiteRT): a batch of 12 MP photos stays below 100 MB of JPEG bytes.
+    rows = arrow_batch_rows(batch_size)
+    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows)}
     owned = bc if broadcast is None else None
     return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids, requests)
 
