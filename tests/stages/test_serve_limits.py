@@ -65,7 +65,6 @@ def _post(addr, payload: bytes, timeout: float):
     )
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 (3): the slots are taken before the body")
 def test_slow_clients_do_not_hold_the_app(server):
     """20 clients trickling one byte a second; a good upload is still answered at once
     (the client's 10 s timeout is ten times what it takes here: before, it waited for them)."""
@@ -96,7 +95,6 @@ def test_slow_clients_do_not_hold_the_app(server):
             s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 (3): the slots are taken before the body")
 def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
     from stages.serve import create_app
 
