@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from stages.errors import EXIT_FAILED, EXIT_USAGE, explain
+from stages.base.errors import EXIT_FAILED, EXIT_USAGE, explain
 from tests.conftest import SAMPLE, copy_images, s3a_jars
 
 

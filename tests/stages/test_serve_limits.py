@@ -34,7 +34,7 @@ def _start(app):
 
 @pytest.fixture(scope="module")
 def server(sample_engine):
-    from stages.serve import create_app
+    from stages.search.serve import create_app
 
     srv, thread, sock = _start(create_app(engine=sample_engine))
     yield sock.getsockname()
@@ -96,7 +96,7 @@ def test_slow_clients_do_not_hold_the_app(server):
 
 
 def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
-    from stages.serve import create_app
+    from stages.search.serve import create_app
 
     app = create_app(engine=sample_engine, body_seconds=3.0, idle_seconds=1.0)
     srv, thread, sock = _start(app)
