@@ -1,0 +1,112 @@
+"""Two writers on one FEATURES never both commit the same photos, and rows carried over from
+a plain featurize output are not featurized again by every later run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from stages.base.errors import UsageError
+from stages.featurize.incremental import featurize_incremental
+from stages.storage.table import FeaturesTable
+from tests.conftest import SAMPLE, copy_images
+
+pytestmark = pytest.mark.slow
+
+FILES = sorted(SAMPLE.glob("*/*.jpg"))
+
+
+def _paths(features) -> list:
+    return sorted(pq.read_table(features, columns=["path"]).column("path").to_pylist())
+
+
+def _at_once(monkeypatch, *calls):
+    """Run ``calls`` in threads that each plan before any of them commits (a barrier at the
+    commit): the worst interleaving of two writers, every time."""
+    barrier = threading.Barrier(len(calls), timeout=300)
+    original = FeaturesTable.commit
+
+    def commit(self, *args, **kwargs):
+        barrier.wait()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeaturesTable, "commit", commit)
+    out: list = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            out[i] = call()
+        except Exception as exc:  # what the writer's user would see
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    monkeypatch.setattr(FeaturesTable, "commit", original)
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="issue 24 (1): both commit")
+def test_two_runs_on_the_same_new_photos_never_both_commit(spark, tmp_path, monkeypatch):
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(FILES[:6], bucket)
+    featurize_incremental(spark, str(bucket), str(features))
+    copy_images(FILES[6:12], bucket)
+
+    def writer():
+        return featurize_incremental(spark, str(bucket), str(features))
+
+    out = _at_once(monkeypatch, writer, writer)
+    refused = [r for r in out if isinstance(r, Exception)]
+    assert len(refused) == 1, out
+    assert isinstance(refused[0], UsageError), refused[0]
+    assert "another run committed to" in str(refused[0]) and "run again" in str(refused[0])
+    paths = _paths(features)
+    assert len(paths) == len(set(paths)) == 12
+    assert not list((features / "_staging").glob("run=*"))  # the loser cleaned up
+    again = featurize_incremental(spark, str(bucket), str(features))
+    assert again.run is None and again.new == 0
+
+
+def test_two_runs_on_different_photos_both_commit(spark, tmp_path, monkeypatch):
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(FILES[:4], bucket)
+    featurize_incremental(spark, str(bucket), str(features))
+    a, b = tmp_path / "A", tmp_path / "B"
+    copy_images(FILES[40:44], a)
+    copy_images(FILES[60:64], b)
+    out = _at_once(
+        monkeypatch,
+        lambda: featurize_incremental(spark, str(a), str(features)),
+        lambda: featurize_incremental(spark, str(b), str(features)),
+    )
+    assert all(r.new == 4 for r in out), out
+    paths = _paths(features)
+    assert len(paths) == len(set(paths)) == 12
+    assert len(FeaturesTable(spark, str(features)).records()) == 3
+
+
+@pytest.mark.xfail(strict=True, reason="issue 24 (2): carried rows have no size/time")
+def test_rows_carried_from_a_plain_featurize_are_not_featurized_again(spark, tmp_path):
+    from stages.featurize import featurize
+
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(FILES[:20], bucket)
+    featurize(spark, str(bucket), str(features))  # a plain output, then grown
+    # One photo replaced: its run (the plain output's files) is rewritten, 19 rows carried.
+    target = bucket / FILES[0].parent.name / FILES[0].name
+    shutil.copyfile(FILES[70], target)
+    os.utime(target, (time.time() + 5, time.time() + 5))
+    first = featurize_incremental(spark, str(bucket), str(features))
+    assert (first.changed, first.carried) == (1, 19), first
+    before = sorted(p.name for p in features.rglob("*.parquet"))
+    again = featurize_incremental(spark, str(bucket), str(features))
+    assert (again.run, again.new, again.changed, again.images) == (None, 0, 0, 0), again
+    assert sorted(p.name for p in features.rglob("*.parquet")) == before
