@@ -291,6 +291,18 @@ def featurize_incremental(
         if superseded:
             dropped = plan.where(F.col("status").isin("changed", "pruned")).select("path")
             carried_df = table.read_runs(superseded, spec).join(dropped, "path", "left_anti")
+            # Rows of a plain featurize output have no size or time; the plan found their
+            # images unchanged, so they take the listing's: else, carried into a run that
+            # records no `written_ms`, every later run would count them as changed.
+            listed = plan.select(
+                "path", F.col("length").alias("_l"), F.col("modificationTime").alias("_m")
+            )
+            carried_df = (
+                carried_df.join(listed, "path", "left")
+                .withColumn("length", F.coalesce("length", "_l"))
+                .withColumn("modificationTime", F.coalesce("modificationTime", "_m"))
+                .drop("_l", "_m")
+            )
             carried = carried_df.count()
             parts.append(carried_df.drop("run"))
         out = parts[0]

@@ -93,7 +93,6 @@ def test_two_runs_on_different_photos_both_commit(spark, tmp_path, monkeypatch):
     assert len(FeaturesTable(spark, str(features)).records()) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 (2): carried rows have no size/time")
 def test_rows_carried_from_a_plain_featurize_are_not_featurized_again(spark, tmp_path):
     from stages.featurize import featurize
 
