@@ -5,7 +5,7 @@ Layout of an incremental ``FEATURES`` folder (one table for every reader)::
     FEATURES/
       run=20261201T081858123Z-a1b2c3/part-*.parquet   rows committed by one run
       run=20261202T060000456Z-d4e5f6/part-*.parquet
-      _runs/20261201T081858123Z-a1b2c3.json           what that run did (the manifest)
+      _runs/00000001.json                             what that run did (the manifest)
       _staging/run=.../                               a run being written (or aborted)
 
 Spark (``spark.read.parquet(FEATURES)``), pyarrow/pandas (``pq.read_table``) and
@@ -15,11 +15,14 @@ and ``_staging`` (names starting with ``_``).  Rows written by an incremental ru
 also carry ``length`` and ``modificationTime`` of the image they came from, which
 is how a later run knows that an image was replaced.
 
-Commit protocol of a run (one writer at a time):
+Commit protocol of a run:
 
 1. Spark writes the run's rows to ``_staging/run=ID/`` (its own commit protocol);
-2. ``_runs/ID.json`` is written (hidden temporary file renamed into place, a single
-   PUT on S3): **the commit point**;
+2. ``_runs/<n>.json`` is created, ``n`` one more than the records the run was planned
+   on, only if no other writer created it meanwhile (a hard link locally, a conditional
+   PUT on S3, a rename on HDFS: :mod:`stages.storage.claim`): **the commit point**.  A
+   run that loses the race commits at ``n + 1`` if the winner's photos are not its own,
+   else it is refused with one line and its staging is deleted;
 3. ``_staging/run=ID`` is renamed to ``run=ID`` and the runs it supersedes (rows
    replaced or pruned) are deleted.
 
@@ -168,6 +171,7 @@ def featurize_incremental(
             check_same_model(table.model(), spec, f"features {output_path}")
         if table.flat_files():
             table.migrate_flat()
+    base = table.head()  # before reading the table: the commit checks what came after
     records = table.records()
     live = table.live_runs(records)
     written_ms = {r["run"]: r.get("written_ms") for r in records}
@@ -334,7 +338,7 @@ def featurize_incremental(
             "model": spec.to_dict(),
             "removes": superseded,
         }
-        table.commit(record)
+        table.commit(record, base)
     finally:
         planning.close()
         plan.unpersist()

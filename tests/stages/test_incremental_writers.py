@@ -14,11 +14,15 @@ import pytest
 from stages.base.errors import UsageError
 from stages.featurize.incremental import featurize_incremental
 from stages.storage.table import FeaturesTable
+from tests import s3_fixtures
 from tests.conftest import SAMPLE, copy_images
 
 pytestmark = pytest.mark.slow
 
 FILES = sorted(SAMPLE.glob("*/*.jpg"))
+
+moto_s3_endpoint = s3_fixtures.moto_s3_endpoint
+moto_s3_client = s3_fixtures.moto_s3_client
 
 
 def _paths(features) -> list:
@@ -53,7 +57,6 @@ def _at_once(monkeypatch, *calls):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 (1): both commit")
 def test_two_runs_on_the_same_new_photos_never_both_commit(spark, tmp_path, monkeypatch):
     bucket, features = tmp_path / "Test", tmp_path / "Features"
     copy_images(FILES[:6], bucket)
@@ -109,3 +112,49 @@ def test_rows_carried_from_a_plain_featurize_are_not_featurized_again(spark, tmp
     again = featurize_incremental(spark, str(bucket), str(features))
     assert (again.run, again.new, again.changed, again.images) == (None, 0, 0, 0), again
     assert sorted(p.name for p in features.rglob("*.parquet")) == before
+
+
+def _race(create, uris):
+    """``create(uri, text)`` from 8 threads at once for each uri: who won each."""
+    winners = {}
+    for uri in uris:
+        barrier = threading.Barrier(8)
+        got: list = [None] * 8
+
+        def one(i, uri=uri, barrier=barrier, got=got):
+            barrier.wait()
+            got[i] = create(uri, f"writer {i}")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got.count(True) == 1 and got.count(False) == 7, got
+        winners[uri] = got.index(True)
+    return winners
+
+
+def test_the_commit_point_is_created_once_on_a_local_disk(tmp_path):
+    from stages.storage.claim import create_exclusive
+
+    uris = [str(tmp_path / "_runs" / f"{n:08d}.json") for n in range(1, 6)]
+    winners = _race(lambda u, t: create_exclusive(None, u, t), uris)
+    for uri, i in winners.items():
+        assert open(uri).read() == f"writer {i}"  # the winner's whole text, never replaced
+    assert sorted(p.name for p in (tmp_path / "_runs").iterdir()) == [
+        f"{n:08d}.json" for n in range(1, 6)
+    ]  # no temporary file left
+
+
+def test_the_commit_point_is_created_once_on_s3(moto_s3_client):
+    from stages.storage.claim import create_exclusive
+
+    moto_s3_client.create_bucket(
+        Bucket="claims", CreateBucketConfiguration={"LocationConstraint": s3_fixtures.REGION}
+    )
+    uris = [f"s3a://claims/F/_runs/{n:08d}.json" for n in range(1, 6)]
+    winners = _race(lambda u, t: create_exclusive(None, u, t), uris)
+    for uri, i in winners.items():
+        body = moto_s3_client.get_object(Bucket="claims", Key=uri.split("/", 3)[3])["Body"]
+        assert body.read().decode() == f"writer {i}"
