@@ -274,7 +274,7 @@ class FeaturesTable:
             "kind": "migrate",
             "started": now_iso(),
             "committed": now_iso(),
-            "rows": int(self.spark.read.parquet(*files).count()),
+            "rows": self._count_flat(files),
             "files": names,
             "written_ms": max(stamps.get(n, 0) for n in names),
             "model": self.model(),
@@ -284,6 +284,17 @@ class FeaturesTable:
         hadoopfs.delete(self.spark, f"{self.uri}/_SUCCESS")
         logger.info(f"featurize: {len(files)} files of a plain featurize moved into run {run}")
         return run
+
+    def _count_flat(self, files: List[str]) -> int:
+        try:
+            return int(self.spark.read.parquet(*files).count())
+        except Exception:
+            if all(hadoopfs.exists(self.spark, f) for f in files):
+                raise
+            raise UsageError(
+                f"another run moved the files of {self.uri} into its first run while this one "
+                "was reading them (two writers at once): run again once it has finished"
+            ) from None
 
     # ---------------------------------------------------------------- reading
 

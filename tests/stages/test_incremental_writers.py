@@ -78,6 +78,24 @@ def test_two_runs_on_the_same_new_photos_never_both_commit(spark, tmp_path, monk
     assert again.run is None and again.new == 0
 
 
+def test_the_loser_of_two_migrations_of_a_plain_output_is_one_line(
+    spark, sample_features, tmp_path, monkeypatch
+):
+    """Two writers on a plain featurize output: one moves its files into a first run while
+    the other, which listed them before, reads them (it failed with `Py4JJavaError ...
+    o154.count`)."""
+    features = tmp_path / "Features"
+    shutil.copytree(sample_features, features)
+    loser = FeaturesTable(spark, str(features))
+    listed = loser.flat_files()
+    assert FeaturesTable(spark, str(features)).migrate_flat() is not None  # the winner
+    monkeypatch.setattr(loser, "flat_files", lambda: listed)
+    with pytest.raises(UsageError, match="another run moved the files of .* run again"):
+        loser.migrate_flat()
+    assert len(_paths(features)) == 100
+    assert len(FeaturesTable(spark, str(features)).records()) == 1
+
+
 def test_two_runs_on_different_photos_both_commit(spark, tmp_path, monkeypatch):
     bucket, features = tmp_path / "Test", tmp_path / "Features"
     copy_images(FILES[:4], bucket)
