@@ -170,6 +170,13 @@ class FeaturesTable:
             this run is kept.
         """
         base = self.head() if base is None else base
+        staged = self.staging_uri(record["run"])
+        if record.get("kind") != "migrate" and not hadoopfs.exists(self.spark, staged):
+            # Another writer's recover() took it for the leftover of a killed run.
+            raise UsageError(
+                f"another run on {self.uri} deleted this run's rows before they were "
+                "committed (two writers at once): nothing of this run was kept; run again"
+            )
         text = json.dumps(record, indent=2)
         for _ in range(100):  # each turn, another writer committed: bounded by writers
             if create_exclusive(self.spark, self.record_uri(base + 1), text):

@@ -176,3 +176,34 @@ def test_the_commit_point_is_created_once_on_s3(moto_s3_client):
     for uri, i in winners.items():
         body = moto_s3_client.get_object(Bucket="claims", Key=uri.split("/", 3)[3])["Body"]
         assert body.read().decode() == f"writer {i}"
+
+
+def test_watch_and_an_incremental_run_on_the_same_photos_never_both_commit(
+    spark, tmp_path, monkeypatch
+):
+    """``featurize --incremental`` commits the photos of watch's batch while that batch is
+    being featurized (and takes watch's staging folder for a killed run's): watch's commit
+    is refused (one line), every photo has one row, no record without its rows."""
+    from stages.watch import WatchParams, watch
+
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    copy_images(FILES[:3], bucket)  # times kept: settled
+    featurize_incremental(spark, str(bucket), str(features))
+    copy_images(FILES[20:24], bucket)
+    original = FeaturesTable.commit
+    other: list = []
+
+    def commit(self, record, base=None):
+        if record.get("kind") == "watch" and not other:
+            other.append(featurize_incremental(spark, str(bucket), str(features)))
+        return original(self, record, base)
+
+    monkeypatch.setattr(FeaturesTable, "commit", commit)
+    with pytest.raises(UsageError, match="another run .* run again"):
+        watch(spark, str(bucket), str(features), WatchParams(available_now=True))
+    monkeypatch.setattr(FeaturesTable, "commit", original)
+    assert other[0].new == 4
+    paths = _paths(features)
+    assert len(paths) == len(set(paths)) == 7
+    table = FeaturesTable(spark, str(features))
+    assert [r["kind"] for r in table.records()] == ["featurize", "featurize"]
