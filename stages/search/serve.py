@@ -14,6 +14,7 @@ thread runs the model on whatever photos are waiting, as one batch.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import socket
 import threading
@@ -73,8 +74,6 @@ def _give_big_buffers_back() -> None:
     back to the system when freed.  By default glibc raises that threshold after the
     first big free and keeps later ones in its per-thread arenas: 728 MiB stayed held
     after four big uploads.  (No-op without glibc.)"""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
