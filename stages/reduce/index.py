@@ -4,8 +4,9 @@
 
 - ``index.json``: rows, dimensions, the kind of search (``exact`` or ``faiss-hnsw``),
   the measured recall@10 of an approximate index against exact search, the bucket's own
-  nearest-neighbour distances (what "no close match" is judged against), what made the
-  features and the SHA-256 of the ``pca_model/arrays.npz`` it was built from;
+  nearest-neighbour distances, the open-set rule (``open_set``: what "no close match"
+  means, calibrated on the bucket by :func:`open_set_rule`, with its measured rates), what
+  made the features and the SHA-256 of the ``pca_model/arrays.npz`` it was built from;
 - ``rows.parquet``: ``path, label`` in vector order;
 - ``vectors.npy``: the projections, float32 (n, k);
 - ``thumbs.bin`` + ``thumbs_offsets.npy``: a small JPEG per row, concatenated, so the app
@@ -29,6 +30,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from linalg.openset import CALIBRATION_ROWS, calibrate, reference_rows
 from linalg.vectors import (
     EXACT_MAX_ELEMENTS,
     HNSW_EF_CONSTRUCTION,
@@ -42,6 +44,7 @@ from linalg.vectors import (
 )
 from stages.base.errors import UsageError
 from stages.storage import hadoopfs
+from stages.storage.layout import INDEX_META, Results
 from stages.storage.outputs import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -50,16 +53,10 @@ logger = logging.getLogger(__name__)
 MAX_QUERY_PIXELS = 64_000_000
 
 
-INDEX_DIR = "index"
+FORMAT = 2  # 2: index.json has the calibrated open-set rule ("open_set")
 
 
-FORMAT = 1
-
-
-# "No close match": the nearest row is farther than this multiple of the 99th percentile
-# of the bucket's own nearest-neighbour distances (calibrated in tests/stages/test_search.py on
-# left-out fruit photos against non-fruit images).
-NO_MATCH_FACTOR = 1.5
+OPEN_SET_SEED = 0
 
 
 THUMB_PX = 96
@@ -74,6 +71,19 @@ def make_thumbnail(data: Optional[bytes], px: int = THUMB_PX) -> Optional[bytes]
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def open_set_rule(vectors: np.ndarray, labels: Sequence[str]) -> Dict[str, Any]:
+    """The ``open_set`` entry of ``index.json``: :func:`linalg.openset.calibrate` on the
+    index's reference rows (all of them up to :data:`~linalg.openset.CALIBRATION_ROWS`, a
+    seeded sample above: the driver's work stays bounded), and which rows those are."""
+    n = len(labels)
+    ref = reference_rows(n, CALIBRATION_ROWS, OPEN_SET_SEED)
+    t0 = time.perf_counter()
+    rule = calibrate(vectors[ref], [labels[i] for i in ref], seed=OPEN_SET_SEED)
+    rule["reference"] = {"rows": int(len(ref)), "of": n, "seed": OPEN_SET_SEED}
+    rule["calibration_s"] = round(time.perf_counter() - t0, 3)
+    return rule
 
 
 def build_index_files(
@@ -118,7 +128,7 @@ def build_index_files(
     else:
         meta["recall_at_10"] = 1.0  # exact search, by construction
     meta["neighbour_distance"] = neighbour_distances(index)
-    meta["no_match_distance"] = NO_MATCH_FACTOR * meta["neighbour_distance"]["p99"]
+    meta["open_set"] = open_set_rule(vectors, labels)
 
     buf = io.BytesIO()
     np.save(buf, vectors)
@@ -134,7 +144,7 @@ def build_index_files(
     np.save(buf, offsets)
     files["thumbs_offsets.npy"] = buf.getvalue()
     meta["build_s"] = time.perf_counter() - t0
-    files["index.json"] = json.dumps(meta, indent=2).encode()
+    files[INDEX_META] = json.dumps(meta, indent=2).encode()
     return files
 
 
@@ -170,17 +180,17 @@ def build_index(spark, results: str) -> Dict[str, Any]:
     build leaves the previous index in place.  Returns the index's ``index.json`` content.
     """
 
-    base = results.rstrip("/")
-    if not hadoopfs.exists(spark, f"{base}/projections") or not hadoopfs.exists(
-        spark, f"{base}/pca_model/model.json"
+    layout = Results(results)
+    if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
+        spark, layout.model_meta
     ):
         raise UsageError(
             f"{results} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
         )
     t0 = time.perf_counter()
-    arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
-    model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
-    proj = spark.read.parquet(f"{base}/projections")
+    arrays = hadoopfs.read_bytes(spark, layout.arrays)
+    model = json.loads(hadoopfs.read_bytes(spark, layout.model_meta).decode("utf-8"))
+    proj = spark.read.parquet(layout.projections)
     pdf = _thumbnail_column(spark, proj).orderBy("path").toPandas()
     if len(pdf) == 0:
         raise UsageError(f"{results}/projections has no rows: nothing to index")
@@ -200,15 +210,29 @@ def build_index(spark, results: str) -> Dict[str, Any]:
         model.get("features_model") or {},
     )
     # Written beside and swapped in; index.json last, so a partial index is no index.
-    with atomic_output(spark, f"{base}/{INDEX_DIR}", overwrite=True) as target:
-        for name in sorted(files, key=lambda n: n == "index.json"):
+    with atomic_output(spark, layout.index, overwrite=True) as target:
+        for name in sorted(files, key=lambda n: n == INDEX_META):
             hadoopfs.write_bytes(spark, f"{target}/{name}", files[name])
-    meta = json.loads(files["index.json"])
+    meta = json.loads(files[INDEX_META])
     logger.info(
         f"index: {meta['rows']} rows, {meta['kind']} search, recall@10 {meta['recall_at_10']:.3f}, "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    logger.info(f"index: {open_set_summary(meta['open_set'])}")
     return meta
+
+
+def open_set_summary(rule: Dict[str, Any]) -> str:
+    """One line on the open-set rule of an index: what it is and what was measured."""
+    if not rule.get("calibrated"):
+        return f"open set not calibrated ({rule['reason']}): fallback, {rule['fallback']}"
+    return (
+        f"open set: {rule['rule']} <= {rule['threshold']:.3f}, calibrated by leaving "
+        f"{rule['held_out_classes_per_repeat']} of {rule['classes']} classes out "
+        f"{rule['repeats']} times: {rule['known_accepted']:.0%} of held-out photos of known "
+        f"classes accepted, {rule['unknown_rejected']:.0%} of held-out classes refused, "
+        f"AUROC {rule['auroc']:.3f}"
+    )
 
 
 def local_results(results: str) -> str:

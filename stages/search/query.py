@@ -18,12 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from linalg.openset import OpenSet, reference_rows
 from linalg.vectors import VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
 from stages.featurize.images import IMAGE_SIZE, DecodeError, decode_image, preprocess
-from stages.reduce.index import FORMAT, INDEX_DIR, MAX_QUERY_PIXELS, local_results, sha256_hex
-from stages.reduce.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
+from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
+from stages.reduce.pca_model import PCAModel
+from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +146,11 @@ class SearchIndex:
         import pyarrow.parquet as pq
 
         base = os.path.join(local_results(results), INDEX_DIR)
-        if not os.path.isfile(os.path.join(base, "index.json")):
+        if not os.path.isfile(os.path.join(base, INDEX_META)):
             raise UsageError(
                 f"{results} has no search index: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(base, "index.json"), encoding="utf-8") as fh:
+        with open(os.path.join(base, INDEX_META), encoding="utf-8") as fh:
             self.meta: Dict[str, Any] = json.load(fh)
         if self.meta.get("format") != FORMAT:
             raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
@@ -170,6 +172,10 @@ class SearchIndex:
         )
         if not len(self.paths) == len(self.vectors) == len(self._offsets) - 1:
             raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
+        self.photos = Counter(self.labels)  # photos of each label in the collection
+        rule = self.meta["open_set"]
+        ref = reference_rows(len(self.paths), rule["reference"]["rows"], rule["reference"]["seed"])
+        self.open_set = OpenSet(rule, self.vectors.vectors[ref], [self.labels[i] for i in ref])
 
     def thumbnail(self, row: int) -> Optional[bytes]:
         """The JPEG thumbnail of a row, or ``None``."""
@@ -178,14 +184,27 @@ class SearchIndex:
 
 
 def vote(labels: Sequence[str], distances: Sequence[float]) -> Dict[str, Any]:
-    """The most frequent label of the matches (a tie goes to the label of the nearer match)."""
+    """The most frequent label of the matches (a tie goes to the label of the nearer match)
+    and its ``margin``: its count less the next label's."""
     counts = Counter(labels)
     best = max(counts.values())
     first = {}
     for lab, d in zip(labels, distances):
         first.setdefault(lab, d)
     label = min((lab for lab, c in counts.items() if c == best), key=lambda lab: first[lab])
-    return {"label": label, "count": best, "of": len(labels)}
+    second = max((c for lab, c in counts.items() if lab != label), default=0)
+    return {"label": label, "count": best, "of": len(labels), "margin": best - second}
+
+
+NO_MATCH = "This fruit does not look like any in the collection yet"
+
+
+def open_set_info(rule: Dict[str, Any]) -> Dict[str, Any]:
+    """What an answer says of the open-set rule: the rule, its threshold and, when it was
+    calibrated, the rates measured on the collection (else why not, and the fallback)."""
+    keys = ("rule", "threshold", "range_limit", "calibrated", "known_accepted", "unknown_rejected")
+    keys += ("auroc", "fpr_at_95_tpr", "reason", "fallback")
+    return {k: rule[k] for k in keys if k in rule}
 
 
 def _data_uri(jpeg: Optional[bytes]) -> Optional[str]:
@@ -219,9 +238,9 @@ class QueryEngine:
             raise UsageError(
                 f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(folder, META), "rb") as fh:
+        with open(os.path.join(folder, MODEL_META), "rb") as fh:
             self.pca = PCAModel.from_files(arrays, fh.read())
-        if self.pca.n_components != self.index.meta["dims"]:
+        if self.pca.n_components_ != self.index.meta["dims"]:
             raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
         try:
             self._featurize = self.pca.featurizer()
@@ -235,11 +254,11 @@ class QueryEngine:
             "alpha": spec.get("alpha"),
             "weights_source": spec.get("weights_source"),
             "weights_sha256": spec.get("weights_sha256"),
-            "k": self.pca.n_components,
+            "k": self.pca.n_components_,
             "rows": len(self.index.vectors),
             "index": self.index.vectors.kind,
             "recall_at_10": self.index.meta.get("recall_at_10"),
-            "no_match_distance": self.index.meta["no_match_distance"],
+            "open_set": open_set_info(self.index.meta["open_set"]),
         }
 
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -248,33 +267,51 @@ class QueryEngine:
         return self.pca.transform(self._featurize(preprocess(images)))
 
     def answer(self, point: np.ndarray, top: int = 10) -> Dict[str, Any]:
-        """The answer object for one projected photo (see the README)."""
+        """The answer object for one projected photo (see the README): ``label`` (``None``
+        when the open-set rule finds no close match), the collection's ``photos`` of it, the
+        ``vote`` of the matches and its margin, the ``verdict`` sentence, the ``matches``
+        (each marked ``match`` or not) and the rule's ``score`` against its threshold."""
         ids, dist = self.index.vectors.search(point[None, :], top)
         ids, dist = ids[0], dist[0]
         labels = [self.index.labels[i] for i in ids]
+        v = vote(labels, dist)
+        accepted, score, in_range = self.index.open_set.accept(point[None, :])
+        close = bool(accepted[0])
         matches = [
             {
                 "path": self.index.paths[i],
                 "label": lab,
                 "distance": round(float(d), 4),
+                "match": close and lab == v["label"],
                 "thumbnail": _data_uri(self.index.thumbnail(int(i))),
             }
             for i, lab, d in zip(ids, labels, dist)
         ]
-        v = vote(labels, dist)
-        limit = float(self.index.meta["no_match_distance"])
-        close = bool(len(dist) and dist[0] <= limit)
+        rule = self.index.meta["open_set"]
         if close:
-            verdict = f"{v['label']} — {v['count']} of the {v['of']} nearest"
-        else:
+            photos = self.index.photos[v["label"]]
             verdict = (
-                f"no close match: the nearest image is at {dist[0]:.1f}, beyond {limit:.1f} "
-                "(1.5 x the distance within which 99% of the bucket's images have a neighbour)"
+                f"{v['label']} — {v['count']} of the {v['of']} nearest (margin {v['margin']}); "
+                f"the collection holds {photos} photo{'s' * (photos != 1)} of it"
             )
+        else:
+            photos = None
+            verdict = f"{NO_MATCH}: the nearest photos below are not a match"
+            if not in_range[0]:
+                verdict += " (it lies outside the range of every photo the collection holds)"
         return {
+            "label": v["label"] if close else None,
+            "photos": photos,
             "vote": v,
             "close_match": close,
             "verdict": verdict,
+            "open_set": {
+                "score": round(float(score[0]), 4),
+                "threshold": rule.get("threshold"),
+                "in_range": bool(in_range[0]),
+                "rule": rule["rule"],
+                "calibrated": rule["calibrated"],
+            },
             "matches": matches,
             "model": self.model_info,
         }
