@@ -194,7 +194,8 @@ def test_watch_and_an_incremental_run_on_the_same_photos_never_both_commit(
     other: list = []
 
     def commit(self, record, base=None):
-        if record.get("kind") == "watch" and not other:
+        kind = record.kind if hasattr(record, "kind") else record.get("kind")
+        if kind == "watch" and not other:
             other.append(featurize_incremental(spark, str(bucket), str(features)))
         return original(self, record, base)
 
