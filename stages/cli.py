@@ -228,6 +228,9 @@ def _cmd_watch(args) -> int:
         check_queue_input(args.input)
     spark = cli_session(args, "fruits-pipeline watch")
     report = watch(spark, args.input, args.output, params)
+    if report["stopped"]:  # SIGINT or SIGTERM: one line, and the shell's code for it
+        print(f"{PROG}: stopped; {report['images']} photos featurized since start", file=sys.stderr)
+        return 128 + int(report["stopped"])
     if not args.quiet:
         print(json.dumps(report))
     return 0

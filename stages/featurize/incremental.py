@@ -5,7 +5,7 @@ Layout of an incremental ``FEATURES`` folder (one table for every reader)::
     FEATURES/
       run=20261201T081858123Z-a1b2c3/part-*.parquet   rows committed by one run
       run=20261202T060000456Z-d4e5f6/part-*.parquet
-      _runs/20261201T081858123Z-a1b2c3.json           what that run did (the manifest)
+      _runs/00000001.json                             what that run did (the manifest)
       _staging/run=.../                               a run being written (or aborted)
 
 Spark (``spark.read.parquet(FEATURES)``), pyarrow/pandas (``pq.read_table``) and
@@ -15,11 +15,14 @@ and ``_staging`` (names starting with ``_``).  Rows written by an incremental ru
 also carry ``length`` and ``modificationTime`` of the image they came from, which
 is how a later run knows that an image was replaced.
 
-Commit protocol of a run (one writer at a time):
+Commit protocol of a run:
 
 1. Spark writes the run's rows to ``_staging/run=ID/`` (its own commit protocol);
-2. ``_runs/ID.json`` is written (hidden temporary file renamed into place, a single
-   PUT on S3): **the commit point**;
+2. ``_runs/<n>.json`` is created, ``n`` one more than the records the run was planned
+   on, only if no other writer created it meanwhile (a hard link locally, a conditional
+   PUT on S3, a rename on HDFS: :mod:`stages.storage.claim`): **the commit point**.  A
+   run that loses the race commits at ``n + 1`` if the winner's photos are not its own,
+   else it is refused with one line and its staging is deleted;
 3. ``_staging/run=ID`` is renamed to ``run=ID`` and the runs it supersedes (rows
    replaced or pruned) are deleted.
 
@@ -167,6 +170,7 @@ def featurize_incremental(
     require_input(spark, input_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
     table = FeaturesTable(spark, output_path).open_for_append(spec)
+    base = table.head()  # before reading the table: the commit checks what came after
     records = table.records()
     live = table.live_runs(records)
     # When each run's rows were written: an image no newer than that is the one they
@@ -308,6 +312,18 @@ def featurize_incremental(
         if superseded:
             dropped = plan.where(F.col("status").isin("changed", "pruned")).select("path")
             carried_df = table.read_runs(superseded, spec).join(dropped, "path", "left_anti")
+            # Rows of a plain featurize output have no size or time; the plan found their
+            # images unchanged, so they take the listing's: else, carried into a run that
+            # records no `written_ms`, every later run would count them as changed.
+            listed = plan.select(
+                "path", F.col("length").alias("_l"), F.col("modificationTime").alias("_m")
+            )
+            carried_df = (
+                carried_df.join(listed, "path", "left")
+                .withColumn("length", F.coalesce("length", "_l"))
+                .withColumn("modificationTime", F.coalesce("modificationTime", "_m"))
+                .drop("_l", "_m")
+            )
             carried = carried_df.count()
             parts.append(carried_df.drop("run"))
         out = parts[0]
@@ -339,7 +355,7 @@ def featurize_incremental(
             removes=superseded,
             requests=tally.total(),  # up to the commit: its own PUT is not in
         )
-        table.commit(record)
+        table.commit(record, base)
     finally:
         planning.close()
         plan.unpersist()

@@ -22,7 +22,7 @@ from linalg.openset import OpenSet, reference_rows
 from linalg.vectors import VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
-from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.featurize.images import IMAGE_SIZE, DecodeError, decode_image, preprocess
 from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
 from stages.reduce.pca_model import PCAModel
 from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
@@ -38,11 +38,21 @@ __all__ = [
     "QueryEngine",
     "decode_upload",
     "vote",
+    "DECODE_BYTES",
+    "DECODE_PIXELS",
 ]
 
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 _MP = MAX_QUERY_PIXELS // 1_000_000
+# A decode holds the whole image: Pillow keeps RGB and RGBA at 4 bytes a pixel, and a
+# conversion to RGB or an EXIF turn makes one more copy each (a 64 MP RGBA PNG peaked at
+# 726 MiB).  Above DECODE_PIXELS a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+# (Pillow's draft), to at most DECODE_PIXELS; any other format is refused (413).
+DECODE_PIXELS = 16_000_000
+DECODE_BYTES_PER_PIXEL = 12
+DECODE_BYTES = DECODE_PIXELS * DECODE_BYTES_PER_PIXEL
+_DRAFTABLE = ("JPEG", "MPO")
 
 
 class BadImage(ValueError):
@@ -75,6 +85,7 @@ def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
+            fmt = img.format
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (expected a JPEG, PNG or another photo format)", 415) from None
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
@@ -90,10 +101,33 @@ def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -
             f"the image is {w}x{h} pixels, over the limit of {_MP} MP (a decompression bomb?)",
             413,
         )
+    if w * h > DECODE_PIXELS:
+        draft = _draft_within_budget(w, h, fmt, draft)
     try:
         return decode_image(data, exif_orientation=exif_orientation, draft=draft)
     except DecodeError as exc:
         raise BadImage(f"cannot decode the image: {exc}", 422) from None
+
+
+def _draft_within_budget(w: int, h: int, fmt: Optional[str], draft: int) -> int:
+    """The ``draft`` of :func:`stages.featurize.images.decode_image` that decodes a ``w`` x
+    ``h`` JPEG to at most :data:`DECODE_PIXELS` (the features' own ``draft`` if it reduces
+    more); :class:`BadImage` (413) for a format that cannot be decoded at reduced size."""
+    mp = DECODE_PIXELS // 1_000_000
+    for scale in (2, 4, 8):
+        if -(-w // scale) * -(-h // scale) <= DECODE_PIXELS:
+            break
+    # draft k asks for a decode at least k*224 px a side: Pillow picks the largest scale
+    # that keeps it, so k*224 <= min(w, h) / scale gives that scale or a larger one.
+    k = min(w, h) // scale // IMAGE_SIZE
+    if fmt not in _DRAFTABLE or k < 1 or -(-w // 8) * -(-h // 8) > DECODE_PIXELS:
+        raise BadImage(
+            f"the image is {w}x{h} pixels: a {fmt or 'non-JPEG'} over {mp} MP is decoded whole, "
+            f"over this server's memory budget (a JPEG photo is read at reduced size; send it "
+            f"as a JPEG or at most {mp} MP)",
+            413,
+        )
+    return min(k, draft) if draft > 0 else k
 
 
 # ---------------------------------------------------------------------------- vectors
