@@ -15,7 +15,7 @@ cache, same error rows) and commits the rows as one run of the features table
 * paths already in the table (from ``featurize --incremental``) are skipped.
 
 On S3 without a queue, each trigger is a ``featurize --incremental`` run instead
-of a micro-batch of Spark's file stream (:func:`_watch_s3_listing` says why).
+of a micro-batch of Spark's file stream (:func:`stages.watch_listing.watch_by_listing` says why).
 
 A photo modified less than :data:`SETTLE_SECONDS` ago may still be being written: it
 is set aside (in the checkpoint's ``fruits_pending.json``, as the source never offers
@@ -45,7 +45,7 @@ from typing import Any, Dict, Optional
 
 from stages.base.contract import IMAGE_GLOB, model_identity
 from stages.base.errors import UsageError
-from stages.base.params import FeaturizeParams, ModelParams, WatchParams
+from stages.base.params import WatchParams
 from stages.featurize.frame import (
     choose_partitions,
     escape_glob,
@@ -55,7 +55,6 @@ from stages.featurize.frame import (
     require_input,
     write_features,
 )
-from stages.featurize.incremental import featurize_incremental
 from stages.featurize.queue import check_queue_input, watch_queue
 from stages.featurize.stopping import await_query
 from stages.reduce.pca_model import PCAModel
@@ -70,6 +69,7 @@ from stages.storage.table import (
     new_run_id,
     now_iso,
 )
+from stages.watch_listing import watch_by_listing
 
 logger = logging.getLogger(__name__)
 
@@ -261,50 +261,6 @@ class _Sink:
         )
 
 
-def _watch_s3_listing(spark, input_path, features, opts: WatchParams, model) -> Dict[str, Any]:
-    """S3 without a queue: a ``featurize --incremental`` run every trigger.
-
-    Spark's file stream source costs, on S3, a LIST per new file and a HEAD per new
-    file each micro-batch, skips ``_``/``.`` names, and keeps every file it has seen
-    in its log for ever.  The incremental plan lists with LISTs only (the executors',
-    one per 1000 objects), keeps every name plain ``featurize`` keeps, reads each new
-    photo once, and is exactly once by the table's manifest (no checkpoint needed).
-    """
-    model_fields = [f.name for f in dataclasses.fields(ModelParams)]
-    params = FeaturizeParams.of(
-        None, incremental=True, **{name: getattr(opts, name) for name in model_fields}
-    )
-    totals: Dict[str, Any] = {"batches": 0, "images": 0, "errors": 0, "runs": []}
-    start = time.monotonic()
-    while True:
-        t = time.monotonic()
-        try:
-            report = featurize_incremental(spark, input_path, features, params)
-        except UsageError as exc:
-            if not str(exc).startswith("no .jpg"):
-                raise
-            report = None  # nothing under INPUT yet: wait for the first photo
-        if report is not None and report.run is not None:
-            totals["batches"] += 1
-            totals["images"] += report.images
-            totals["errors"] += report.errors
-            totals["runs"].append(report.run)
-            if model is not None:
-                rows = project_run(spark, FeaturesTable(spark, features), report.run, model,
-                                   opts.results)  # fmt: skip
-                logger.info(f"watch: run {report.run}: {rows} projected")
-        if opts.available_now:
-            break
-        now = time.monotonic()
-        if opts.stop_after is not None and now - start >= opts.stop_after:
-            break
-        pause = max(0.0, t + opts.trigger_seconds - now)
-        if opts.stop_after is not None:
-            pause = min(pause, max(0.0, start + opts.stop_after - now))
-        time.sleep(pause)
-    return {"input": input_path, "mode": "listing", **totals}
-
-
 def watch(
     spark,
     input_path: str,
@@ -372,7 +328,7 @@ def watch(
 
         return watch_queue(spark, input_path, features, opts, project if model else None)
     if is_object_store(input_path):
-        return _watch_s3_listing(spark, input_path, features, opts, model)
+        return watch_by_listing(spark, input_path, features, opts, model)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
 
     sink = _Sink(spark, input_path, table, spec, weights, opts, model)
