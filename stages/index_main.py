@@ -1,0 +1,279 @@
+"""``RESULTS/index/`` (format 2): built from the projections in shards, appended to.
+
+``index.json`` (written last, replaced atomically) lists the shards in row order
+(:mod:`stages.index_shards`), the labels their codes name, the ``generation`` (one
+more at each append) and, above the exact-search limit, the HNSW graph's file
+``hnsw-<generation>.faiss``.  :func:`build_index` writes a whole new folder from
+``RESULTS/projections`` and swaps it in; :func:`append_index` adds the rows of one
+new projections file (``watch --results``) as new shards, adds their vectors to the
+graph (HNSW takes additions) and writes the next generation: a running ``serve``
+sees ``index.json`` change and loads it (the files of the generation it serves are
+never rewritten).
+
+Driver memory: the HNSW graph while it is built or extended (``n (4k + 8M)`` bytes,
+``M`` = 32 links) and one shard's vectors at a time; the rows' paths, labels and
+thumbnails never reach it (a RESULTS on a Hadoop filesystem passes one partition's
+shard at a time through the driver's local disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+from stages import hadoopfs
+from stages.errors import UsageError
+from stages.fs import LocalFileSystem, local_path
+from stages.index_build import copy_down, copy_up, index_frame, label_list, write_shards
+from stages.index_shards import ShardSet
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["INDEX_DIR", "FORMAT", "build_index", "append_index", "hnsw_file"]
+
+INDEX_DIR = "index"
+FORMAT = 2
+
+
+def hnsw_file(generation: int) -> str:
+    """The HNSW graph's file name of a generation."""
+    return f"hnsw-{generation:05d}.faiss"
+
+
+def _model_files(spark, base: str):
+    if not hadoopfs.exists(spark, f"{base}/projections") or not hadoopfs.exists(
+        spark, f"{base}/pca_model/model.json"
+    ):
+        raise UsageError(
+            f"{base} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
+        )
+    arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
+    model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
+    return hashlib.sha256(arrays).hexdigest(), model
+
+
+def _dims(model: Dict[str, Any]) -> int:
+    for key in ("n_components", "k"):
+        if key in model:
+            return int(model[key])
+    raise UsageError("pca_model/model.json records no number of components")
+
+
+def _stats(meta: Dict[str, Any], index, generation: int) -> None:
+    """Recall (approximate search) and the bucket's neighbour distances, into ``meta``."""
+    from stages.search import NO_MATCH_FACTOR, RECALL_QUERIES, neighbour_distances, recall_at
+
+    n = len(index)
+    if index.hnsw is not None:
+        meta["recall_at_10"] = recall_at(index, 10)
+        meta["recall_queries"] = min(RECALL_QUERIES, n)
+    else:
+        meta["recall_at_10"] = 1.0  # exact search, by construction
+    meta["neighbour_distance"] = neighbour_distances(index)
+    meta["no_match_distance"] = NO_MATCH_FACTOR * meta["neighbour_distance"]["p99"]
+    meta["statistics_generation"] = generation
+
+
+def _graph(work: str, shards: ShardSet, generation: int, previous=None):
+    """The HNSW graph over ``shards`` (extending ``previous`` by the rows it lacks),
+    written to ``work/hnsw-<generation>.faiss``."""
+    import faiss
+
+    from stages.search import build_hnsw
+
+    graph = previous
+    for start, block in shards.blocks():
+        end = start + len(block)
+        have = 0 if graph is None else graph.ntotal
+        if end <= have:
+            continue
+        part = block[max(0, have - start) :]
+        if graph is None:
+            graph = build_hnsw(part)
+        else:
+            graph.add(part.astype("float32", copy=True))
+    faiss.write_index(graph, os.path.join(work, hnsw_file(generation)))
+    return graph
+
+
+def _finish(
+    work: str, meta: Dict[str, Any], exact_max: int, previous=None, append: bool = False
+) -> Dict[str, Any]:
+    """Open the shards of ``meta``, make (or extend ``previous``) the graph, write
+    ``index.json``; the statistics are measured again unless an ``append`` leaves
+    the kind of search as it was and the rows less than doubled."""
+    from stages.index_vectors import BlockVectorIndex as VectorIndex
+    from stages.search import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+
+    shards = ShardSet(work, meta["shards"], meta["labels"])
+    n, gen = len(shards), meta["generation"]
+    meta["rows"] = n
+    meta["thumbnails"]["missing"] = sum(int(s["missing"]) for s in meta["shards"])
+    hnsw = None
+    if n * meta["dims"] > exact_max:
+        hnsw = _graph(work, shards, gen, previous)
+        meta["hnsw"] = {"file": hnsw_file(gen), "M": HNSW_M}
+        meta["hnsw"].update(ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
+    index = VectorIndex(shards, hnsw)
+    meta["kind"] = index.kind
+    last = meta.get("statistics_rows") or 0
+    if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last:
+        _stats(meta, index, gen)
+        meta["statistics_rows"], meta["statistics_kind"] = n, index.kind
+    LocalFileSystem().write_bytes(
+        os.path.join(work, "index.json"), json.dumps(meta, indent=2).encode()
+    )
+    return meta
+
+
+def build_index(
+    spark, results: str, chunk_rows: Optional[int] = None, exact_max_elements: Optional[int] = None
+) -> Dict[str, Any]:
+    """Build ``RESULTS/index/`` from ``RESULTS/projections`` (their ``thumb`` included).
+
+    Written beside and swapped in (:func:`stages.outputs.atomic_output`): a failed build
+    leaves the previous index in place.  ``chunk_rows``: rows per write of a shard
+    (default: Spark's Arrow batch).  Returns ``index.json``'s content.
+    """
+    from stages.outputs import atomic_output
+    from stages.search import EXACT_MAX_ELEMENTS, THUMB_PX
+
+    base = results.rstrip("/")
+    exact_max = EXACT_MAX_ELEMENTS if exact_max_elements is None else exact_max_elements
+    t0 = time.perf_counter()
+    sha, model = _model_files(spark, base)
+    dims = _dims(model)
+    df = index_frame(spark, f"{base}/projections")
+    labels = label_list(df)
+    if not labels:
+        raise UsageError(f"{results}/projections has no rows: nothing to index")
+    with atomic_output(spark, f"{base}/{INDEX_DIR}", overwrite=True) as target:
+        local = local_path(target)
+        work = local if local is not None else _temp()
+        os.makedirs(work, exist_ok=True)
+        try:
+            shards = write_shards(
+                spark, df, work, labels, dims, "g00001-", local is None, chunk_rows
+            )
+            meta: Dict[str, Any] = {
+                "format": FORMAT,
+                "generation": 1,
+                "dims": dims,
+                "exact_max_elements": exact_max,
+                "pca_arrays_sha256": sha,
+                "features_model": model.get("features_model") or {},
+                "labels": labels,
+                "shards": shards,
+                "thumbnails": {"px": THUMB_PX},
+            }
+            meta = _finish(work, meta, exact_max)
+            if local is None:
+                _upload(spark, work, target)
+        finally:
+            if local is None:
+                shutil.rmtree(work, ignore_errors=True)
+    # Not in index.json: the same projections give the same index, byte for byte.
+    meta["build_s"] = time.perf_counter() - t0
+    _warn_missing(meta)
+    logger.info(
+        f"index: {meta['rows']} rows in {len(meta['shards'])} shards, {meta['kind']} search, "
+        f"recall@10 {meta['recall_at_10']:.3f}, {meta['build_s']:.1f} s"
+    )
+    return meta
+
+
+def _warn_missing(meta: Dict[str, Any]) -> None:
+    missing = meta["thumbnails"]["missing"]
+    if missing:
+        logger.warning(
+            f"index: {missing} of {meta['rows']} rows have no thumbnail (error rows, or "
+            "features made before featurize kept thumbnails: `featurize --overwrite` adds them)"
+        )
+
+
+def _temp() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="fruits-index-")
+
+
+def _upload(spark, work: str, target: str, names: Optional[List[str]] = None) -> None:
+    """Copy ``work``'s files (or ``names``) up to ``target``, ``index.json`` last."""
+    names = names if names is not None else sorted(os.listdir(work))
+    for name in sorted(names, key=lambda n: n == "index.json"):
+        copy_up(spark, os.path.join(work, name), f"{target}/{name}")
+
+
+def append_index(spark, results: str, projections: str) -> Optional[Dict[str, Any]]:
+    """Add the rows of ``projections`` (one file of a ``watch --results`` run, projected
+    with the index's own PCA) to ``RESULTS/index/`` as a new generation.
+
+    Returns the new ``index.json`` content, or None when there is no index to extend
+    (``fruits-pipeline index RESULTS`` builds one).
+    """
+    import faiss
+
+    base = results.rstrip("/")
+    folder = f"{base}/{INDEX_DIR}"
+    if not hadoopfs.exists(spark, f"{folder}/index.json"):
+        return None
+    t0 = time.perf_counter()
+    meta = json.loads(hadoopfs.read_text(spark, f"{folder}/index.json"))
+    sha, model = _model_files(spark, base)
+    if meta.get("format") != FORMAT or meta.get("pca_arrays_sha256") != sha:
+        logger.warning(f"index: {folder} is of another PCA or format: rebuilding it")
+        return build_index(spark, results)
+    local = local_path(folder)
+    if local is None and meta.get("kind") == "faiss-hnsw":
+        # The graph is extended where it is read; a remote index is rebuilt whole.
+        return build_index(spark, results)
+    work = local if local is not None else _temp()
+    try:
+        df = index_frame(spark, projections)
+        labels = label_list(df, meta["labels"])
+        gen = int(meta["generation"]) + 1
+        new = write_shards(spark, df, work, labels, meta["dims"], f"g{gen:05d}-", local is None)
+        if not new:
+            return meta
+        previous = None
+        if meta.get("kind") == "faiss-hnsw":
+            previous = faiss.read_index(os.path.join(work, meta["hnsw"]["file"]))
+        elif local is None:
+            for s in meta["shards"]:  # the exact index's rows, for a graph over all
+                copy_down(
+                    spark, f"{folder}/shards/{s['name']}", os.path.join(work, "shards", s["name"])
+                )
+        meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
+        meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
+        meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
+        if local is None:
+            names = [f"shards/{s['name']}" for s in new] + ["index.json"]
+            if meta.get("hnsw"):
+                names.insert(0, meta["hnsw"]["file"])
+            _upload(spark, work, folder, names)
+        else:
+            _drop_old_graphs(work, gen)
+    finally:
+        if local is None:
+            shutil.rmtree(work, ignore_errors=True)
+    meta["append_s"] = time.perf_counter() - t0
+    logger.info(
+        f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "
+        f"{meta['kind']}, {meta['append_s']:.1f} s"
+    )
+    return meta
+
+
+def _drop_old_graphs(work: str, generation: int) -> None:
+    """Delete the graphs older than the previous generation (a serve that has not
+    reloaded yet maps the previous one; Linux keeps a mapped file until unmapped)."""
+    for name in os.listdir(work):
+        if name.startswith("hnsw-") and name.endswith(".faiss"):
+            gen = int(name[len("hnsw-") : -len(".faiss")])
+            if gen < generation - 1:
+                os.unlink(os.path.join(work, name))
