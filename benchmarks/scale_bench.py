@@ -65,8 +65,9 @@ def real_features(work: Path) -> Path:
     out = work / "real" / "Features"
     if (out / "_SUCCESS").exists():
         return out
-    from stages.featurize import featurize
     from stages.session import spark_session
+
+    from stages.featurize import featurize
 
     spark = spark_session("scale-bench-real", master="local[2]")
     try:
@@ -136,8 +137,9 @@ def dir_bytes(path: Path) -> int:
 def worker_reduce(args) -> None:
     """One ``reduce`` (with or without the index) in its own JVM."""
     quiet_env()
-    from stages.reduce import reduce_features
     from stages.session import spark_session
+
+    from stages.reduce import reduce_features
 
     spark = spark_session("scale-bench", master="local[2]")
     with RssSampler() as sampler:

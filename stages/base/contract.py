@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 __all__ = [
     "IMAGE_GLOB",
     "METADATA_KEY",
+    "THUMB_PX",
     "features_schema",
     "footer_model_spec",
     "model_identity",
@@ -23,12 +24,26 @@ __all__ = [
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 # The key of the model metadata on the ``features`` field (in every Parquet footer).
 METADATA_KEY = "fruits_pipeline"
+# The thumbnails' size (pixels, the longer side) kept in FEATURES and shown by the app.
+THUMB_PX = 96
 
 
 def features_schema(spec=None):
     """Spark schema of the features Parquet, with ``spec`` (a ``stages.featurize.model.ModelSpec``)
-    as the metadata of ``features``."""
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+    as the metadata of ``features``.
+
+    ``thumb`` is the image's JPEG thumbnail (at most :data:`THUMB_PX` pixels a side), made
+    where the photo's bytes were read so that no later stage reads the photo again; null
+    for an error row and in features made before it existed.
+    """
+    from pyspark.sql.types import (
+        ArrayType,
+        BinaryType,
+        FloatType,
+        StringType,
+        StructField,
+        StructType,
+    )
 
     meta = {METADATA_KEY: spec.to_dict()} if spec is not None else {}
     return StructType(
@@ -37,6 +52,7 @@ def features_schema(spec=None):
             StructField("label", StringType(), False),
             StructField("features", ArrayType(FloatType(), containsNull=False), True, meta),
             StructField("error", StringType(), True),
+            StructField("thumb", BinaryType(), True),
         ]
     )
 

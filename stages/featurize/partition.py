@@ -3,7 +3,9 @@
 Runs in the Python worker: decodes each image (an undecodable one becomes an error row
 with its reason), preprocesses, runs the batch featurizer of this worker (built once from
 the broadcast model, :func:`stages.featurize.engine.get_featurizer`) and yields Arrow
-batches of ``path, label, features, error`` (+ ``length``/``modificationTime`` when asked).
+batches of ``path, label, features, error, thumb`` (+ ``length``/``modificationTime`` when
+asked).  ``thumb`` is made here, from the bytes in hand: the photo is read once in the
+pipeline's life (the search index and the app take the thumbnail from the features).
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from stages.base.contract import features_schema
+from stages.base.contract import THUMB_PX, features_schema
 from stages.featurize.engine import get_featurizer
-from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.featurize.images import DecodeError, decode_image, preprocess, thumbnail_jpeg
+
+
+def image_thumbnail(content: Optional[bytes]) -> Optional[bytes]:
+    """The ``thumb`` of a row: a JPEG of at most :data:`THUMB_PX` pixels a side, made from
+    the bytes the worker holds for the decode; ``None`` when they are not an image."""
+    return thumbnail_jpeg(content, THUMB_PX, quality=80)
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:
@@ -77,6 +85,7 @@ def featurize_partition(
         nonlocal featurizer, bad
         labels = [label_from_path(p, url_encoded) for p in paths]
         errors: List[Optional[str]] = [None] * len(paths)
+        thumbs: List[Optional[bytes]] = [None] * len(paths)
         arrays = []
         for i, content in enumerate(contents):
             try:
@@ -85,6 +94,8 @@ def featurize_partition(
                 )
             except DecodeError as exc:
                 errors[i] = str(exc)
+                continue
+            thumbs[i] = image_thumbnail(content)
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
             if featurizer is None:
@@ -111,7 +122,8 @@ def featurize_partition(
             pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
         )
         columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
-        columns += [features, pa.array(errors, pa.string())]
+        thumbs = [t if e is None else None for t, e in zip(thumbs, errors)]
+        columns += [features, pa.array(errors, pa.string()), pa.array(thumbs, pa.binary())]
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     for batch in batches:

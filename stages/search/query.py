@@ -1,6 +1,6 @@
 """The app's queries: a photo in, the most similar photos of the collection out.
 
-:class:`SearchIndex` opens ``RESULTS/index/`` (:mod:`stages.reduce.index`);
+:class:`SearchIndex` opens ``RESULTS/index/`` (:mod:`stages.reduce.index`) memory-mapped;
 :class:`QueryEngine` featurizes and projects a query photo with the model and PCA that
 made the index, searches it and votes a label; :func:`decode_upload` decodes an upload
 with the limits of a public web service.
@@ -13,8 +13,10 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from stages.base.params import TOP_MAX
 from stages.featurize.images import DecodeError, decode_image, preprocess
 from stages.reduce.index import FORMAT, INDEX_DIR, MAX_QUERY_PIXELS, local_results, sha256_hex
 from stages.reduce.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
+from stages.storage.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ __all__ = [
 
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+RELOAD_CHECK_S = 1.0  # how often a QueryEngine looks for a new index generation
 _MP = MAX_QUERY_PIXELS // 1_000_000
 
 
@@ -94,53 +98,63 @@ def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -
         raise BadImage(f"cannot decode the image: {exc}", 422) from None
 
 
-# ---------------------------------------------------------------------------- vectors
-
-
-# ---------------------------------------------------------------------------- building
-
-
 # ---------------------------------------------------------------------------- querying
 
 
+def _stamp(path: str) -> Tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class SearchIndex:
-    """``RESULTS/index/`` loaded for queries (vectors in memory, thumbnails mapped)."""
+    """``RESULTS/index/`` loaded for queries: every file memory-mapped, a row's path,
+    label and thumbnail read by row id when asked; the HNSW graph (if any) in memory."""
 
     def __init__(self, results: str) -> None:
-        import pyarrow.parquet as pq
-
         base = os.path.join(local_results(results), INDEX_DIR)
-        if not os.path.isfile(os.path.join(base, "index.json")):
+        path = os.path.join(base, "index.json")
+        if not os.path.isfile(path):
             raise UsageError(
                 f"{results} has no search index: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(base, "index.json"), encoding="utf-8") as fh:
+        self.stamp = _stamp(path)
+        with open(path, encoding="utf-8") as fh:
             self.meta: Dict[str, Any] = json.load(fh)
         if self.meta.get("format") != FORMAT:
-            raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
-        rows = pq.read_table(os.path.join(base, "rows.parquet"))
-        self.paths: List[str] = rows.column("path").to_pylist()
-        self.labels: List[str] = rows.column("label").to_pylist()
+            raise UsageError(
+                f"{base} is an index of another format: run `fruits-pipeline index {results}`"
+            )
+        try:
+            self.rows = ShardSet(base, self.meta["shards"], self.meta["labels"])
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"{base} is incomplete ({exc}): run `fruits-pipeline index {results}`"
+            ) from None
         hnsw = None
         if self.meta["kind"] == "faiss-hnsw":
             import faiss
 
-            hnsw = faiss.read_index(os.path.join(base, "hnsw.faiss"))
-        self.vectors = VectorIndex(np.load(os.path.join(base, "vectors.npy")), hnsw)
-        self._offsets = np.load(os.path.join(base, "thumbs_offsets.npy"))
-        size = os.path.getsize(os.path.join(base, "thumbs.bin"))
-        self._thumbs = (
-            np.memmap(os.path.join(base, "thumbs.bin"), dtype=np.uint8, mode="r")
-            if size
-            else np.zeros(0, np.uint8)
-        )
-        if not len(self.paths) == len(self.vectors) == len(self._offsets) - 1:
+            hnsw = faiss.read_index(os.path.join(base, self.meta["hnsw"]["file"]))
+        self.vectors = VectorIndex(self.rows, hnsw)
+        if len(self.rows) != self.meta["rows"] or (
+            hnsw is not None and hnsw.ntotal != len(self.rows)
+        ):
             raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def path(self, row: int) -> str:
+        """The image path of a row."""
+        return self.rows.path(row)
+
+    def label(self, row: int) -> str:
+        """The label of a row."""
+        return self.rows.label(row)
 
     def thumbnail(self, row: int) -> Optional[bytes]:
         """The JPEG thumbnail of a row, or ``None``."""
-        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
-        return bytes(self._thumbs[a:b]) if b > a else None
+        return self.rows.thumbnail(row)
 
 
 def vote(labels: Sequence[str], distances: Sequence[float]) -> Dict[str, Any]:
@@ -178,17 +192,13 @@ class QueryEngine:
         folder = os.path.join(local_results(results), MODEL_DIR)
         if not os.path.isfile(os.path.join(folder, ARRAYS)):
             raise UsageError(f"{results} has no pca_model/: give a RESULTS folder of `reduce`")
+        self.results = results
+        self._model_files = (os.path.join(folder, ARRAYS), os.path.join(folder, META))
         self.index = SearchIndex(results)
-        with open(os.path.join(folder, ARRAYS), "rb") as fh:
-            arrays = fh.read()  # read once: hashed here, loaded below
-        if sha256_hex(arrays) != self.index.meta["pca_arrays_sha256"]:
-            raise UsageError(
-                f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
-            )
-        with open(os.path.join(folder, META), "rb") as fh:
-            self.pca = PCAModel.from_files(arrays, fh.read())
-        if self.pca.n_components != self.index.meta["dims"]:
-            raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
+        self.pca, self._pca_sha = self._load_pca(self.index)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        self._loader: Optional[threading.Thread] = None
         try:
             self._featurize = self.pca.featurizer()
         except ValueError as exc:
@@ -202,11 +212,78 @@ class QueryEngine:
             "weights_source": spec.get("weights_source"),
             "weights_sha256": spec.get("weights_sha256"),
             "k": self.pca.n_components,
-            "rows": len(self.index.vectors),
-            "index": self.index.vectors.kind,
-            "recall_at_10": self.index.meta.get("recall_at_10"),
-            "no_match_distance": self.index.meta["no_match_distance"],
         }
+        self._describe_index()
+
+    def _load_pca(self, index: SearchIndex):
+        arrays_path, meta_path = self._model_files
+        with open(arrays_path, "rb") as fh:
+            arrays = fh.read()  # read once: hashed here, loaded below
+        sha = sha256_hex(arrays)
+        if sha != index.meta["pca_arrays_sha256"]:
+            raise UsageError(
+                f"{self.results}/index was built from another PCA: "
+                f"run `fruits-pipeline index {self.results}`"
+            )
+        with open(meta_path, "rb") as fh:
+            pca = PCAModel.from_files(arrays, fh.read())
+        if pca.n_components != index.meta["dims"]:
+            raise UsageError(
+                f"{self.results}/index does not match its PCA: run `fruits-pipeline index`"
+            )
+        return pca, sha
+
+    def _describe_index(self) -> None:
+        self.model_info.update(
+            {
+                "k": self.pca.n_components,
+                "rows": len(self.index),
+                "index": self.index.vectors.kind,
+                "generation": self.index.meta.get("generation"),
+                "recall_at_10": self.index.meta.get("recall_at_10"),
+                "no_match_distance": self.index.meta["no_match_distance"],
+            }
+        )
+
+    def refresh(self, wait: bool = False) -> bool:
+        """Load a new index generation if ``index.json`` changed (checked at most once
+        every :data:`RELOAD_CHECK_S` unless ``wait``); in a background thread unless
+        ``wait``.  Queries go on with the loaded index meanwhile.  Returns whether a
+        load was started (and, with ``wait``, finished)."""
+        now = time.monotonic()
+        if not wait and now - self._checked < RELOAD_CHECK_S:
+            return False
+        self._checked = now
+        path = os.path.join(local_results(self.results), INDEX_DIR, "index.json")
+        try:
+            stamp = _stamp(path)
+        except OSError:
+            return False  # between a rebuild's swap steps: look again later
+        with self._lock:
+            if stamp == self.index.stamp or (self._loader and self._loader.is_alive()):
+                return False
+            self._loader = threading.Thread(target=self._reload, name="fruits-reload", daemon=True)
+            self._loader.start()
+        if wait:
+            self._loader.join()
+        return True
+
+    def _reload(self) -> None:
+        try:
+            index = SearchIndex(self.results)
+            if index.meta["pca_arrays_sha256"] == self._pca_sha:
+                pca, sha = self.pca, self._pca_sha
+            else:  # reduce --update: a new PCA and its index
+                pca, sha = self._load_pca(index)
+        except Exception as exc:  # a half-written or broken index: keep serving the old one
+            logger.warning(f"index of {self.results} not reloaded: {exc}")
+            return
+        self.index, self.pca, self._pca_sha = index, pca, sha
+        self._describe_index()
+        logger.info(
+            f"index of {self.results}: generation {index.meta.get('generation')} loaded, "
+            f"{len(index)} rows"
+        )
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (n, 224, 224, 3) uint8 to PCA coordinates (n, k)."""
@@ -215,20 +292,22 @@ class QueryEngine:
 
     def answer(self, point: np.ndarray, top: int = 10) -> Dict[str, Any]:
         """The answer object for one projected photo (see the README)."""
-        ids, dist = self.index.vectors.search(point[None, :], top)
+        self.refresh()
+        index = self.index  # one generation for the whole answer
+        ids, dist = index.vectors.search(point[None, :], top)
         ids, dist = ids[0], dist[0]
-        labels = [self.index.labels[i] for i in ids]
+        labels = [index.label(int(i)) for i in ids]
         matches = [
             {
-                "path": self.index.paths[i],
+                "path": index.path(int(i)),
                 "label": lab,
                 "distance": round(float(d), 4),
-                "thumbnail": _data_uri(self.index.thumbnail(int(i))),
+                "thumbnail": _data_uri(index.thumbnail(int(i))),
             }
             for i, lab, d in zip(ids, labels, dist)
         ]
         v = vote(labels, dist)
-        limit = float(self.index.meta["no_match_distance"])
+        limit = float(index.meta["no_match_distance"])
         close = bool(len(dist) and dist[0] <= limit)
         if close:
             verdict = f"{v['label']} — {v['count']} of the {v['of']} nearest"

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from stages.fs import local_path
-from stages.index_shards import SHARD_FILES, ShardWriter
+from stages.base.sparkutil import session_conf
+from stages.storage.fs import local_path
+from stages.storage.shards import SHARD_FILES, ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,6 @@ def write_shards(
     list of dict
         ``name, rows, missing, bytes`` of each shard, in partition order.
     """
-    from stages.sparkutil import session_conf
-
     shards = os.path.join(work, "shards")
     os.makedirs(shards, exist_ok=True)
     settings = {}
