@@ -65,7 +65,7 @@ def real_features(work: Path) -> Path:
     out = work / "real" / "Features"
     if (out / "_SUCCESS").exists():
         return out
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     from stages.featurize import featurize
 
@@ -137,7 +137,7 @@ def dir_bytes(path: Path) -> int:
 def worker_reduce(args) -> None:
     """One ``reduce`` (with or without the index) in its own JVM."""
     quiet_env()
-    from stages.session import spark_session
+    from stages.base.session import spark_session
 
     from stages.reduce import reduce_features
 

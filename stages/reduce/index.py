@@ -1,14 +1,15 @@
 """The search index of RESULTS (format 2): built from the projections in shards, appended to.
 
 ``index.json`` (written last, replaced atomically) lists the shards in row order
-(:mod:`stages.index_shards`), the labels their codes name, the ``generation`` (one
-more at each append) and, above the exact-search limit, the HNSW graph's file
-``hnsw-<generation>.faiss``.  :func:`build_index` writes a whole new folder from
-``RESULTS/projections`` and swaps it in; :func:`append_index` adds the rows of one
-new projections file (``watch --results``) as new shards, adds their vectors to the
-graph (HNSW takes additions) and writes the next generation: a running ``serve``
-sees ``index.json`` change and loads it (the files of the generation it serves are
-never rewritten).
+(:mod:`stages.storage.shards`, written by :mod:`stages.reduce.index_writer`), the labels
+their codes name, the ``generation`` (one more at each append) and, above the
+exact-search limit, the HNSW graph's file ``hnsw-<generation>.faiss``.
+:func:`build_index` writes a whole new folder from ``RESULTS/projections`` and swaps it
+in; :func:`append_index` adds the rows of one new projections file (``watch --results``)
+as new shards, adds their vectors to the graph (HNSW takes additions) and writes the
+next generation: a running ``serve`` sees ``index.json`` change and loads it (the files
+of the generation it serves are never rewritten).  An index on a Hadoop filesystem is
+rebuilt instead of appended to (the app reads a local copy).
 
 Driver memory: the HNSW graph while it is built or extended (``n (4k + 8M)`` bytes,
 ``M`` = 32 links) and one shard's vectors at a time; the rows' paths, labels and
@@ -42,7 +43,7 @@ from linalg.vectors import (
 )
 from stages.base.contract import THUMB_PX
 from stages.base.errors import StepFailed, UsageError, explain
-from stages.reduce.index_writer import copy_down, copy_up, index_frame, label_list, write_shards
+from stages.reduce.index_writer import copy_up, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
 from stages.storage.fs import LocalFileSystem, local_path
 from stages.storage.outputs import atomic_output
@@ -261,39 +262,24 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
     if meta.get("format") != FORMAT or meta.get("pca_arrays_sha256") != sha:
         logger.warning(f"index: {folder} is of another PCA or format: rebuilding it")
         return build_index(spark, results)
-    local = local_path(folder)
-    if local is None and meta.get("kind") == "faiss-hnsw":
-        # The graph is extended where it is read; a remote index is rebuilt whole.
+    work = local_path(folder)
+    if work is None:
+        # The shards and the graph are extended where they are read (the app reads a local
+        # copy); on a Hadoop filesystem the index is rebuilt from the projections.
         return build_index(spark, results)
-    work = local if local is not None else _temp()
-    try:
-        df = index_frame(spark, projections)
-        labels = label_list(df, meta["labels"])
-        gen = int(meta["generation"]) + 1
-        new = write_shards(spark, df, work, labels, meta["dims"], f"g{gen:05d}-", local is None)
-        if not new:
-            return meta
-        previous = None
-        if meta.get("kind") == "faiss-hnsw":
-            previous = faiss.read_index(os.path.join(work, meta["hnsw"]["file"]))
-        elif local is None:
-            for s in meta["shards"]:  # the exact index's rows, for a graph over all
-                copy_down(
-                    spark, f"{folder}/shards/{s['name']}", os.path.join(work, "shards", s["name"])
-                )
-        meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
-        meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
-        meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
-        if local is None:
-            names = [f"shards/{s['name']}" for s in new] + ["index.json"]
-            if meta.get("hnsw"):
-                names.insert(0, meta["hnsw"]["file"])
-            _upload(spark, work, folder, names)
-        else:
-            _drop_old_graphs(work, gen)
-    finally:
-        if local is None:
-            shutil.rmtree(work, ignore_errors=True)
+    df = index_frame(spark, projections)
+    labels = label_list(df, meta["labels"])
+    gen = int(meta["generation"]) + 1
+    new = write_shards(spark, df, work, labels, meta["dims"], f"g{gen:05d}-")
+    if not new:
+        return meta
+    previous = None
+    if meta.get("kind") == "faiss-hnsw":
+        previous = faiss.read_index(os.path.join(work, meta["hnsw"]["file"]))
+    meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
+    meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
+    meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
+    _drop_old_graphs(work, gen)
     meta["append_s"] = time.perf_counter() - t0
     logger.info(
         f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "

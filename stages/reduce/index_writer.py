@@ -20,15 +20,12 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-
 from stages.base.sparkutil import session_conf
-from stages.storage.fs import local_path
 from stages.storage.shards import SHARD_FILES, ShardWriter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["index_frame", "label_list", "write_shards", "copy_up", "copy_down"]
+__all__ = ["index_frame", "label_list", "write_shards", "copy_up"]
 
 _SUMMARY = "shard string, part int, rows long, missing long, bytes long"
 _RELAY = "shard string, part int, file string, content binary"
@@ -184,44 +181,3 @@ def copy_up(spark, local: str, uri: str) -> None:
     jvm = spark.sparkContext._jvm
     fs, dst = _hadoop_path(spark, uri)
     fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path("file://" + local), dst)
-
-
-def copy_down(spark, uri: str, local: str) -> None:
-    """Copy ``uri`` (a file or folder) to the local path ``local`` with Hadoop."""
-    jvm = spark.sparkContext._jvm
-    fs, src = _hadoop_path(spark, uri)
-    fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path("file://" + local), True)
-
-
-def is_local(uri: str) -> bool:
-    """Whether the executors and the driver both write ``uri`` as a local path."""
-    return local_path(uri) is not None
-
-
-def new_work_dir(uri: str) -> str:
-    """The local folder to build into: ``uri`` itself when local, else a temp folder."""
-    path = local_path(uri)
-    if path is not None:
-        os.makedirs(path, exist_ok=True)
-        return path
-    return tempfile.mkdtemp(prefix="fruits-index-")
-
-
-def vectors_dims(df) -> int:
-    """k, from the first projection row (one row reaches the driver)."""
-    from pyspark.sql import functions as F
-
-    row = df.select(F.size("pca").alias("k")).first()
-    if row is None:
-        return 0
-    return int(row["k"])
-
-
-def shard_bytes(folder: str, name: str) -> int:
-    """Bytes on disk of one local shard."""
-    return sum(os.path.getsize(os.path.join(folder, "shards", name, f)) for f in SHARD_FILES)
-
-
-def to_float32(x) -> np.ndarray:
-    """``x`` as C-contiguous float32 (the vectors' type on disk)."""
-    return np.ascontiguousarray(x, dtype=np.float32)
