@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -66,7 +67,6 @@ def real_features(work: Path) -> Path:
     if (out / "_SUCCESS").exists():
         return out
     from stages.base.session import spark_session
-
     from stages.featurize import featurize
 
     spark = spark_session("scale-bench-real", master="local[2]")
@@ -138,7 +138,6 @@ def worker_reduce(args) -> None:
     """One ``reduce`` (with or without the index) in its own JVM."""
     quiet_env()
     from stages.base.session import spark_session
-
     from stages.reduce import reduce_features
 
     spark = spark_session("scale-bench", master="local[2]")
@@ -157,10 +156,38 @@ def worker_reduce(args) -> None:
             "memory": sampler.result(),
             "index": {
                 k: summary.get("index", {}).get(k)
-                for k in ("kind", "rows", "recall_at_10", "build_s")
+                for k in ("kind", "rows", "recall_at_10", "build_s", "build_steps_s")
             },
         }
     )
+
+
+def search_only(results: Path, queries: int) -> Dict[str, Any]:
+    """The index search alone (no model, no HTTP), in this process: warm p50/p95 of a
+    top-10 query at a row's vector plus noise, and the index's load time."""
+    import numpy as np
+
+    from stages.search.query import SearchIndex
+
+    t0 = time.perf_counter()
+    index = SearchIndex(str(results))
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(2)
+    rows = rng.choice(len(index), size=queries + 20, replace=False)
+    points = index.rows.take(np.sort(rows)).astype(np.float32)
+    points += rng.normal(scale=0.05, size=points.shape).astype(np.float32)
+    lat = []
+    for i, p in enumerate(points):
+        t = time.perf_counter()
+        index.vectors.search(p[None, :], 10)
+        if i >= 20:
+            lat.append(time.perf_counter() - t)
+    ms = np.array(lat) * 1000
+    return {
+        "load_s": load_s,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+    }
 
 
 def _free_port() -> int:
@@ -278,10 +305,28 @@ def run_size(n: int, args, real: Path) -> Dict[str, Any]:
     results = work / f"R{n}"
     out["index_mib"] = dir_bytes(results / "index") / MIB
     out["serve"] = measure_serve(results, args.queries, work / "logs" / f"serve-{n}.log")
+    out["serve"]["loadavg_1m"] = os.getloadavg()[0]
+    out["search_only"] = search_only(results, args.queries)
     print(f"[{n}] serve: {out['serve']}")
     if not args.skip_plain:
         shutil.rmtree(work / f"R{n}-noindex", ignore_errors=True)
     return out
+
+
+def _without(r: Dict[str, Any]) -> str:
+    """A run without the index, or the same run's time before its index step."""
+    if "without_index" in r:
+        return f"{r['without_index']['seconds']:.0f}"
+    return f"({r['with_index']['timings_s']['reduce_total']:.0f})"
+
+
+def _search(r: Dict[str, Any]) -> str:
+    s = r.get("search_only")
+    return "-" if s is None else f"{s['p50_ms']:.2f} / {s['p95_ms']:.2f}"
+
+
+def _steps(steps: Dict[str, float]) -> str:
+    return " / ".join(f"{steps.get(k, 0):.0f}" for k in ("shards", "graph", "statistics"))
 
 
 def tables(rows: List[Dict[str, Any]]) -> List[str]:
@@ -290,14 +335,16 @@ def tables(rows: List[Dict[str, Any]]) -> List[str]:
 
     t1 = table(
         ["rows", "reduce with index (s)", "index step (s)", "index share", "without index (s)",
-         "driver Python peak (MiB)", "driver JVM peak (MiB)"],
+         "index: shards / graph / statistics (s)", "driver Python peak (MiB)",
+         "driver JVM peak (MiB)"],
         [
             [
                 r["n"],
                 r["with_index"]["seconds"],
                 r["with_index"]["index"]["build_s"],
                 f"{r['with_index']['index']['build_s'] / r['with_index']['seconds']:.0%}",
-                r.get("without_index", {}).get("seconds", "-"),
+                _without(r),
+                _steps(r["with_index"]["index"].get("build_steps_s") or {}),
                 mem(r, "driver_python_peak_mib"),
                 mem(r, "jvm_peak_mib"),
             ]
@@ -307,7 +354,8 @@ def tables(rows: List[Dict[str, Any]]) -> List[str]:
     )  # fmt: skip
     t2 = table(
         ["rows", "index kind", "recall@10", "index on disk (MiB)", "serve RSS (MiB)",
-         "query p50 (ms)", "query p95 (ms)", "answer for a real photo"],
+         "query p50 / p95 (ms)", "search alone p50 / p95 (ms)", "load avg",
+         "answer for a real photo"],
         [
             [
                 r["n"],
@@ -315,8 +363,9 @@ def tables(rows: List[Dict[str, Any]]) -> List[str]:
                 r["with_index"]["index"]["recall_at_10"],
                 r["index_mib"],
                 r["serve"]["rss_mib"],
-                r["serve"]["p50_ms"],
-                r["serve"]["p95_ms"],
+                f"{r['serve']['p50_ms']:.0f} / {r['serve']['p95_ms']:.0f}",
+                _search(r),
+                r["serve"].get("loadavg_1m", "-"),
                 f"{r['serve']['photo']}: {r['serve']['verdict']}",
             ]
             for r in rows

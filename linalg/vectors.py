@@ -108,7 +108,8 @@ class VectorIndex:
             norms = self._block_norms(start, block)
             bid = np.empty((q.shape[0], mb), np.int64)
             bd2 = np.empty((q.shape[0], mb), np.float32)
-            step = max(1, min(256, 2**26 // rows))  # (step, rows) temporaries <= 256 MB
+            # (step, rows) temporaries: <= 64 MB of float32 and 128 MB of argpartition ids
+            step = max(1, min(256, 2**24 // rows))
             for s in range(0, q.shape[0], step):
                 d2 = norms[None, :] - 2.0 * (q[s : s + step] @ np.asarray(block).T)
                 if mb < rows:

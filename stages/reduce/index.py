@@ -144,11 +144,19 @@ def _graph(work: str, shards: ShardSet, generation: int, previous=None):
 
 
 def _finish(
-    work: str, meta: Dict[str, Any], exact_max: int, previous=None, append: bool = False
+    work: str,
+    meta: Dict[str, Any],
+    exact_max: int,
+    previous=None,
+    append: bool = False,
+    times: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
     """Open the shards of ``meta``, make (or extend ``previous``) the graph, write
     ``index.json``; the statistics are measured again unless an ``append`` leaves
-    the kind of search as it was and the rows less than doubled."""
+    the kind of search as it was and the rows less than doubled.  ``times`` gets the
+    seconds of the graph and of the statistics."""
+    times = {} if times is None else times
+    t0 = time.perf_counter()
     shards = ShardSet(work, meta["shards"], meta["labels"])
     n, gen = len(shards), meta["generation"]
     meta["rows"] = n
@@ -160,10 +168,12 @@ def _finish(
         meta["hnsw"].update(ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
     index = VectorIndex(shards, hnsw)
     meta["kind"] = index.kind
+    times["graph"] = time.perf_counter() - t0
     last = meta.get("statistics_rows") or 0
     if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last:
         _stats(meta, index, gen)
         meta["statistics_rows"], meta["statistics_kind"] = n, index.kind
+    times["statistics"] = time.perf_counter() - t0 - times["graph"]
     LocalFileSystem().write_bytes(
         os.path.join(work, "index.json"), json.dumps(meta, indent=2).encode()
     )
@@ -193,9 +203,11 @@ def build_index(
         work = local if local is not None else _temp()
         os.makedirs(work, exist_ok=True)
         try:
+            times = {"labels": time.perf_counter() - t0}
             shards = write_shards(
                 spark, df, work, labels, dims, "g00001-", local is None, chunk_rows
             )
+            times["shards"] = time.perf_counter() - t0 - times["labels"]
             meta: Dict[str, Any] = {
                 "format": FORMAT,
                 "generation": 1,
@@ -207,18 +219,22 @@ def build_index(
                 "shards": shards,
                 "thumbnails": {"px": THUMB_PX},
             }
-            meta = _finish(work, meta, exact_max)
+            meta = _finish(work, meta, exact_max, times=times)
             if local is None:
+                t_up = time.perf_counter()
                 _upload(spark, work, target)
+                times["upload"] = time.perf_counter() - t_up
         finally:
             if local is None:
                 shutil.rmtree(work, ignore_errors=True)
     # Not in index.json: the same projections give the same index, byte for byte.
     meta["build_s"] = time.perf_counter() - t0
+    meta["build_steps_s"] = times
     _warn_missing(meta)
     logger.info(
         f"index: {meta['rows']} rows, {len(meta['shards'])} shards, {meta['kind']} search, "
-        f"recall@10 {meta['recall_at_10']:.3f}, {meta['build_s']:.1f} s"
+        f"recall@10 {meta['recall_at_10']:.3f}, {meta['build_s']:.1f} s "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in times.items())})"
     )
     return meta
 
