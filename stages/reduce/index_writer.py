@@ -1,4 +1,4 @@
-"""Build ``RESULTS/index/`` on the executors, in shards (:mod:`stages.index_shards`).
+"""Build ``RESULTS/index/`` on the executors, in shards (:mod:`stages.storage.shards`).
 
 Each partition of ``RESULTS/projections`` (``path, label, pca`` and the ``thumb`` the
 features carried) becomes one shard, written by the task that reads it, one Arrow

@@ -18,7 +18,7 @@ import pytest
 from stages.cli import main
 from stages.featurize import featurize
 from stages.featurize.incremental import featurize_incremental
-from stages.reduce import index as index_main
+from stages.reduce import index as reduce_index
 from stages.reduce import reduce_features
 from stages.reduce.index import build_index
 from stages.reduce.update import update_reduce
@@ -80,7 +80,7 @@ def test_a_failed_index_step_keeps_the_projections_and_the_model(
     gone, tmp_path, monkeypatch, capsys
 ):
     results = tmp_path / "Results"
-    monkeypatch.setattr(index_main, "_finish", _failing_finish)
+    monkeypatch.setattr(reduce_index, "_finish", _failing_finish)
     assert main(["reduce", str(gone / "Features"), str(results), "--k", "5", "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fruits-pipeline: error: the index step failed ")
