@@ -171,8 +171,11 @@ def worker_update(args) -> Dict[str, Any]:
     )
     spark.stop()
     a, b = PCAModel.load(str(work / "Results")), PCAModel.load(str(work / "Full"))
-    rel = np.abs(a.fit.eigenvalues - b.fit.eigenvalues)[: args.k] / b.fit.eigenvalues[: args.k]
-    cos = np.abs(np.sum(a.fit.components * b.fit.components, axis=0))
+    rel = (
+        np.abs(a.pca_fit.eigenvalues - b.pca_fit.eigenvalues)[: args.k]
+        / b.pca_fit.eigenvalues[: args.k]
+    )
+    cos = np.abs(np.sum(a.pca_fit.components * b.pca_fit.components, axis=0))
     return {
         "rows": args.rows,
         "new_rows": args.new_rows,

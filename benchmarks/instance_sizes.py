@@ -1,25 +1,14 @@
-"""What a featurize run would take and cost on EMR clusters of several instance types and sizes.
+"""What a run would take and cost on EMR clusters of several instance types and sizes.
 
-A model, not a measurement: the per-core throughput comes from the latest
-``benchmarks/results/featurize*.json`` (Spark steady state on this machine, per
-executor core) or ``--img-per-core-s``; the rest are **assumptions to check**:
-
-* prices: on-demand EC2 + the EMR uplift, eu-west-3 (Paris), USD per hour, from
-  ``cluster.sizing.INSTANCE_TYPES``, recalled from
-  https://aws.amazon.com/ec2/pricing/on-demand/ and https://aws.amazon.com/emr/pricing/
-  (2024 list prices; not fetched here: no network); per-second billing, one-minute
-  minimum; the primary node is the same type as the core nodes and is billed too;
-* cluster start-up ~8 min (billed), once per run;
-* executor slots from ``cluster.sizing.executor_layout`` (one Python worker per slot,
-  memory-bound types get fewer slots with more threads) minus the driver's container;
-  a per-node efficiency (default 0.9) for the NodeManager, DataNode and OS;
-* an EMR vCPU runs MobileNetV2 as fast as one core of this machine (m5 and c5 are
-  Xeons of similar clock; c5's is ~10% higher: not counted);
-* S3 first-byte latency per image (default 15 ms) overlaps inference (Spark's writer
-  thread feeds the Python worker while it computes), so a slot runs at the slower of
-  compute and ``1 / latency``;
-* per-run fixed cost: the measured cold one-off (worker start, TensorFlow import,
-  model build) plus the listing of the input.
+A model, not a measurement: the one ``fruits-pipeline emr plan`` prints before a start
+(``cluster.costs.estimate``: featurize then reduce, start-up included; EC2, EMR uplift, EBS
+and S3 requests), swept over instance types, node counts and Spot task nodes.  The
+per-core throughput is the latest ``benchmarks/results/featurize*.json`` (Spark steady
+state on this machine, per executor core) or ``--img-per-core-s``; the rest are the
+**assumptions to check** that ``cluster/costs.py`` and ``cluster/sizing.py`` list (prices
+recalled, not fetched; ~8 min start-up; one 15 ms S3 GET per image overlapping inference;
+node efficiency 0.9; an EMR vCPU, x86_64 or Graviton, as fast as a core here; Spot at 0.4 x
+on-demand).
 
 ``--cluster-id j-XXX`` instead submits the partition sweep as real EMR steps and reads
 their times (needs AWS credentials and a cluster started by ``fruits-pipeline emr up``).
@@ -35,7 +24,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 import time
@@ -50,41 +38,39 @@ from benchmarks._common import RESULTS_DIR, write_results
 from benchmarks._table import pyplot, save_figure, show_tables, table
 
 IMAGE_COUNTS = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
-CORE_NODES = (2, 4, 8, 16)
-TYPES = ("m5.large", "m5.xlarge", "m5.2xlarge", "c5.xlarge", "r5.xlarge")
+NODES = (2, 4, 8, 16)  # core nodes; or 2 core + (N - 2) Spot task nodes
+TYPES = (
+    "m5.large", "m5.xlarge", "m5.2xlarge", "c5.xlarge", "r5.xlarge",
+    "m6g.large", "m6g.xlarge", "m7g.large", "m7g.xlarge", "m7g.2xlarge", "c7g.xlarge", "r7g.xlarge",
+)  # fmt: skip
+
+
 PRICE_SOURCE = (
     "on-demand Linux EC2 + Amazon EMR uplift, Europe (Paris) eu-west-3, USD/hour, 2024 list "
-    "prices as recalled from aws.amazon.com/ec2/pricing/on-demand and aws.amazon.com/emr/pricing;"
-    " NOT fetched (no network here): check before quoting"
+    "prices as recalled (Graviton: US East x 1.17) from aws.amazon.com/ec2/pricing/on-demand "
+    "and aws.amazon.com/emr/pricing; NOT fetched: check before quoting (cluster/sizing.py)"
 )
 
 
 @dataclass(frozen=True)
-class NodeType:
-    """What the model needs of an instance type."""
+class Config:
+    """One cluster of the sweep: ``core`` on-demand core nodes, ``task`` Spot task nodes."""
 
-    name: str
-    vcpu: int
-    memory_gib: int
-    ec2_usd: float
-    emr_usd: float
-    slots: int  # concurrent featurize tasks (Python workers) per node
-    threads_per_slot: int
+    type: str
+    core: int
+    task: int = 0
+
+    @property
+    def label(self) -> str:
+        """``m5.large x8`` or ``m5.large 2+6 spot``."""
+        spot = f"{self.core}+{self.task} spot" if self.task else f"x{self.core}"
+        return f"{self.type} {spot}"
 
 
-def node_types() -> Tuple[Dict[str, NodeType], str]:
-    """The instance table: ``cluster.sizing``'s instance types and executor layout."""
-    from cluster import sizing
-
-    out = {}
-    for name in TYPES:
-        it = sizing.INSTANCE_TYPES[name]
-        lay = sizing.executor_layout(name)
-        out[name] = NodeType(
-            name, it.vcpu, it.memory_gib, it.ec2_usd, it.emr_usd, lay.executors_per_node,
-            lay.task_cpus,
-        )  # fmt: skip
-    return out, "cluster.sizing.INSTANCE_TYPES + executor_layout"
+def configs() -> List[Config]:
+    """Every type at every node count, on-demand, and with Spot task nodes beyond 2 core."""
+    out = [Config(t, n) for t in TYPES for n in NODES]
+    return out + [Config(t, 2, n - 2) for t in TYPES for n in NODES if n > 2]
 
 
 def latest_featurize(alpha: float) -> Optional[Dict[str, Any]]:
@@ -134,33 +120,37 @@ def throughput_inputs(args) -> Dict[str, Any]:
     }
 
 
-def plan_row(
-    nt: NodeType, core_nodes: int, images: int, rate: float, fixed_s: float, args
-) -> Dict[str, Any]:
-    """Time and cost of one featurize run of ``images`` on ``core_nodes`` nodes of ``nt``."""
-    slots = max(1, core_nodes * nt.slots - 1)  # the driver's container takes one
-    per_slot_compute = rate * nt.threads_per_slot * args.efficiency
-    per_slot_s3 = 1000.0 / args.s3_get_ms if args.s3_get_ms > 0 else math.inf
-    per_slot = min(per_slot_compute, per_slot_s3)
-    cluster_rate = slots * per_slot
-    # Fewer images than slots cannot use them all; tasks are image batches of 64.
-    busy = min(slots, max(1, math.ceil(images / 64)))
-    listing_s = images / args.list_per_s
-    job_s = fixed_s + listing_s + images / (busy * per_slot)
-    billed_s = max(60.0, args.startup_min * 60 + job_s)
-    nodes = 1 + core_nodes
-    usd = billed_s / 3600 * nodes * (nt.ec2_usd + nt.emr_usd)
+def plan_row(cfg: Config, images: int, rate: float, args) -> Dict[str, Any]:
+    """Time and cost of one run of ``images`` on ``cfg`` (``cluster.costs.estimate``)."""
+    from cluster import costs
+    from cluster.spec import ClusterOptions
+
+    opts = ClusterOptions(
+        bucket="b-b", instance_type=cfg.type, core=cfg.core, task=cfg.task, spot=cfg.task > 0
+    )
+    model = costs.Model(
+        startup_s=args.startup_min * 60,
+        efficiency=args.efficiency,
+        s3_get_ms=args.s3_get_ms,
+        list_per_s=args.list_per_s,
+        img_per_core_s=rate,
+        **({"step_start_s": args.fixed_s} if args.fixed_s is not None else {}),
+    )
+    est = costs.estimate(opts, images, "model", "litert", args.alpha, model)
     return {
-        "type": nt.name,
-        "core_nodes": core_nodes,
-        "slots": slots,
-        "img_s": cluster_rate,
-        "s3_bound": per_slot_s3 < per_slot_compute,
+        "type": cfg.type,
+        "config": cfg.label,
+        "core_nodes": cfg.core,
+        "spot_task_nodes": cfg.task,
+        "slots": est.slots,
+        "img_s": est.slots * est.slot_rate,
+        "s3_bound": est.s3_bound,
         "images": images,
-        "job_s": job_s,
-        "total_s": billed_s,
-        "usd": usd,
-        "usd_per_hour": nodes * (nt.ec2_usd + nt.emr_usd),
+        "total_s": est.total_s,
+        "usd": est.total_usd,
+        "usd_items": est.usd,
+        "usd_per_million": est.total_usd / images * 1e6,
+        "usd_per_hour": costs.hourly_cost(opts)["total_usd"],
     }
 
 
@@ -181,53 +171,38 @@ def time_cost(r: Dict[str, Any]) -> str:
 
 def model(args) -> int:
     """Print the time/cost tables and the assumptions; write JSON and a PNG."""
-    types, table_source = node_types()
+    from cluster import costs
+
     inputs = throughput_inputs(args)
-    rate, fixed = inputs["img_per_core_s"], inputs["fixed_s"]
+    rate = inputs["img_per_core_s"]
     counts = IMAGE_COUNTS
-    rows = [
-        plan_row(types[t], n, images, rate, fixed, args)
-        for t in TYPES
-        for n in CORE_NODES
-        for images in counts
-    ]
+    sweep = configs()
+    rows = [plan_row(cfg, images, rate, args) for cfg in sweep for images in counts]
+    step_s = args.fixed_s if args.fixed_s is not None else costs.STEP_START_S
     assumptions = [
-        f"per-core throughput {rate:.1f} img/s ({inputs['source']})",
-        f"fixed per run {fixed:.0f} s (cold one-off: driver conversion, workers, model build)",
-        f"cluster start-up {args.startup_min:g} min, billed; per-second billing, 1 min minimum",
+        f"per-core throughput {rate:.1f} img/s ({inputs['source']}), x86_64 and Graviton alike",
+        f"cluster start-up {args.startup_min:g} min, billed; {step_s:g} s to start each step",
         f"per-node efficiency {args.efficiency:g} (NodeManager, DataNode, OS)",
         f"S3 first-byte latency {args.s3_get_ms:g} ms per image, overlapped with inference",
-        f"listing {args.list_per_s:g} objects/s",
-        f"instance table: {table_source}; prices: {PRICE_SOURCE}",
-        "primary node: same type as the core nodes, billed; slots = nodes x Python workers"
-        " per node - 1 (the driver's container)",
+        f"listing {args.list_per_s:g} objects/s; reduce: 0.236 core-s per 1000 rows (local fit)",
+        f"prices: {PRICE_SOURCE}; EBS gp3 {costs.EBS_USD_PER_GIB_MONTH} USD/GiB-month; S3 "
+        f"{costs.S3_GET_USD_PER_1000} USD per 1000 GET, {costs.S3_PUT_LIST_USD_PER_1000} per "
+        f"1000 PUT/LIST; Spot EC2 at {costs.SPOT_FRACTION:g} x on-demand",
+        "primary node: same type as the others, billed; slots = nodes x Python workers"
+        " per node - the driver's container",
     ]
     print("Assumptions (check them):")
     for a in assumptions:
         print("  - " + a)
     print()
-    headers = [
-        "type",
-        "core nodes",
-        "slots",
-        "USD/h",
-        "img/s",
-        *[f"{n:.0e} images" for n in counts],
-    ]
+    headers = ["cluster", "slots", "USD/h", "img/s", *[f"{n:.0e} images" for n in counts]]
     body = []
-    for t in TYPES:
-        for n in CORE_NODES:
-            cells = [r for r in rows if r["type"] == t and r["core_nodes"] == n]
-            body.append(
-                [
-                    t,
-                    n,
-                    cells[0]["slots"],
-                    cells[0]["usd_per_hour"],
-                    cells[0]["img_s"],
-                    *[time_cost(c) for c in cells],
-                ]
-            )
+    for cfg in sweep:
+        cells = [r for r in rows if r["config"] == cfg.label]
+        body.append(
+            [cfg.label, cells[0]["slots"], cells[0]["usd_per_hour"], cells[0]["img_s"]]
+            + [time_cost(c) for c in cells]
+        )
     tables = [table(headers, body, digits=2)]
     best = []
     for images in counts:
@@ -237,18 +212,26 @@ def model(args) -> int:
         best.append(
             [
                 f"{images:.0e}",
-                f"{cheap['type']} x{cheap['core_nodes']}",
+                cheap["config"],
                 time_cost(cheap),
-                f"{fast['type']} x{fast['core_nodes']}",
+                f"{cheap['usd_per_million']:.2f}",
+                fast["config"],
                 time_cost(fast),
             ]
         )
-    tables.append(table(["images", "cheapest", "time / cost", "fastest", "time / cost"], best))
+    heads = ["images", "cheapest", "time / cost", "USD per 1M images", "fastest", "time / cost"]
+    tables.append(table(heads, best))
+    big = max(counts)
+    items = min((r for r in rows if r["images"] == big), key=lambda r: r["usd"])["usd_items"]
+    tables.append(
+        f"cheapest at {big:.0e} images, itemised (USD): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in items.items())
+    )
     if any(r["s3_bound"] for r in rows):
         tables.append(
-            f"note: at {rate:.1f} img/s per core and {args.s3_get_ms:g} ms per S3 GET, slots of "
-            + ", ".join(sorted({r["type"] for r in rows if r["s3_bound"]}))
-            + " wait on S3, not the model"
+            f"note: at {rate:.1f} img/s per core and {args.s3_get_ms:g} ms per S3 GET, the "
+            f"slots of {len({r['type'] for r in rows if r['s3_bound']})} of {len(TYPES)} types "
+            "wait on S3, not the model"
         )
     show_tables(tables)
     stem = args.stem or "instance_sizes"
@@ -263,7 +246,6 @@ def model(args) -> int:
             "s3_get_ms": args.s3_get_ms,
             "list_per_s": args.list_per_s,
         },
-        "node_types": {k: vars(v) for k, v in types.items()},
         "rows": rows,
     }
     path = write_results(stem, data, tables)
@@ -273,17 +255,20 @@ def model(args) -> int:
 
 
 def plot(rows: List[Dict[str, Any]], path: Path) -> None:
-    """Cost against time for every configuration, at 1e6 and 1e7 images."""
+    """Cost against time for every on-demand configuration, at 1e6 and 1e7 images."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    markers = dict(zip(TYPES, "osD^v"))
+    markers = "osD^vP*Xdh<>"
     for ax, images in zip(axes, (1_000_000, 10_000_000)):
-        for t in TYPES:
-            pts = [r for r in rows if r["type"] == t and r["images"] == images]
+        for t, marker in zip(TYPES, markers):
+            pts = [
+                r for r in rows if r["type"] == t and r["images"] == images
+                and not r["spot_task_nodes"]
+            ]  # fmt: skip
             ax.plot(
                 [r["total_s"] / 3600 for r in pts],
                 [r["usd"] for r in pts],
-                marker=markers[t],
+                marker=marker,
                 label=t,
             )
             for r in pts:
@@ -293,7 +278,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("hours (start-up included)")
         ax.set_ylabel("USD (assumed prices)")
         ax.set_title(f"{images:.0e} images (labels: core nodes)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path)
 
 
@@ -359,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-per-core-s", type=float, default=None, help="instead of the results JSON")
     p.add_argument("--alpha", type=float, default=1.0, help="which measured alpha (default 1.0)")
     p.add_argument(
-        "--fixed-s", type=float, default=None, help="per-run fixed s (default: measured)"
+        "--fixed-s", type=float, default=None, help="seconds to start each step (default 45)"
     )
     p.add_argument("--startup-min", type=float, default=8.0)
     p.add_argument("--efficiency", type=float, default=0.9)

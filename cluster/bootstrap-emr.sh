@@ -32,6 +32,13 @@ PINS=(
   "matplotlib==3.11.2"
   "faiss-cpu==1.15.1"
 )
+# Graviton (aarch64) nodes: the same versions, as aarch64 wheels.  tensorflow-cpu has no
+# aarch64 wheel; there `tensorflow` is the CPU build (no CUDA on aarch64).  Every other pin
+# has one (`fruits-pipeline emr plan --instance-type m7g.xlarge` asks PyPI before a start).
+# cluster/package.py's AARCH64_NAMES is this table (tests/cluster/test_bootstrap.py).
+if [ "$(uname -m)" = "aarch64" ]; then
+  PINS=("${PINS[@]/#tensorflow-cpu==/tensorflow==}")
+fi
 
 log() { echo "fruits-pipeline bootstrap: $*" >&2; }
 
@@ -54,7 +61,7 @@ log "pip install ${PINS[*]}"
 sudo "$PYTHON" -m pip install --quiet --no-cache-dir --disable-pip-version-check "${PINS[@]}"
 # Fail here, with the reason in the bootstrap log, rather than in a Spark task.
 "$PYTHON" -c "import numpy, scipy, pandas, pyarrow, PIL, matplotlib, tensorflow; print('tensorflow', tensorflow.__version__)"
-# The default featurize engine (LiteRT): an x86_64 wheel only, so no Graviton (aarch64) nodes.
+# The default featurize engine (LiteRT): x86_64 and aarch64 (manylinux_2_27) wheels.
 "$PYTHON" -c "from ai_edge_litert.interpreter import Interpreter; print('ai-edge-litert ok')"
 
 # The project: the wheel `emr up` built from the same files as s3://B/code/VERSION/.

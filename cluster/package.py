@@ -42,6 +42,7 @@ from stages.base.errors import UsageError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AARCH64_NAMES",
     "ENTRY_POINTS",
     "PACKAGES",
     "Bundle",
@@ -67,6 +68,8 @@ _SKIP_DIRS = {"__pycache__"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 # 1980-01-01, the zip epoch: the same files always give the same bytes (and version).
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+# What the bootstrap installs instead on aarch64 (Graviton) nodes, same version.
+AARCH64_NAMES: Dict[str, str] = {"tensorflow-cpu": "tensorflow"}
 _PIN_RE = re.compile(r"[\"']?([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)[\"']?")
 
 
@@ -185,13 +188,17 @@ def bootstrap_script() -> str:
     return Path(__file__).with_name(BOOTSTRAP_NAME).read_text(encoding="utf-8")
 
 
-def bootstrap_pins(script: Optional[str] = None) -> Dict[str, str]:
-    """``{package: version}`` of the ``NAME==VERSION`` pins in the bootstrap's ``PINS``."""
+def bootstrap_pins(script: Optional[str] = None, arch: str = "x86_64") -> Dict[str, str]:
+    """``{package: version}`` of the ``NAME==VERSION`` pins in the bootstrap's ``PINS``.
+
+    ``arch="aarch64"``: what a Graviton node installs (:data:`AARCH64_NAMES`).
+    """
     text = bootstrap_script() if script is None else script
     m = re.search(r"^PINS=\((.*?)^\)", text, re.S | re.M)
     if not m:
         raise ValueError("bootstrap-emr.sh has no PINS=( ... ) array")
-    return {name: version for name, version in _PIN_RE.findall(m.group(1))}
+    names = AARCH64_NAMES if arch == "aarch64" else {}
+    return {names.get(name, name): version for name, version in _PIN_RE.findall(m.group(1))}
 
 
 def requirements_text(pins: Optional[Dict[str, str]] = None) -> str:

@@ -21,9 +21,9 @@ __all__ = [
     "JVM_OVERHEAD_MIB",
     "MIN_HEAP_MIB",
     "PYTHON_WORKER_MIB",
+    "ROOT_VOLUME_GIB",
     "ExecutorLayout",
     "InstanceType",
-    "cluster_cost_per_hour",
     "executor_layout",
     "find_instance_type",
 ]
@@ -36,7 +36,10 @@ class InstanceType:
     ``yarn_mib`` is EMR's default ``yarn.nodemanager.resource.memory-mb`` for the type
     (EMR Release Guide, "Task configuration"): what YARN may hand to containers.
     Prices are USD per hour, on-demand, Linux, eu-west-3: ``ec2_usd`` the instance,
-    ``emr_usd`` EMR's uplift on top of it.
+    ``emr_usd`` EMR's uplift on top of it.  ``arch`` is the CPU architecture of the
+    wheels the bootstrap installs (``x86_64``, or ``aarch64`` for Graviton); ``ebs_gib``
+    the EBS data volumes EMR attaches by default to a node of the type (beside the
+    32 GiB root volume the request asks for).
     """
 
     name: str
@@ -45,24 +48,44 @@ class InstanceType:
     yarn_mib: int
     ec2_usd: float
     emr_usd: float
+    arch: str = "x86_64"
+    ebs_gib: int = 32
 
 
 # Prices: ASSUMPTIONS, as recalled from the AWS pricing pages (EC2 On-Demand and Amazon
 # EMR, region "Europe (Paris)"), 2024 list prices; not re-checked here (no network).
 # Check https://aws.amazon.com/ec2/pricing/on-demand/ and https://aws.amazon.com/emr/pricing/
 # before quoting a cost.  EC2 and the EMR uplift are billed separately, per second.
+# Graviton (aarch64) rows: the recalled US East list price times 1.17, the Paris/US East
+# ratio of the m5, c5 and r5 rows above; the EMR uplift is the US East one (as for those
+# rows).  Also recalled, not quoted: check them, and that the type is offered in the
+# region's Availability Zone, before relying on them.  ``ebs_gib``: EMR's default data
+# volumes per node ("Default Amazon EBS storage for instances", EMR Management Guide, as
+# recalled: 32 GiB for a large, 64 GiB for an xlarge, 128 GiB for a 2xlarge).
 INSTANCE_TYPES: Dict[str, InstanceType] = {
     it.name: it
     for it in (
-        InstanceType("m5.large", 2, 8, 6144, 0.112, 0.024),
-        InstanceType("m5.xlarge", 4, 16, 12288, 0.224, 0.048),
-        InstanceType("m5.2xlarge", 8, 32, 24576, 0.448, 0.096),
-        InstanceType("c5.xlarge", 4, 8, 6144, 0.202, 0.043),
-        InstanceType("r5.xlarge", 4, 32, 24576, 0.296, 0.063),
+        InstanceType("m5.large", 2, 8, 6144, 0.112, 0.024, "x86_64", 32),
+        InstanceType("m5.xlarge", 4, 16, 12288, 0.224, 0.048, "x86_64", 64),
+        InstanceType("m5.2xlarge", 8, 32, 24576, 0.448, 0.096, "x86_64", 128),
+        InstanceType("c5.xlarge", 4, 8, 6144, 0.202, 0.043, "x86_64", 64),
+        InstanceType("r5.xlarge", 4, 32, 24576, 0.296, 0.063, "x86_64", 64),
+        InstanceType("m6g.large", 2, 8, 6144, 0.0898, 0.0193, "aarch64", 32),
+        InstanceType("m6g.xlarge", 4, 16, 12288, 0.1797, 0.0385, "aarch64", 64),
+        InstanceType("m7g.large", 2, 8, 6144, 0.0952, 0.0204, "aarch64", 32),
+        InstanceType("m7g.xlarge", 4, 16, 12288, 0.1904, 0.0408, "aarch64", 64),
+        InstanceType("m7g.2xlarge", 8, 32, 24576, 0.3808, 0.0816, "aarch64", 128),
+        InstanceType("c7g.xlarge", 4, 8, 6144, 0.1692, 0.0363, "aarch64", 64),
+        InstanceType("r7g.xlarge", 4, 32, 24576, 0.2499, 0.0536, "aarch64", 64),
     )
 }
 
-# Memory of one Python worker, per featurize engine (stages.featurize.engine), from measured peaks
+# The root volume of every node (the request's EbsRootVolumeSize): pip's TensorFlow adds
+# ~1.5 GB to it, more than EMR's default 15 GiB leaves free.
+ROOT_VOLUME_GIB = 32
+
+# Memory of one Python worker, per featurize engine (stages.featurize.engine), from measured
+# peaks
 # (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 8, peak RSS
 # ~0.3 GB at alpha 1.0.  Keras: ~0.6 GB after building MobileNetV2, peaking near 1.9 GB
 # with alpha 1.0 and batches of 64.
@@ -167,22 +190,3 @@ def executor_layout(instance_type: str, engine: str = "litert") -> ExecutorLayou
         driver_overhead_mib=driver_overhead,
         driver_slots=driver_slots,
     )
-
-
-def cluster_cost_per_hour(instance_type: str, nodes: int) -> Dict[str, float]:
-    """USD per hour of ``nodes`` nodes of one type (on-demand prices).
-
-    Returns
-    -------
-    dict
-        ``nodes``, ``ec2_usd``, ``emr_usd``, ``total_usd`` (per hour).
-    """
-    it = find_instance_type(instance_type)
-    ec2 = nodes * it.ec2_usd
-    emr = nodes * it.emr_usd
-    return {
-        "nodes": nodes,
-        "ec2_usd": round(ec2, 4),
-        "emr_usd": round(emr, 4),
-        "total_usd": round(ec2 + emr, 4),
-    }

@@ -15,19 +15,20 @@ Layout in the bucket ``B`` (the IAM policy of :mod:`cluster.policy` follows it):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from cluster.budget import RUN_TAG, check_alerts
+from cluster.classifications import PYTHON, configurations
 from cluster.guard import DEFAULT_REGION, check_region, parse_s3_uri, validate_bucket_name
-from cluster.sizing import cluster_cost_per_hour, executor_layout
+from cluster.network import check_cidr
+from cluster.sizing import ROOT_VOLUME_GIB, executor_layout
 from stages.base.errors import UsageError
 
 __all__ = [
     "BOOTSTRAP_NAME",
     "DIST_NAME",
     "JUPYTER_USER",
-    "LIVY_SESSION_TIMEOUT",
     "NODE_WEIGHTS_DIR",
     "NOTEBOOK_NAME",
     "PYTHON",
@@ -38,12 +39,8 @@ __all__ = [
     "build_request",
     "code_uri",
     "code_version",
-    "configurations",
-    "hourly_cost",
-    "livy_session_configs",
     "log_uri",
     "notebook_key",
-    "spark_defaults",
     "stage_step",
     "step_log_uri",
     "validate_options",
@@ -51,9 +48,6 @@ __all__ = [
 ]
 
 RELEASE_LABEL = "emr-7.6.0"  # Spark 3.5.3, Amazon Linux 2023
-# EMR 7.6.0 runs PySpark on Python 3.9 by default; the bootstrap installs our libraries
-# for 3.11, and the spark-env classification points Spark at it.
-PYTHON = "/usr/bin/python3.11"
 
 CODE_PREFIX = "code/"
 LOG_PREFIX = "logs/emr/"
@@ -73,41 +67,9 @@ STAGE_SCRIPTS: Dict[str, str] = {
 # Where the bootstrap copies the bundled weights, for steps given --weights bundled (the
 # installed package has them too, as stages/weights/*.h5 in site-packages).
 NODE_WEIGHTS_DIR = "/opt/fruits-pipeline/weights"
-# Livy ends a notebook session idle this long.  An open session is a running YARN
-# application, and EMR never counts a cluster with one as idle: without this limit a
-# forgotten notebook would keep the cluster (and the bill) alive past its idle timeout.
-LIVY_SESSION_TIMEOUT = "1h"
 
 TAGS: Dict[str, str] = {"project": "fruits-pipeline", "data-residency": "eu"}
 CODE_TAG = "code-uri"  # lets `emr submit` find the code a cluster was bootstrapped with
-
-
-def spark_defaults(instance_type: str, engine: str = "litert") -> Dict[str, str]:
-    """The ``spark-defaults`` classification for core/task nodes of ``instance_type``."""
-    lay = executor_layout(instance_type, engine)
-    return {
-        "spark.executor.cores": str(lay.cores),
-        "spark.task.cpus": str(lay.task_cpus),
-        "spark.executor.memory": f"{lay.heap_mib}m",
-        "spark.executor.memoryOverhead": f"{lay.overhead_mib}m",
-        "spark.driver.cores": "1",
-        "spark.driver.memory": f"{lay.driver_heap_mib}m",
-        # the Python driver imports TensorFlow, builds the model and converts it
-        "spark.driver.memoryOverhead": f"{lay.driver_overhead_mib}m",
-        "spark.pyspark.python": PYTHON,
-        "spark.pyspark.driver.python": PYTHON,
-        # one model build per worker, not per task (8x slower without, measured)
-        "spark.python.worker.reuse": "true",
-        # binaryFile packs ~30 small JPEGs per 4 MB split by default: far too few tasks
-        "spark.sql.files.openCostInBytes": "65536",
-        # managed scaling needs it; a longer idle timeout keeps executors (and their
-        # models) between the jobs of one step
-        "spark.dynamicAllocation.enabled": "true",
-        "spark.dynamicAllocation.executorIdleTimeout": "300s",
-        # a second driver attempt would redo an hour of featurizing, then fail on the
-        # existing output: fail once, clearly
-        "spark.yarn.maxAppAttempts": "1",
-    }
 
 
 @dataclass(frozen=True)
@@ -130,6 +92,14 @@ class ClusterOptions:
     subnet_id: Optional[str] = None
     key_name: Optional[str] = None
     security_configuration: Optional[str] = None
+    # cost and access (cluster.costs, cluster.deadline, cluster.budget, cluster.network)
+    run_id: Optional[str] = None  # the value of the cost-allocation tag fruits-pipeline:run
+    max_cost: Optional[float] = None
+    budget: Optional[float] = None
+    alert_emails: Tuple[str, ...] = ()
+    alert_sns: Optional[str] = None
+    ssh_from: Optional[str] = None
+    ssh_from_anywhere: bool = False
 
 
 def validate_options(opts: ClusterOptions) -> ClusterOptions:
@@ -152,6 +122,18 @@ def validate_options(opts: ClusterOptions) -> ClusterOptions:
             f"--max-instances {opts.max_instances} is below the {opts.core + opts.task} "
             "core and task nodes asked for: raise it or drop it"
         )
+    if opts.max_cost is not None and not opts.max_cost > 0:
+        raise UsageError(f"--max-cost {opts.max_cost:g} must be above 0 USD")
+    check_alerts(opts.budget, opts.alert_emails, opts.alert_sns)
+    if opts.ssh_from_anywhere and not opts.ssh_from:
+        raise UsageError("--ssh-from-anywhere goes with --ssh-from 0.0.0.0/0 (or ::/0)")
+    if opts.ssh_from:
+        check_cidr(opts.ssh_from, opts.ssh_from_anywhere)
+        if not opts.key_name:
+            raise UsageError(
+                "--ssh-from opens port 22, but without --key-name no one can log in: "
+                "add --key-name KEYPAIR"
+            )
     return opts
 
 
@@ -190,96 +172,6 @@ def step_log_uri(cluster_log_uri: str, cluster_id: str, step_id: str) -> str:
     """Where EMR puts a step's ``stdout.gz``/``stderr.gz`` (a few minutes after it ends)."""
     base = cluster_log_uri if cluster_log_uri.endswith("/") else cluster_log_uri + "/"
     return f"{base}{cluster_id}/steps/{step_id}/"
-
-
-def configurations(opts: ClusterOptions) -> List[Dict[str, Any]]:
-    """The ``Configurations`` of the request: Python 3.11, Spark sizing, notebooks."""
-    confs: List[Dict[str, Any]] = [
-        {
-            "Classification": "spark-env",
-            "Properties": {},
-            "Configurations": [
-                {
-                    "Classification": "export",
-                    "Properties": {"PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON},
-                }
-            ],
-        },
-        {
-            "Classification": "spark-defaults",
-            "Properties": spark_defaults(opts.instance_type, opts.engine),
-        },
-    ]
-    if opts.notebook:
-        confs += [
-            # JupyterHub saves notebooks to s3://B/jupyter/<user>/, not the primary's disk.
-            {
-                "Classification": "jupyter-s3-conf",
-                "Properties": {
-                    "s3.persistence.enabled": "true",
-                    "s3.persistence.bucket": opts.bucket,
-                },
-            },
-            # Livy's PySpark sessions: the driver in a YARN container on a core node (as a
-            # step's), not on the primary beside JupyterHub, YARN and HDFS daemons.
-            {
-                "Classification": "livy-conf",
-                "Properties": {
-                    "livy.spark.deploy-mode": "cluster",
-                    "livy.server.session.timeout-check": "true",
-                    "livy.server.session.timeout": LIVY_SESSION_TIMEOUT,
-                },
-            },
-            # Livy starts the session's Python from spark.pyspark.python, else from
-            # PYSPARK_PYTHON: the 3.11 the bootstrap installed the project into.
-            {
-                "Classification": "livy-env",
-                "Properties": {},
-                "Configurations": [
-                    {
-                        "Classification": "export",
-                        "Properties": {"PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON},
-                    }
-                ],
-            },
-            {
-                "Classification": "jupyter-sparkmagic-conf",
-                "Properties": {
-                    "session_configs": json.dumps(
-                        livy_session_configs(opts.instance_type, opts.engine), sort_keys=True
-                    )
-                },
-            },
-        ]
-    return confs
-
-
-def livy_session_configs(instance_type: str, engine: str = "litert") -> Dict[str, Any]:
-    """Sparkmagic's ``session_configs``: what every PySpark kernel asks Livy for.
-
-    Sparkmagic sends its own defaults with each new session (``driverMemory`` 1000M,
-    ``executorCores`` 2), and they override ``spark-defaults``.  Two cores would put two
-    Python workers, two TensorFlow models, in an executor sized for one, and YARN would
-    kill it in the middle of a featurize.  So the session asks for exactly the layout of
-    :func:`spark_defaults`: the driver sized like a step's (the model is built once in
-    its Python process, inside the container's overhead), one Python worker per
-    executor, and Python 3.11 on the driver (``spark.yarn.appMasterEnv``, cluster mode)
-    and the executors.
-    """
-    d = spark_defaults(instance_type, engine)  # one layout: the steps' and the kernel's
-    keys = ("spark.driver.memoryOverhead", "spark.executor.memoryOverhead", "spark.task.cpus")
-    return {
-        "driverMemory": d["spark.driver.memory"],
-        "driverCores": int(d["spark.driver.cores"]),
-        "executorMemory": d["spark.executor.memory"],
-        "executorCores": int(d["spark.executor.cores"]),
-        "conf": {
-            **{k: d[k] for k in keys},
-            "spark.pyspark.python": d["spark.pyspark.python"],
-            "spark.pyspark.driver.python": d["spark.pyspark.driver.python"],
-            "spark.yarn.appMasterEnv.PYSPARK_PYTHON": d["spark.pyspark.python"],
-        },
-    }
 
 
 def build_request(
@@ -327,6 +219,8 @@ def build_request(
     if opts.key_name:
         instances["Ec2KeyName"] = opts.key_name
     apps = ["Spark"] + (["JupyterHub", "Livy"] if opts.notebook else [])
+    # EMR copies the cluster's tags to its EC2 instances: the run tag reaches the bill.
+    tags = {**TAGS, CODE_TAG: code, **({RUN_TAG: opts.run_id} if opts.run_id else {})}
     request: Dict[str, Any] = {
         "Name": opts.name,
         "ReleaseLabel": RELEASE_LABEL,
@@ -342,15 +236,16 @@ def build_request(
                 },
             }
         ],
-        "Configurations": configurations(opts),
+        "Configurations": configurations(
+            opts.instance_type, opts.engine, opts.bucket if opts.notebook else None
+        ),
         "JobFlowRole": opts.job_flow_role,
         "ServiceRole": opts.service_role,
         "VisibleToAllUsers": True,
         "AutoTerminationPolicy": {"IdleTimeout": opts.idle_timeout},
         "ScaleDownBehavior": "TERMINATE_AT_TASK_COMPLETION",
-        # pip's TensorFlow adds ~1.5 GB to the root volume (15 GiB by default)
-        "EbsRootVolumeSize": 32,
-        "Tags": [{"Key": k, "Value": v} for k, v in {**TAGS, CODE_TAG: code}.items()],
+        "EbsRootVolumeSize": ROOT_VOLUME_GIB,
+        "Tags": [{"Key": k, "Value": v} for k, v in tags.items()],
     }
     if steps:
         request["Steps"] = list(steps)
@@ -418,20 +313,6 @@ def stage_step(
         "ActionOnFailure": action_on_failure,
         "HadoopJarStep": {"Jar": "command-runner.jar", "Args": args},
     }
-
-
-def hourly_cost(opts: ClusterOptions) -> Dict[str, float]:
-    """USD per hour of the cluster at start (on-demand prices; Spot counted at on-demand).
-
-    Every node of the request: the primary, the core and the task nodes
-    (:func:`cluster.sizing.cluster_cost_per_hour` has the prices).
-
-    Returns
-    -------
-    dict
-        ``nodes``, ``ec2_usd``, ``emr_usd``, ``total_usd`` (per hour).
-    """
-    return cluster_cost_per_hour(opts.instance_type, 1 + opts.core + opts.task)
 
 
 def _group(name: str, role: str, instance_type: str, count: int, market: str = "ON_DEMAND"):

@@ -31,20 +31,21 @@ from typing import Any, Dict, Optional
 from stages.base.contract import IMAGE_GLOB, model_identity
 from stages.base.errors import UsageError
 from stages.base.params import WatchParams
-from stages.base.sparkutil import session_conf
 from stages.featurize.frame import (
-    NO_DICTIONARY,
     choose_partitions,
     featurize_frame,
     paths_are_url_encoded,
     prepare_features_model,
+    require_input,
+    write_features,
 )
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.update import project_pending, project_run
 from stages.storage import hadoopfs
+from stages.storage.layout import Results
 from stages.storage.table import (
     FeaturesTable,
-    check_same_model,
+    RunRecord,
     incremental_schema,
     new_run_id,
     now_iso,
@@ -118,22 +119,19 @@ class _Sink:
         out = frame.df.join(F.broadcast(todo), "path").select(
             *[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema]
         )
-        with session_conf(spark, frame.settings):
-            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(table.staging_uri(run))
-        record = {
-            "run": run,
-            "kind": "watch",
-            "input": self.input,
-            "query": self.query_id,
-            "batch": int(batch_id),
-            "started": started,
-            "committed": now_iso(),
-            "rows": frame.images,
-            "new": frame.images,
-            "errors": frame.errors,
-            "model": self.spec.to_dict(),
-            "removes": [],
-        }
+        write_features(spark, out, table.staging_uri(run), frame.settings)
+        record = RunRecord(
+            run=run,
+            kind="watch",
+            input=self.input,
+            query=self.query_id,
+            batch=int(batch_id),
+            started=started,
+            rows=frame.images,
+            new=frame.images,
+            errors=frame.errors,
+            model=self.spec.to_dict(),
+        )
         table.commit(record)
         self.done.add(batch_id)
         self.committed.update(r[0] for r in todo_rows)
@@ -187,22 +185,13 @@ def watch(
     """
 
     opts = WatchParams.of(params, **options)
-    if not hadoopfs.exists(spark, input_path):
-        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
-    if hadoopfs.bucket_missing(spark, features):
-        raise UsageError(f"the bucket of output {features} does not exist: create it first")
+    require_input(spark, input_path)
     spec, weights, batch_size = prepare_features_model(opts)
     opts = dataclasses.replace(opts, batch_size=batch_size)
-    table = FeaturesTable(spark, features)
-    if hadoopfs.has_data(spark, features):
-        table.recover()
-        if table.records() or table.flat_files():
-            check_same_model(table.model(), spec, f"features {features}")
-        if table.flat_files():
-            table.migrate_flat()
+    table = FeaturesTable(spark, features).open_for_append(spec)
     model = None
     if opts.results:
-        if not hadoopfs.exists(spark, opts.results.rstrip("/") + "/pca_model"):
+        if not hadoopfs.exists(spark, Results(opts.results).model):
             raise UsageError(
                 f"--results {opts.results} holds no pca_model: run `fruits-pipeline reduce` first"
             )

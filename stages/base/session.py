@@ -160,7 +160,8 @@ def cli_session(args, app: str):
     ``--master``, ``--conf``, ``--quiet`` and ``--debug``, the s3a settings its paths
     need, and its log file."""
 
-    conf = {"spark.ui.showConsoleProgress": "false" if args.quiet else "true"}
+    # Spark's console bar would be printed into our lines: stages.base.progress shows ours.
+    conf = {"spark.ui.showConsoleProgress": "false"}
     if needs_s3a(getattr(args, name, None) for name in _PATH_ARGS):
         conf.update(s3a_conf())
     conf.update(dict(getattr(args, "conf", None) or []))

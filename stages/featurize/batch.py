@@ -14,9 +14,9 @@ import time
 from stages.base.contract import features_schema
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
+from stages.base.progress import Progress
 from stages.base.sparkutil import session_conf
 from stages.featurize.frame import (
-    NO_DICTIONARY,
     FeaturizeReport,
     choose_partitions,
     empty_file_rows,
@@ -26,6 +26,8 @@ from stages.featurize.frame import (
     paths_are_url_encoded,
     prepare_features_model,
     read_images,
+    require_input,
+    write_features,
 )
 from stages.featurize.listing import (
     LocalListing,
@@ -57,8 +59,7 @@ def featurize_batch(
     """
     check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
-    if not hadoopfs.exists(spark, input_path):
-        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
+    require_input(spark, input_path)
     view = None
     try:
         with atomic_output(spark, output_path, params.overwrite) as target:
@@ -201,8 +202,8 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         extra = scan.extra_rows(spark, spec)
         if extra is not None:
             out = out.unionByName(extra)
-        with session_conf(spark, frame.settings):
-            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(target)
+        with Progress(spark, "featurize", n_images, "images"):
+            write_features(spark, out, target, frame.settings)
     frame.release()
     if paths_bc is not None:
         paths_bc.unpersist()

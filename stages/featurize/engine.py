@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from stages.base.errors import UsageError
+from stages.base.params import ENGINES
 from stages.featurize.litert import (
     bundled_tflite,
     cached_conversion,
@@ -53,7 +54,6 @@ __all__ = [
     "prepare_model",
 ]
 
-ENGINES = ("litert", "keras")
 DEFAULT_ENGINE = "litert"
 # Images per model call.  XNNPACK runs small batches at least as fast as 64 (they stay in
 # cache) in a fraction of the memory: alpha 1.0, one thread, peak RSS 106 MiB at 4,
@@ -153,20 +153,20 @@ _FEATURIZERS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
 
 def get_featurizer(
-    broadcast_weights,
+    broadcast_model,
     key: str,
     alpha: float,
     threads: int = 1,
     on_build: Optional[Callable[[], None]] = None,
-    engine: str = "keras",
+    engine: str = DEFAULT_ENGINE,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The batch featurizer of this Python worker, built on first use.
 
     Parameters
     ----------
-    broadcast_weights : pyspark.Broadcast
-        Broadcast payload, read only when the model is built: the weight arrays
-        (``keras``) or the TFLite flatbuffer (``litert``).
+    broadcast_model : pyspark.Broadcast
+        The model's broadcast payload, read only when the model is built: the TFLite
+        flatbuffer (``litert``, the default) or the weight arrays (``keras``).
     key : str
         The cache key: the weights' SHA-256, alpha and engine.
     alpha : float
@@ -186,9 +186,9 @@ def get_featurizer(
     fn = _FEATURIZERS.get(key)
     if fn is None:
         if engine == "litert":
-            fn = litert_featurizer(broadcast_weights.value, threads)
+            fn = litert_featurizer(broadcast_model.value, threads)
         else:
-            fn = keras_featurizer(broadcast_weights.value, alpha, threads)
+            fn = keras_featurizer(broadcast_model.value, alpha, threads)
         _FEATURIZERS.clear()  # one model per worker: drop one from an earlier job
         _FEATURIZERS[key] = fn
         if on_build is not None:

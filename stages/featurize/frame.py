@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
 from stages.base.contract import IMAGE_GLOB, METADATA_KEY, features_schema
+from stages.base.errors import UsageError
 from stages.base.params import ModelParams
-from stages.base.sparkutil import SetAccumulator
+from stages.base.sparkutil import SetAccumulator, session_conf
 from stages.featurize.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.featurize.model import ModelSpec
 from stages.featurize.partition import featurize_partition, label_from_path
@@ -317,3 +318,27 @@ def _scan_spelling(uri: str, url_encoded: bool) -> str:
     if uri.startswith("file:///"):
         uri = "file:/" + uri[len("file:///") :]
     return uri if url_encoded else unquote(uri)
+
+
+def require_input(spark, uri: str) -> None:
+    """Refuse an INPUT that does not exist (for a Hadoop glob such as
+    ``Test/2026/12/{01,02}/``: that matches nothing), with the one message all stage-1
+    commands give."""
+    if any(c in uri for c in "{}[]*?"):
+        found = not hadoopfs.bucket_missing(spark, uri) and hadoopfs.glob_matches(spark, uri) > 0
+    else:
+        found = hadoopfs.exists(spark, uri)
+    if not found:
+        raise UsageError(f"input {uri} does not exist: give a folder of <Class>/<image>.jpg")
+
+
+def write_features(spark, df, uri: str, settings: Optional[Dict[str, str]] = None) -> None:
+    """Write feature rows as a new Parquet folder at ``uri`` (never over an existing one):
+    the one writer of featurize, ``--incremental`` and ``watch``.
+
+    ``settings`` are the session settings of the frame that made the rows
+    (:attr:`FeaturizedFrame.settings`); the features column is written without a
+    dictionary (:data:`NO_DICTIONARY`).
+    """
+    with session_conf(spark, settings or {}):
+        df.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(uri)

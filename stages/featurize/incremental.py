@@ -45,9 +45,9 @@ from typing import Any, Dict, List, Optional
 
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
+from stages.base.progress import Progress
 from stages.base.sparkutil import session_conf
 from stages.featurize.frame import (
-    NO_DICTIONARY,
     RunReport,
     choose_partitions,
     empty_file_rows,
@@ -56,12 +56,13 @@ from stages.featurize.frame import (
     paths_are_url_encoded,
     prepare_features_model,
     read_images,
+    require_input,
+    write_features,
 )
 from stages.featurize.plan import make_plan, qualified_prefix, status_column
-from stages.storage import hadoopfs
 from stages.storage.table import (
     FeaturesTable,
-    check_same_model,
+    RunRecord,
     incremental_schema,
     new_run_id,
     now_iso,
@@ -98,16 +99,6 @@ class IncrementalReport(RunReport):
     seconds: float
     scan: str = "none"
     superseded: List[str] = field(default_factory=list)
-
-
-def _input_exists(spark, uri: str) -> bool:
-    """Whether ``uri`` exists, or, for a Hadoop glob (``Test/2026/12/{01,02}/``),
-    matches something."""
-    if not any(c in uri for c in "{}[]*?"):
-        return hadoopfs.exists(spark, uri)
-    if hadoopfs.bucket_missing(spark, uri):
-        return False
-    return hadoopfs.glob_matches(spark, uri) > 0
 
 
 def featurize_incremental(
@@ -154,20 +145,9 @@ def featurize_incremental(
             "it drops the rows of images no longer under it"
         )
     t0 = time.perf_counter()
-    if not _input_exists(spark, input_path):
-        raise UsageError(f"input {input_path} does not exist: give a folder of <Class>/<image>.jpg")
-    if hadoopfs.bucket_missing(spark, output_path):
-        raise UsageError(f"the bucket of output {output_path} does not exist: create it first")
-    table = FeaturesTable(spark, output_path)
+    require_input(spark, input_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
-    fresh = not hadoopfs.has_data(spark, output_path)
-    if not fresh:
-        table.recover()
-        fresh = not table.records() and not table.flat_files()
-        if not fresh:
-            check_same_model(table.model(), spec, f"features {output_path}")
-        if table.flat_files():
-            table.migrate_flat()
+    table = FeaturesTable(spark, output_path).open_for_append(spec)
     records = table.records()
     live = table.live_runs(records)
     written_ms = {r["run"]: r.get("written_ms") for r in records}
@@ -300,28 +280,27 @@ def featurize_incremental(
         out = out.select(*[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema])
         staged = table.staging_uri(run)
         logger.info(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
-        with session_conf(spark, frame.settings if frame is not None else {}):
-            out.write.mode("errorifexists").options(**NO_DICTIONARY).parquet(staged)
+        with Progress(spark, "featurize", todo_n, "images"):
+            write_features(spark, out, staged, frame.settings if frame is not None else None)
         images_done = (frame.images if frame is not None else 0) + n_empty_todo
         errors = (frame.errors if frame is not None else 0) + n_empty_todo
         written_rows = images_done + carried
         if frame is not None:
             frame.release()
-        record = {
-            "run": run,
-            "kind": "featurize",
-            "input": input_path,
-            "started": started,
-            "committed": now_iso(),
-            "rows": int(written_rows),
-            "new": n_new,
-            "changed": n_changed,
-            "pruned": n_pruned,
-            "carried": int(carried),
-            "errors": int(errors),
-            "model": spec.to_dict(),
-            "removes": superseded,
-        }
+        record = RunRecord(
+            run=run,
+            kind="featurize",
+            input=input_path,
+            started=started,
+            rows=int(written_rows),
+            new=n_new,
+            changed=n_changed,
+            pruned=n_pruned,
+            carried=int(carried),
+            errors=int(errors),
+            model=spec.to_dict(),
+            removes=superseded,
+        )
         table.commit(record)
     finally:
         planning.close()

@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from stages.base.params import ReduceParams
+from stages.base.progress import Progress
 from stages.reduce.feature_matrix import (
     PROJECTIONS_SCHEMA,
     open_features,
@@ -40,9 +41,10 @@ from stages.reduce.feature_matrix import (
 )
 from stages.reduce.index import index_step
 from stages.reduce.pca import PCA
-from stages.reduce.pca_model import MODEL_DIR, PCAModel
+from stages.reduce.pca_model import PCAModel
 from stages.reduce.sparkml import spark_ml_check
 from stages.storage import hadoopfs
+from stages.storage.layout import Results
 from stages.storage.outputs import atomic_output, check_disjoint
 
 logger = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def reduce_full(
     pca = PCA(k=params.k, variance=params.variance)
     check, overwrite = params.check, params.overwrite
     check_disjoint([("RESULTS", results, "FEATURES", features)])
-    with atomic_output(spark, results, overwrite) as target:
+    with atomic_output(spark, results, overwrite) as target, Progress(spark, "reduce", None):
         summary = _reduce(spark, features, results, target, pca, check, featurize_report)
     # Committed: whatever happens to the index now, the PCA's work is kept.
     if index:
@@ -134,8 +136,8 @@ def _reduce(spark, features, results, target, pca, check, featurize_report):
         logger.info(f"reduce: k={model.n_components_} components explain {cum:.1%} of the variance")
 
         with model.project_matrix(opened.matrix) as projected:
-            write_projections(spark, projected, target.rstrip("/") + "/projections")
-        model.save(target.rstrip("/") + "/" + MODEL_DIR, spark)  # whatever RESULTS is named
+            write_projections(spark, projected, Results(target).projections)
+        model.save(Results(target).model, spark)  # whatever RESULTS is named
         t_write = time.perf_counter()
 
     summary = fit_summary(
@@ -148,5 +150,5 @@ def _reduce(spark, features, results, target, pca, check, featurize_report):
     if check == "spark-ml":
         logger.info("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
         summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
-    hadoopfs.write_text(spark, target.rstrip("/") + "/summary.json", json.dumps(summary, indent=2))
+    hadoopfs.write_text(spark, Results(target).summary, json.dumps(summary, indent=2))
     return summary

@@ -1,9 +1,10 @@
-"""The search index of RESULTS (format 2): built from the projections in shards, appended to.
+"""The search index of RESULTS (format 3): built from the projections in shards, appended to.
 
 ``index.json`` (written last, replaced atomically) lists the shards in row order
 (:mod:`stages.storage.shards`, written by :mod:`stages.reduce.index_writer`), the labels
-their codes name, the ``generation`` (one more at each append) and, above the
-exact-search limit, the HNSW graph's file ``hnsw-<generation>.faiss``.
+their codes name, the ``generation`` (one more at each append), what the rows measure
+(:mod:`stages.reduce.index_stats`: recall, neighbour distances, the open-set rule) and,
+above the exact-search limit, the HNSW graph's file ``hnsw-<generation>.faiss``.
 :func:`build_index` writes a whole new folder from ``RESULTS/projections`` and swaps it
 in; :func:`append_index` adds the rows of one new projections file (``watch --results``)
 as new shards, adds their vectors to the graph (HNSW takes additions) and writes the
@@ -35,17 +36,16 @@ from linalg.vectors import (
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_M,
-    RECALL_QUERIES,
     VectorIndex,
     build_hnsw,
-    neighbour_distances,
-    recall_at,
 )
 from stages.base.contract import THUMB_PX
 from stages.base.errors import StepFailed, UsageError, explain
+from stages.reduce.index_stats import open_set_summary, statistics
 from stages.reduce.index_writer import copy_up, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
 from stages.storage.fs import LocalFileSystem, local_path
+from stages.storage.layout import INDEX_DIR, INDEX_META, Results
 from stages.storage.outputs import atomic_output
 from stages.storage.shards import ShardSet, ShardWriter
 
@@ -63,14 +63,10 @@ __all__ = [
     "write_local_index",
 ]
 
-INDEX_DIR = "index"
-FORMAT = 2
+# 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations.
+FORMAT = 3
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
-# "No close match": the nearest row is farther than this multiple of the 99th percentile
-# of the bucket's own nearest-neighbour distances (calibrated in tests/stages/test_search.py on
-# left-out fruit photos against non-fruit images).
-NO_MATCH_FACTOR = 1.5
 
 
 def sha256_hex(data: bytes) -> str:
@@ -96,14 +92,15 @@ def hnsw_file(generation: int) -> str:
 
 
 def _model_files(spark, base: str):
-    if not hadoopfs.exists(spark, f"{base}/projections") or not hadoopfs.exists(
-        spark, f"{base}/pca_model/model.json"
+    layout = Results(base)
+    if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
+        spark, layout.model_meta
     ):
         raise UsageError(
             f"{base} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
         )
-    arrays = hadoopfs.read_bytes(spark, f"{base}/pca_model/arrays.npz")
-    model = json.loads(hadoopfs.read_bytes(spark, f"{base}/pca_model/model.json").decode("utf-8"))
+    arrays = hadoopfs.read_bytes(spark, layout.arrays)
+    model = json.loads(hadoopfs.read_bytes(spark, layout.model_meta).decode("utf-8"))
     return sha256_hex(arrays), model
 
 
@@ -112,19 +109,6 @@ def _dims(model: Dict[str, Any]) -> int:
         if key in model:
             return int(model[key])
     raise UsageError("pca_model/model.json records no number of components")
-
-
-def _stats(meta: Dict[str, Any], index, generation: int) -> None:
-    """Recall (approximate search) and the bucket's neighbour distances, into ``meta``."""
-    n = len(index)
-    if index.hnsw is not None:
-        meta["recall_at_10"] = recall_at(index, 10)
-        meta["recall_queries"] = min(RECALL_QUERIES, n)
-    else:
-        meta["recall_at_10"] = 1.0  # exact search, by construction
-    meta["neighbour_distance"] = neighbour_distances(index)
-    meta["no_match_distance"] = NO_MATCH_FACTOR * meta["neighbour_distance"]["p99"]
-    meta["statistics_generation"] = generation
 
 
 def _graph(work: str, shards: ShardSet, generation: int, previous=None):
@@ -152,9 +136,9 @@ def _finish(
     times: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
     """Open the shards of ``meta``, make (or extend ``previous``) the graph, write
-    ``index.json``; the statistics are measured again unless an ``append`` leaves
-    the kind of search as it was and the rows less than doubled.  ``times`` gets the
-    seconds of the graph and of the statistics."""
+    ``index.json``; the statistics (and the open-set rule) are measured again unless an
+    ``append`` leaves the kind of search and the labels as they were and the rows less
+    than doubled.  ``times`` gets the seconds of the graph and of the statistics."""
     times = {} if times is None else times
     t0 = time.perf_counter()
     shards = ShardSet(work, meta["shards"], meta["labels"])
@@ -170,14 +154,21 @@ def _finish(
     meta["kind"] = index.kind
     times["graph"] = time.perf_counter() - t0
     last = meta.get("statistics_rows") or 0
-    if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last:
-        _stats(meta, index, gen)
+    same_labels = meta.get("statistics_labels") == len(meta["labels"])
+    if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last or not same_labels:
+        statistics(meta, index, shards, gen)
         meta["statistics_rows"], meta["statistics_kind"] = n, index.kind
+        meta["statistics_labels"] = len(meta["labels"])
     times["statistics"] = time.perf_counter() - t0 - times["graph"]
-    LocalFileSystem().write_bytes(
-        os.path.join(work, "index.json"), json.dumps(meta, indent=2).encode()
-    )
+    LocalFileSystem().write_bytes(os.path.join(work, INDEX_META), _meta_bytes(meta))
     return meta
+
+
+def _meta_bytes(meta: Dict[str, Any]) -> bytes:
+    """``index.json``: ``meta`` without the seconds things took (returned, not written),
+    so that the same projections give the same index, byte for byte."""
+    rule = {k: v for k, v in meta["open_set"].items() if k != "calibration_s"}
+    return json.dumps({**meta, "open_set": rule}, indent=2).encode()
 
 
 def build_index(
@@ -194,11 +185,11 @@ def build_index(
     t0 = time.perf_counter()
     sha, model = _model_files(spark, base)
     dims = _dims(model)
-    df = index_frame(spark, f"{base}/projections")
+    df = index_frame(spark, Results(base).projections)
     labels = label_list(df)
     if not labels:
         raise UsageError(f"{results}/projections has no rows: nothing to index")
-    with atomic_output(spark, f"{base}/{INDEX_DIR}", overwrite=True) as target:
+    with atomic_output(spark, Results(base).index, overwrite=True) as target:
         local = local_path(target)
         work = local if local is not None else _temp()
         os.makedirs(work, exist_ok=True)
@@ -236,6 +227,7 @@ def build_index(
         f"recall@10 {meta['recall_at_10']:.3f}, {meta['build_s']:.1f} s "
         f"({', '.join(f'{k} {v:.1f} s' for k, v in times.items())})"
     )
+    logger.info(f"index: {open_set_summary(meta['open_set'])}")
     return meta
 
 
@@ -255,7 +247,7 @@ def _temp() -> str:
 def _upload(spark, work: str, target: str, names: Optional[List[str]] = None) -> None:
     """Copy ``work``'s files (or ``names``) up to ``target``, ``index.json`` last."""
     names = names if names is not None else sorted(os.listdir(work))
-    for name in sorted(names, key=lambda n: n == "index.json"):
+    for name in sorted(names, key=lambda n: n == INDEX_META):
         copy_up(spark, os.path.join(work, name), f"{target}/{name}")
 
 
@@ -269,11 +261,11 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
     import faiss
 
     base = results.rstrip("/")
-    folder = f"{base}/{INDEX_DIR}"
-    if not hadoopfs.exists(spark, f"{folder}/index.json"):
+    folder = Results(base).index
+    if not hadoopfs.exists(spark, Results(base).index_meta):
         return None
     t0 = time.perf_counter()
-    meta = json.loads(hadoopfs.read_text(spark, f"{folder}/index.json"))
+    meta = json.loads(hadoopfs.read_text(spark, Results(base).index_meta))
     sha, model = _model_files(spark, base)
     if meta.get("format") != FORMAT or meta.get("pca_arrays_sha256") != sha:
         logger.warning(f"index: {folder} is of another PCA or format: rebuilding it")

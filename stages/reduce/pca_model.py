@@ -38,12 +38,9 @@ from stages.reduce.feature_matrix import (
     projections_frame,
 )
 from stages.storage.fs import filesystem
+from stages.storage.layout import ARRAYS, MODEL_DIR, MODEL_META
 
 __all__ = ["PCAModel"]
-
-MODEL_DIR = "pca_model"
-ARRAYS = "arrays.npz"
-META = "model.json"
 
 
 @dataclass(frozen=True)
@@ -55,17 +52,17 @@ class PCAModel:
     Made by :meth:`stages.reduce.pca.PCA.fit` (or :meth:`~stages.reduce.pca.PCA.fit_moments`), or
     :meth:`load`.  The scikit-learn attributes (``mean_``, ``scale_``, ``components_``,
     ``explained_variance_``, ``explained_variance_ratio_``, ``n_components_``,
-    ``n_samples_``, ``n_features_in_``) are views of ``fit``.
+    ``n_samples_``, ``n_features_in_``) are views of ``pca_fit``.
 
     Attributes
     ----------
-    fit : PCAFit
+    pca_fit : PCAFit
         The arrays as the kernels hold them (components as columns, all eigenvalues).
     features_model : dict
         What made the features (``stages.featurize.model.ModelSpec`` as a dict), or empty.
     m2 : ndarray of shape (n_features, n_features), optional
-        Centred cross-product of the rows fitted: with ``fit.n_samples`` and
-        ``fit.mean``, their exact moments.
+        Centred cross-product of the rows fitted: with ``pca_fit.n_samples`` and
+        ``pca_fit.mean``, their exact moments.
     statistics : dict
         What those moments cover: ``files`` (the feature Parquet files, relative to
         the features folder),
@@ -74,7 +71,7 @@ class PCAModel:
         Seconds of the fit that made this model (``moments``, ``eigh``); not saved.
     """
 
-    fit: PCAFit
+    pca_fit: PCAFit
     features_model: Dict[str, Any] = field(default_factory=dict)
     m2: Optional[np.ndarray] = None
     statistics: Dict[str, Any] = field(default_factory=dict)
@@ -89,12 +86,12 @@ class PCAModel:
     @property
     def mean_(self) -> np.ndarray:
         """Column means of the fitted rows, shape (n_features,)."""
-        return self.fit.mean
+        return self.pca_fit.mean
 
     @property
     def scale_(self) -> np.ndarray:
         """Unbiased column standard deviations, shape (n_features,); 0 for a constant column."""
-        return self.fit.std
+        return self.pca_fit.std
 
     @property
     def components_(self) -> np.ndarray:
@@ -102,44 +99,39 @@ class PCAModel:
 
         Descending eigenvalues; each row's entry of largest ``|x|`` is positive.
         """
-        return self.fit.components.T
+        return self.pca_fit.components.T
 
     @property
     def explained_variance_(self) -> np.ndarray:
         """Variance of the standardised rows along each component (ddof=1), shape (k,)."""
-        return self.fit.eigenvalues[: self.n_components]
+        return self.pca_fit.eigenvalues[: self.n_components_]
 
     @property
     def explained_variance_ratio_(self) -> np.ndarray:
         """Share of the total standardised variance of each component, shape (k,)."""
-        return self.fit.explained_variance_ratio[: self.n_components]
+        return self.pca_fit.explained_variance_ratio[: self.n_components_]
 
     @property
     def n_components_(self) -> int:
         """k."""
-        return self.fit.n_components
+        return self.pca_fit.n_components
 
     @property
     def n_samples_(self) -> int:
         """Rows fitted (error rows excluded)."""
-        return self.fit.n_samples
+        return self.pca_fit.n_samples
 
     @property
     def n_features_in_(self) -> int:
         """Feature length d."""
-        return self.fit.n_features
+        return self.pca_fit.n_features
 
     @property
     def moments(self) -> Optional[BlockMoments]:
         """The saved sufficient statistics, if this model kept them."""
         if self.m2 is None:
             return None
-        return BlockMoments(self.fit.n_samples, self.fit.mean, self.m2)
-
-    @property
-    def n_components(self) -> int:
-        """k."""
-        return self.fit.n_components
+        return BlockMoments(self.pca_fit.n_samples, self.pca_fit.mean, self.m2)
 
     def transform(self, X):
         """Project features: an array, or a features DataFrame on Spark.
@@ -170,9 +162,11 @@ class PCAModel:
         if is_dataframe(X):
             return self._transform_frame(X)[0]
         X = np.asarray(X)
-        if X.ndim != 2 or X.shape[1] != self.fit.n_features:
-            raise ValueError(f"X must have shape (n_samples, {self.fit.n_features}), got {X.shape}")
-        return project(X, self.fit.projection_matrix(), self.fit.mean)
+        if X.ndim != 2 or X.shape[1] != self.pca_fit.n_features:
+            raise ValueError(
+                f"X must have shape (n_samples, {self.pca_fit.n_features}), got {X.shape}"
+            )
+        return project(X, self.pca_fit.projection_matrix(), self.pca_fit.mean)
 
     def _transform_frame(self, df):
         check_features_schema(df, DATAFRAME_NAME)
@@ -186,7 +180,7 @@ class PCAModel:
                 "these features were made by another model than the one this PCA was "
                 "fitted on: featurize them with the same --weights"
             )
-        matrix, _ = feature_rows(df, self.fit.n_features)
+        matrix, _ = feature_rows(df, self.pca_fit.n_features)
         projected = self.project_matrix(matrix)
         return projections_frame(df.sparkSession, projected), projected
 
@@ -205,7 +199,7 @@ class PCAModel:
         The projection (d x k) and the mean are broadcast once; the returned matrix
         owns the broadcast: use it in a ``with`` block to destroy it after its jobs.
         """
-        return matrix.project(self.fit.projection_matrix(), self.fit.mean)
+        return matrix.project(self.pca_fit.projection_matrix(), self.pca_fit.mean)
 
     def featurizer(self):
         """The MobileNetV2 that made the features (same engine), built in this process.
@@ -275,7 +269,7 @@ class PCAModel:
             for i in range(0, len(images), batch_size)
         ]
         return self.transform(
-            np.concatenate(feats) if feats else np.zeros((0, self.fit.n_features))
+            np.concatenate(feats) if feats else np.zeros((0, self.pca_fit.n_features))
         )
 
     # ------------------------------------------------------------------ storage
@@ -286,24 +280,24 @@ class PCAModel:
         extra = {} if self.m2 is None else {"m2": self.m2}
         np.savez(
             buf,
-            mean=self.fit.mean,
-            std=self.fit.std,
-            components=self.fit.components,
-            eigenvalues=self.fit.eigenvalues,
-            explained_variance_ratio=self.fit.explained_variance_ratio,
+            mean=self.pca_fit.mean,
+            std=self.pca_fit.std,
+            components=self.pca_fit.components,
+            eigenvalues=self.pca_fit.eigenvalues,
+            explained_variance_ratio=self.pca_fit.explained_variance_ratio,
             **extra,
         )
         meta = {
-            "n_samples": self.fit.n_samples,
-            "n_features": self.fit.n_features,
-            "n_components": self.fit.n_components,
+            "n_samples": self.pca_fit.n_samples,
+            "n_features": self.pca_fit.n_features,
+            "n_components": self.pca_fit.n_components,
             "standardize": "StandardScaler(withMean=True, withStd=True), unbiased std",
             "transform": "((x - mean) / std) @ components; columns with std == 0 map to 0",
             "features_model": self.features_model,
         }
         if self.statistics:
             meta["statistics"] = self.statistics
-        return {ARRAYS: buf.getvalue(), META: json.dumps(meta, indent=2).encode()}
+        return {ARRAYS: buf.getvalue(), MODEL_META: json.dumps(meta, indent=2).encode()}
 
     @classmethod
     def from_files(cls, arrays: bytes, meta: bytes) -> PCAModel:
@@ -328,7 +322,9 @@ class PCAModel:
 
         base = _model_dir(results)
         fs = filesystem(spark)
-        return cls.from_files(fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{META}"))
+        return cls.from_files(
+            fs.read_bytes(f"{base}/{ARRAYS}"), fs.read_bytes(f"{base}/{MODEL_META}")
+        )
 
     def save(self, results: str, spark=None) -> str:
         """Write ``RESULTS/pca_model/`` (or into ``.../pca_model`` if given that): a local

@@ -8,12 +8,14 @@ the comparison says when the reference is not to be trusted.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from linalg.kernels import pca_answer_problems
+from linalg.kernels import PCAFit, pca_answer_problems
 from stages.reduce.pca_model import PCAModel
+from stages.storage.layout import Results
 
 SPARK_ML_INVALID = (
     "Spark ML's PCA returned invalid components: its LAPACK SVD failed on this "
@@ -45,15 +47,54 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     after sign alignment, over the scale of the projections); all computed on the
     cluster.
     """
+    k = model.n_components_
+    t0 = time.perf_counter()
+    theirs = _fit_spark_ml(spark, features, k)
+    t_fit = time.perf_counter()
+    check: Dict[str, Any] = {"k": k, "spark_lapack": spark_lapack(spark)}
+    problems = pca_answer_problems(theirs.pc, theirs.ratio, theirs.variance, theirs.total)
+    check["spark_ml_valid"] = not problems
+    if problems:
+        theirs.projected.unpersist()
+        check["spark_ml_invalid"] = f"{SPARK_ML_INVALID} ({'; '.join(problems)})"
+        check["spark_ml_fit_transform_s"] = t_fit - t0
+        return check
+    agreement, signs = component_agreement(model.pca_fit, theirs.pc, theirs.ratio)
+    diff = _projection_difference(spark, results, theirs.projected, signs)
+    theirs.projected.unpersist()
+    scale = float(diff["scale"] or 0.0)
+    max_abs = float(diff["max_abs_diff"] or 0.0)
+    check.update(
+        {
+            "rows_compared": int(diff["n"]),
+            **agreement,
+            "projection_max_abs_diff": max_abs,
+            "projection_scale": scale,
+            "projection_max_abs_diff_over_scale": max_abs / scale if scale else 0.0,
+            "spark_ml_fit_transform_s": t_fit - t0,
+            "compare_s": time.perf_counter() - t_fit,
+        }
+    )
+    return check
+
+
+@dataclass
+class _SparkMLAnswer:
+    pc: np.ndarray  # (d, k)
+    ratio: np.ndarray  # explained variance ratios
+    variance: np.ndarray  # variances of the projections
+    total: float  # the trace of the standardised covariance
+    projected: Any  # DataFrame (cached): path, p
+
+
+def _fit_spark_ml(spark, features: str, k: int) -> _SparkMLAnswer:
+    """Spark ML's StandardScaler + PCA on the usable rows of ``features``."""
     from pyspark.ml.feature import PCA as SparkPCA
     from pyspark.ml.feature import StandardScaler
-    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.ml.functions import array_to_vector
     from pyspark.ml.stat import Summarizer
     from pyspark.sql import functions as F
 
-    k = model.n_components
-    fit = model.fit
-    t0 = time.perf_counter()
     rows = (
         spark.read.parquet(features)
         .where(F.col("error").isNull() & F.col("features").isNotNull())
@@ -62,30 +103,36 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     scaler = StandardScaler(withMean=True, withStd=True, inputCol="x", outputCol="z").fit(rows)
     scaled = scaler.transform(rows)
     pca = SparkPCA(k=k, inputCol="z", outputCol="p").fit(scaled)
-    projected = pca.transform(scaled).cache()
-    pc = pca.pc.toArray()  # (d, k)
-    ratio_theirs = np.asarray(pca.explainedVariance.toArray())
-    # Standardised columns have variance 1, constant ones 0: the trace is a count.
-    total = float(np.count_nonzero(scaler.std.toArray() > 0))
-    var_theirs = np.asarray(
-        projected.select(Summarizer.variance(projected.p).alias("v")).first()["v"].toArray()
+    projected = pca.transform(scaled).select("path", "p").cache()
+    variance = projected.select(Summarizer.variance(projected.p).alias("v")).first()["v"]
+    return _SparkMLAnswer(
+        pc=pca.pc.toArray(),
+        ratio=np.asarray(pca.explainedVariance.toArray()),
+        variance=np.asarray(variance.toArray()),
+        # Standardised columns have variance 1, constant ones 0: the trace is a count.
+        total=float(np.count_nonzero(scaler.std.toArray() > 0)),
+        projected=projected,
     )
-    theirs = projected.select("path", vector_to_array("p").alias("theirs"))
-    t_fit = time.perf_counter()
-    check: Dict[str, Any] = {"k": k, "spark_lapack": spark_lapack(spark)}
-    problems = pca_answer_problems(pc, ratio_theirs, var_theirs, total)
-    check["spark_ml_valid"] = not problems
-    if problems:
-        projected.unpersist()
-        check["spark_ml_invalid"] = f"{SPARK_ML_INVALID} ({'; '.join(problems)})"
-        check["spark_ml_fit_transform_s"] = t_fit - t0
-        return check
 
-    ours_c = fit.components
-    cos = np.abs(np.sum(ours_c * pc, axis=0)) / (
-        np.linalg.norm(ours_c, axis=0) * np.linalg.norm(pc, axis=0)
-    )
-    signs = np.sign(np.sum(ours_c * pc, axis=0))
+
+def component_agreement(
+    fit: PCAFit, pc: np.ndarray, ratio_theirs: np.ndarray
+) -> Tuple[Dict[str, Any], np.ndarray]:
+    """How our components and explained variance agree with another answer's.
+
+    Returns
+    -------
+    dict
+        ``explained_variance_ratio_max_rel_err``, ``components_well_separated`` and the
+        smallest |cos| between matching components (well separated ones, and all).
+    ndarray
+        The sign (+1/-1) that aligns each of their components with ours.
+    """
+    k = pc.shape[1]
+    ours = fit.components[:, :k]
+    dots = np.sum(ours * pc, axis=0)
+    cos = np.abs(dots) / (np.linalg.norm(ours, axis=0) * np.linalg.norm(pc, axis=0))
+    signs = np.sign(dots)
     signs[signs == 0] = 1.0
     # A component is well separated when its eigenvalue's gap to its neighbours is
     # at least 1e-6 of the largest one; otherwise the eigenvector is not unique.
@@ -96,10 +143,26 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
     separated = gaps > 1e-6 * max(abs(w[0]), 1e-300)
     ratio_ours = fit.explained_variance_ratio[:k]
     ratio_rel = np.abs(ratio_theirs - ratio_ours) / np.maximum(np.abs(ratio_ours), 1e-300)
+    return {
+        "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
+        "components_well_separated": int(separated.sum()),
+        "components_min_abs_cos_well_separated": (
+            float(cos[separated].min()) if separated.any() else None
+        ),
+        "components_min_abs_cos_all": float(cos.min()),
+    }, signs
 
-    ours = spark.read.parquet(results.rstrip("/") + "/projections").select("path", "pca")
+
+def _projection_difference(spark, results: str, projected, signs: np.ndarray):
+    """The largest |ours - theirs| over the rows (sign-aligned), and our projections' scale:
+    one job on the cluster."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    theirs = projected.select("path", vector_to_array("p").alias("theirs"))
+    ours = spark.read.parquet(Results(results).projections).select("path", "pca")
     sign_lit = F.array(*[F.lit(float(s)) for s in signs])
-    diff = (
+    return (
         ours.join(theirs, "path")
         .select(
             F.array_max(
@@ -116,25 +179,3 @@ def spark_ml_check(spark, features: str, results: str, model: PCAModel) -> Dict[
         )
         .first()
     )
-    projected.unpersist()
-    t_cmp = time.perf_counter()
-    scale = float(diff["scale"] or 0.0)
-    check.update(
-        {
-            "rows_compared": int(diff["n"]),
-            "explained_variance_ratio_max_rel_err": float(ratio_rel.max()),
-            "components_well_separated": int(separated.sum()),
-            "components_min_abs_cos_well_separated": float(cos[separated].min())
-            if separated.any()
-            else None,
-            "components_min_abs_cos_all": float(cos.min()),
-            "projection_max_abs_diff": float(diff["max_abs_diff"] or 0.0),
-            "projection_scale": scale,
-            "projection_max_abs_diff_over_scale": float(diff["max_abs_diff"] or 0.0) / scale
-            if scale
-            else 0.0,
-            "spark_ml_fit_transform_s": t_fit - t0,
-            "compare_s": t_cmp - t_fit,
-        }
-    )
-    return check

@@ -39,20 +39,19 @@ from stages.reduce.feature_matrix import (
 from stages.reduce.full import fit_summary, reduce_full
 from stages.reduce.index import append_index, index_step
 from stages.reduce.pca import PCA
-from stages.reduce.pca_model import MODEL_DIR, PCAModel
+from stages.reduce.pca_model import PCAModel
 from stages.reduce.sparkml import spark_ml_check
 from stages.storage import hadoopfs
+from stages.storage.layout import PROJECTIONS, RESULTS_PARTS, Results
 from stages.storage.table import RUN_PREFIX, FeaturesTable
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["feature_file_keys", "update_reduce", "project_run", "project_pending"]
 
-_PARTS = ("projections", "pca_model", "index", "summary.json")
-
 
 def _swap_in(spark, results: str, tmp: str) -> None:
-    for part in _PARTS:
+    for part in RESULTS_PARTS:
         src, dst = f"{tmp}/{part}", f"{results}/{part}"
         if hadoopfs.exists(spark, src):
             hadoopfs.delete(spark, dst)
@@ -103,7 +102,7 @@ def update_reduce(
         summary = reduce_full(spark, features, results, params)
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
-    if not hadoopfs.exists(spark, f"{results}/pca_model"):
+    if not hadoopfs.exists(spark, Results(results).model):
         raise UsageError(
             f"{results} holds no pca_model: run `fruits-pipeline reduce {features} {results}` first"
         )
@@ -127,7 +126,7 @@ def update_reduce(
                         covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
     stats = model.statistics
     requested = (
-        stats.get("requested") or {"k": model.n_components, "variance": None}
+        stats.get("requested") or {"k": model.n_components_, "variance": None}
         if k is None and variance is None
         else {"k": k, "variance": variance}
     )
@@ -154,13 +153,13 @@ def update_reduce(
             "reduce --update: no feature file added since the model was fitted: "
             f"{results} is current"
         )
-        summary = json.loads(hadoopfs.read_text(spark, f"{results}/summary.json"))
+        summary = json.loads(hadoopfs.read_text(spark, Results(results).summary))
         info_update.update({"mode": "none", "seconds": time.perf_counter() - t0})
         summary["update"] = info_update
         return summary
     else:
         new_uris = [uris[n] for n in new]
-        d = model.fit.n_features
+        d = model.pca_fit.n_features
         added = None
         new_rows = new_errors = 0
         if new_uris:
@@ -189,7 +188,7 @@ def update_reduce(
         t_stats = time.perf_counter()
         logger.info(
             f"reduce --update: {len(new)} new feature files, {new_rows} rows "
-            f"({new_errors} errors) merged into the statistics of {model.fit.n_samples} rows"
+            f"({new_errors} errors) merged into the statistics of {model.pca_fit.n_samples} rows"
         )
         error_rows = int(stats.get("error_rows", 0)) + new_errors
         new_model = PCA(**requested).fit_moments(
@@ -202,17 +201,17 @@ def update_reduce(
                 "requested": requested,
             },
         )
-        fit = new_model.fit
+        fit = new_model.pca_fit
         t_fit = time.perf_counter()
         # Every row again, with the new model: a plain lazy read (the folder was listed,
         # and the new rows checked, above; the old ones when the model was fitted).
         matrix, handle = feature_rows(spark.read.parquet(features), d)
         try:
             with new_model.project_matrix(matrix) as projected:
-                write_projections(spark, projected, f"{tmp}/projections")
+                write_projections(spark, projected, Results(tmp).projections)
         finally:
             handle.unpersist(False)
-        new_model.save(tmp.rstrip("/") + "/" + MODEL_DIR, spark)
+        new_model.save(Results(tmp).model, spark)
         t_write = time.perf_counter()
         cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
         logger.info(
@@ -228,7 +227,7 @@ def update_reduce(
     info_update["seconds"] = time.perf_counter() - t0
     summary["results"] = results
     summary["update"] = info_update
-    hadoopfs.write_text(spark, f"{tmp}/summary.json", json.dumps(summary, indent=2))
+    hadoopfs.write_text(spark, Results(tmp).summary, json.dumps(summary, indent=2))
     hadoopfs.write_text(spark, f"{tmp}/_READY", "")
     _swap_in(spark, results, tmp)
     # Committed.  The index follows the new PCA: every vector moved, so it is built again
@@ -246,7 +245,7 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     """Project the usable rows of one committed run into
     ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place)."""
     results = results.rstrip("/")
-    final = f"{results}/projections/watch-{run}.parquet"
+    final = Results(results).part(PROJECTIONS, f"watch-{run}.parquet")
     if hadoopfs.exists(spark, final):
         return 0
     staging = f"{results}/_staging/watch-{run}"

@@ -21,6 +21,7 @@ import numpy as np
 
 from stages.base.errors import UsageError
 from stages.storage.fs import FileSystem, HadoopFileSystem, filesystem, local_path
+from stages.storage.layout import Results
 
 __all__ = [
     "MAX_ERROR_ROWS",
@@ -111,7 +112,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _read_summary(fs: FileSystem, base: str, results: str) -> Dict[str, Any]:
-    uri = f"{base}/summary.json"
+    uri = Results(base).summary
     if not fs.exists(uri):
         raise UsageError(f"{results} has no summary.json, so it is not a RESULTS folder: {_HOW}")
     try:
@@ -130,7 +131,7 @@ def _read_summary(fs: FileSystem, base: str, results: str) -> Dict[str, Any]:
 
 
 def _read_ratio(fs: FileSystem, base: str, results: str) -> np.ndarray:
-    uri = f"{base}/pca_model/arrays.npz"
+    uri = Results(base).arrays
     if not fs.exists(uri):
         raise UsageError(f"{results} has no pca_model/arrays.npz: {_HOW}")
     try:
@@ -158,7 +159,7 @@ def _leading_components(pca) -> np.ndarray:
 def _read_projections(
     fs: FileSystem, base: str, results: str
 ) -> Tuple[List[str], List[str], np.ndarray]:
-    uri = f"{base}/projections"
+    uri = Results(base).projections
     if not fs.exists(uri):
         raise UsageError(f"{results} has no projections/: {_HOW}")
     try:

@@ -8,6 +8,7 @@ import os
 
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
+from stages.storage.layout import PROJECTIONS
 
 
 def _top(text: str) -> int:
@@ -57,13 +58,17 @@ def _cmd_index(args) -> int:
     from stages.reduce.index import build_index
 
     local = args.results[len("file:") :] if args.results.startswith("file:") else args.results
-    if "://" not in local and not os.path.isdir(os.path.join(local, "projections")):
+    if "://" not in local and not os.path.isdir(os.path.join(local, PROJECTIONS)):
         raise UsageError(f"{args.results} has no projections/: give a RESULTS folder of `reduce`")
     spark = cli_session(args, "fruits-pipeline index")
     meta = build_index(spark, args.results)
     if not args.quiet:
-        keys = ("rows", "dims", "kind", "recall_at_10", "no_match_distance")
-        print(json.dumps({k: meta[k] for k in keys}))
+        from stages.search.query import open_set_info
+
+        keys = ("rows", "dims", "kind", "recall_at_10")
+        out = {k: meta[k] for k in keys}
+        out["open_set"] = open_set_info(meta["open_set"])
+        print(json.dumps(out))
     return 0
 
 
@@ -84,9 +89,27 @@ def _cmd_similar(args) -> int:
         print(json.dumps(answer, ensure_ascii=False))
         return 0
     print(answer["verdict"])
+    print(_open_set_line(answer))
     for rank, m in enumerate(answer["matches"], 1):
-        print(f"{rank:3d}  {m['distance']:9.3f}  {m['label']:<24}  {m['path']}")
+        mark = "" if answer["close_match"] else "  (not a match)"
+        print(f"{rank:3d}  {m['distance']:9.3f}  {m['label']:<24}  {m['path']}{mark}")
     return 0
+
+
+def _open_set_line(answer) -> str:
+    """How the answer was judged: the score against the threshold, and the rule's record."""
+    got, rule = answer["open_set"], answer["model"]["open_set"]
+    t = got["threshold"]
+    head = f"open set: {got['rule']} score {got['score']:.3f}" + (
+        f", threshold {t:.3f}" if t is not None else ", no threshold"
+    )
+    if not rule["calibrated"]:
+        return f"{head} (not calibrated: {rule['reason']}; fallback: {rule['fallback']})"
+    return (
+        f"{head} (calibrated on the collection: {rule['known_accepted']:.0%} of held-out "
+        f"photos of its fruits accepted, {rule['unknown_rejected']:.0%} of held-out fruits "
+        f"refused, AUROC {rule['auroc']:.3f})"
+    )
 
 
 def _cmd_serve(args) -> int:

@@ -20,12 +20,14 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from linalg.openset import OpenSet, reference_rows
 from linalg.vectors import VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
 from stages.featurize.images import DecodeError, decode_image, preprocess
-from stages.reduce.index import FORMAT, INDEX_DIR, MAX_QUERY_PIXELS, local_results, sha256_hex
-from stages.reduce.pca_model import ARRAYS, META, MODEL_DIR, PCAModel
+from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
+from stages.reduce.pca_model import PCAModel
+from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
 from stages.storage.shards import ShardSet
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ class SearchIndex:
 
     def __init__(self, results: str) -> None:
         base = os.path.join(local_results(results), INDEX_DIR)
-        path = os.path.join(base, "index.json")
+        path = os.path.join(base, INDEX_META)
         if not os.path.isfile(path):
             raise UsageError(
                 f"{results} has no search index: run `fruits-pipeline index {results}`"
@@ -121,9 +123,7 @@ class SearchIndex:
         with open(path, encoding="utf-8") as fh:
             self.meta: Dict[str, Any] = json.load(fh)
         if self.meta.get("format") != FORMAT:
-            raise UsageError(
-                f"{base} is an index of another format: run `fruits-pipeline index {results}`"
-            )
+            raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
         try:
             self.rows = ShardSet(base, self.meta["shards"], self.meta["labels"])
         except (OSError, ValueError) as exc:
@@ -140,6 +140,13 @@ class SearchIndex:
             hnsw is not None and hnsw.ntotal != len(self.rows)
         ):
             raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
+        names = self.rows.label_names
+        # Photos of each label in the collection (one pass over the shards' label codes).
+        self.photos = Counter(dict(zip(names, self.rows.label_counts())))
+        rule = self.meta["open_set"]
+        ref = rule["reference"]  # the rows the rule was calibrated on (appended rows are not)
+        ids = reference_rows(int(ref.get("of", len(self.rows))), ref["rows"], ref["seed"])
+        self.open_set = OpenSet(rule, self.rows.take(ids), [self.rows.label(int(i)) for i in ids])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -158,14 +165,27 @@ class SearchIndex:
 
 
 def vote(labels: Sequence[str], distances: Sequence[float]) -> Dict[str, Any]:
-    """The most frequent label of the matches (a tie goes to the label of the nearer match)."""
+    """The most frequent label of the matches (a tie goes to the label of the nearer match)
+    and its ``margin``: its count less the next label's."""
     counts = Counter(labels)
     best = max(counts.values())
     first = {}
     for lab, d in zip(labels, distances):
         first.setdefault(lab, d)
     label = min((lab for lab, c in counts.items() if c == best), key=lambda lab: first[lab])
-    return {"label": label, "count": best, "of": len(labels)}
+    second = max((c for lab, c in counts.items() if lab != label), default=0)
+    return {"label": label, "count": best, "of": len(labels), "margin": best - second}
+
+
+NO_MATCH = "This fruit does not look like any in the collection yet"
+
+
+def open_set_info(rule: Dict[str, Any]) -> Dict[str, Any]:
+    """What an answer says of the open-set rule: the rule, its threshold and, when it was
+    calibrated, the rates measured on the collection (else why not, and the fallback)."""
+    keys = ("rule", "threshold", "range_limit", "calibrated", "known_accepted", "unknown_rejected")
+    keys += ("auroc", "fpr_at_95_tpr", "reason", "fallback")
+    return {k: rule[k] for k in keys if k in rule}
 
 
 def _data_uri(jpeg: Optional[bytes]) -> Optional[str]:
@@ -193,7 +213,7 @@ class QueryEngine:
         if not os.path.isfile(os.path.join(folder, ARRAYS)):
             raise UsageError(f"{results} has no pca_model/: give a RESULTS folder of `reduce`")
         self.results = results
-        self._model_files = (os.path.join(folder, ARRAYS), os.path.join(folder, META))
+        self._model_files = (os.path.join(folder, ARRAYS), os.path.join(folder, MODEL_META))
         self.index = SearchIndex(results)
         self.pca, self._pca_sha = self._load_pca(self.index)
         self._checked = time.monotonic()
@@ -211,7 +231,7 @@ class QueryEngine:
             "alpha": spec.get("alpha"),
             "weights_source": spec.get("weights_source"),
             "weights_sha256": spec.get("weights_sha256"),
-            "k": self.pca.n_components,
+            "k": self.pca.n_components_,
         }
         self._describe_index()
 
@@ -227,7 +247,7 @@ class QueryEngine:
             )
         with open(meta_path, "rb") as fh:
             pca = PCAModel.from_files(arrays, fh.read())
-        if pca.n_components != index.meta["dims"]:
+        if pca.n_components_ != index.meta["dims"]:
             raise UsageError(
                 f"{self.results}/index does not match its PCA: run `fruits-pipeline index`"
             )
@@ -236,12 +256,12 @@ class QueryEngine:
     def _describe_index(self) -> None:
         self.model_info.update(
             {
-                "k": self.pca.n_components,
+                "k": self.pca.n_components_,
                 "rows": len(self.index),
                 "index": self.index.vectors.kind,
                 "generation": self.index.meta.get("generation"),
                 "recall_at_10": self.index.meta.get("recall_at_10"),
-                "no_match_distance": self.index.meta["no_match_distance"],
+                "open_set": open_set_info(self.index.meta["open_set"]),
             }
         )
 
@@ -254,7 +274,7 @@ class QueryEngine:
         if not wait and now - self._checked < RELOAD_CHECK_S:
             return False
         self._checked = now
-        path = os.path.join(local_results(self.results), INDEX_DIR, "index.json")
+        path = os.path.join(local_results(self.results), INDEX_DIR, INDEX_META)
         try:
             stamp = _stamp(path)
         except OSError:
@@ -291,35 +311,53 @@ class QueryEngine:
         return self.pca.transform(self._featurize(preprocess(images)))
 
     def answer(self, point: np.ndarray, top: int = 10) -> Dict[str, Any]:
-        """The answer object for one projected photo (see the README)."""
+        """The answer object for one projected photo (see the README): ``label`` (``None``
+        when the open-set rule finds no close match), the collection's ``photos`` of it, the
+        ``vote`` of the matches and its margin, the ``verdict`` sentence, the ``matches``
+        (each marked ``match`` or not) and the rule's ``score`` against its threshold."""
         self.refresh()
         index = self.index  # one generation for the whole answer
         ids, dist = index.vectors.search(point[None, :], top)
         ids, dist = ids[0], dist[0]
         labels = [index.label(int(i)) for i in ids]
+        v = vote(labels, dist)
+        accepted, score, in_range = index.open_set.accept(point[None, :])
+        close = bool(accepted[0])
         matches = [
             {
                 "path": index.path(int(i)),
                 "label": lab,
                 "distance": round(float(d), 4),
+                "match": close and lab == v["label"],
                 "thumbnail": _data_uri(index.thumbnail(int(i))),
             }
             for i, lab, d in zip(ids, labels, dist)
         ]
-        v = vote(labels, dist)
-        limit = float(index.meta["no_match_distance"])
-        close = bool(len(dist) and dist[0] <= limit)
+        rule = index.meta["open_set"]
         if close:
-            verdict = f"{v['label']} — {v['count']} of the {v['of']} nearest"
-        else:
+            photos = index.photos[v["label"]]
             verdict = (
-                f"no close match: the nearest image is at {dist[0]:.1f}, beyond {limit:.1f} "
-                "(1.5 x the distance within which 99% of the bucket's images have a neighbour)"
+                f"{v['label']} — {v['count']} of the {v['of']} nearest (margin {v['margin']}); "
+                f"the collection holds {photos} photo{'s' * (photos != 1)} of it"
             )
+        else:
+            photos = None
+            verdict = f"{NO_MATCH}: the nearest photos below are not a match"
+            if not in_range[0]:
+                verdict += " (it lies outside the range of every photo the collection holds)"
         return {
+            "label": v["label"] if close else None,
+            "photos": photos,
             "vote": v,
             "close_match": close,
             "verdict": verdict,
+            "open_set": {
+                "score": round(float(score[0]), 4),
+                "threshold": rule.get("threshold"),
+                "in_range": bool(in_range[0]),
+                "rule": rule["rule"],
+                "calibrated": rule["calibrated"],
+            },
             "matches": matches,
             "model": self.model_info,
         }

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from stages.base.contract import features_schema, footer_model_spec, model_identity
 from stages.base.errors import UsageError
@@ -48,6 +49,41 @@ def incremental_schema(spec=None):
     schema = features_schema(spec)
     schema = schema.add(StructField("length", LongType(), True))
     return schema.add(StructField("modificationTime", TimestampType(), True))
+
+
+@dataclass
+class RunRecord:
+    """A run's manifest record (``_runs/<run>.json``), written last: the commit.
+
+    ``kind`` is ``featurize`` (``--incremental``: with ``changed``, ``pruned`` and
+    ``carried``) or ``watch`` (a micro-batch: with its ``query`` and ``batch``);
+    ``removes`` names the runs this one supersedes.  ``committed`` is set by
+    :meth:`FeaturesTable.commit`.
+    """
+
+    run: str
+    kind: str
+    input: str
+    started: str
+    rows: int
+    new: int
+    errors: int
+    model: Dict[str, Any]
+    removes: List[str] = field(default_factory=list)
+    changed: Optional[int] = None
+    pruned: Optional[int] = None
+    carried: Optional[int] = None
+    query: Optional[str] = None
+    batch: Optional[int] = None
+    committed: Optional[str] = None
+
+    _ORDER = ("run", "kind", "input", "query", "batch", "started", "committed", "rows", "new")
+    _ORDER_END = ("changed", "pruned", "carried", "errors", "model", "removes")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON object of the record (fields that do not apply left out)."""
+        values = {k: getattr(self, k) for k in self._ORDER + self._ORDER_END}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 class FeaturesTable:
@@ -118,8 +154,12 @@ class FeaturesTable:
 
     # ---------------------------------------------------------------- commit
 
-    def commit(self, record: Dict[str, Any]) -> None:
+    def commit(self, record: Union[RunRecord, Dict[str, Any]]) -> None:
         """Steps 2 and 3 of the protocol for a run whose rows are in staging."""
+        if isinstance(record, RunRecord):
+            if record.committed is None:
+                record.committed = now_iso()
+            record = record.to_dict()
         hadoopfs.write_text_atomic(
             self.spark, self.record_uri(record["run"]), json.dumps(record, indent=2)
         )
@@ -148,6 +188,26 @@ class FeaturesTable:
         staging = f"{self.uri}/{STAGING_DIR}"
         if hadoopfs.exists(self.spark, staging) and not hadoopfs.list_dir(self.spark, staging):
             hadoopfs.delete(self.spark, staging)
+
+    def open_for_append(self, spec) -> FeaturesTable:
+        """Ready the table for a new run of the model ``spec`` (``--incremental`` and
+        ``watch``): refuse a missing bucket, finish or roll back an interrupted commit,
+        refuse features of another model, move a plain featurize's files into a run.
+
+        Returns
+        -------
+        FeaturesTable
+            ``self``.
+        """
+        if hadoopfs.bucket_missing(self.spark, self.uri):
+            raise UsageError(f"the bucket of output {self.uri} does not exist: create it first")
+        if hadoopfs.has_data(self.spark, self.uri):
+            self.recover()
+            if self.records() or self.flat_files():
+                check_same_model(self.model(), spec, f"features {self.uri}")
+            if self.flat_files():
+                self.migrate_flat()
+        return self
 
     def recover(self) -> None:
         """Roll committed runs forward and drop aborted ones (idempotent, cheap)."""

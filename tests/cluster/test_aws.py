@@ -14,7 +14,7 @@ import boto3
 import moto  # a test dependency (pyproject's [test] extra)
 import pytest
 
-from cluster import emr, package, spec
+from cluster import classifications, emr, package, spec
 from stages.base.errors import UsageError
 from stages.cli import main
 
@@ -219,7 +219,7 @@ def test_emr_up_with_task_nodes_and_notebook(eu_bucket, s3, emr_eu, capsys):
     (export,) = confs["livy-env"]["Configurations"]
     assert export["Properties"]["PYSPARK_PYTHON"] == spec.PYTHON
     session = json.loads(confs["jupyter-sparkmagic-conf"]["Properties"]["session_configs"])
-    assert session == spec.livy_session_configs("m5.large")
+    assert session == classifications.livy_session_configs("m5.large")
     assert session["executorCores"] == 1  # m5.large: one Python worker per executor
     assert session["conf"]["spark.yarn.appMasterEnv.PYSPARK_PYTHON"] == spec.PYTHON
     # the notebook, where JupyterHub's default user opens it, ready for the cluster

@@ -204,7 +204,7 @@ print(json.dumps({
 
 @needs_bash
 def test_bootstrap_puts_the_bundled_weights_where_steps_look(node):
-    from cluster.cli import _bundled_on_nodes
+    from cluster.options import _bundled_on_nodes
     from stages.featurize.model import BUNDLED_WEIGHTS
 
     assert node["proc"].returncode == 0, node["proc"].stderr[-3000:]

@@ -180,7 +180,10 @@ def test_default_shows_progress_not_detail(capsys):
     _eu_bucket()
     assert main(["emr", "plan", "--bucket", "fruits-eu"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith("emr plan: 3 x m5.large in eu-west-3"), err
+    assert err[0].startswith("emr plan: 3 x m5.large in eu-west-3"), err
+    # then the estimate and what would be set up, and nothing else (no detail lines)
+    assert [line.split(":")[0] for line in err[1:]] == ["estimate", "tag"], err
+    assert "start-up alone" in err[1]
 
 
 def test_the_run_log_file_gets_every_line_even_when_quiet(capsys, monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -46,17 +47,31 @@ def test_litert_workers_fit_where_keras_workers_do_not():
 def test_unknown_instance_type_names_the_table():
     with pytest.raises(UsageError, match="'t2.micro' is not in the sizing table: use one of m5"):
         sizing.executor_layout("t2.micro")
-    with pytest.raises(UsageError, match="'m7g.large' is not in the sizing table"):
-        sizing.cluster_cost_per_hour("m7g.large", 3)
+    with pytest.raises(UsageError, match="'m8g.large' is not in the sizing table"):
+        sizing.find_instance_type("m8g.large")
 
 
-def test_cost_per_hour_is_nodes_times_ec2_plus_emr():
-    it = sizing.find_instance_type("c5.xlarge")
-    cost = sizing.cluster_cost_per_hour("c5.xlarge", 5)
-    assert cost["nodes"] == 5
-    assert cost["ec2_usd"] == pytest.approx(5 * it.ec2_usd)
-    assert cost["emr_usd"] == pytest.approx(5 * it.emr_usd)
-    assert cost["total_usd"] == pytest.approx(cost["ec2_usd"] + cost["emr_usd"])
+def test_graviton_rows_are_aarch64_and_cheaper_than_their_x86_twins():
+    # the same vCPU and memory as the m5/c5/r5 row of the same size, at a lower price
+    twins = {
+        "m7g.xlarge": "m5.xlarge",
+        "m6g.xlarge": "m5.xlarge",
+        "m6g.large": "m5.large",
+        "c7g.xlarge": "c5.xlarge",
+        "r7g.xlarge": "r5.xlarge",
+        "m7g.large": "m5.large",
+        "m7g.2xlarge": "m5.2xlarge",
+    }
+    for arm, x86 in twins.items():
+        a, b = sizing.INSTANCE_TYPES[arm], sizing.INSTANCE_TYPES[x86]
+        assert (a.arch, b.arch) == ("aarch64", "x86_64")
+        assert (a.vcpu, a.memory_gib, a.yarn_mib, a.ebs_gib) == (
+            b.vcpu, b.memory_gib, b.yarn_mib, b.ebs_gib
+        )  # fmt: skip
+        assert a.ec2_usd + a.emr_usd < b.ec2_usd + b.emr_usd
+        assert sizing.executor_layout(arm) == dataclasses.replace(
+            sizing.executor_layout(x86), instance_type=arm
+        )
 
 
 def test_sizing_imports_neither_the_request_builder_nor_boto3():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster import sizing, spec
+from cluster import classifications, costs, sizing, spec
 from cluster.spec import ClusterOptions, build_request, code_uri, stage_step
 from stages.base.errors import UsageError
 
@@ -248,7 +248,7 @@ def test_validate_options_refuses(opts, match):
 @pytest.mark.parametrize("instance_type", sorted(sizing.INSTANCE_TYPES))
 def test_spark_defaults_fit_yarn_with_the_engines_python_worker(instance_type, engine):
     it = sizing.INSTANCE_TYPES[instance_type]
-    conf = spec.spark_defaults(instance_type, engine)
+    conf = classifications.spark_defaults(instance_type, engine)
     lay = sizing.executor_layout(instance_type, engine)
     cores = int(conf["spark.executor.cores"])
     task_cpus = int(conf["spark.task.cpus"])
@@ -273,14 +273,14 @@ def test_spark_defaults_fit_yarn_with_the_engines_python_worker(instance_type, e
 
 
 def test_m5_large_runs_two_single_core_executors_per_node():
-    conf = spec.spark_defaults("m5.large")
+    conf = classifications.spark_defaults("m5.large")
     assert conf["spark.executor.cores"] == "1"
     per_executor = _mib(conf["spark.executor.memory"]) + _mib(conf["spark.executor.memoryOverhead"])
     assert 2 * per_executor <= 6144
 
 
 def test_memory_bound_c5_gives_each_keras_worker_two_threads():
-    conf = spec.spark_defaults("c5.xlarge", "keras")  # 4 vCPU but only 6 GiB for YARN
+    conf = classifications.spark_defaults("c5.xlarge", "keras")  # 4 vCPU but only 6 GiB for YARN
     assert conf["spark.task.cpus"] == "2"
     assert conf["spark.executor.cores"] == "2"
 
@@ -289,7 +289,7 @@ def test_regression_no_pyspark_memory_rlimit_for_tensorflow():
     # spark.executor.pyspark.memory sets RLIMIT_AS, a cap on virtual memory that
     # TensorFlow exceeds by far (3.0 GB virtual for 1.6 GB resident, measured).
     for instance_type in sizing.INSTANCE_TYPES:
-        conf = spec.spark_defaults(instance_type)
+        conf = classifications.spark_defaults(instance_type)
         assert "spark.executor.pyspark.memory" not in conf
         assert conf["spark.python.worker.reuse"] == "true"
         assert conf["spark.sql.files.openCostInBytes"] == "65536"
@@ -297,13 +297,15 @@ def test_regression_no_pyspark_memory_rlimit_for_tensorflow():
 
 
 def test_hourly_cost_counts_every_node():
-    cost = spec.hourly_cost(
+    cost = costs.hourly_cost(
         ClusterOptions(bucket=BUCKET, core=2, task=1, instance_type="m5.xlarge")
     )
     it = sizing.INSTANCE_TYPES["m5.xlarge"]
+    ebs = (32 + 64) * costs.EBS_USD_PER_GIB_MONTH / costs.HOURS_PER_MONTH
     assert cost["nodes"] == 4
     assert cost["ec2_usd"] == pytest.approx(4 * it.ec2_usd)
-    assert cost["total_usd"] == pytest.approx(4 * (it.ec2_usd + it.emr_usd))
+    assert cost["ebs_usd"] == pytest.approx(4 * ebs, abs=1e-4)
+    assert cost["total_usd"] == pytest.approx(4 * (it.ec2_usd + it.emr_usd + ebs), abs=1e-4)
 
 
 def test_step_log_uri_follows_emr_layout():

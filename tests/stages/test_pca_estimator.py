@@ -168,7 +168,7 @@ def test_save_load_round_trip(tmp_path):
         back = PCAModel.load(str(tmp_path / where))
         for attr in ("mean_", "scale_", "components_", "explained_variance_", "m2"):
             np.testing.assert_array_equal(getattr(back, attr), getattr(model, attr))
-        np.testing.assert_array_equal(back.fit.eigenvalues, model.fit.eigenvalues)
+        np.testing.assert_array_equal(back.pca_fit.eigenvalues, model.pca_fit.eigenvalues)
         assert (back.n_components_, back.n_samples_, back.n_features_in_) == (4, 30, 6)
         assert back.statistics == stats and back.features_model == {"name": "m", "alpha": 0.35}
         np.testing.assert_array_equal(back.transform(X), model.transform(X))
@@ -212,10 +212,12 @@ def _frame(spark, X: np.ndarray, errors=(), partitions: int = 3, spec=None):
     if spec is not None:
         schema["features"].metadata = {METADATA_KEY: spec}
     rows = [
-        (f"file:/x/C{i % 3}/{i}.jpg", f"C{i % 3}", [float(v) for v in x], None)
+        (f"file:/x/C{i % 3}/{i}.jpg", f"C{i % 3}", [float(v) for v in x], None, None)
         for i, x in enumerate(X.astype(np.float32))
     ]
-    rows += [(f"file:/x/bad/{i}.jpg", "bad", None, reason) for i, reason in enumerate(errors)]
+    rows += [
+        (f"file:/x/bad/{i}.jpg", "bad", None, reason, None) for i, reason in enumerate(errors)
+    ]
     return spark.createDataFrame(rows, schema).repartition(partitions)
 
 

@@ -120,8 +120,8 @@ def test_agrees_with_numpy_and_keeps_path_and_label(results, sample_features):
     X, paths, w, V, Z = _numpy_reference(sample_features, 8)
     assert (np.ptp(X, axis=0) == 0).sum() > 0  # all-zero columns: normal on small samples
     model = PCAModel.load(str(results))
-    np.testing.assert_allclose(model.fit.eigenvalues[:8], w[:8], rtol=1e-9)
-    cos = np.abs(np.sum(model.fit.components * V, axis=0))
+    np.testing.assert_allclose(model.pca_fit.eigenvalues[:8], w[:8], rtol=1e-9)
+    cos = np.abs(np.sum(model.pca_fit.components * V, axis=0))
     assert cos.min() >= 1 - 1e-9
     proj = pq.read_table(results / "projections").to_pydict()
     assert sorted(proj["path"]) == sorted(paths)
@@ -241,3 +241,21 @@ def test_rerun_without_overwrite_refuses(spark, sample_features, results):
     with pytest.raises(UsageError, match="already exists: pass --overwrite"):
         reduce_features(spark, str(sample_features), str(results), k=3)
     assert (results / "summary.json").read_text() == before
+
+
+def test_component_agreement_aligns_signs_and_measures_the_angle():
+    from linalg.kernels import block_moments, fit_pca_from_moments
+    from stages.reduce.sparkml import component_agreement
+
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((300, 6)) @ rng.standard_normal((6, 6))
+    fit = fit_pca_from_moments(block_moments(X), k=3)
+    pc = fit.components[:, :3] * np.array([1.0, -1.0, 1.0])  # another answer's signs
+    agreement, signs = component_agreement(fit, pc, fit.explained_variance_ratio[:3])
+    np.testing.assert_array_equal(signs, [1.0, -1.0, 1.0])
+    assert agreement["components_min_abs_cos_all"] == pytest.approx(1.0, abs=1e-12)
+    assert agreement["explained_variance_ratio_max_rel_err"] == 0.0
+    turned = pc.copy()
+    turned[:, 0] = (pc[:, 0] + pc[:, 1]) / np.sqrt(2)  # 45 degrees off in one component
+    agreement, _ = component_agreement(fit, turned, fit.explained_variance_ratio[:3])
+    assert agreement["components_min_abs_cos_all"] == pytest.approx(np.sqrt(0.5), abs=1e-9)

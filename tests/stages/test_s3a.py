@@ -181,7 +181,7 @@ def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
     model = PCAModel.from_files(
         get("Results/pca_model/arrays.npz"), get("Results/pca_model/model.json")
     )
-    assert model.n_components == 5
+    assert model.n_components_ == 5
     features = _read_parquet_from_bucket(moto_s3_client, "Features/")
     X = np.stack([np.asarray(f, dtype=np.float32) for f in features.column("features").to_pylist()])
     expected = dict(zip(features.column("path").to_pylist(), model.transform(X)))

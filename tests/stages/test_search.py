@@ -167,7 +167,9 @@ def test_exact_index_below_the_limit(tmp_path):
     assert index.thumbnail(199) == thumb and index.path(131) == "131"
     nd = meta["neighbour_distance"]
     assert 0 < nd["p50"] <= nd["p95"] <= nd["p99"] <= nd["max"]
-    assert meta["no_match_distance"] == pytest.approx(1.5 * nd["p99"])
+    # One class: nothing to hold out, the fallback rule and why.
+    assert meta["open_set"]["calibrated"] is False and "1 class" in meta["open_set"]["reason"]
+    assert meta["open_set"]["reference"] == {"rows": 200, "of": 200, "seed": 0}
     from PIL import Image
 
     with Image.open(io.BytesIO(thumb)) as img:
@@ -177,9 +179,10 @@ def test_exact_index_below_the_limit(tmp_path):
 @pytest.mark.parametrize(
     ("labels", "dist", "expected"),
     [
-        (["a", "b", "a"], [1, 2, 3], {"label": "a", "count": 2, "of": 3}),
-        (["b", "a", "a", "b"], [1, 2, 3, 4], {"label": "b", "count": 2, "of": 4}),
-        (["c"], [5], {"label": "c", "count": 1, "of": 1}),
+        (["a", "b", "a"], [1, 2, 3], {"label": "a", "count": 2, "of": 3, "margin": 1}),
+        (["b", "a", "a", "b"], [1, 2, 3, 4], {"label": "b", "count": 2, "of": 4, "margin": 0}),
+        (["c"], [5], {"label": "c", "count": 1, "of": 1, "margin": 1}),
+        (["c", "c", "d"], [1, 2, 3], {"label": "c", "count": 2, "of": 3, "margin": 1}),
     ],
 )
 def test_vote(labels, dist, expected):
@@ -259,7 +262,9 @@ def test_non_fruit_images_get_no_close_match(sample_engine, sample_left_out):
         img.save(buf, format="PNG")
         answer = sample_engine.similar_bytes(buf.getvalue())
         assert not answer["close_match"], answer["verdict"]
-        assert answer["verdict"].startswith("no close match")
+        assert answer["label"] is None and answer["photos"] is None
+        assert answer["verdict"].startswith("This fruit does not look like any in the collection")
+        assert not any(m["match"] for m in answer["matches"])
     # ...while every left-out fruit photo has one.
     _, left = sample_left_out
     assert all(sample_engine.similar_bytes(p.read_bytes())["close_match"] for p, _ in left)
@@ -278,7 +283,9 @@ def test_similar_json_and_text(sample_left_out, sample_engine, capsys):
     assert set(answer["matches"][0]) >= {"path", "label", "distance", "thumbnail"}
     assert main(["similar", str(photo), str(results), "--top", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"{label} — 3 of the 3 nearest" and len(out) == 4
+    assert out[0] == f"{label} — 3 of the 3 nearest (margin 3); the collection holds 9 photos of it"
+    assert out[1].startswith("open set: ") and "calibrated on the collection" in out[1]
+    assert len(out) == 5
 
 
 @pytest.mark.slow

@@ -66,6 +66,10 @@ def test_api_answers_the_similar_object(server, sample_engine, sample_left_out):
     answer = r.json()
     expected = sample_engine.similar_bytes(photo.read_bytes(), 4)
     assert answer["vote"] == expected["vote"] and answer["vote"]["label"] == label
+    assert answer["label"] == label and answer["photos"] == 9 and answer["close_match"]
+    assert answer["open_set"]["score"] <= answer["open_set"]["threshold"]
+    rule = answer["model"]["open_set"]
+    assert rule["calibrated"] and 0 <= rule["unknown_rejected"] <= 1 and rule["auroc"] > 0.5
     assert [m["path"] for m in answer["matches"]] == [m["path"] for m in expected["matches"]]
     for got, want in zip(answer["matches"], expected["matches"]):
         assert got["distance"] == pytest.approx(want["distance"], rel=1e-4)
@@ -116,7 +120,7 @@ def test_a_large_photo_is_answered(server):
     assert 4 * 2**20 < len(buf.getvalue()) < 10 * 2**20  # parsed in memory, not spooled
     r = _post(server, buf.getvalue(), name="big.png")
     assert r.status_code == 200, r.text
-    assert r.json()["close_match"] is False  # noise
+    assert r.json()["close_match"] is False and r.json()["label"] is None  # noise
 
 
 def test_no_route_reads_a_file(server):
@@ -221,6 +225,8 @@ class DevTools:
 STATE = """JSON.stringify({
   vote: document.getElementById("vote").textContent,
   label: document.getElementById("vote").dataset.label || "",
+  rule: document.getElementById("rule").textContent,
+  nomatch: document.querySelectorAll("#grid figure.nomatch").length,
   error: document.getElementById("error").textContent,
   imgs: Array.from(document.querySelectorAll("#grid img")).map(
     (im) => ({complete: im.complete, width: im.naturalWidth, alt: im.alt}))
@@ -245,9 +251,24 @@ def test_page_in_chromium(server, sample_left_out, tmp_path):
         assert len(state["imgs"]) == 10
         assert all(i["width"] > 0 for i in state["imgs"]), state["imgs"]
         assert state["label"] == label and state["vote"].startswith(f"{label} — ")
+        assert "the collection holds 9 photos of it" in state["vote"]
+        assert "Measured on this collection" in state["rule"], state["rule"]
         assert state["error"] == ""
         shot = browser.call("Page.captureScreenshot", format="png")["data"]
         assert len(shot) > 1000
+
+        # Noise: no label, a plain sentence, the nearest photos all marked "not a match".
+        import numpy as np
+        from PIL import Image
+
+        noise = tmp_path / "noise.png"
+        rng = np.random.default_rng(0)
+        Image.fromarray((rng.random((160, 200, 3)) * 255).astype(np.uint8)).save(noise)
+        browser.upload("#photo", noise)
+        none = loaded.replace("s.imgs.length > 0", "s.vote.startsWith('This fruit')")
+        state = json.loads(browser.wait_for(none))
+        assert state["label"] == "" and state["nomatch"] == len(state["imgs"]) == 10
+        assert state["vote"].startswith("This fruit does not look like any in the collection")
 
         text = tmp_path / "notes.txt"
         text.write_text("not a photo\n" * 20)

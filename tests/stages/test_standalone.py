@@ -207,9 +207,9 @@ def test_cluster_model_and_summary_equal_local_mode(cluster_reduce, out_dir, loc
 
     ours = PCAModel.load(str(out_dir / "Results"))
     ref = PCAModel.load(str(local_results))
-    np.testing.assert_allclose(ours.fit.mean, ref.fit.mean, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(ours.fit.eigenvalues[:5], ref.fit.eigenvalues[:5], rtol=1e-6)
-    cos = np.abs(np.sum(ours.fit.components * ref.fit.components, axis=0))
+    np.testing.assert_allclose(ours.pca_fit.mean, ref.pca_fit.mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ours.pca_fit.eigenvalues[:5], ref.pca_fit.eigenvalues[:5], rtol=1e-6)
+    cos = np.abs(np.sum(ours.pca_fit.components * ref.pca_fit.components, axis=0))
     assert np.all(cos >= 1 - 1e-6), cos
     summary = json.loads((out_dir / "Results" / "summary.json").read_text())
     local = json.loads((local_results / "summary.json").read_text())

@@ -33,14 +33,14 @@ def _projections(results: Path) -> dict:
 def assert_same_pca(updated: Path, full: Path) -> None:
     """Eigenvalues rtol 1e-9, |cos| >= 1 - 1e-9, projections equal after sign alignment."""
     a, b = PCAModel.load(str(updated)), PCAModel.load(str(full))
-    assert a.fit.n_samples == b.fit.n_samples and a.n_components == b.n_components
-    wa, wb = a.fit.eigenvalues, b.fit.eigenvalues
+    assert a.pca_fit.n_samples == b.pca_fit.n_samples and a.n_components_ == b.n_components_
+    wa, wb = a.pca_fit.eigenvalues, b.pca_fit.eigenvalues
     np.testing.assert_allclose(wa, wb, rtol=1e-9, atol=1e-12 * wb[0])
-    k = a.n_components
+    k = a.n_components_
     gaps = np.minimum(np.abs(np.diff(wb, prepend=np.inf)), np.abs(np.diff(wb, append=-np.inf)))
     separated = (gaps > 1e-6 * wb[0])[:k]
     assert separated.sum() >= k - 1
-    dots = np.sum(a.fit.components * b.fit.components, axis=0)
+    dots = np.sum(a.pca_fit.components * b.pca_fit.components, axis=0)
     assert np.abs(dots)[separated].min() >= 1 - 1e-9
     np.testing.assert_allclose(a.m2, b.m2, rtol=1e-9, atol=1e-9 * np.abs(b.m2).max())
     pa_, pb = _projections(updated), _projections(full)
