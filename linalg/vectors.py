@@ -3,12 +3,16 @@
 Exact search is one float32 GEMV with the candidates re-ranked in float64; above
 :data:`EXACT_MAX_ELEMENTS` rows x dims an HNSW graph gives the candidates and the same
 float64 re-ranking orders them.  faiss is imported only where a graph is built or read.
+
+The vectors are an array or any object with ``shape``, ``blocks()`` (``(first row,
+block)`` pairs, e.g. memory-mapped shards) and ``take(rows)``: exact search then streams
+the blocks, and the re-ranking reads only the candidates' rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 
@@ -39,18 +43,35 @@ class VectorIndex:
 
     Parameters
     ----------
-    vectors : ndarray (n, k), float32
+    vectors : ndarray (n, k), float32, or blocks of rows (see the module docstring)
     hnsw : faiss.Index, optional
         An HNSW graph over the same rows; exact search when ``None``.
     """
 
-    vectors: np.ndarray
+    vectors: Any
     hnsw: Any = None
 
     def __post_init__(self) -> None:
-        self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
-        v64 = self.vectors.astype(np.float64)
-        self._norms = np.einsum("ij,ij->i", v64, v64).astype(np.float32)
+        if not hasattr(self.vectors, "blocks"):
+            self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
+        self._norms: Dict[int, np.ndarray] = {}  # per block, computed by the first exact search
+
+    def _blocks(self) -> Iterable[Tuple[int, np.ndarray]]:
+        if isinstance(self.vectors, np.ndarray):
+            return [(0, self.vectors)]
+        return self.vectors.blocks()
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of rows ``ids`` (float32)."""
+        if isinstance(self.vectors, np.ndarray):
+            return self.vectors[ids]
+        return self.vectors.take(ids)
+
+    def _block_norms(self, start: int, block: np.ndarray) -> np.ndarray:
+        if start not in self._norms:  # ||x||^2 accumulated in float64
+            b = np.asarray(block, dtype=np.float64)
+            self._norms[start] = np.einsum("ij,ij->i", b, b).astype(np.float32)
+        return self._norms[start]
 
     @property
     def kind(self) -> str:
@@ -78,38 +99,55 @@ class VectorIndex:
         return self._rerank(q, cand, top)
 
     def _exact_candidates(self, q: np.ndarray, m: int) -> np.ndarray:
-        # ||x||^2 - 2 x.q ranks like ||x - q||^2: one GEMM, no (n, k) temporary.
-        out = np.empty((q.shape[0], m), dtype=np.int64)
-        step = max(1, min(256, 2**26 // len(self)))  # (step, n) float32 temporaries <= 256 MB
-        for s in range(0, q.shape[0], step):
-            d2 = self._norms[None, :] - 2.0 * (q[s : s + step] @ self.vectors.T)
-            if m < d2.shape[1]:
-                part = np.argpartition(d2, m - 1, axis=1)[:, :m]
-            else:
-                part = np.broadcast_to(np.arange(d2.shape[1]), d2.shape)
-            out[s : s + step] = part
-        return out
+        # ||x||^2 - 2 x.q ranks like ||x - q||^2: one GEMM a block, no (n, k) temporary;
+        # each block's m best are kept, then the best m of those.
+        ids, d2s = [], []
+        for start, block in self._blocks():
+            rows = len(block)
+            mb = min(m, rows)
+            norms = self._block_norms(start, block)
+            bid = np.empty((q.shape[0], mb), np.int64)
+            bd2 = np.empty((q.shape[0], mb), np.float32)
+            # (step, rows) temporaries: <= 64 MB of float32 and 128 MB of argpartition ids
+            step = max(1, min(256, 2**24 // rows))
+            for s in range(0, q.shape[0], step):
+                d2 = norms[None, :] - 2.0 * (q[s : s + step] @ np.asarray(block).T)
+                if mb < rows:
+                    part = np.argpartition(d2, mb - 1, axis=1)[:, :mb]
+                else:
+                    part = np.broadcast_to(np.arange(rows), d2.shape)
+                bid[s : s + step] = part + start
+                bd2[s : s + step] = np.take_along_axis(d2, part, axis=1)
+            ids.append(bid)
+            d2s.append(bd2)
+        cand, d2 = np.concatenate(ids, axis=1), np.concatenate(d2s, axis=1)
+        if cand.shape[1] <= m:
+            return cand
+        keep = np.argpartition(d2, m - 1, axis=1)[:, :m]
+        return np.take_along_axis(cand, keep, axis=1)
 
     def _rerank(self, q: np.ndarray, cand: np.ndarray, top: int) -> Tuple[np.ndarray, np.ndarray]:
         ids = np.empty((q.shape[0], top), dtype=np.int64)
         dist = np.empty((q.shape[0], top), dtype=np.float64)
         for i in range(q.shape[0]):
             c = cand[i][cand[i] >= 0]
-            diff = self.vectors[c].astype(np.float64) - q[i].astype(np.float64)
+            diff = self.rows(c).astype(np.float64) - q[i].astype(np.float64)
             d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
             order = np.lexsort((c, d))[:top]
             ids[i], dist[i] = c[order], d[order]
         return ids, dist
 
 
-def build_hnsw(vectors: np.ndarray):
-    """A faiss HNSW graph (M=32) over ``vectors`` (float32)."""
+def build_hnsw(vectors: np.ndarray, graph=None):
+    """A faiss HNSW graph (M=32) over ``vectors`` (float32), or ``graph`` with them added
+    (their row ids follow its last one)."""
     import faiss
 
-    index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M)
-    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    return index
+    if graph is None:
+        graph = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M)
+        graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    graph.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return graph
 
 
 def recall_at(index: VectorIndex, top: int = 10, queries: int = RECALL_QUERIES, seed: int = 0):
@@ -117,7 +155,7 @@ def recall_at(index: VectorIndex, top: int = 10, queries: int = RECALL_QUERIES, 
     ``queries`` random rows of the index (each row's own id left out of both answers)."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(index), size=min(queries, len(index)), replace=False)
-    q = index.vectors[rows]
+    q = index.rows(rows)
     exact, _ = index.search(q, top + 1, exact=True)
     approx, _ = index.search(q, top + 1)
     hits = 0
@@ -131,7 +169,7 @@ def neighbour_distances(index: VectorIndex, sample: int = NEIGHBOUR_SAMPLE, seed
     """Quantiles of the distance from a row to its nearest other row (exact, on a sample)."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(index), size=min(sample, len(index)), replace=False)
-    ids, dist = index.search(index.vectors[rows], 2, exact=True)
+    ids, dist = index.search(index.rows(rows), 2, exact=True)
     # The row itself is normally first; a duplicate image at distance 0 counts as a neighbour.
     nn = np.where(ids[:, 0] == rows, dist[:, 1], dist[:, 0])
     return {

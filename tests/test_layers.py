@@ -59,7 +59,6 @@ LAZY_OURS: Dict[Tuple[str, str], str] = {
     ("stages.reduce.pca_model", "stages.featurize.litert"): "as stages.featurize.engine",
     ("stages.reduce.pca_model", "stages.featurize.model"): "as stages.featurize.engine",
     ("stages.reduce.pca_model", "stages.featurize.images"): "PCAModel.project_images: Pillow",
-    ("stages.reduce.index", "stages.featurize.images"): "thumbnails: Pillow",
     ("stages.report.data", "stages.featurize.images"): "thumbnails: Pillow",
     ("stages.notebook", "stages.base.session"): "a local session only outside sparkmagic",
     # the emr command line's options (split from cluster.cli): --help never loads numpy

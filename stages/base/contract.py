@@ -15,6 +15,7 @@ __all__ = [
     "IMAGE_GLOB",
     "IMAGE_NAME",
     "METADATA_KEY",
+    "THUMB_PX",
     "features_schema",
     "footer_model_spec",
     "model_identity",
@@ -27,12 +28,26 @@ IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
 IMAGE_NAME = re.compile(r".*\.jpe?g\Z", re.IGNORECASE | re.DOTALL)
 # The key of the model metadata on the ``features`` field (in every Parquet footer).
 METADATA_KEY = "fruits_pipeline"
+# The thumbnails' size (pixels, the longer side) kept in FEATURES and shown by the app.
+THUMB_PX = 96
 
 
 def features_schema(spec=None):
     """Spark schema of the features Parquet, with ``spec`` (a ``stages.featurize.model.ModelSpec``)
-    as the metadata of ``features``."""
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+    as the metadata of ``features``.
+
+    ``thumb`` is the image's JPEG thumbnail (at most :data:`THUMB_PX` pixels a side), made
+    where the photo's bytes were read so that no later stage reads the photo again; null
+    for an error row and in features made before it existed.
+    """
+    from pyspark.sql.types import (
+        ArrayType,
+        BinaryType,
+        FloatType,
+        StringType,
+        StructField,
+        StructType,
+    )
 
     meta = {METADATA_KEY: spec.to_dict()} if spec is not None else {}
     return StructType(
@@ -41,6 +56,7 @@ def features_schema(spec=None):
             StructField("label", StringType(), False),
             StructField("features", ArrayType(FloatType(), containsNull=False), True, meta),
             StructField("error", StringType(), True),
+            StructField("thumb", BinaryType(), True),
         ]
     )
 

@@ -14,7 +14,14 @@ import re
 import shutil
 from typing import Callable, List, Tuple, Union
 
-__all__ = ["UsageError", "EXIT_USAGE", "EXIT_FAILED", "explain", "exception_text"]
+__all__ = [
+    "UsageError",
+    "StepFailed",
+    "EXIT_USAGE",
+    "EXIT_FAILED",
+    "explain",
+    "exception_text",
+]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -22,6 +29,11 @@ EXIT_FAILED = 1
 
 class UsageError(Exception):
     """A bad argument or input: the message says what is wrong and how to fix it."""
+
+
+class StepFailed(Exception):
+    """A later step failed once the earlier ones were committed: the message says what
+    is kept and the command that finishes the work (exit 1)."""
 
 
 def exception_text(exc: BaseException) -> str:
@@ -159,6 +171,8 @@ def explain(exc: BaseException) -> Tuple[int, str]:
     """``(exit code, one-line message)`` for ``exc``."""
     if isinstance(exc, UsageError):
         return EXIT_USAGE, str(exc).splitlines()[0] if str(exc) else "bad input"
+    if isinstance(exc, StepFailed):
+        return EXIT_FAILED, str(exc).splitlines()[0]
     text = exception_text(exc)
     for pattern, code, message in _KNOWN:
         if re.search(pattern, text):

@@ -134,7 +134,7 @@ class _LocalScan:
         """Error rows for the files that cannot be read, or None."""
         if not self._errors:
             return None
-        rows = [(p, label_from_path(p), None, reason) for p, reason in self._errors]
+        rows = [(p, label_from_path(p), None, reason, None) for p, reason in self._errors]
         return spark.createDataFrame(rows, features_schema(spec))
 
 

@@ -333,7 +333,7 @@ def empty_file_rows(spark, images, listed, url_encoded: bool, spec: ModelSpec):
     missing = as_scanned.join(images.select("path"), "path", "left_anti")
     return spark.createDataFrame(
         missing.rdd.map(
-            lambda r: (r[0], label_from_path(r[0], url_encoded), None, "empty file (0 bytes)")
+            lambda r: (r[0], label_from_path(r[0], url_encoded), None, "empty file (0 bytes)", None)
         ),
         features_schema(spec),
     )

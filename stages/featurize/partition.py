@@ -3,7 +3,9 @@
 Runs in the Python worker: decodes each image (an undecodable one becomes an error row
 with its reason), preprocesses, runs the batch featurizer of this worker (built once from
 the broadcast model, :func:`stages.featurize.engine.get_featurizer`) and yields Arrow
-batches of ``path, label, features, error`` (+ ``length``/``modificationTime`` when asked).
+batches of ``path, label, features, error, thumb`` (+ ``length``/``modificationTime`` when
+asked).  ``thumb`` is made here, from the bytes in hand: the photo is read once in the
+pipeline's life (the search index and the app take the thumbnail from the features).
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from stages.base.contract import features_schema
+from stages.base.contract import THUMB_PX, features_schema
 from stages.featurize.engine import get_featurizer
-from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.featurize.images import DecodeError, decode_image, preprocess, thumbnail_jpeg
 from stages.storage.fetch import ReadError, StoreSettings, path_bytes_batches, requests_made
 from stages.storage.s3list import delta
+
+
+def image_thumbnail(content: Optional[bytes]) -> Optional[bytes]:
+    """The ``thumb`` of a row: a JPEG of at most :data:`THUMB_PX` pixels a side, made from
+    the bytes the worker holds for the decode; ``None`` when they are not an image."""
+    return thumbnail_jpeg(content, THUMB_PX, quality=80)
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:
@@ -48,23 +56,34 @@ def arrow_batch_rows(batch_size: int) -> int:
     return batch_size * max(1, -(-ARROW_BATCH_ROWS // batch_size))
 
 
+def binary_array(values: Sequence[Optional[bytes]]):
+    """An Arrow ``binary`` array of ``values`` (None: null), built from its buffers (see
+    :func:`string_array`)."""
+    return _bytes_array([v for v in values], binary=True)
+
+
 def string_array(values: Sequence[Optional[str]]):
     """An Arrow ``string`` array of ``values`` (None: null), built from its buffers.
 
     ``pa.array`` imports pandas on first use (to test for pandas objects): about a
     CPU-second per Python worker, for nothing.
     """
+    return _bytes_array([None if v is None else v.encode() for v in values], binary=False)
+
+
+def _bytes_array(encoded: Sequence[Optional[bytes]], binary: bool):
     import pyarrow as pa
 
-    n = len(values)
-    encoded = [b"" if v is None else v.encode() for v in values]
+    n = len(encoded)
     offsets = np.zeros(n + 1, np.int32)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    valid = np.fromiter((v is not None for v in values), bool, n)
+    np.cumsum([0 if e is None else len(e) for e in encoded], out=offsets[1:])
+    valid = np.fromiter((e is not None for e in encoded), bool, n)
     nulls = n - int(np.count_nonzero(valid))
     bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
-    buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
-    return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+    data = b"".join(e for e in encoded if e is not None)
+    buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(data)]
+    kind = pa.binary() if binary else pa.string()
+    return pa.Array.from_buffers(kind, n, buffers, null_count=nulls)
 
 
 def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
@@ -172,6 +191,8 @@ def featurize_partition(
         nonlocal bad
         labels = [label_from_path(p, url_encoded) for p in paths]
         arrays, errors = decode_rows(contents, exif_orientation, jpeg_draft)
+        # The photo's thumbnail, made here where its bytes are: it is never read again.
+        thumbs = [image_thumbnail(c) if e is None else None for c, e in zip(contents, errors)]
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
             feats = np.asarray(infer(arrays), dtype=np.float32)
@@ -187,6 +208,8 @@ def featurize_partition(
         bad += int((~ok).sum())
         columns = [string_array(paths), string_array(labels)]
         columns += [features_array(feats, ok, list_type), string_array(errors)]
+        thumbs = [t if e is None else None for t, e in zip(thumbs, errors)]
+        columns.append(binary_array(thumbs))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     before = requests_made(fetch) if requests is not None else None

@@ -46,7 +46,8 @@ def reduce_features(
     featurize_report : dict, optional
         Stage 1's report, kept in the summary by ``fruits-pipeline run``.
     index : bool
-        Also build ``RESULTS/index/`` (:func:`stages.search.query.build_index`).
+        Also build ``RESULTS/index/`` (:func:`stages.reduce.index.build_index`), once
+        the projections and the model are committed.
     **options
         Fields of :class:`~stages.base.params.ReduceParams` given one by one:
         ``reduce_features(spark, f, r, k=5)``.
@@ -55,6 +56,9 @@ def reduce_features(
     ------
     UsageError
         Bad arguments or features; nothing is written then.
+    StepFailed
+        The index step failed: RESULTS holds the projections and the model, and the
+        message says how to build the index (``fruits-pipeline index RESULTS``).
     """
     params = ReduceParams.of(params, **options)
     if params.update:

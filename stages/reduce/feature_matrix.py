@@ -40,7 +40,9 @@ __all__ = [
     "write_projections",
 ]
 
-PROJECTIONS_SCHEMA = "path string, label string, pca array<double>"
+# ``thumb``: the features' thumbnail, carried along for the search index (null in
+# features made before thumbnails were kept).
+PROJECTIONS_SCHEMA = "path string, label string, pca array<double>, thumb binary"
 # How a DataFrame given instead of a path is named in error messages.
 DATAFRAME_NAME = "(DataFrame)"
 
@@ -76,24 +78,29 @@ def _decode_blocks(batches: Iterator[bytes], schema, d: int, lengths) -> Iterato
         rows = int(pc.sum(ok).as_py() or 0)
         good = batch if rows == n else batch.filter(ok)  # filter copies every column
         X = good.column("features").flatten().to_numpy(zero_copy_only=False).reshape(rows, d)
-        keys = pa.table({"path": good.column("path"), "label": good.column("label")})
+        keys = {"path": good.column("path"), "label": good.column("label")}
+        if "thumb" in good.schema.names:
+            keys["thumb"] = good.column("thumb")
+        keys = pa.table(keys)
         yield KeyedBlock(X, keys)
 
 
 def _projection_batch(block: KeyedBlock) -> bytes:
-    """A projected block as an Arrow batch message ``path, label, pca`` (executors)."""
+    """A projected block as an Arrow batch message ``path, label, pca, thumb`` (executors)."""
     import pyarrow as pa
 
     n, k = block.X.shape
     offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
     pca = pa.ListArray.from_arrays(offsets, pa.array(block.X.reshape(-1)))
+    keys = block.keys
+    thumb = (
+        keys.column("thumb").combine_chunks()
+        if "thumb" in keys.column_names
+        else pa.nulls(n, pa.binary())
+    )
     batch = pa.RecordBatch.from_arrays(
-        [
-            block.keys.column("path").combine_chunks(),
-            block.keys.column("label").combine_chunks(),
-            pca,
-        ],
-        names=["path", "label", "pca"],
+        [keys.column("path").combine_chunks(), keys.column("label").combine_chunks(), pca, thumb],
+        names=["path", "label", "pca", "thumb"],
     )
     return batch_bytes(batch)
 
@@ -261,9 +268,10 @@ def feature_rows(df, d: int, lengths=None, persist: bool = False) -> Tuple[Keyed
         ``handle.unpersist(False)`` when done, if persisted.
     """
 
-    raw, schema, handle = to_arrow_batches(
-        df.select("path", "label", "features", "error"), persist=persist
-    )
+    columns = ["path", "label", "features", "error"]
+    if "thumb" in df.columns:  # kept for the index (features made before have none)
+        columns.append("thumb")
+    raw, schema, handle = to_arrow_batches(df.select(*columns), persist=persist)
     blocks = raw.mapPartitions(
         lambda it: _decode_blocks(it, schema, d, lengths), preservesPartitioning=True
     )
@@ -353,7 +361,7 @@ def open_features(
 
 
 def projections_frame(spark, projected: KeyedRowMatrix):
-    """A projected KeyedRowMatrix as a DataFrame ``path, label, pca`` (lazy)."""
+    """A projected KeyedRowMatrix as a DataFrame ``path, label, pca, thumb`` (lazy)."""
 
     schema = spark.createDataFrame([], PROJECTIONS_SCHEMA).schema
     batches = projected.blocks.filter(lambda b: len(b) > 0).map(_projection_batch)
@@ -361,5 +369,5 @@ def projections_frame(spark, projected: KeyedRowMatrix):
 
 
 def write_projections(spark, projected: KeyedRowMatrix, uri: str) -> None:
-    """Write a projected KeyedRowMatrix as ``uri`` (Parquet ``path, label, pca``)."""
+    """Write a projected KeyedRowMatrix as ``uri`` (Parquet ``path, label, pca, thumb``)."""
     projections_frame(spark, projected).write.mode("errorifexists").parquet(uri)

@@ -39,7 +39,7 @@ from stages.reduce.feature_matrix import (
     open_features,
     write_projections,
 )
-from stages.reduce.index import build_index
+from stages.reduce.index import index_step
 from stages.reduce.pca import PCA
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.sparkml import spark_ml_check
@@ -63,14 +63,24 @@ def reduce_full(
     """A full reduce: fit the PCA on all of ``features`` and write a new ``results``.
 
     The entry point is :func:`stages.reduce.reduce_features` (it also dispatches
-    ``update``); ``params.update`` is ignored here.
+    ``update``); ``params.update`` is ignored here.  The index is built once the
+    projections and the model are committed (:func:`stages.reduce.index.index_step`): a
+    failed index step raises :class:`~stages.base.errors.StepFailed` and keeps them.
     """
     pca = PCA(k=params.k, variance=params.variance)
     check, overwrite = params.check, params.overwrite
     check_disjoint([("RESULTS", results, "FEATURES", features)])
     with atomic_output(spark, results, overwrite) as target, Progress(spark, "reduce", None):
-        summary = _reduce(spark, features, results, target, pca, check, featurize_report, index)
-    logger.info(f"reduce: wrote {results} in {summary['timings_s']['reduce_total']:.1f} s")
+        summary = _reduce(spark, features, results, target, pca, check, featurize_report)
+    # Committed: whatever happens to the index now, the PCA's work is kept.
+    if index:
+        index_step(spark, results, summary)
+    times = summary["timings_s"]
+    took = f"{times['reduce_total']:.1f} s"
+    if "index" in times:
+        total = times["reduce_total"] + times["index"]
+        took = f"{total:.1f} s ({times['index']:.1f} s of it the index)"
+    logger.info(f"reduce: wrote {results} in {took}")
     return summary
 
 
@@ -110,7 +120,7 @@ def fit_summary(
     }
 
 
-def _reduce(spark, features, results, target, pca, check, featurize_report, index):
+def _reduce(spark, features, results, target, pca, check, featurize_report):
     """The Spark jobs of :func:`reduce_full`, written into ``target``."""
     t0 = time.perf_counter()
     # Opened once and cached: the fit's pass and the projection read the same batches.
@@ -140,7 +150,5 @@ def _reduce(spark, features, results, target, pca, check, featurize_report, inde
     if check == "spark-ml":
         logger.info("reduce: cross-checking against Spark ML StandardScaler + PCA ...")
         summary["spark_ml_check"] = spark_ml_check(spark, features, target, model)
-    if index:
-        summary["index"] = build_index(spark, target)
     hadoopfs.write_text(spark, Results(target).summary, json.dumps(summary, indent=2))
     return summary

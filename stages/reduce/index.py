@@ -1,241 +1,81 @@
-"""The search index of RESULTS, built from ``RESULTS/projections`` on the driver.
+"""The search index of RESULTS (format 3): built from the projections in shards, appended to.
 
-``RESULTS/index/`` (written by ``reduce`` and ``fruits-pipeline index RESULTS``):
+``index.json`` (written last, replaced atomically) lists the shards in row order
+(:mod:`stages.storage.shards`, written by :mod:`stages.reduce.index_writer`), the labels
+their codes name, the ``generation`` (one more at each append), what the rows measure
+(:mod:`stages.reduce.index_stats`: recall, neighbour distances, the open-set rule) and,
+above the exact-search limit, the HNSW graph's file ``hnsw-<generation>.faiss``.
+:func:`build_index` writes a whole new folder from ``RESULTS/projections`` and swaps it
+in; :func:`append_index` adds the rows of one new projections file (``watch --results``)
+as new shards, adds their vectors to the graph (HNSW takes additions) and writes the
+next generation: a running ``serve`` sees ``index.json`` change and loads it (the files
+of the generation it serves are never rewritten).  An index on a Hadoop filesystem is
+rebuilt instead of appended to (the app reads a local copy).
 
-- ``index.json``: rows, dimensions, the kind of search (``exact`` or ``faiss-hnsw``),
-  the measured recall@10 of an approximate index against exact search, the bucket's own
-  nearest-neighbour distances, the open-set rule (``open_set``: what "no close match"
-  means, calibrated on the bucket by :func:`open_set_rule`, with its measured rates), what
-  made the features and the SHA-256 of the ``pca_model/arrays.npz`` it was built from;
-- ``rows.parquet``: ``path, label`` in vector order;
-- ``vectors.npy``: the projections, float32 (n, k);
-- ``thumbs.bin`` + ``thumbs_offsets.npy``: a small JPEG per row, concatenated, so the app
-  shows matches without credentials to the bucket (memory-mapped, not loaded);
-- ``hnsw.faiss``: the approximate index, above :data:`EXACT_MAX_ELEMENTS` only.
-
-Exact search is one float32 GEMV over the vectors (BLAS) with the candidates re-ranked in
-float64; above :data:`EXACT_MAX_ELEMENTS` rows x dims (``benchmarks/search_bench.py``) a
-faiss HNSW graph gives the candidates and the same float64 re-ranking orders them.
+Driver memory: the HNSW graph while it is built or extended (``n (4k + 8M)`` bytes,
+``M`` = 32 links) and one shard's vectors at a time; the rows' paths, labels and
+thumbnails never reach it (a RESULTS on a Hadoop filesystem passes one partition's
+shard at a time through the driver's local disk).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import posixpath
+import os
+import shutil
+import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from linalg.openset import CALIBRATION_ROWS, calibrate, reference_rows
 from linalg.vectors import (
     EXACT_MAX_ELEMENTS,
     HNSW_EF_CONSTRUCTION,
     HNSW_EF_SEARCH,
     HNSW_M,
-    RECALL_QUERIES,
     VectorIndex,
     build_hnsw,
-    neighbour_distances,
-    recall_at,
 )
-from stages.base.errors import UsageError
+from stages.base.contract import THUMB_PX
+from stages.base.errors import StepFailed, UsageError, explain
+from stages.reduce.index_stats import open_set_summary, statistics
+from stages.reduce.index_writer import copy_up, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
-from stages.storage.layout import INDEX_META, Results
+from stages.storage.fs import LocalFileSystem, local_path
+from stages.storage.layout import INDEX_DIR, INDEX_META, Results
 from stages.storage.outputs import atomic_output
+from stages.storage.shards import ShardSet, ShardWriter
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "INDEX_DIR",
+    "FORMAT",
+    "build_index",
+    "append_index",
+    "index_step",
+    "hnsw_file",
+    "local_results",
+    "sha256_hex",
+    "write_local_index",
+]
+
+# 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations.
+FORMAT = 3
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
 
 
-FORMAT = 2  # 2: index.json has the calibrated open-set rule ("open_set")
-
-
-OPEN_SET_SEED = 0
-
-
-THUMB_PX = 96
-
-
-def make_thumbnail(data: Optional[bytes], px: int = THUMB_PX) -> Optional[bytes]:
-    """A JPEG of at most ``px`` x ``px`` pixels, or ``None`` when ``data`` is not an image."""
-    from stages.featurize.images import thumbnail_jpeg
-
-    return thumbnail_jpeg(data, px, quality=80, max_pixels=MAX_QUERY_PIXELS)
-
-
 def sha256_hex(data: bytes) -> str:
+    """The SHA-256 of ``data``, in hex."""
     return hashlib.sha256(data).hexdigest()
 
 
-def open_set_rule(vectors: np.ndarray, labels: Sequence[str]) -> Dict[str, Any]:
-    """The ``open_set`` entry of ``index.json``: :func:`linalg.openset.calibrate` on the
-    index's reference rows (all of them up to :data:`~linalg.openset.CALIBRATION_ROWS`, a
-    seeded sample above: the driver's work stays bounded), and which rows those are."""
-    n = len(labels)
-    ref = reference_rows(n, CALIBRATION_ROWS, OPEN_SET_SEED)
-    t0 = time.perf_counter()
-    rule = calibrate(vectors[ref], [labels[i] for i in ref], seed=OPEN_SET_SEED)
-    rule["reference"] = {"rows": int(len(ref)), "of": n, "seed": OPEN_SET_SEED}
-    rule["calibration_s"] = round(time.perf_counter() - t0, 3)
-    return rule
-
-
-def build_index_files(
-    paths: Sequence[str],
-    labels: Sequence[str],
-    vectors: np.ndarray,
-    thumbs: Sequence[Optional[bytes]],
-    pca_arrays_sha256: str,
-    features_model: Dict[str, Any],
-    exact_max_elements: int = EXACT_MAX_ELEMENTS,
-) -> Dict[str, bytes]:
-    """The files of ``RESULTS/index/``, by name (see the module docstring)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    t0 = time.perf_counter()
-    n = len(paths)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.shape[0] != n or n == 0:
-        raise UsageError(f"cannot index {vectors.shape[0]} vectors for {n} rows")
-    files: Dict[str, bytes] = {}
-    hnsw = build_hnsw(vectors) if vectors.size > exact_max_elements else None
-    index = VectorIndex(vectors, hnsw)
-    meta: Dict[str, Any] = {
-        "format": FORMAT,
-        "rows": n,
-        "dims": int(vectors.shape[1]),
-        "kind": index.kind,
-        "exact_max_elements": exact_max_elements,
-        "pca_arrays_sha256": pca_arrays_sha256,
-        "features_model": features_model,
-        "thumbnails": {"px": THUMB_PX, "missing": sum(t is None for t in thumbs)},
-    }
-    if hnsw is not None:
-        import faiss
-
-        files["hnsw.faiss"] = faiss.serialize_index(hnsw).tobytes()
-        meta["hnsw"] = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
-        meta["hnsw"]["ef_search"] = HNSW_EF_SEARCH
-        meta["recall_at_10"] = recall_at(index, 10)
-        meta["recall_queries"] = min(RECALL_QUERIES, n)
-    else:
-        meta["recall_at_10"] = 1.0  # exact search, by construction
-    meta["neighbour_distance"] = neighbour_distances(index)
-    meta["open_set"] = open_set_rule(vectors, labels)
-
-    buf = io.BytesIO()
-    np.save(buf, vectors)
-    files["vectors.npy"] = buf.getvalue()
-    table = pa.table({"path": pa.array(list(paths), pa.string()), "label": list(labels)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    files["rows.parquet"] = buf.getvalue()
-    sizes = np.array([0 if t is None else len(t) for t in thumbs], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    files["thumbs.bin"] = b"".join(t for t in thumbs if t)
-    buf = io.BytesIO()
-    np.save(buf, offsets)
-    files["thumbs_offsets.npy"] = buf.getvalue()
-    meta["build_s"] = time.perf_counter() - t0
-    files[INDEX_META] = json.dumps(meta, indent=2).encode()
-    return files
-
-
-def _thumbnail_column(spark, proj):
-    """``proj`` (path, label, pca) with a ``thumb`` column, read by Spark from the images."""
-    from pyspark.sql import functions as F
-
-    parents = sorted({posixpath.dirname(r.path) for r in proj.select("path").collect()})
-    readable = [p for p in parents if hadoopfs.exists(spark, p)]
-    if len(readable) < len(parents):
-        logger.warning(
-            f"index: {len(parents) - len(readable)} image folder(s) gone: no thumbnails there"
-        )
-    if not readable:
-        return proj.withColumn("thumb", F.lit(None).cast("binary"))
-
-    @F.pandas_udf("binary")
-    def thumb(content):
-        return content.map(make_thumbnail)
-
-    images = (
-        spark.read.format("binaryFile")
-        .load(readable)
-        .select("path", thumb("content").alias("thumb"))
-    )
-    return proj.join(images, "path", "left")
-
-
-def build_index(spark, results: str) -> Dict[str, Any]:
-    """Build ``RESULTS/index/`` from ``RESULTS/projections`` and ``RESULTS/pca_model``.
-
-    Written beside, then swapped in (:func:`stages.storage.outputs.atomic_output`): a failed
-    build leaves the previous index in place.  Returns the index's ``index.json`` content.
-    """
-
-    layout = Results(results)
-    if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
-        spark, layout.model_meta
-    ):
-        raise UsageError(
-            f"{results} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
-        )
-    t0 = time.perf_counter()
-    arrays = hadoopfs.read_bytes(spark, layout.arrays)
-    model = json.loads(hadoopfs.read_bytes(spark, layout.model_meta).decode("utf-8"))
-    proj = spark.read.parquet(layout.projections)
-    pdf = _thumbnail_column(spark, proj).orderBy("path").toPandas()
-    if len(pdf) == 0:
-        raise UsageError(f"{results}/projections has no rows: nothing to index")
-    vectors = np.stack(pdf["pca"].to_numpy()).astype(np.float32)
-    thumbs = [None if t is None else bytes(t) for t in pdf["thumb"]]
-    missing = sum(t is None for t in thumbs)
-    if missing:
-        logger.warning(
-            f"index: {missing} of {len(thumbs)} images have no thumbnail (unreadable or gone)"
-        )
-    files = build_index_files(
-        pdf["path"].tolist(),
-        pdf["label"].tolist(),
-        vectors,
-        thumbs,
-        sha256_hex(arrays),
-        model.get("features_model") or {},
-    )
-    # Written beside and swapped in; index.json last, so a partial index is no index.
-    with atomic_output(spark, layout.index, overwrite=True) as target:
-        for name in sorted(files, key=lambda n: n == INDEX_META):
-            hadoopfs.write_bytes(spark, f"{target}/{name}", files[name])
-    meta = json.loads(files[INDEX_META])
-    logger.info(
-        f"index: {meta['rows']} rows, {meta['kind']} search, recall@10 {meta['recall_at_10']:.3f}, "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
-    logger.info(f"index: {open_set_summary(meta['open_set'])}")
-    return meta
-
-
-def open_set_summary(rule: Dict[str, Any]) -> str:
-    """One line on the open-set rule of an index: what it is and what was measured."""
-    if not rule.get("calibrated"):
-        return f"open set not calibrated ({rule['reason']}): fallback, {rule['fallback']}"
-    return (
-        f"open set: {rule['rule']} <= {rule['threshold']:.3f}, calibrated by leaving "
-        f"{rule['held_out_classes_per_repeat']} of {rule['classes']} classes out "
-        f"{rule['repeats']} times: {rule['known_accepted']:.0%} of held-out photos of known "
-        f"classes accepted, {rule['unknown_rejected']:.0%} of held-out classes refused, "
-        f"AUROC {rule['auroc']:.3f}"
-    )
-
-
 def local_results(results: str) -> str:
+    """The local folder of ``results`` (the app reads a local RESULTS only)."""
     if results.startswith("file:"):
         results = "/" + results[len("file:") :].lstrip("/")
     if "://" in results:
@@ -244,3 +84,291 @@ def local_results(results: str) -> str:
             f"`aws s3 sync {results.rstrip('/')}/ ./Results/ --exclude 'projections/*'`"
         )
     return results
+
+
+def hnsw_file(generation: int) -> str:
+    """The HNSW graph's file name of a generation."""
+    return f"hnsw-{generation:05d}.faiss"
+
+
+def _model_files(spark, base: str):
+    layout = Results(base)
+    if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
+        spark, layout.model_meta
+    ):
+        raise UsageError(
+            f"{base} has no projections/ and pca_model/: give a RESULTS folder of `reduce`"
+        )
+    arrays = hadoopfs.read_bytes(spark, layout.arrays)
+    model = json.loads(hadoopfs.read_bytes(spark, layout.model_meta).decode("utf-8"))
+    return sha256_hex(arrays), model
+
+
+def _dims(model: Dict[str, Any]) -> int:
+    for key in ("n_components", "k"):
+        if key in model:
+            return int(model[key])
+    raise UsageError("pca_model/model.json records no number of components")
+
+
+def _graph(work: str, shards: ShardSet, generation: int, previous=None):
+    """The HNSW graph over ``shards`` (extending ``previous`` by the rows it lacks),
+    written to ``work/hnsw-<generation>.faiss``."""
+    import faiss
+
+    graph = previous
+    for start, block in shards.blocks():
+        end = start + len(block)
+        have = 0 if graph is None else graph.ntotal
+        if end <= have:
+            continue
+        graph = build_hnsw(block[max(0, have - start) :], graph)
+    faiss.write_index(graph, os.path.join(work, hnsw_file(generation)))
+    return graph
+
+
+def _finish(
+    work: str,
+    meta: Dict[str, Any],
+    exact_max: int,
+    previous=None,
+    append: bool = False,
+    times: Optional[Dict[str, float]] = None,
+) -> Dict[str, Any]:
+    """Open the shards of ``meta``, make (or extend ``previous``) the graph, write
+    ``index.json``; the statistics (and the open-set rule) are measured again unless an
+    ``append`` leaves the kind of search and the labels as they were and the rows less
+    than doubled.  ``times`` gets the seconds of the graph and of the statistics."""
+    times = {} if times is None else times
+    t0 = time.perf_counter()
+    shards = ShardSet(work, meta["shards"], meta["labels"])
+    n, gen = len(shards), meta["generation"]
+    meta["rows"] = n
+    meta["thumbnails"]["missing"] = sum(int(s["missing"]) for s in meta["shards"])
+    hnsw = None
+    if n * meta["dims"] > exact_max:
+        hnsw = _graph(work, shards, gen, previous)
+        meta["hnsw"] = {"file": hnsw_file(gen), "M": HNSW_M}
+        meta["hnsw"].update(ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
+    index = VectorIndex(shards, hnsw)
+    meta["kind"] = index.kind
+    times["graph"] = time.perf_counter() - t0
+    last = meta.get("statistics_rows") or 0
+    same_labels = meta.get("statistics_labels") == len(meta["labels"])
+    if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last or not same_labels:
+        statistics(meta, index, shards, gen)
+        meta["statistics_rows"], meta["statistics_kind"] = n, index.kind
+        meta["statistics_labels"] = len(meta["labels"])
+    times["statistics"] = time.perf_counter() - t0 - times["graph"]
+    LocalFileSystem().write_bytes(os.path.join(work, INDEX_META), _meta_bytes(meta))
+    return meta
+
+
+def _meta_bytes(meta: Dict[str, Any]) -> bytes:
+    """``index.json``: ``meta`` without the seconds things took (returned, not written),
+    so that the same projections give the same index, byte for byte."""
+    rule = {k: v for k, v in meta["open_set"].items() if k != "calibration_s"}
+    return json.dumps({**meta, "open_set": rule}, indent=2).encode()
+
+
+def build_index(
+    spark, results: str, chunk_rows: Optional[int] = None, exact_max_elements: Optional[int] = None
+) -> Dict[str, Any]:
+    """Build ``RESULTS/index/`` from ``RESULTS/projections`` (their ``thumb`` included).
+
+    Written beside and swapped in (:func:`stages.storage.outputs.atomic_output`): a failed build
+    leaves the previous index in place.  ``chunk_rows``: rows per write of a shard
+    (default: Spark's Arrow batch).  Returns ``index.json``'s content.
+    """
+    base = results.rstrip("/")
+    exact_max = EXACT_MAX_ELEMENTS if exact_max_elements is None else exact_max_elements
+    t0 = time.perf_counter()
+    sha, model = _model_files(spark, base)
+    dims = _dims(model)
+    df = index_frame(spark, Results(base).projections)
+    labels = label_list(df)
+    if not labels:
+        raise UsageError(f"{results}/projections has no rows: nothing to index")
+    with atomic_output(spark, Results(base).index, overwrite=True) as target:
+        local = local_path(target)
+        work = local if local is not None else _temp()
+        os.makedirs(work, exist_ok=True)
+        try:
+            times = {"labels": time.perf_counter() - t0}
+            shards = write_shards(
+                spark, df, work, labels, dims, "g00001-", local is None, chunk_rows
+            )
+            times["shards"] = time.perf_counter() - t0 - times["labels"]
+            meta: Dict[str, Any] = {
+                "format": FORMAT,
+                "generation": 1,
+                "dims": dims,
+                "exact_max_elements": exact_max,
+                "pca_arrays_sha256": sha,
+                "features_model": model.get("features_model") or {},
+                "labels": labels,
+                "shards": shards,
+                "thumbnails": {"px": THUMB_PX},
+            }
+            meta = _finish(work, meta, exact_max, times=times)
+            if local is None:
+                t_up = time.perf_counter()
+                _upload(spark, work, target)
+                times["upload"] = time.perf_counter() - t_up
+        finally:
+            if local is None:
+                shutil.rmtree(work, ignore_errors=True)
+    # Not in index.json: the same projections give the same index, byte for byte.
+    meta["build_s"] = time.perf_counter() - t0
+    meta["build_steps_s"] = times
+    _warn_missing(meta)
+    logger.info(
+        f"index: {meta['rows']} rows, {len(meta['shards'])} shards, {meta['kind']} search, "
+        f"recall@10 {meta['recall_at_10']:.3f}, {meta['build_s']:.1f} s "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in times.items())})"
+    )
+    logger.info(f"index: {open_set_summary(meta['open_set'])}")
+    return meta
+
+
+def _warn_missing(meta: Dict[str, Any]) -> None:
+    missing = meta["thumbnails"]["missing"]
+    if missing:
+        logger.warning(
+            f"index: {missing} of {meta['rows']} rows have no thumbnail (error rows, or "
+            "features made before featurize kept thumbnails: `featurize --overwrite` adds them)"
+        )
+
+
+def _temp() -> str:
+    return tempfile.mkdtemp(prefix="fruits-index-")
+
+
+def _upload(spark, work: str, target: str, names: Optional[List[str]] = None) -> None:
+    """Copy ``work``'s files (or ``names``) up to ``target``, ``index.json`` last."""
+    names = names if names is not None else sorted(os.listdir(work))
+    for name in sorted(names, key=lambda n: n == INDEX_META):
+        copy_up(spark, os.path.join(work, name), f"{target}/{name}")
+
+
+def append_index(spark, results: str, projections: str) -> Optional[Dict[str, Any]]:
+    """Add the rows of ``projections`` (one file of a ``watch --results`` run, projected
+    with the index's own PCA) to ``RESULTS/index/`` as a new generation.
+
+    Returns the new ``index.json`` content, or None when there is no index to extend
+    (``fruits-pipeline index RESULTS`` builds one).
+    """
+    import faiss
+
+    base = results.rstrip("/")
+    folder = Results(base).index
+    if not hadoopfs.exists(spark, Results(base).index_meta):
+        return None
+    t0 = time.perf_counter()
+    meta = json.loads(hadoopfs.read_text(spark, Results(base).index_meta))
+    sha, model = _model_files(spark, base)
+    if meta.get("format") != FORMAT or meta.get("pca_arrays_sha256") != sha:
+        logger.warning(f"index: {folder} is of another PCA or format: rebuilding it")
+        return build_index(spark, results)
+    work = local_path(folder)
+    if work is None:
+        # The shards and the graph are extended where they are read (the app reads a local
+        # copy); on a Hadoop filesystem the index is rebuilt from the projections.
+        return build_index(spark, results)
+    df = index_frame(spark, projections)
+    labels = label_list(df, meta["labels"])
+    gen = int(meta["generation"]) + 1
+    new = write_shards(spark, df, work, labels, meta["dims"], f"g{gen:05d}-")
+    if not new:
+        return meta
+    previous = None
+    if meta.get("kind") == "faiss-hnsw":
+        previous = faiss.read_index(os.path.join(work, meta["hnsw"]["file"]))
+    meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
+    meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
+    meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
+    _drop_old_graphs(work, gen)
+    meta["append_s"] = time.perf_counter() - t0
+    logger.info(
+        f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "
+        f"{meta['kind']}, {meta['append_s']:.1f} s"
+    )
+    return meta
+
+
+def _drop_old_graphs(work: str, generation: int) -> None:
+    """Delete the graphs older than the previous generation (a serve that has not
+    reloaded yet maps the previous one; Linux keeps a mapped file until unmapped)."""
+    for name in os.listdir(work):
+        if name.startswith("hnsw-") and name.endswith(".faiss"):
+            gen = int(name[len("hnsw-") : -len(".faiss")])
+            if gen < generation - 1:
+                os.unlink(os.path.join(work, name))
+
+
+def index_step(spark, results: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """Build the index of a committed RESULTS and record it in its ``summary.json``
+    (``summary`` is updated: ``index``, ``timings_s.index``).
+
+    Raises
+    ------
+    StepFailed
+        Whatever made the build fail, in one line that says the projections and the
+        model are kept and how to build the index again.
+    """
+    t0 = time.perf_counter()
+    try:
+        meta = build_index(spark, results)
+    except Exception as exc:  # any failure: the PCA's work is committed, say how to go on
+        why = explain(exc)[1].removeprefix("the run failed: ")
+        raise StepFailed(
+            f"the index step failed ({why}); the projections and the PCA model are "
+            f"committed in {results}: build the index with `fruits-pipeline index {results}`"
+        ) from exc
+    summary["index"] = meta
+    summary["timings_s"]["index"] = time.perf_counter() - t0
+    base = results.rstrip("/")
+    hadoopfs.write_text(spark, f"{base}/summary.json", json.dumps(summary, indent=2))
+    return meta
+
+
+def write_local_index(
+    folder: str,
+    paths: List[str],
+    labels: List[str],
+    vectors,
+    thumbs: List[Optional[bytes]],
+    pca_arrays_sha256: str,
+    features_model: Dict[str, Any],
+    exact_max_elements: Optional[int] = None,
+    shard_rows: Optional[int] = None,
+) -> Dict[str, Any]:
+    """``folder/index/`` from rows in memory, without Spark (tests and benchmarks): the
+    same shards and ``index.json`` a build writes, ``shard_rows`` rows a shard."""
+
+    work = os.path.join(folder, INDEX_DIR)
+    names = sorted(set(labels))
+    code = {lab: i for i, lab in enumerate(names)}
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dims = vectors.shape
+    step = shard_rows or max(n, 1)
+    shards = []
+    for s in range(0, n, step):
+        name = f"g00001-{s // step:05d}"
+        w = ShardWriter(os.path.join(work, "shards", name), dims)
+        w.add(vectors[s : s + step], [code[x] for x in labels[s : s + step]],
+              paths[s : s + step], thumbs[s : s + step])  # fmt: skip
+        shards.append({"name": name, **w.close()})
+    exact_max = EXACT_MAX_ELEMENTS if exact_max_elements is None else exact_max_elements
+    meta: Dict[str, Any] = {
+        "format": FORMAT,
+        "generation": 1,
+        "dims": dims,
+        "exact_max_elements": exact_max,
+        "pca_arrays_sha256": pca_arrays_sha256,
+        "features_model": features_model,
+        "labels": names,
+        "shards": shards,
+        "thumbnails": {"px": THUMB_PX},
+    }
+    return _finish(work, meta, exact_max)

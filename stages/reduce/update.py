@@ -28,7 +28,7 @@ import numpy as np
 
 from linalg.kernels import merge_moments
 from stages.base.contract import model_identity
-from stages.base.errors import UsageError
+from stages.base.errors import UsageError, explain
 from stages.base.params import ReduceParams
 from stages.reduce.feature_matrix import (
     feature_file_keys,
@@ -37,7 +37,7 @@ from stages.reduce.feature_matrix import (
     write_projections,
 )
 from stages.reduce.full import fit_summary, reduce_full
-from stages.reduce.index import build_index
+from stages.reduce.index import append_index, index_step
 from stages.reduce.pca import PCA
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.sparkml import spark_ml_check
@@ -144,7 +144,9 @@ def update_reduce(
             "subtracting their moments is not exact, so this is a full pass"
         )
         logger.info(f"reduce --update: {reason}")
-        summary = reduce_full(spark, features, tmp, ReduceParams(check=check, **requested))
+        summary = reduce_full(
+            spark, features, tmp, ReduceParams(check=check, **requested), index=False
+        )
         info_update.update({"mode": "full", "reason": reason})
     elif not new and requested == stats.get("requested"):
         logger.info(
@@ -225,15 +227,13 @@ def update_reduce(
     info_update["seconds"] = time.perf_counter() - t0
     summary["results"] = results
     summary["update"] = info_update
-    if "index" not in summary and hadoopfs.exists(spark, Results(tmp).projections):
-        # The search index follows the new PCA (an old one would be refused as stale).
-        # Its thumbnails are read again from every image: the one part of an update
-        # whose cost grows with the bucket, not with what is new.
-
-        summary["index"] = build_index(spark, tmp)
     hadoopfs.write_text(spark, Results(tmp).summary, json.dumps(summary, indent=2))
     hadoopfs.write_text(spark, f"{tmp}/_READY", "")
     _swap_in(spark, results, tmp)
+    # Committed.  The index follows the new PCA: every vector moved, so it is built again
+    # from the projections (the thumbnails ride in them: no photo is read); `similar` and
+    # `serve` refuse the old one as stale until then.
+    index_step(spark, results, summary)
     logger.info(
         f"reduce --update: wrote {results} in {info_update['seconds']:.1f} s "
         f"({info_update['mode']})"
@@ -261,7 +261,21 @@ def project_run(spark, table, run: str, model, results: str) -> int:
     if not hadoopfs.rename(spark, part, final):
         raise OSError(f"could not rename {part} to {final}")
     hadoopfs.delete(spark, staging)
+    _index_rows(spark, results, final)
     return hadoopfs.parquet_rows(spark, final)  # from its footer: no job per micro-batch
+
+
+def _index_rows(spark, results: str, projections: str) -> None:
+    """Add a run's projected rows to ``RESULTS/index`` (a new generation, which a running
+    ``serve`` loads); a failure is a warning: the watch goes on, the rows are projected."""
+
+    try:
+        append_index(spark, results, projections)
+    except Exception as exc:  # the features and projections are committed: go on
+        logger.warning(
+            f"watch: the index of {results} was not updated ({explain(exc)[1]}): "
+            f"rebuild it with `fruits-pipeline index {results}`"
+        )
 
 
 def project_pending(spark, table, model, results: str) -> int:

@@ -1,6 +1,6 @@
 """The app's queries: a photo in, the most similar photos of the collection out.
 
-:class:`SearchIndex` opens ``RESULTS/index/`` (:mod:`stages.reduce.index`);
+:class:`SearchIndex` opens ``RESULTS/index/`` (:mod:`stages.reduce.index`) memory-mapped;
 :class:`QueryEngine` featurizes and projects a query photo with the model and PCA that
 made the index, searches it and votes a label; :func:`decode_upload` decodes an upload
 with the limits of a public web service.
@@ -13,8 +13,10 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from stages.featurize.images import IMAGE_SIZE, DecodeError, decode_image, prepr
 from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
 from stages.reduce.pca_model import PCAModel
 from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
+from stages.storage.shards import ShardSet
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ __all__ = [
 
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+RELOAD_CHECK_S = 1.0  # how often a QueryEngine looks for a new index generation
 _MP = MAX_QUERY_PIXELS // 1_000_000
 # A decode holds the whole image: Pillow keeps RGB and RGBA at 4 bytes a pixel, and a
 # conversion to RGB or an EXIF turn makes one more copy each (a 64 MP RGBA PNG peaked at
@@ -130,57 +134,68 @@ def _draft_within_budget(w: int, h: int, fmt: Optional[str], draft: int) -> int:
     return min(k, draft) if draft > 0 else k
 
 
-# ---------------------------------------------------------------------------- vectors
-
-
-# ---------------------------------------------------------------------------- building
-
-
 # ---------------------------------------------------------------------------- querying
 
 
+def _stamp(path: str) -> Tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class SearchIndex:
-    """``RESULTS/index/`` loaded for queries (vectors in memory, thumbnails mapped)."""
+    """``RESULTS/index/`` loaded for queries: every file memory-mapped, a row's path,
+    label and thumbnail read by row id when asked; the HNSW graph (if any) in memory."""
 
     def __init__(self, results: str) -> None:
-        import pyarrow.parquet as pq
-
         base = os.path.join(local_results(results), INDEX_DIR)
-        if not os.path.isfile(os.path.join(base, INDEX_META)):
+        path = os.path.join(base, INDEX_META)
+        if not os.path.isfile(path):
             raise UsageError(
                 f"{results} has no search index: run `fruits-pipeline index {results}`"
             )
-        with open(os.path.join(base, INDEX_META), encoding="utf-8") as fh:
+        self.stamp = _stamp(path)
+        with open(path, encoding="utf-8") as fh:
             self.meta: Dict[str, Any] = json.load(fh)
         if self.meta.get("format") != FORMAT:
             raise UsageError(f"{base} is an index of another format: run `fruits-pipeline index`")
-        rows = pq.read_table(os.path.join(base, "rows.parquet"))
-        self.paths: List[str] = rows.column("path").to_pylist()
-        self.labels: List[str] = rows.column("label").to_pylist()
+        try:
+            self.rows = ShardSet(base, self.meta["shards"], self.meta["labels"])
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"{base} is incomplete ({exc}): run `fruits-pipeline index {results}`"
+            ) from None
         hnsw = None
         if self.meta["kind"] == "faiss-hnsw":
             import faiss
 
-            hnsw = faiss.read_index(os.path.join(base, "hnsw.faiss"))
-        self.vectors = VectorIndex(np.load(os.path.join(base, "vectors.npy")), hnsw)
-        self._offsets = np.load(os.path.join(base, "thumbs_offsets.npy"))
-        size = os.path.getsize(os.path.join(base, "thumbs.bin"))
-        self._thumbs = (
-            np.memmap(os.path.join(base, "thumbs.bin"), dtype=np.uint8, mode="r")
-            if size
-            else np.zeros(0, np.uint8)
-        )
-        if not len(self.paths) == len(self.vectors) == len(self._offsets) - 1:
+            hnsw = faiss.read_index(os.path.join(base, self.meta["hnsw"]["file"]))
+        self.vectors = VectorIndex(self.rows, hnsw)
+        if len(self.rows) != self.meta["rows"] or (
+            hnsw is not None and hnsw.ntotal != len(self.rows)
+        ):
             raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
-        self.photos = Counter(self.labels)  # photos of each label in the collection
+        names = self.rows.label_names
+        # Photos of each label in the collection (one pass over the shards' label codes).
+        self.photos = Counter(dict(zip(names, self.rows.label_counts())))
         rule = self.meta["open_set"]
-        ref = reference_rows(len(self.paths), rule["reference"]["rows"], rule["reference"]["seed"])
-        self.open_set = OpenSet(rule, self.vectors.vectors[ref], [self.labels[i] for i in ref])
+        ref = rule["reference"]  # the rows the rule was calibrated on (appended rows are not)
+        ids = reference_rows(int(ref.get("of", len(self.rows))), ref["rows"], ref["seed"])
+        self.open_set = OpenSet(rule, self.rows.take(ids), [self.rows.label(int(i)) for i in ids])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def path(self, row: int) -> str:
+        """The image path of a row."""
+        return self.rows.path(row)
+
+    def label(self, row: int) -> str:
+        """The label of a row."""
+        return self.rows.label(row)
 
     def thumbnail(self, row: int) -> Optional[bytes]:
         """The JPEG thumbnail of a row, or ``None``."""
-        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
-        return bytes(self._thumbs[a:b]) if b > a else None
+        return self.rows.thumbnail(row)
 
 
 def vote(labels: Sequence[str], distances: Sequence[float]) -> Dict[str, Any]:
@@ -231,17 +246,13 @@ class QueryEngine:
         folder = os.path.join(local_results(results), MODEL_DIR)
         if not os.path.isfile(os.path.join(folder, ARRAYS)):
             raise UsageError(f"{results} has no pca_model/: give a RESULTS folder of `reduce`")
+        self.results = results
+        self._model_files = (os.path.join(folder, ARRAYS), os.path.join(folder, MODEL_META))
         self.index = SearchIndex(results)
-        with open(os.path.join(folder, ARRAYS), "rb") as fh:
-            arrays = fh.read()  # read once: hashed here, loaded below
-        if sha256_hex(arrays) != self.index.meta["pca_arrays_sha256"]:
-            raise UsageError(
-                f"{results}/index was built from another PCA: run `fruits-pipeline index {results}`"
-            )
-        with open(os.path.join(folder, MODEL_META), "rb") as fh:
-            self.pca = PCAModel.from_files(arrays, fh.read())
-        if self.pca.n_components_ != self.index.meta["dims"]:
-            raise UsageError(f"{results}/index does not match its PCA: run `fruits-pipeline index`")
+        self.pca, self._pca_sha = self._load_pca(self.index)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+        self._loader: Optional[threading.Thread] = None
         try:
             self._featurize = self.pca.featurizer()
         except ValueError as exc:
@@ -255,11 +266,78 @@ class QueryEngine:
             "weights_source": spec.get("weights_source"),
             "weights_sha256": spec.get("weights_sha256"),
             "k": self.pca.n_components_,
-            "rows": len(self.index.vectors),
-            "index": self.index.vectors.kind,
-            "recall_at_10": self.index.meta.get("recall_at_10"),
-            "open_set": open_set_info(self.index.meta["open_set"]),
         }
+        self._describe_index()
+
+    def _load_pca(self, index: SearchIndex):
+        arrays_path, meta_path = self._model_files
+        with open(arrays_path, "rb") as fh:
+            arrays = fh.read()  # read once: hashed here, loaded below
+        sha = sha256_hex(arrays)
+        if sha != index.meta["pca_arrays_sha256"]:
+            raise UsageError(
+                f"{self.results}/index was built from another PCA: "
+                f"run `fruits-pipeline index {self.results}`"
+            )
+        with open(meta_path, "rb") as fh:
+            pca = PCAModel.from_files(arrays, fh.read())
+        if pca.n_components_ != index.meta["dims"]:
+            raise UsageError(
+                f"{self.results}/index does not match its PCA: run `fruits-pipeline index`"
+            )
+        return pca, sha
+
+    def _describe_index(self) -> None:
+        self.model_info.update(
+            {
+                "k": self.pca.n_components_,
+                "rows": len(self.index),
+                "index": self.index.vectors.kind,
+                "generation": self.index.meta.get("generation"),
+                "recall_at_10": self.index.meta.get("recall_at_10"),
+                "open_set": open_set_info(self.index.meta["open_set"]),
+            }
+        )
+
+    def refresh(self, wait: bool = False) -> bool:
+        """Load a new index generation if ``index.json`` changed (checked at most once
+        every :data:`RELOAD_CHECK_S` unless ``wait``); in a background thread unless
+        ``wait``.  Queries go on with the loaded index meanwhile.  Returns whether a
+        load was started (and, with ``wait``, finished)."""
+        now = time.monotonic()
+        if not wait and now - self._checked < RELOAD_CHECK_S:
+            return False
+        self._checked = now
+        path = os.path.join(local_results(self.results), INDEX_DIR, INDEX_META)
+        try:
+            stamp = _stamp(path)
+        except OSError:
+            return False  # between a rebuild's swap steps: look again later
+        with self._lock:
+            if stamp == self.index.stamp or (self._loader and self._loader.is_alive()):
+                return False
+            self._loader = threading.Thread(target=self._reload, name="fruits-reload", daemon=True)
+            self._loader.start()
+        if wait:
+            self._loader.join()
+        return True
+
+    def _reload(self) -> None:
+        try:
+            index = SearchIndex(self.results)
+            if index.meta["pca_arrays_sha256"] == self._pca_sha:
+                pca, sha = self.pca, self._pca_sha
+            else:  # reduce --update: a new PCA and its index
+                pca, sha = self._load_pca(index)
+        except Exception as exc:  # a half-written or broken index: keep serving the old one
+            logger.warning(f"index of {self.results} not reloaded: {exc}")
+            return
+        self.index, self.pca, self._pca_sha = index, pca, sha
+        self._describe_index()
+        logger.info(
+            f"index of {self.results}: generation {index.meta.get('generation')} loaded, "
+            f"{len(index)} rows"
+        )
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """Decoded images (n, 224, 224, 3) uint8 to PCA coordinates (n, k)."""
@@ -271,25 +349,27 @@ class QueryEngine:
         when the open-set rule finds no close match), the collection's ``photos`` of it, the
         ``vote`` of the matches and its margin, the ``verdict`` sentence, the ``matches``
         (each marked ``match`` or not) and the rule's ``score`` against its threshold."""
-        ids, dist = self.index.vectors.search(point[None, :], top)
+        self.refresh()
+        index = self.index  # one generation for the whole answer
+        ids, dist = index.vectors.search(point[None, :], top)
         ids, dist = ids[0], dist[0]
-        labels = [self.index.labels[i] for i in ids]
+        labels = [index.label(int(i)) for i in ids]
         v = vote(labels, dist)
-        accepted, score, in_range = self.index.open_set.accept(point[None, :])
+        accepted, score, in_range = index.open_set.accept(point[None, :])
         close = bool(accepted[0])
         matches = [
             {
-                "path": self.index.paths[i],
+                "path": index.path(int(i)),
                 "label": lab,
                 "distance": round(float(d), 4),
                 "match": close and lab == v["label"],
-                "thumbnail": _data_uri(self.index.thumbnail(int(i))),
+                "thumbnail": _data_uri(index.thumbnail(int(i))),
             }
             for i, lab, d in zip(ids, labels, dist)
         ]
-        rule = self.index.meta["open_set"]
+        rule = index.meta["open_set"]
         if close:
-            photos = self.index.photos[v["label"]]
+            photos = index.photos[v["label"]]
             verdict = (
                 f"{v['label']} — {v['count']} of the {v['of']} nearest (margin {v['margin']}); "
                 f"the collection holds {photos} photo{'s' * (photos != 1)} of it"

@@ -12,7 +12,7 @@ import pytest
 
 from stages.base.errors import UsageError
 from stages.cli import main
-from stages.reduce.index import build_index_files
+from stages.reduce.index import write_local_index
 from stages.search.query import NO_MATCH, QueryEngine, SearchIndex
 from tests.conftest import SHARED_DATA
 
@@ -28,13 +28,15 @@ def _clustered(n_classes: int, per_class: int, seed: int = 0):
     return vectors.astype(np.float32), labels
 
 
-def test_the_calibration_at_index_build_is_deterministic():
+def test_the_calibration_at_index_build_is_deterministic(tmp_path):
     vectors, labels = _clustered(12, 15)
     paths = [f"/b/{lab}/{i}.jpg" for i, lab in enumerate(labels)]
     rules = []
-    for _ in range(2):
-        files = build_index_files(paths, labels, vectors, [None] * len(paths), "0" * 64, {})
-        rule = json.loads(files["index.json"])["open_set"]
+    for run in range(2):
+        meta = write_local_index(
+            str(tmp_path / str(run)), paths, labels, vectors, [None] * len(paths), "0" * 64, {}
+        )
+        rule = meta["open_set"]
         rule.pop("calibration_s")
         rules.append(rule)
     assert rules[0] == rules[1]
@@ -47,12 +49,10 @@ def test_the_calibration_at_index_build_is_deterministic():
 def test_an_index_without_the_rule_is_refused(tmp_path):
     vectors, labels = _clustered(3, 10)
     paths = [f"/b/{i}.jpg" for i in range(len(labels))]
-    files = build_index_files(paths, labels, vectors, [None] * len(paths), "0" * 64, {})
-    (tmp_path / "index").mkdir()
-    for name, data in files.items():
-        (tmp_path / "index" / name).write_bytes(data)
+    meta = write_local_index(
+        str(tmp_path), paths, labels, vectors, [None] * len(paths), "0" * 64, {}
+    )
     assert SearchIndex(str(tmp_path)).open_set.rule["calibrated"]
-    meta = json.loads(files["index.json"])
     del meta["open_set"]
     meta["format"] = 1  # an index of before the open-set rule
     (tmp_path / "index" / "index.json").write_text(json.dumps(meta))
@@ -65,19 +65,19 @@ def test_a_one_class_collection_falls_back_and_says_so(sample_left_out, tmp_path
     results = tmp_path / "Results"
     shutil.copytree(sample_left_out[0], results)
     full = SearchIndex(str(results))
-    rows = [i for i, lab in enumerate(full.labels) if lab == "Kiwi"]
+    rows = [i for i in range(len(full)) if full.label(i) == "Kiwi"]
     # The same PCA and vectors, only the Kiwi rows: a one-class collection.
-    files = build_index_files(
-        [full.paths[i] for i in rows],
+    shutil.rmtree(results / "index")
+    meta = write_local_index(
+        str(results),
+        [full.path(i) for i in rows],
         ["Kiwi"] * len(rows),
-        full.vectors.vectors[rows],
+        full.rows.take(np.array(rows)),
         [full.thumbnail(i) for i in rows],
         full.meta["pca_arrays_sha256"],
         full.meta["features_model"],
     )
-    for name, data in files.items():
-        (results / "index" / name).write_bytes(data)
-    rule = json.loads(files["index.json"])["open_set"]
+    rule = meta["open_set"]
     assert rule["calibrated"] is False and rule["reason"].startswith("1 class")
     assert rule["threshold"] > 0 and "fallback" in rule
     lemon = next(p for p, lab in sample_left_out[1] if lab == "Lemon")

@@ -212,10 +212,10 @@ def _frame(spark, X: np.ndarray, errors=(), partitions: int = 3, spec=None):
     if spec is not None:
         schema["features"].metadata = {METADATA_KEY: spec}
     rows = [
-        (f"file:/x/C{i % 3}/{i}.jpg", f"C{i % 3}", [float(v) for v in x], None)
+        (f"file:/x/C{i % 3}/{i}.jpg", f"C{i % 3}", [float(v) for v in x], None, None)
         for i, x in enumerate(X.astype(np.float32))
     ]
-    rows += [(f"file:/x/bad/{i}.jpg", "bad", None, reason) for i, reason in enumerate(errors)]
+    rows += [(f"file:/x/bad/{i}.jpg", "bad", None, reason, None) for i, reason in enumerate(errors)]
     return spark.createDataFrame(rows, schema).repartition(partitions)
 
 

@@ -151,17 +151,22 @@ def test_reduce_reads_and_writes_the_bucket(moto_s3_client, s3a_features, s3a_re
     )
 
 
-def test_reduce_indexes_the_bucket_with_thumbnails_read_from_it(moto_s3_client, s3a_results):
+def test_reduce_indexes_the_bucket_from_the_features_thumbnails(moto_s3_client, s3a_results):
     keys = set(list_keys(moto_s3_client, "Results/"))
-    for name in ("index.json", "rows.parquet", "vectors.npy", "thumbs.bin", "thumbs_offsets.npy"):
-        assert f"Results/index/{name}" in keys, sorted(keys)
+    assert "Results/index/index.json" in keys, sorted(keys)
     assert not [k for k in keys if ".fruits-" in k], sorted(keys)
     meta = json.loads(
         moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/index.json")["Body"].read()
     )
     assert meta["rows"] == 100 and meta["dims"] == 5 and meta["kind"] == "exact"
-    assert meta["thumbnails"]["missing"] == 0
-    thumbs = moto_s3_client.get_object(Bucket=BUCKET, Key="Results/index/thumbs.bin")["Body"]
+    assert meta["thumbnails"]["missing"] == 0 and sum(s["rows"] for s in meta["shards"]) == 100
+    for shard in meta["shards"]:  # each shard's files went up through the driver's disk
+        for name in ("vectors.npy", "labels.npy", "paths.bin", "thumbs.bin", "thumbs_offsets.npy"):
+            assert f"Results/index/shards/{shard['name']}/{name}" in keys, sorted(keys)
+    first = meta["shards"][0]["name"]
+    thumbs = moto_s3_client.get_object(
+        Bucket=BUCKET, Key=f"Results/index/shards/{first}/thumbs.bin"
+    )["Body"]
     assert thumbs.read(3) == b"\xff\xd8\xff"  # the first thumbnail is a JPEG
 
 

@@ -16,7 +16,8 @@ from hypothesis.extra.numpy import arrays
 
 from linalg.vectors import VectorIndex
 from stages.cli import main
-from stages.reduce.index import build_index_files, make_thumbnail
+from stages.featurize.partition import image_thumbnail
+from stages.reduce.index import write_local_index
 from stages.search.query import (
     MAX_UPLOAD_BYTES,
     BadImage,
@@ -77,6 +78,19 @@ def _ids(cases):
 # ------------------------------------------------------------------------------ fast
 
 
+class _Blocks:
+    """Rows in blocks of ``size``, as :class:`stages.storage.shards.ShardSet` gives them."""
+
+    def __init__(self, data: np.ndarray, size: int) -> None:
+        self.data, self.size, self.shape = data, size, data.shape
+
+    def blocks(self):
+        return [(s, self.data[s : s + self.size]) for s in range(0, len(self.data), self.size)]
+
+    def take(self, rows):
+        return self.data[rows]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     data=arrays(
@@ -86,12 +100,14 @@ def _ids(cases):
     ),
     top=st.integers(1, 70),
     seed=st.integers(0, 2**16),
+    block=st.one_of(st.none(), st.integers(1, 25)),
 )
-def test_exact_search_is_numpy_brute_force(data, top, seed):
+def test_exact_search_is_numpy_brute_force(data, top, seed, block):
+    """Also with the rows in blocks (memory-mapped shards): each block's candidates, merged."""
     rng = np.random.default_rng(seed)
     q = rng.normal(scale=50, size=(3, data.shape[1])).astype(np.float32)
     q[0] = data[rng.integers(len(data))]  # a query that is a row: distance 0
-    ids, dist = VectorIndex(data).search(q, top)
+    ids, dist = VectorIndex(data if block is None else _Blocks(data, block)).search(q, top)
     ref = np.sqrt(((q.astype(np.float64)[:, None, :] - data.astype(np.float64)) ** 2).sum(-1))
     m = min(top, len(data))
     assert ids.shape == dist.shape == (3, m)
@@ -112,7 +128,8 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_hnsw_index_above_the_exact_limit_records_its_recall(tmp_path):
     vectors = _clustered(3000, 16)
     n = len(vectors)
-    files = build_index_files(
+    meta = write_local_index(
+        str(tmp_path),
         [f"/b/c{i % 40}/{i}.jpg" for i in range(n)],
         [f"c{i % 40}" for i in range(n)],
         vectors,
@@ -120,13 +137,11 @@ def test_hnsw_index_above_the_exact_limit_records_its_recall(tmp_path):
         "0" * 64,
         {},
         exact_max_elements=16_000,
+        shard_rows=700,  # five shards: row ids run across them
     )
-    meta = json.loads(files["index.json"])
     assert meta["kind"] == "faiss-hnsw" and meta["rows"] == n and meta["dims"] == 16
+    assert len(meta["shards"]) == 5
     assert 0.9 <= meta["recall_at_10"] <= 1.0
-    (tmp_path / "index").mkdir()
-    for name, data in files.items():
-        (tmp_path / "index" / name).write_bytes(data)
     index = SearchIndex(str(tmp_path))
     assert index.vectors.kind == "faiss-hnsw"
     q = vectors[:50] + 0.01
@@ -139,13 +154,17 @@ def test_hnsw_index_above_the_exact_limit_records_its_recall(tmp_path):
 
 def test_exact_index_below_the_limit(tmp_path):
     vectors = _clustered(200, 5)
-    thumb = make_thumbnail(PHOTO.read_bytes())
-    files = build_index_files(
-        [str(i) for i in range(200)], ["a"] * 200, vectors, [thumb] * 200, "0" * 64, {}
-    )
-    meta = json.loads(files["index.json"])
+    thumb = image_thumbnail(PHOTO.read_bytes())
+    meta = write_local_index(
+        str(tmp_path), [str(i) for i in range(200)], ["a"] * 200, vectors, [thumb] * 200,
+        "0" * 64, {}, shard_rows=64,
+    )  # fmt: skip
     assert meta["kind"] == "exact" and meta["recall_at_10"] == 1.0
-    assert "hnsw.faiss" not in files
+    assert "hnsw" not in meta and not list((tmp_path / "index").glob("*.faiss"))
+    index = SearchIndex(str(tmp_path))
+    exact, _ = index.vectors.search(vectors[:20], 5)
+    np.testing.assert_array_equal(exact[:, 0], np.arange(20))
+    assert index.thumbnail(199) == thumb and index.path(131) == "131"
     nd = meta["neighbour_distance"]
     assert 0 < nd["p50"] <= nd["p95"] <= nd["p99"] <= nd["max"]
     # One class: nothing to hold out, the fallback rule and why.
@@ -209,7 +228,8 @@ def test_left_out_sample_photos_vote_their_class(sample_engine, sample_left_out)
     results, left = sample_left_out
     assert len(left) == 10 and len({lab for _, lab in left}) == 10
     index = SearchIndex(str(results))
-    assert len(index.paths) == 90 and not set(map(str, (p for p, _ in left))) & set(index.paths)
+    paths = {index.path(i) for i in range(len(index))}
+    assert len(index) == 90 and not set(map(str, (p for p, _ in left))) & paths
     votes = _votes(sample_engine, left)
     assert sum(got == want for got, want in votes) >= 9, votes
     answer = sample_engine.similar_bytes(left[0][0].read_bytes())

@@ -1,0 +1,159 @@
+"""The search index built from the features alone: thumbnails made by featurize (the
+photos may be gone), shards written by the executors (byte-identical whatever the chunk),
+rows added by ``reduce --update`` and ``watch --results``, and a failed index step that
+keeps the PCA's work."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.cli import main
+from stages.featurize import featurize
+from stages.featurize.incremental import featurize_incremental
+from stages.reduce import index as reduce_index
+from stages.reduce import reduce_features
+from stages.reduce.index import build_index
+from stages.reduce.update import update_reduce
+from stages.search.query import QueryEngine, SearchIndex
+from stages.watch import WatchParams, watch
+from tests.conftest import SAMPLE, copy_images
+
+pytestmark = pytest.mark.slow
+
+FILES = sorted(SAMPLE.glob("*/*.jpg"))
+
+
+def _top(engine: QueryEngine, photo: Path) -> dict:
+    return engine.similar_bytes(photo.read_bytes(), top=3)["matches"][0]
+
+
+@pytest.fixture(scope="module")
+def gone(spark, tmp_path_factory):
+    """Features of 30 photos that were deleted after featurize, and their RESULTS."""
+    root = tmp_path_factory.mktemp("gone")
+    copy_images(FILES[:30], root / "Bucket")
+    featurize(spark, str(root / "Bucket"), str(root / "Features"), weights="bundled")
+    shutil.rmtree(root / "Bucket")
+    reduce_features(spark, str(root / "Features"), str(root / "Results"), k=5)
+    return root
+
+
+def test_an_index_of_deleted_photos_has_their_thumbnails(gone):
+    meta = json.loads((gone / "Results" / "index" / "index.json").read_text())
+    assert meta["rows"] == 30 and meta["thumbnails"]["missing"] == 0
+    features = pq.read_table(gone / "Features", columns=["path", "thumb"]).to_pydict()
+    made = dict(zip(features["path"], features["thumb"]))
+    index = SearchIndex(str(gone / "Results"))
+    for i in range(len(index)):
+        thumb = index.thumbnail(i)
+        assert thumb[:3] == b"\xff\xd8\xff" and thumb == made[index.path(i)]
+    match = _top(QueryEngine(str(gone / "Results")), FILES[7])
+    assert match["path"].endswith(f"/{FILES[7].parent.name}/{FILES[7].name}")
+    assert match["distance"] < 1e-3 and match["thumbnail"].startswith("data:image/jpeg;base64,")
+
+
+def test_the_chunked_writer_writes_the_same_bytes_as_one_chunk(spark, gone, tmp_path):
+    for name, chunk in (("One", 1_000_000), ("Small", 3)):
+        shutil.copytree(gone / "Results", tmp_path / name, ignore=shutil.ignore_patterns("index"))
+        build_index(spark, str(tmp_path / name), chunk_rows=chunk)
+    one, small = tmp_path / "One" / "index", tmp_path / "Small" / "index"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(small) for p in small.rglob("*") if p.is_file())
+    assert any(f.name == "thumbs.bin" for f in files) and Path("index.json") in files
+    different = [f for f in files if not filecmp.cmp(one / f, small / f, shallow=False)]
+    assert different == []
+
+
+def _failing_finish(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_index_step_keeps_the_projections_and_the_model(
+    gone, tmp_path, monkeypatch, capsys
+):
+    results = tmp_path / "Results"
+    monkeypatch.setattr(reduce_index, "_finish", _failing_finish)
+    assert main(["reduce", str(gone / "Features"), str(results), "--k", "5", "--quiet"]) == 1
+    # One error line (the progress lines of the Spark jobs before it are not errors).
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("fruits-pipeline: error: the index step failed ")
+    assert "No space left on device" in err[0]
+    assert (
+        f"committed in {results}: build the index with `fruits-pipeline index {results}`" in err[0]
+    )
+    assert (results / "projections" / "_SUCCESS").exists()
+    assert (results / "pca_model" / "arrays.npz").exists() and (results / "summary.json").exists()
+    assert not (results / "index").exists()
+    monkeypatch.undo()
+    assert main(["index", str(results), "--quiet"]) == 0
+    assert SearchIndex(str(results)).meta["rows"] == 30
+
+
+def test_paths_of_an_unknown_scheme_get_no_thumbnail_and_a_count(spark, gone, tmp_path, caplog):
+    """``syn://`` paths (and old features without thumbnails) never fail the run: the
+    index opens no photo."""
+    out = tmp_path / "Features"
+    out.mkdir()
+    for i, part in enumerate(sorted((gone / "Features").glob("*.parquet"))):
+        table = pq.read_table(part)
+        n = table.num_rows
+        paths = [
+            f"syn://{i}-{j}.jpg" if j < 3 else p for j, p in enumerate(table["path"].to_pylist())
+        ]
+        thumbs = [None if j < 3 else t for j, t in enumerate(table["thumb"].to_pylist())]
+        table = table.set_column(0, table.schema.field("path"), pa.array(paths, pa.string()))
+        col = table.schema.get_field_index("thumb")
+        table = table.set_column(col, table.schema.field("thumb"), pa.array(thumbs, pa.binary()))
+        assert n > 3
+        pq.write_table(table, out / part.name)
+    (out / "_SUCCESS").touch()
+    caplog.set_level(logging.WARNING, logger="stages.reduce.index")
+    summary = reduce_features(spark, str(out), str(tmp_path / "Results"), k=5)
+    missing = summary["index"]["thumbnails"]["missing"]
+    assert missing == 3 * len(list(out.glob("*.parquet")))
+    assert f"index: {missing} of 30 rows have no thumbnail" in caplog.text
+    index = SearchIndex(str(tmp_path / "Results"))
+    syn = [i for i in range(len(index)) if index.path(i).startswith("syn://")]
+    assert len(syn) == missing and all(index.thumbnail(i) is None for i in syn)
+
+
+def test_reduce_update_makes_the_new_rows_findable(spark, tmp_path):
+    bucket, features, results = tmp_path / "Bucket", tmp_path / "Features", tmp_path / "Results"
+    copy_images(FILES[:30], bucket)
+    featurize_incremental(spark, str(bucket), str(features))
+    reduce_features(spark, str(features), str(results), k=5)
+    engine = QueryEngine(str(results))  # as a running serve holds it
+    copy_images(FILES[60:70], bucket)
+    featurize_incremental(spark, str(bucket), str(features))
+    summary = update_reduce(spark, str(features), str(results))
+    assert summary["index"]["rows"] == 40 and summary["update"]["mode"] == "merge"
+    assert engine.refresh(wait=True) and len(engine.index) == 40
+    assert _top(engine, FILES[64])["path"].endswith(f"/{FILES[64].name}")
+
+
+def test_watch_results_adds_a_generation_that_similar_finds(spark, tmp_path):
+    bucket, features, results = tmp_path / "Bucket", tmp_path / "Features", tmp_path / "Results"
+    copy_images(FILES[:30], bucket)
+    featurize_incremental(spark, str(bucket), str(features))
+    reduce_features(spark, str(features), str(results), k=5, index=False)
+    # An HNSW index (its limit lowered): the new rows go into the graph, not a rebuild.
+    build_index(spark, str(results), exact_max_elements=50)
+    engine = QueryEngine(str(results))
+    assert engine.index.meta["kind"] == "faiss-hnsw" and engine.index.meta["generation"] == 1
+    copy_images(FILES[80:86], bucket)
+    opts = WatchParams(weights="bundled", available_now=True, results=str(results))
+    watch(spark, str(bucket), str(features), opts)
+    meta = json.loads((results / "index" / "index.json").read_text())
+    assert meta["generation"] == 2 and meta["rows"] == 36 and meta["appended_rows"] == 6
+    assert meta["kind"] == "faiss-hnsw" and meta["hnsw"]["file"] == "hnsw-00002.faiss"
+    assert engine.refresh(wait=True) and len(engine.index) == 36
+    assert _top(engine, FILES[83])["path"].endswith(f"/{FILES[83].name}")
+    assert _top(QueryEngine(str(results)), FILES[81])["path"].endswith(f"/{FILES[81].name}")
