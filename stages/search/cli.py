@@ -73,7 +73,8 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_similar(args) -> int:
-    from stages.search.query import BadImage, QueryEngine
+    from stages.search.query import QueryEngine
+    from stages.search.upload import BadImage
 
     try:
         with open(args.photo, "rb") as fh:

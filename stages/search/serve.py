@@ -29,14 +29,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from stages.base.errors import UsageError
-from stages.search.query import (
-    DECODE_BYTES,
-    MAX_UPLOAD_BYTES,
-    TOP_MAX,
-    BadImage,
-    QueryEngine,
-    SearchIndex,
-)
+from stages.search.query import TOP_MAX, QueryEngine, SearchIndex
+from stages.search.upload import DECODE_BYTES, MAX_UPLOAD_BYTES, BadImage
 
 __all__ = ["create_app", "serve", "Batcher", "decode_memory_bound"]
 

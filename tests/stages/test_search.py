@@ -18,14 +18,8 @@ from linalg.vectors import VectorIndex
 from stages.cli import main
 from stages.featurize.partition import image_thumbnail
 from stages.reduce.index import write_local_index
-from stages.search.query import (
-    MAX_UPLOAD_BYTES,
-    BadImage,
-    QueryEngine,
-    SearchIndex,
-    decode_upload,
-    vote,
-)
+from stages.search.query import QueryEngine, SearchIndex, vote
+from stages.search.upload import MAX_UPLOAD_BYTES, BadImage, decode_upload
 from tests.conftest import SAMPLE, SHARED_DATA, left_out_results
 
 PHOTO = SAMPLE / "Kiwi" / "4_100.jpg"
