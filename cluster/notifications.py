@@ -24,6 +24,7 @@ from typing import Any, Dict
 
 from cluster import emr
 from cluster.guard import DEFAULT_REGION, check_bucket, check_region, validate_bucket_name
+from cluster.policy import new_photos_queue
 from stages.base.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def setup_notifications(
     """
     validate_bucket_name(bucket)
     region = check_bucket(s3, bucket)
-    name = queue_name or f"{bucket}-new-photos"[:80]
+    name = queue_name or new_photos_queue(bucket)
     if not _QUEUE_NAME.match(name):
         raise UsageError(
             f"queue name {name!r} is not valid: 1-80 letters, digits, '-' or '_' (give --queue)"
@@ -147,5 +148,9 @@ def register(bucket_sub, flags, aws_errors) -> None:
     flags(p)
     p.add_argument("bucket", metavar="BUCKET")
     p.add_argument("--prefix", default="Test/", help="the photos' folder (default Test/)")
-    p.add_argument("--queue", default=None, help="queue name (default BUCKET-new-photos)")
+    p.add_argument(
+        "--queue",
+        default=None,
+        help="queue name (default BUCKET-new-photos, the one `emr policy` allows)",
+    )
     p.set_defaults(func=aws_errors(_cmd_notifications))

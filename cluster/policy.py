@@ -13,7 +13,13 @@ from typing import Any, Dict, List, Sequence
 from cluster.guard import validate_bucket_name
 from stages.base.errors import UsageError
 
-__all__ = ["READ_PREFIXES", "WRITE_PREFIXES", "instance_profile_policy", "tls_only_bucket_policy"]
+__all__ = [
+    "READ_PREFIXES",
+    "WRITE_PREFIXES",
+    "instance_profile_policy",
+    "new_photos_queue",
+    "tls_only_bucket_policy",
+]
 
 # Read-only: the images and the code.  Features/ is both written (stage 1) and read (stage 2).
 READ_PREFIXES = ("Test/", "code/")
@@ -96,8 +102,27 @@ def instance_profile_policy(
                 ],
                 "Resource": write_objects,
             },
+            {
+                # `watch --queue` / `featurize --incremental --queue` on the nodes: the
+                # queue `fruits-pipeline bucket notifications` makes for this bucket.
+                "Sid": "ConsumeNewPhotoEvents",
+                "Effect": "Allow",
+                "Action": [
+                    "sqs:ReceiveMessage",
+                    "sqs:DeleteMessage",
+                    "sqs:ChangeMessageVisibility",
+                    "sqs:GetQueueAttributes",
+                    "sqs:GetQueueUrl",
+                ],
+                "Resource": [f"arn:aws:sqs:*:*:{new_photos_queue(bucket)}"],
+            },
         ],
     }
+
+
+def new_photos_queue(bucket: str) -> str:
+    """The default name of the queue of ``bucket``'s new-photo events."""
+    return f"{bucket}-new-photos"[:80]
 
 
 def tls_only_bucket_policy(bucket: str) -> Dict[str, Any]:

@@ -24,6 +24,9 @@ def _check_limited(doc, write_prefixes=WRITE_PREFIXES, all_prefixes=ALL_PREFIXES
     assert doc["Version"] == "2012-10-17"
     for st in doc["Statement"]:
         assert st["Effect"] == "Allow"
+        if all(a.startswith("sqs:") for a in _actions(st)):  # the bucket's event queue only
+            assert st["Resource"] == [f"arn:aws:sqs:*:*:{ARN.rsplit(':', 1)[-1]}-new-photos"]
+            continue
         for res in st["Resource"]:
             assert res == ARN or res.startswith(ARN + "/"), res
             if res == ARN:
@@ -96,3 +99,14 @@ def test_tls_only_bucket_policy_denies_plain_http():
     assert st["Principal"] == "*"
     assert st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     assert sorted(st["Resource"]) == [ARN, ARN + "/*"]
+
+
+def test_the_nodes_may_consume_the_new_photo_queue_of_their_bucket_only():
+    from cluster.policy import instance_profile_policy, new_photos_queue
+
+    statements = {s["Sid"]: s for s in instance_profile_policy("fruits-b")["Statement"]}
+    sqs = statements["ConsumeNewPhotoEvents"]
+    assert sqs["Resource"] == ["arn:aws:sqs:*:*:fruits-b-new-photos"]
+    assert set(sqs["Action"]) >= {"sqs:ReceiveMessage", "sqs:DeleteMessage"}
+    assert not any(a in ("sqs:*", "sqs:SendMessage") for a in sqs["Action"])
+    assert new_photos_queue("fruits-b") == "fruits-b-new-photos"
