@@ -108,7 +108,11 @@ class RssSampler:
             if "pyspark.daemon" not in cmd and "pyspark/daemon.py" not in cmd:
                 return False
             parent = proc.parent()
-            return parent is not None and "pyspark" in " ".join(parent.cmdline())
+            if parent is None:
+                return False
+            # The daemon's parent is the JVM (whose class path names pyspark too): left out.
+            up = " ".join(parent.cmdline())
+            return "pyspark.daemon" in up or "pyspark/daemon.py" in up
         except (self._psutil.Error, OSError):
             return False
 
@@ -123,6 +127,10 @@ class RssSampler:
             # Seen at the start: count from now; born later: count from its birth.
             self._cpu[proc.pid] = [kind, used if self._first_sample else 0.0, used]
         else:
+            # spark-submit's bash becomes the JVM by exec: a known kind replaces "other"
+            # (and stays: an orphaned worker is still a worker).
+            if kind != "other":
+                entry[0] = kind
             entry[2] = used
 
     def sample(self) -> None:

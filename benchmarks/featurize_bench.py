@@ -1,12 +1,13 @@
 """Stage 1 throughput: the Spark featurize job against single processes doing the same work.
 
 Two baselines, each a single Python process on the same cores decoding the same JPEGs
-from disk with :func:`stages.featurize.images.decode_image` and :func:`preprocess`, in each
-engine's default batches (``stages.featurize.engine.DEFAULT_BATCH``): **Keras**
-(:func:`stages.featurize.model.local_featurizer`, a compiled ``tf.function``, batches of 64) and
-**LiteRT** (:func:`stages.featurize.engine.litert_featurizer` on the flatbuffer the Spark job
-broadcasts, XNNPACK with as many threads as cores, batches of 8).  The Spark job runs
-its default engine (LiteRT) and batch.  Every figure is a ratio to a baseline measured
+from disk with :func:`stages.featurize.images.decode_image` and :func:`preprocess`: **Keras**
+(:func:`stages.featurize.model.local_featurizer`, a compiled ``tf.function``, batches of 64,
+decoding one photo after another) and **LiteRT**, the fair single-process limit
+(:mod:`benchmarks.litert_limit`: the flatbuffer the Spark job broadcasts, converted
+beforehand and read from a file, decode on a thread pool overlapping inference,
+XNNPACK with as many threads as cores, batches of 16).  The Spark job runs its
+default engine (LiteRT) and batch.  Every figure is a ratio to a baseline measured
 in the same run:
 
 * **cold**: the first job of a fresh SparkSession (driver: weights and, for random
@@ -33,6 +34,7 @@ Usage::
     python benchmarks/featurize_bench.py              # alphas 0.35 and 1.0, best of 3, sweep
     python benchmarks/featurize_bench.py --sizes 1000,4099,5000 --alphas 0.35 --whole
     python benchmarks/featurize_bench.py --profile    # + cProfile inside the workers
+    python benchmarks/featurize_bench.py --limit --sizes 5000 --repeats 3   # vs the limit
 """
 
 from __future__ import annotations
@@ -183,12 +185,40 @@ def make_copies(src: str, dst: Path, n: int) -> Path:
     return dst
 
 
-def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
-    """A single-process featurizer: ``{"featurize", "import_s", "build_s"}``.
+def limit_pass(limit, files: Sequence[str]) -> Dict[str, float]:
+    """One pass of the fair single-process limit (:class:`benchmarks.litert_limit.Limit`):
+    decode on a thread pool overlapping inference; timed like :func:`baseline_pass`
+    (its decode and inference overlap, so only the whole is given)."""
+    import psutil
 
-    ``threads`` 0: all cores.  Keras imports TensorFlow (intra-op threads set first);
-    LiteRT imports only ``ai_edge_litert`` for the bundled weights (the shipped
-    flatbuffer), TensorFlow too for others (the conversion, cached per process).
+    sys0 = psutil.cpu_times()
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    limit.featurize_files(files)
+    total = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    sys1 = psutil.cpu_times()
+    busy = (sum(sys1) - sum(sys0)) - (sys1.idle - sys0.idle) - (sys1.iowait - sys0.iowait)
+    return {
+        "seconds": total,
+        "cpu_s": cpu,
+        "others_share": max(0.0, busy - cpu) / (total * (os.cpu_count() or 1)),
+        "images": len(files),
+        "img_s": len(files) / total,
+        "read_s": float("nan"),
+        "decode_preprocess_s": float("nan"),
+        "infer_s": float("nan"),
+    }
+
+
+def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
+    """A single-process featurizer: ``{"featurize", "infer", "batch", "import_s", "build_s"}``.
+
+    ``threads`` 0: all cores.  Keras imports TensorFlow (intra-op threads set first),
+    decodes one photo after another, batches of 64.  LiteRT is the fair limit
+    (:mod:`benchmarks.litert_limit`): the flatbuffer the Spark job broadcasts, read
+    from a file prepared beforehand (for random weights the conversion runs here,
+    counted in ``build_s`` only), decode on a thread pool, batches of 16.
     """
     if engine == "keras":
         t_import = init_tf_threads(threads)
@@ -197,22 +227,24 @@ def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         spec, weights = resolve_weights(weights_for(alpha), alpha)
         featurize = local_featurizer(weights, spec.alpha)
-    else:
-        t0 = time.perf_counter()
-        from stages.featurize.engine import prepare_model
-        from stages.featurize.litert import litert_featurizer
+        return {
+            "featurize": lambda files: baseline_pass(files, featurize, BATCH),
+            "infer": featurize,
+            "batch": BATCH,
+            "import_s": t_import,
+            "build_s": time.perf_counter() - t0,
+        }
+    t0 = time.perf_counter()
+    from benchmarks.litert_limit import BATCH as LIMIT_BATCH
+    from benchmarks.litert_limit import Limit, model_file
 
-        t_import = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, model = prepare_model(weights_for(alpha), alpha, "litert")
-        featurize = litert_featurizer(model, threads or os.cpu_count() or 1)
-    from stages.featurize.engine import DEFAULT_BATCH
-
-    batch = DEFAULT_BATCH[engine]
+    t_import = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    limit = Limit(model_file(alpha), threads)
     return {
-        "featurize": lambda files: baseline_pass(files, featurize, batch),
-        "infer": featurize,
-        "batch": batch,
+        "featurize": lambda files: limit_pass(limit, files),
+        "infer": limit.infer,
+        "batch": LIMIT_BATCH,
         "import_s": t_import,
         "build_s": time.perf_counter() - t0,
     }
@@ -365,6 +397,11 @@ def worker_script(args) -> Dict[str, Any]:
 
     from stages.featurize.images import DecodeError, decode_image, preprocess
 
+    if args.engine == "litert":
+        from benchmarks.litert_limit import model_file, run
+
+        run(args.images, args.out, model_file(args.alpha))
+        return {"kind": "script", "engine": args.engine, "images": len(list_images(args.images))}
     m = baseline_model(args.engine, args.alpha, 0)
     featurize, batch = m["infer"], m["batch"]
     files = list_images(args.images)
@@ -1011,6 +1048,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="also a warm job under cProfile in the workers"
     )
     p.add_argument(
+        "--render-rounds",
+        action="store_true",
+        help="with --limit: only tabulate the rounds kept in --workdir by an earlier run",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --limit: also featurize with this environment variable, each round",
+    )
+    p.add_argument(
+        "--limit",
+        action="store_true",
+        help="only whole processes: fruits-pipeline featurize against the fair single-process "
+        "limit (benchmarks/litert_limit.py) at the largest --sizes, --repeats pairs per alpha",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         default=None,
@@ -1065,7 +1120,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.partitions = "" if args.quick else "1,2,4,8,16,32"
     args.partitions = [int(x) for x in args.partitions.split(",") if x]
     args.masters = [m for m in args.masters.split(",") if m]
+    if args.limit:
+        return limit_parent(args)
     return parent(args)
+
+
+def limit_parent(args) -> int:
+    """``--limit``: the whole-process pairs of :func:`benchmarks.limit_ab.limit_ab`."""
+    from benchmarks.limit_ab import limit_ab, limit_table, rows_from_saved_rounds
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    n_folder = len(list_images(args.images))
+    size = max(args.sizes or [n_folder])
+    images = (
+        args.images
+        if size == n_folder
+        else str(make_copies(args.images, work / f"copies-{size}", size))
+    )
+    info = machine_info()
+    print(f"featurize vs the limit: {size} images; load {info['loadavg_1_5_15']}", flush=True)
+    if args.render_rounds:
+        rows = rows_from_saved_rounds(work)
+    else:
+        variants = {f"featurize {v}": dict([v.split("=", 1)]) for v in args.variant}
+        rows = limit_ab(images, args.alphas, args.repeats, work, variants)
+    info["loadavg_end"] = list(os.getloadavg())
+    tables = [limit_table(rows)]
+    show_tables(tables)
+    data = {
+        "benchmark": "featurize_limit",
+        "command": " ".join(["python", "benchmarks/featurize_bench.py", *sys.argv[1:]]),
+        "machine": info,
+        "rows": rows,
+        "goal": {
+            "speed_ratio": {"1.0": 0.85, "0.35": 0.6},
+            "cpu_ratio": 1.25,
+            "worker_peak_mib": 400,
+        },
+    }
+    path = write_results(args.stem or "featurize_limit", data, tables)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

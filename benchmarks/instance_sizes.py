@@ -132,6 +132,7 @@ def plan_row(cfg: Config, images: int, rate: float, args) -> Dict[str, Any]:
         startup_s=args.startup_min * 60,
         efficiency=args.efficiency,
         s3_get_ms=args.s3_get_ms,
+        s3_in_flight=args.s3_in_flight,
         list_per_s=args.list_per_s,
         img_per_core_s=rate,
         **({"step_start_s": args.fixed_s} if args.fixed_s is not None else {}),
@@ -183,7 +184,8 @@ def model(args) -> int:
         f"per-core throughput {rate:.1f} img/s ({inputs['source']}), x86_64 and Graviton alike",
         f"cluster start-up {args.startup_min:g} min, billed; {step_s:g} s to start each step",
         f"per-node efficiency {args.efficiency:g} (NodeManager, DataNode, OS)",
-        f"S3 first-byte latency {args.s3_get_ms:g} ms per image, overlapped with inference",
+        f"S3 first-byte latency {args.s3_get_ms:g} ms per image, {args.s3_in_flight} GETs in "
+        "flight per slot, overlapped with inference",
         f"listing {args.list_per_s:g} objects/s; reduce: 0.236 core-s per 1000 rows (local fit)",
         f"prices: {PRICE_SOURCE}; EBS gp3 {costs.EBS_USD_PER_GIB_MONTH} USD/GiB-month; S3 "
         f"{costs.S3_GET_USD_PER_1000} USD per 1000 GET, {costs.S3_PUT_LIST_USD_PER_1000} per "
@@ -244,6 +246,7 @@ def model(args) -> int:
             "startup_min": args.startup_min,
             "efficiency": args.efficiency,
             "s3_get_ms": args.s3_get_ms,
+            "s3_in_flight": args.s3_in_flight,
             "list_per_s": args.list_per_s,
         },
         "rows": rows,
@@ -349,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-min", type=float, default=8.0)
     p.add_argument("--efficiency", type=float, default=0.9)
     p.add_argument("--s3-get-ms", type=float, default=15.0)
+    p.add_argument(
+        "--s3-in-flight", type=int, default=32, help="GETs in flight per slot (1: one at a time)"
+    )
     p.add_argument("--list-per-s", type=float, default=10000.0, help="S3 listing, objects/s")
     p.add_argument("--stem", default=None)
     g = p.add_argument_group("real EMR sweep (needs AWS; not run here)")

@@ -286,6 +286,9 @@ def register(sub) -> None:
     flags(p)
     p.add_argument("bucket", metavar="BUCKET")
     p.set_defaults(func=_aws_errors(_cmd_bucket_create))
+    from cluster import notifications  # `bucket notifications` lives in its own file
+
+    notifications.register(bsub, flags, _aws_errors)
 
     e = sub.add_parser("emr", help="run the pipeline on AWS EMR (EU regions only)")
     flags(e, top=True)

@@ -60,7 +60,10 @@ SPOT_FRACTION = 0.4
 STARTUP_S = 480.0  # provisioning + the bootstrap's pip install of TensorFlow (~8 min)
 STEP_START_S = 45.0  # spark-submit in cluster mode: YARN application, driver, workers
 NODE_EFFICIENCY = 0.9  # NodeManager, DataNode and the OS take the rest of a node
-S3_GET_MS = 15.0  # first-byte latency of one small object, one after another per slot
+S3_GET_MS = 15.0  # first-byte latency of one small object
+# GETs in flight per slot: each Python worker fetches its batch's photos concurrently
+# (stages.storage.fetch.DEFAULT_IN_FLIGHT), overlapped with inference.
+S3_IN_FLIGHT = 32
 LIST_PER_S = 10_000.0  # objects listed per second (1000 a page, ~100 ms a page)
 IMAGES_PER_TASK = 2048  # the featurize stage's task size; one Parquet file each
 # reduce: 118 ms per 1000 rows on local[2] (README, reduce benchmark), i.e. 0.236 core-s
@@ -76,6 +79,7 @@ class Model:
     step_start_s: float = STEP_START_S
     efficiency: float = NODE_EFFICIENCY
     s3_get_ms: float = S3_GET_MS
+    s3_in_flight: int = S3_IN_FLIGHT
     list_per_s: float = LIST_PER_S
     spot_fraction: float = SPOT_FRACTION
     img_per_core_s: Optional[float] = None
@@ -239,7 +243,7 @@ def estimate(
     workers = opts.core + opts.task
     slots = max(1, workers * lay.executors_per_node - lay.driver_slots)
     compute = rate * lay.task_cpus * model.efficiency
-    s3_cap = 1000.0 / model.s3_get_ms if model.s3_get_ms > 0 else math.inf
+    s3_cap = 1000.0 * model.s3_in_flight / model.s3_get_ms if model.s3_get_ms > 0 else math.inf
     slot_rate = min(compute, s3_cap)
     if images:
         busy = min(slots, max(1, math.ceil(images / 64)))  # tasks are batches of >= 64
@@ -267,7 +271,8 @@ def estimate(
     }
     assumptions = [
         f"{rate:.1f} img/s per core ({engine}, alpha {alpha}: {rate_source})",
-        f"{model.s3_get_ms:g} ms per S3 GET, one GET per image",
+        f"{model.s3_get_ms:g} ms per S3 GET, one GET per image, "
+        f"{model.s3_in_flight} in flight a slot",
         f"start-up {hms(model.startup_s)} and {model.step_start_s:g} s per step",
         f"node efficiency {model.efficiency:g}",
         "prices recalled, not fetched (cluster/sizing.py, cluster/costs.py)",

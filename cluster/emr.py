@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 from cluster.guard import check_bucket, check_region, parse_s3_uri, validate_bucket_name
 from cluster.policy import tls_only_bucket_policy
 from cluster.spec import CODE_TAG, step_log_uri
+from stages.base.contract import IMAGE_NAME
 from stages.base.errors import UsageError
-from stages.featurize.listing import IMAGE_NAME
 
 logger = logging.getLogger(__name__)
 

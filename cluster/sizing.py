@@ -86,7 +86,7 @@ ROOT_VOLUME_GIB = 32
 
 # Memory of one Python worker, per featurize engine (stages.featurize.engine), from measured
 # peaks
-# (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 8, peak RSS
+# (benchmarks/README.md) plus margin.  LiteRT: the interpreter and batches of 4, peak RSS
 # ~0.3 GB at alpha 1.0.  Keras: ~0.6 GB after building MobileNetV2, peaking near 1.9 GB
 # with alpha 1.0 and batches of 64.
 PYTHON_WORKER_MIB: Dict[str, int] = {"litert": 768, "keras": 2048}

@@ -27,7 +27,7 @@ PROG = "fruits-pipeline"
 logger = logging.getLogger("stages.cli")  # not __name__: `python -m stages.cli` runs it as __main__
 # `run` is one featurize and one reduce: no growing-bucket options, one --overwrite.
 RUN_EXCLUDES = {
-    "featurize": ("incremental", "prune", "overwrite"),
+    "featurize": ("incremental", "prune", "queue", "overwrite"),
     "reduce": ("update", "overwrite"),
 }
 _KEEP_LOGS = 50  # a folder of logs that grows without end would be the next bug report
@@ -154,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_featurize(args) -> int:
     from stages.featurize import featurize
     from stages.featurize.engine import check_engine
+    from stages.featurize.queue import check_queue_input
     from stages.storage.outputs import check_disjoint
 
     params = FeaturizeParams.from_args(args)  # every check before the JVM starts
     check_disjoint([("OUTPUT", args.output, "INPUT", args.input)])
+    if params.queue:
+        check_queue_input(args.input)
     if params.engine:
         check_engine(params.engine)
     spark = cli_session(args, "fruits-pipeline featurize")
@@ -215,13 +218,19 @@ def _cmd_run(args) -> int:
 
 def _cmd_watch(args) -> int:
     from stages.featurize.engine import check_engine
+    from stages.featurize.queue import check_queue_input
     from stages.watch import watch
 
     params = WatchParams.from_args(args)  # checked before the JVM starts
     if params.engine:
         check_engine(params.engine)
+    if params.queue:
+        check_queue_input(args.input)
     spark = cli_session(args, "fruits-pipeline watch")
     report = watch(spark, args.input, args.output, params)
+    if report["stopped"]:  # SIGINT or SIGTERM: one line, and the shell's code for it
+        print(f"{PROG}: stopped; {report['images']} photos featurized since start", file=sys.stderr)
+        return 128 + int(report["stopped"])
     if not args.quiet:
         print(json.dumps(report))
     return 0

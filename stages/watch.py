@@ -14,8 +14,22 @@ cache, same error rows) and commits the rows as one run of the features table
   aborted staging folder deleted and runs again;
 * paths already in the table (from ``featurize --incremental``) are skipped.
 
+On S3 without a queue, each trigger is a ``featurize --incremental`` run instead
+of a micro-batch of Spark's file stream (:func:`stages.watch_listing.watch_by_listing` says why).
+
+A photo modified less than :data:`SETTLE_SECONDS` ago may still be being written: it
+is set aside (in the checkpoint's ``fruits_pending.json``, as the source never offers
+it again) and featurized once it has not changed for that long, at a later batch or
+trigger, or before ``--available-now`` ends.  Ctrl-C (SIGINT) and SIGTERM stop the
+query once the batch being featurized has committed, print one line and exit 130 or
+143.  Another writer on the table (``featurize --incremental``) is seen at the next
+batch; a commit of the same photos at the same time refuses this one
+(:meth:`stages.storage.table.FeaturesTable.commit`).
+
 ``--available-now`` processes what is there and stops (a cron job or an EMR
-step); ``--trigger 10s`` keeps going.  With ``--results``, each committed run is
+step); ``--trigger 10s`` keeps going.  ``--queue URL`` takes the new photos from an
+SQS queue of the bucket's S3 notifications instead of listing INPUT
+(:mod:`stages.featurize.queue`).  With ``--results``, each committed run is
 also projected with the saved PCA model into
 ``RESULTS/projections/watch-<run>.parquet`` (one file, renamed into place).
 """
@@ -23,6 +37,7 @@ also projected with the saved PCA model into
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -33,15 +48,19 @@ from stages.base.errors import UsageError
 from stages.base.params import WatchParams
 from stages.featurize.frame import (
     choose_partitions,
+    escape_glob,
     featurize_frame,
     paths_are_url_encoded,
     prepare_features_model,
     require_input,
     write_features,
 )
+from stages.featurize.queue import check_queue_input, watch_queue
+from stages.featurize.stopping import await_query
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.update import project_pending, project_run
 from stages.storage import hadoopfs
+from stages.storage.fetch import is_object_store, reader_settings
 from stages.storage.layout import Results
 from stages.storage.table import (
     FeaturesTable,
@@ -50,10 +69,20 @@ from stages.storage.table import (
     new_run_id,
     now_iso,
 )
+from stages.watch_listing import watch_by_listing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WatchParams", "watch"]
+__all__ = ["WatchParams", "watch", "SETTLE_SECONDS"]
+
+# A file modified less than this long ago may still be being written (a slow copy,
+# an upload): it waits until it has been still for that long.
+SETTLE_SECONDS = 10.0
+PENDING_FILE = "fruits_pending.json"
+
+
+class _Stopping(RuntimeError):
+    """Raised in a batch that starts while watch stops: Spark keeps it for the next start."""
 
 
 class _Sink:
@@ -72,30 +101,104 @@ class _Sink:
         self.started = threading.Event()
         self.done: set = set()
         self.committed: set = set()
-        self.known = None  # DataFrame of the paths in the table at start (cached)
+        self.known = None  # DataFrame of the paths in the table (cached; see _refresh)
+        self.base = 0  # the table's head when `known` was read, then after each commit
+        self.lock = threading.Lock()  # held while a batch runs
+        self.stopping = threading.Event()
+        self.failure: Optional[BaseException] = None
+        self.pending: Dict[str, None] = {}  # paths set aside until they settle
+        self.pending_uri: Optional[str] = None
+        self.fetch = reader_settings(spark, input_path)
         self.totals = {"batches": 0, "images": 0, "errors": 0, "runs": [], "skipped_batches": 0}
 
     def __call__(self, batch_df, batch_id: int) -> None:
+        self.started.wait()  # the query id is known once start() has returned
+        if self.stopping.is_set():
+            raise _Stopping(f"watch is stopping: batch {batch_id} is left for the next start")
+        with self.lock:
+            try:
+                self._batch(batch_df, batch_id)
+            except UsageError as exc:  # watch() raises it once the query has stopped
+                self.failure = exc
+                raise
+
+    def refresh(self) -> None:
+        """Read the table's paths again if another writer committed since (one LIST)."""
+        head = self.table.head()
+        if self.known is None or head > self.base:
+            if self.known is not None:
+                self.known.unpersist()
+            live = self.table.live_runs()
+            self.known = self.table.read_runs(live, self.spec).select("path").cache()
+            self.base = head
+
+    def _new(self, meta) -> list:
+        """The rows of ``meta`` whose path is in neither the table nor this query's runs."""
         from pyspark.sql import functions as F
 
-        self.started.wait()  # the query id is known once start() has returned
+        self.refresh()
+        paths = self.spark.createDataFrame([(r[0],) for r in meta], "path string")
+        known = {r[0] for r in self.known.join(F.broadcast(paths), "path", "left_semi").collect()}
+        return [r for r in meta if r[0] not in known and r[0] not in self.committed]
+
+    def _save_pending(self) -> None:
+        hadoopfs.write_text(self.spark, self.pending_uri, json.dumps(sorted(self.pending)))
+
+    def load_pending(self) -> None:
+        if hadoopfs.exists(self.spark, self.pending_uri):
+            text = hadoopfs.read_text(self.spark, self.pending_uri)
+            self.pending = dict.fromkeys(json.loads(text))
+
+    def _batch(self, batch_df, batch_id: int) -> None:
         t0 = time.time()
         if batch_id in self.done:
             self.totals["skipped_batches"] += 1
             logger.info(f"watch: batch {batch_id} was committed before a restart: skipped")
             return
-        table = self.table
-        spark = self.spark
         meta = batch_df.select("path", "length", "modificationTime").collect()
-        paths = spark.createDataFrame([(r[0],) for r in meta], "path string")
-        # Paths the table held when the query started (read once), plus the ones this
-        # query committed since: one writer at a time, so nothing else adds any.
-        known = {r[0] for r in self.known.join(F.broadcast(paths), "path", "left_semi").collect()}
-        todo_rows = [r for r in meta if r[0] not in known and r[0] not in self.committed]
+        todo_rows = self._new(meta)
         self.totals["batches"] += 1
+        young = [
+            r[0] for r in todo_rows if r[2] is not None and t0 - r[2].timestamp() < SETTLE_SECONDS
+        ]
+        if young:  # saved before the batch ends: Spark will not offer these files again
+            self.pending.update(dict.fromkeys(young))
+            self._save_pending()
+            logger.info(f"watch: batch {batch_id}: {len(young)} images still being written")
+            todo_rows = [r for r in todo_rows if r[0] not in self.pending]
         if not todo_rows:
             logger.info(f"watch: batch {batch_id}: 0 new images")
-            return
+        else:
+            self._commit(batch_df, todo_rows, t0, batch=batch_id)
+        self.flush_pending(wait=False)
+
+    def flush_pending(self, wait: bool) -> None:
+        """Featurize the set-aside files that have settled (``wait``: wait for them all,
+        up to a few settle times; what still changes stays for the next start)."""
+        deadline = time.time() + 6 * SETTLE_SECONDS
+        while self.pending:
+            gone = [p for p in self.pending if not hadoopfs.exists(self.spark, p)]
+            names = [escape_glob(p) for p in self.pending if p not in gone]
+            source = self.spark.read.format("binaryFile").load(names) if names else None
+            meta = source.select("path", "length", "modificationTime").collect() if names else []
+            now = time.time()
+            settled = [r for r in meta if now - r[2].timestamp() >= SETTLE_SECONDS]
+            todo_rows = self._new(settled) if settled else []
+            if todo_rows:
+                self._commit(source, todo_rows, now, batch=None)
+            for p in gone + [r[0] for r in settled]:
+                self.pending.pop(p, None)
+            if gone or settled:
+                self._save_pending()
+            if not self.pending or not wait or time.time() > deadline:
+                return
+            youngest = max(r[2].timestamp() for r in meta if r[0] in self.pending)
+            time.sleep(max(0.2, youngest + SETTLE_SECONDS - time.time()))
+
+    def _commit(self, batch_df, todo_rows: list, t0: float, batch: Optional[int]) -> None:
+        from pyspark.sql import functions as F
+
+        spark, table = self.spark, self.table
         run = new_run_id()
         started = now_iso()
         todo = spark.createDataFrame(
@@ -104,7 +207,10 @@ class _Sink:
         pct = next((r[0] for r in todo_rows if "%" in r[0]), None)
         n = len(todo_rows)
         n_parts = choose_partitions(n, spark.sparkContext.defaultParallelism, self.opts.partitions)
-        source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
+        if self.fetch is not None:  # the workers read each new photo once, by name
+            source = todo.select("path").repartition(n_parts)
+        else:
+            source = batch_df.join(F.broadcast(todo.select("path")), "path", "left_semi")
         frame = featurize_frame(
             spark,
             source,
@@ -114,6 +220,7 @@ class _Sink:
             paths_are_url_encoded(spark, pct),
             partitions=n_parts,
             broadcast=self.bc,
+            fetch=self.fetch,
         )
         schema = incremental_schema(self.spec)
         out = frame.df.join(F.broadcast(todo), "path").select(
@@ -122,18 +229,20 @@ class _Sink:
         write_features(spark, out, table.staging_uri(run), frame.settings)
         record = RunRecord(
             run=run,
-            kind="watch",
+            # a run of set-aside files is not a batch: a restart never skips it
+            kind="watch" if batch is not None else "watch-settled",
             input=self.input,
             query=self.query_id,
-            batch=int(batch_id),
+            batch=batch,
             started=started,
             rows=frame.images,
             new=frame.images,
             errors=frame.errors,
             model=self.spec.to_dict(),
         )
-        table.commit(record)
-        self.done.add(batch_id)
+        self.base = table.commit(record, self.base)
+        if batch is not None:
+            self.done.add(batch)
         self.committed.update(r[0] for r in todo_rows)
         t1 = time.time()
         oldest = min(r[2].timestamp() for r in todo_rows if r[2] is not None)
@@ -145,7 +254,8 @@ class _Sink:
             rows = project_run(spark, table, run, self.model, self.opts.results)
             projected = f", {rows} projected"
         logger.info(
-            f"watch: batch {batch_id}: {frame.images} new images ({frame.errors} errors) "
+            f"watch: {'settled files' if batch is None else f'batch {batch}'}: "
+            f"{frame.images} new images ({frame.errors} errors) "
             f"in run {run}, {frame.images / max(t1 - t0, 1e-9):.1f} img/s, "
             f"lag {t1 - oldest:.1f} s from the oldest file landing{projected}"
         )
@@ -185,7 +295,13 @@ def watch(
     """
 
     opts = WatchParams.of(params, **options)
-    require_input(spark, input_path)
+    if opts.queue:
+        check_queue_input(input_path)
+        # The queue announces what lands under INPUT: it may hold nothing yet.
+        if hadoopfs.bucket_missing(spark, input_path):
+            raise UsageError(f"the bucket of input {input_path} does not exist")
+    else:
+        require_input(spark, input_path)
     spec, weights, batch_size = prepare_features_model(opts)
     opts = dataclasses.replace(opts, batch_size=batch_size)
     table = FeaturesTable(spark, features).open_for_append(spec)
@@ -203,6 +319,16 @@ def watch(
             )
 
         project_pending(spark, table, model, opts.results)
+    if opts.queue:
+        # New photos from the bucket's notifications: no listing, no checkpoint (the
+        # queue keeps what is not yet committed, the table what is).
+        def project(run: str) -> None:
+            rows = project_run(spark, table, run, model, opts.results)
+            logger.info(f"watch: run {run}: {rows} projected")
+
+        return watch_queue(spark, input_path, features, opts, project if model else None)
+    if is_object_store(input_path):
+        return watch_by_listing(spark, input_path, features, opts, model)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
 
     sink = _Sink(spark, input_path, table, spec, weights, opts, model)
@@ -221,6 +347,7 @@ def watch(
         writer = writer.trigger(availableNow=True)
     else:
         writer = writer.trigger(processingTime=f"{opts.trigger_seconds} seconds")
+    sink.pending_uri = checkpoint.rstrip("/") + "/" + PENDING_FILE
     query = writer.start()
     sink.query_id = str(query.id)
     sink.done = {
@@ -228,25 +355,28 @@ def watch(
         for r in table.records()
         if r.get("kind") == "watch" and r.get("query") == sink.query_id
     }
-    sink.known = table.read_runs(table.live_runs(), spec).select("path").cache()
+    sink.refresh()
+    sink.load_pending()
     sink.started.set()
     mode = "available-now" if opts.available_now else f"every {opts.trigger_seconds:g} s"
     logger.info(
         f"watch: query {sink.query_id} on {input_path} -> {features} ({mode}), {checkpoint}"
     )
     try:
-        if opts.stop_after is not None:
-            query.awaitTermination(opts.stop_after)
-        else:
-            query.awaitTermination()
-    except KeyboardInterrupt:
-        logger.info("watch: interrupted: stopping the query (the checkpoint keeps its place)")
+        stopped = await_query(query, sink, opts.stop_after, opts.available_now)
+    except Exception:
+        if sink.failure is not None:  # ours, raised in a batch: not Spark's wrapping of it
+            raise sink.failure from None
+        raise
     finally:
         query.stop()
         sink.bc.unpersist()
-        sink.known.unpersist()
+        if sink.known is not None:
+            sink.known.unpersist()
     return {
         "query": sink.query_id,
         "checkpoint": checkpoint,
+        "stopped": stopped,
+        "pending": len(sink.pending),
         **{k: v for k, v in sink.totals.items()},
     }

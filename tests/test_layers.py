@@ -24,7 +24,8 @@ ROOMS: Tuple[Tuple[str, ...], ...] = (
     ("stages.featurize",),  # stage 1
     ("stages.reduce",),  # stage 2 and everything it writes to RESULTS
     ("stages.search",),  # the app: queries, serve, its CLI
-    ("stages.watch", "stages.report", "stages.notebook", "cluster"),  # both stages; AWS
+    ("stages.watch_listing", "stages.report", "stages.notebook", "cluster"),  # both stages; AWS
+    ("stages.watch",),
     ("stages.cli",),
     ("stages.steps",),
 )

@@ -8,10 +8,12 @@ Stage 1 writes it (:mod:`stages.featurize.frame`, :mod:`stages.featurize.increme
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     "IMAGE_GLOB",
+    "IMAGE_NAME",
     "METADATA_KEY",
     "THUMB_PX",
     "features_schema",
@@ -22,6 +24,8 @@ __all__ = [
 
 # Hadoop glob: .jpg and .jpeg in any case.
 IMAGE_GLOB = "*.{[jJ][pP][gG],[jJ][pP][eE][gG]}"
+# The same rule for a file name (an S3 key, an event, a local walk): .jpg/.jpeg, any case.
+IMAGE_NAME = re.compile(r".*\.jpe?g\Z", re.IGNORECASE | re.DOTALL)
 # The key of the model metadata on the ``features`` field (in every Parquet footer).
 METADATA_KEY = "fruits_pipeline"
 # The thumbnails' size (pixels, the longer side) kept in FEATURES and shown by the app.

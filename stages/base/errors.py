@@ -3,13 +3,16 @@
 :class:`UsageError` is ours (a bad argument or input, exit 2).  :func:`explain` turns
 any other exception, Java ones included, into such a line: the failures a user can
 cause and fix (a corrupt Parquet file, a folder left by a killed run, S3 refusing
-access, no S3 connector) keep exit code 2; anything else is a failed run, exit 1.
+access, no S3 connector) keep exit code 2; anything else is a failed run, exit 1, and
+the causes a user meets (a full disk, a file another run wrote, S3 throttling) say so.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import List, Tuple
+import shutil
+from typing import Callable, List, Tuple, Union
 
 __all__ = [
     "UsageError",
@@ -54,13 +57,58 @@ def exception_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
+_URI = r"((?:file|s3a?|hdfs|gs|abfss?):/+[^\s'\"\]\),]+)"
+
+
 def _path_in(text: str) -> str:
-    m = re.search(r"((?:file|s3a?|hdfs|gs|abfss?):/+[^\s'\"\]\),]+)", text)
+    m = re.search(_URI, text)
     return m.group(1).rstrip(".:;") if m else "the input"
 
 
-# (pattern in the exception text, exit code, message); the first match wins.
-_KNOWN: List[Tuple[str, int, str]] = [
+def _shown(path: str) -> str:
+    """``path`` as the user gave it: a local path without ``file:``, and the final name of
+    a hidden sibling being written (``.<name>.fruits-tmp-<id>``, see stages.outputs)."""
+    path = re.sub(r"/\.([^/]+)\.fruits-(?:tmp|old)-[0-9a-f]+(?=/|$)", r"/\1", path)
+    return re.sub(r"^file:/+", "/", path)
+
+
+def _output_in(text: str) -> str:
+    """The output folder a failed write was writing (no ``_temporary/`` or part file)."""
+    m = re.search(r"writing rows to " + _URI, text) or re.search(_URI, text)
+    if not m:
+        return "the output"
+    return _shown(re.sub(r"/_temporary/.*$|/part-[^/]*$", "", m.group(1).rstrip(".:;")))
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _no_space(text: str) -> str:
+    out = _output_in(text)
+    free = ""
+    if out.startswith("/"):
+        folder = out
+        while folder and not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        try:
+            usage = shutil.disk_usage(folder or "/")
+            free = f" ({_size(usage.free)} free of {_size(usage.total)})"
+        except OSError:
+            pass
+    return (
+        f"no space left on the device holding {out}{free}: free some space there or "
+        "write to a larger disk, then run again"
+    )
+
+
+# (pattern in the exception text, exit code, message or a function of the text that makes
+# it); the first match wins.
+_KNOWN: List[Tuple[str, int, Union[str, Callable[[str], str]]]] = [
     (
         r"ClassNotFoundException: (?:Class )?org\.apache\.hadoop\.fs\.s3a\.S3AFileSystem",
         EXIT_USAGE,
@@ -91,6 +139,25 @@ _KNOWN: List[Tuple[str, int, str]] = [
         EXIT_USAGE,
         "the bucket of {path} does not exist: create it first",
     ),
+    (r"No space left on device|ENOSPC", EXIT_FAILED, _no_space),
+    (
+        # Two runs writing the same output: Hadoop refuses the second create.
+        r"FileAlreadyExistsException",
+        EXIT_FAILED,
+        lambda text: (
+            f"{_shown(_path_in(text))} already exists: two runs were writing the same output at "
+            "once (one writer at a time), or a killed run left it: run again when the other "
+            "has finished"
+        ),
+    ),
+    (
+        # S3A retried (fs.s3a.retry.throttle.limit) and S3 still answered 503 SlowDown.
+        r"AWSServiceThrottledException|Error Code: SlowDown|Status Code: 503",
+        EXIT_FAILED,
+        "S3 throttled the requests on {path} (503 SlowDown) even after the retries: run "
+        "again later or with fewer tasks, or allow more retries with --conf "
+        "spark.hadoop.fs.s3a.retry.throttle.limit=40",
+    ),
     (
         r"OutOfMemoryError",
         EXIT_FAILED,
@@ -109,6 +176,8 @@ def explain(exc: BaseException) -> Tuple[int, str]:
     text = exception_text(exc)
     for pattern, code, message in _KNOWN:
         if re.search(pattern, text):
+            if callable(message):
+                return code, message(text)
             return code, message.format(path=_path_in(text))
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     head = f"{type(exc).__name__}: {first}" if first else type(exc).__name__

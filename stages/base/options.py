@@ -105,6 +105,13 @@ def share(value: float) -> Optional[str]:
     return None if 0.0 < value <= 1.0 else "must be in (0, 1], e.g. 0.95"
 
 
+def queue_url(value: str) -> Optional[str]:
+    """Why ``value`` is no SQS queue URL (``https://sqs.REGION.amazonaws.com/ACCOUNT/NAME``)."""
+    if re.match(r"^https?://[^/\s]+/[^/\s]+/[^/\s]+/?$", value):
+        return None
+    return "must be an SQS queue URL, https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
+
+
 def positive_seconds(value: float) -> Optional[str]:
     return None if value > 0 else "must be more than 0 seconds"
 

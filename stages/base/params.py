@@ -30,6 +30,7 @@ from stages.base.options import (
     option,
     parse_duration,
     positive_seconds,
+    queue_url,
     share,
 )
 
@@ -87,7 +88,7 @@ class ModelParams(StageParams):
     )
     batch_size: Optional[int] = option(
         None, flag="--batch-size", kind=int, check=at_least_1, group=_FEATURIZE,
-        help="images per model call (default 8 with litert, 64 with keras)",
+        help="images per model call (default 4 with litert, 64 with keras)",
     )  # fmt: skip
     partitions: Optional[int] = option(
         None, flag="--partitions", kind=int, check=at_least_1, group=_FEATURIZE,
@@ -121,6 +122,11 @@ class FeaturizeParams(ModelParams):
         group=_GROWING,
         help="with --incremental: also drop the rows of images no longer under INPUT",
     )
+    queue: Optional[str] = option(
+        None, flag="--queue", metavar="URL", check=queue_url, group=_GROWING,
+        help="with --incremental: the photos announced on this SQS queue of the bucket's "
+        "S3 notifications (`fruits-pipeline bucket notifications`), no listing",
+    )  # fmt: skip
     overwrite: bool = option(
         False, flag="--overwrite", kind=bool, group="output", help="replace an existing OUTPUT"
     )
@@ -129,6 +135,10 @@ class FeaturizeParams(ModelParams):
         """Options that do not go together."""
         if self.prune and not self.incremental:
             raise UsageError("--prune only works with --incremental")
+        if self.queue and not self.incremental:
+            raise UsageError("--queue adds the announced photos to OUTPUT: give --incremental")
+        if self.queue and self.prune:
+            raise UsageError("--prune needs a listing of INPUT: drop --queue for that run")
         if self.incremental and self.overwrite:
             raise UsageError("--incremental adds to OUTPUT: drop --overwrite (or --incremental)")
 
@@ -227,6 +237,11 @@ class WatchParams(ModelParams):
         None, flag="--stop-after", kind=float, check=positive_seconds, metavar="SECONDS",
         group="watch options",
         help="stop the query after this many seconds (default: run until killed)",
+    )  # fmt: skip
+    queue: Optional[str] = option(
+        None, flag="--queue", metavar="URL", check=queue_url, group="watch options",
+        help="new photos from this SQS queue of the bucket's S3 notifications "
+        "(`fruits-pipeline bucket notifications`) instead of listing INPUT",
     )  # fmt: skip
 
     def cross_check(self) -> None:

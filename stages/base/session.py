@@ -7,6 +7,7 @@ Environment variables (all optional):
 ``FRUITS_DRIVER_MEMORY``    driver heap when not set by spark-submit (default ``4g``; Spark's
                             1 GB default died of Java heap on 50k x 1280 features)
 ``FRUITS_SPARK_UI``         ``0`` turns the web UI off (tests do)
+``FRUITS_JVM_JIT``          ``c1`` (default) or ``full``: the local JVM's JIT compilers (below)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
+from stages.base.errors import UsageError
 from stages.base.s3a import needs_s3a, s3a_conf
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,20 @@ LOCAL_DEFAULTS: dict[str, str] = {
 
 
 LOCAL_TASK_ATTEMPTS = 4  # as YARN's spark.task.maxFailures on EMR
+
+# A JVM we start ourselves (local runs) compiles with C1 only: its C2 compilations cost
+# more CPU than they save in a job of thousands of photos, where the JVM only moves
+# bytes (featurize, 5000 photos: benchmarks/README.md).  spark-submit's JVMs (EMR) and
+# their executors keep the full JIT.
+C1_ONLY = "-XX:TieredStopAtLevel=1"
+
+
+def _jit() -> str:
+    """``FRUITS_JVM_JIT``: ``c1`` (default) or ``full``."""
+    value = os.environ.get("FRUITS_JVM_JIT", "c1").strip().lower()
+    if value not in ("c1", "full"):
+        raise UsageError(f"FRUITS_JVM_JIT={value!r}: use c1 or full")
+    return value
 
 
 def with_retries(master: str) -> str:
@@ -128,6 +144,8 @@ def spark_session(
         log4j = Path(__file__).with_name("log4j2.properties")
         # Quoted: Spark splits these options on spaces, and paths may hold some.
         options = [f'"-Dlog4j.configurationFile=file:{log4j}"']
+        if not existing.contains("spark.master") and _jit() == "c1":
+            options.append(C1_ONLY)
         if log_file:
             options.append(f'"-Dfruits.log.file={log_file}"')
         if not console_log:

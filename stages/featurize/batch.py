@@ -1,8 +1,11 @@
 """Plain ``featurize``: every image under INPUT to a new FEATURES, committed atomically.
 
-The scan is a local walk (:class:`LocalScan`, which sees every file, zero-byte and
-hidden ones too) or a Hadoop listing (:class:`HadoopScan`: ``s3a://``, ``s3://``,
-``hdfs://``); both feed the shared stage-1 path of :mod:`stages.featurize.frame`.
+The scan is a local walk (:class:`_LocalScan`, which sees every file, zero-byte and
+hidden ones too), an S3 listing by the executors (:class:`_ObjectScan`: ``s3://``,
+``s3a://``; LISTs only, the same name rule), or Spark's listing of another Hadoop
+filesystem (:class:`_HadoopScan`: ``hdfs://``); all feed the shared stage-1 path of
+:mod:`stages.featurize.frame`.  Local and S3 photos are read by the workers, one
+request each and many in flight (:mod:`stages.storage.fetch`); Spark reads no byte.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from typing import Optional
 
 from stages.base.contract import features_schema
 from stages.base.errors import UsageError
@@ -30,18 +34,19 @@ from stages.featurize.frame import (
     write_features,
 )
 from stages.featurize.listing import (
+    IMAGE_NAME,
     LocalListing,
     file_uri,
-    hidden_object_images,
     make_view,
     view_index,
     walk_images,
 )
 from stages.featurize.model import ModelSpec
 from stages.featurize.partition import label_from_path
-from stages.storage import hadoopfs
+from stages.storage.fetch import StoreSettings, is_object_store, store_settings
 from stages.storage.fs import local_path
 from stages.storage.outputs import atomic_output, check_disjoint
+from stages.storage.s3list import RunRequests, listing_frame
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,8 @@ def featurize_batch(
     """
     check_disjoint([("OUTPUT", output_path, "INPUT", input_path)])
     t0 = time.perf_counter()
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     require_input(spark, input_path)
     view = None
     try:
@@ -70,13 +77,18 @@ def featurize_batch(
                     raise UsageError(_no_images(input_path))
                 view = make_view([p for p, _ in local.files])
                 scan = _LocalScan(spark, local, view)
+            elif settings is not None:
+                scan = _ObjectScan(spark, input_path, settings, tally.acc)
             else:
                 scan = _HadoopScan(spark, input_path)
-            report = _featurize_scan(spark, scan, input_path, output_path, target, params)
+            report = _featurize_scan(
+                spark, scan, input_path, output_path, target, params, tally.acc
+            )
     finally:
         if view is not None:
             shutil.rmtree(view, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
+    report.requests = tally.total()
     logger.info(
         f"featurize: wrote {report.images} rows ({report.errors} errors) to {output_path} "
         f"in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s"
@@ -102,6 +114,11 @@ class _LocalScan:
         self._paths = [file_uri(p) for p, _ in local.files]
         self._errors = [(file_uri(p), reason) for p, reason in local.errors]
         self.n_extra = len(self._errors)  # the error rows of extra_rows
+        self.fetch: Optional[StoreSettings] = StoreSettings()  # workers open() the files
+
+    def source(self, n_parts: int):
+        """The rows to featurize (Spark's split settings make ``n_parts`` tasks)."""
+        return self.images.select("path")
 
     def rows(self, sc):
         """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
@@ -122,7 +139,7 @@ class _LocalScan:
 
 
 class _HadoopScan:
-    """An INPUT on a Hadoop filesystem (s3a, EMRFS s3, hdfs): Spark's own listing."""
+    """An INPUT on another Hadoop filesystem (``hdfs:``): Spark's own listing and reader."""
 
     def __init__(self, spark, input_path: str) -> None:
         from pyspark.sql import functions as F
@@ -145,18 +162,14 @@ class _HadoopScan:
         self._n_empty = len(self._listed) - self.n_images
         self.n_extra = max(self._n_empty, 0)  # the error rows of extra_rows
         self._scanned = self.images
-        # Spark's listing also skips `_` and `.` names (`_DSC0001.JPG`): on S3 one flat
-        # listing finds them, and the driver reads them (they are few).
-        hidden = hidden_object_images(input_path)
-        if hidden:
-            rows = [(p, hadoopfs.read_bytes(spark, p)) for p, _ in hidden]
-            extra = spark.createDataFrame(rows, "path string, content binary")
-            self.images = self.images.select("path", "content").unionByName(extra)
-            self.n_images += len(hidden)
-            self.total_bytes += sum(size for _, size in hidden)
         if self.n_images + self._n_empty == 0:
             raise UsageError(_no_images(input_path))
         self.url_encoded = paths_are_url_encoded(spark, stats["pct"])
+        self.fetch: Optional[StoreSettings] = None  # Spark reads the bytes (hdfs:, ...)
+
+    def source(self, n_parts: int):
+        """The rows to featurize (Spark's split settings make ``n_parts`` tasks)."""
+        return self.images
 
     def rows(self, sc):
         """``(paths mapper, broadcast)``: none here, Spark's paths are the real ones."""
@@ -169,7 +182,53 @@ class _HadoopScan:
         return empty_file_rows(spark, self._scanned, self._listed, self.url_encoded, spec)
 
 
-def _featurize_scan(spark, scan, input_path, output_path, target, params) -> FeaturizeReport:
+class _ObjectScan:
+    """An INPUT on S3 (``s3://``, ``s3a://``): listed by the executors with LISTs only
+    (:func:`stages.storage.s3list.listing_frame`, the name rule of every path, hidden
+    names included); each worker GETs its photos, many at a time.  No HEAD anywhere:
+    the LIST gave the sizes."""
+
+    def __init__(self, spark, input_path: str, settings: StoreSettings, requests) -> None:
+        from pyspark.sql import functions as F
+
+        self.fetch: Optional[StoreSettings] = settings
+        listing = listing_frame(spark, input_path, settings, IMAGE_NAME, requests)
+        self.images = listing.cache()
+        stats = self.images.agg(
+            F.count("*").alias("n"),
+            F.coalesce(F.sum("length"), F.lit(0)).alias("bytes"),
+            F.coalesce(F.max("length"), F.lit(0)).alias("largest"),
+        ).first()
+        self.n_images = int(stats["n"])
+        if self.n_images == 0:
+            self.images.unpersist()
+            raise UsageError(_no_images(input_path))
+        self.total_bytes = int(stats["bytes"])
+        self.largest = int(stats["largest"])
+        self.cycles = 0
+        self.n_extra = 0  # a zero-byte object is an error row of the frame itself
+        self.url_encoded = False  # the keys as S3 lists them
+
+    def source(self, n_parts: int):
+        """The listing in ``n_parts`` tasks of equal counts (a row is a path and a size)."""
+        return self.images.select("path", "length").repartition(n_parts)
+
+    def rows(self, sc):
+        """``(paths mapper, broadcast)``: none, the listed paths are the real ones."""
+        return None, None
+
+    def extra_rows(self, spark, spec: ModelSpec):
+        """None: every listed object goes through the frame."""
+        return None
+
+    def release(self) -> None:
+        """Drop the cached listing."""
+        self.images.unpersist()
+
+
+def _featurize_scan(
+    spark, scan, input_path, output_path, target, params, requests=None
+) -> FeaturizeReport:
     """The Spark job of :func:`featurize` over a listed ``scan``, written to ``target``."""
     spec, payload, batch_size = prepare_features_model(params)
     partitions = params.partitions
@@ -196,8 +255,9 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
         # Same DataFrame, so the file listing is reused; the split settings are read
         # when this new query is planned.
         frame = featurize_frame(
-            spark, scan.images, spec, payload, batch_size, scan.url_encoded, to_paths=to_paths
-        )
+            spark, scan.source(n_parts), spec, payload, batch_size, scan.url_encoded,
+            to_paths=to_paths, fetch=scan.fetch, requests=requests,
+        )  # fmt: skip
         out = frame.df
         extra = scan.extra_rows(spark, spec)
         if extra is not None:
@@ -207,6 +267,8 @@ def _featurize_scan(spark, scan, input_path, output_path, target, params) -> Fea
     frame.release()
     if paths_bc is not None:
         paths_bc.unpersist()
+    if isinstance(scan, _ObjectScan):
+        scan.release()
 
     return FeaturizeReport(
         input=input_path,

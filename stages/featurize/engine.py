@@ -55,10 +55,12 @@ __all__ = [
 ]
 
 DEFAULT_ENGINE = "litert"
-# Images per model call.  XNNPACK runs small batches at least as fast as 64 (they stay in
-# cache) in a fraction of the memory: alpha 1.0, one thread, peak RSS 106 MiB at 4,
-# 131 at 8, 517 at 64 (benchmarks/README.md).  TensorFlow wants larger batches.
-DEFAULT_BATCH = {"litert": 8, "keras": 64}
+# Images per model call.  XNNPACK on one thread (a task's core) spends the least CPU per
+# image on small batches (they stay in cache): 4 / 8 / 16 images cost 1.68 / 1.77 / 1.92
+# ms each at alpha 0.35, 8.0 / 8.7 / 9.3 ms at alpha 1.0, and peak RSS grows with the
+# batch (alpha 1.0: 106 MiB at 4, 131 at 8, 517 at 64; benchmarks/README.md).
+# TensorFlow wants larger batches.
+DEFAULT_BATCH = {"litert": 4, "keras": 64}
 
 # What a job broadcasts: the flatbuffer (litert) or the weight arrays (keras).
 Payload = Union[bytes, List[np.ndarray]]

@@ -27,8 +27,10 @@ from stages.base.params import ModelParams
 from stages.base.sparkutil import SetAccumulator, session_conf
 from stages.featurize.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.featurize.model import ModelSpec
-from stages.featurize.partition import featurize_partition, label_from_path
+from stages.featurize.partition import arrow_batch_rows, featurize_partition, label_from_path
 from stages.storage import hadoopfs
+from stages.storage.fetch import StoreSettings
+from stages.storage.s3list import CountsParam
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class FeaturizeReport(RunReport):
     # The Python workers' process ids: the in-process evidence (tests, benchmarks) that
     # the model is built once per worker; the dict carries only their count.
     worker_pids: List[int] = field(default_factory=list)
+    # S3 requests by operation (ListObjectsV2, GetObject): the listing's and the
+    # workers' reads, from boto3's own count (none for a local INPUT).
+    requests: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict: ``python_workers`` (how many ran tasks) instead of their pids."""
@@ -177,6 +182,7 @@ class FeaturizedFrame:
     _counts: Tuple[Any, Any]
     _builds: Any
     _pids: Any
+    _requests: Any = None
 
     @property
     def images(self) -> int:
@@ -192,6 +198,11 @@ class FeaturizedFrame:
     def model_builds(self) -> int:
         """Models built by the Python workers for this frame."""
         return int(self._builds.value)
+
+    @property
+    def requests(self) -> Dict[str, int]:
+        """S3 requests the workers made reading the photos, by operation."""
+        return dict(self._requests.value) if self._requests is not None else {}
 
     @property
     def worker_pids(self) -> List[int]:
@@ -214,6 +225,8 @@ def featurize_frame(
     partitions: Optional[int] = None,
     broadcast=None,
     to_paths=None,
+    fetch: Optional[StoreSettings] = None,
+    requests=None,
 ) -> FeaturizedFrame:
     """Featurize a ``binaryFile`` DataFrame: the one code path of every stage-1 job.
 
@@ -227,7 +240,8 @@ def featurize_frame(
     spark : SparkSession
     images : DataFrame
         With ``path`` and ``content`` (Spark's ``binaryFile`` columns); batch or
-        a micro-batch of a stream.
+        a micro-batch of a stream.  With ``fetch``: ``path`` (and the listing's
+        ``length``, if it has one) only.
     spec, payload
         From :func:`stages.featurize.engine.prepare_model` (``spec`` as written to the
         metadata: engine, decode options).
@@ -241,6 +255,12 @@ def featurize_frame(
         :meth:`FeaturizedFrame.release` then leaves it alone.
     to_paths : callable, optional
         Maps a batch's scanned paths to the paths written (see :class:`_LocalScan`).
+    fetch : StoreSettings, optional
+        The workers read the photos themselves, one GET each and many in flight
+        (local files and S3: :mod:`stages.storage.fetch`); Spark reads no byte.
+    requests : Accumulator, optional
+        Of :class:`~stages.storage.s3list.CountsParam`: receives the workers' S3
+        requests (a new one, :attr:`FeaturizedFrame.requests`, when not given).
 
     Returns
     -------
@@ -261,7 +281,12 @@ def featurize_frame(
     arrow_schema = to_arrow_schema(schema)
     alpha_, engine_, draft = spec.alpha, spec.engine, spec.jpeg_draft
     exif = spec.exif_orientation
-    source = images.select("path", "content")
+    if fetch is None:
+        source = images.select("path", "content")
+    else:
+        source = images.select("path", *(["length"] if "length" in images.columns else []))
+        if requests is None:
+            requests = sc.accumulator({}, CountsParam())
     if partitions is not None and source.rdd.getNumPartitions() > partitions:
         source = source.coalesce(partitions)
     n_tasks = source.rdd.getNumPartitions()
@@ -269,16 +294,17 @@ def featurize_frame(
     def run(batches):
         return featurize_partition(
             batches, bc, model_key, alpha_, batch_size, url_encoded, engine_, builds, pids,
-            counts, arrow_schema, draft, exif, to_paths,
+            counts, arrow_schema, draft, exif, to_paths, fetch, requests,
         )  # fmt: skip
 
     # Arrow both ways: no Python object per row in, none per float out.
     out = source.mapInArrow(run, schema)
-    # Rows reach the workers as Arrow batches of one model batch: a batch of 12 MP
-    # photos stays a few hundred MB.
-    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)}
+    # Rows reach the workers as Arrow batches of a few model batches (16 rows with
+    # LiteRT): a batch of 12 MP photos stays below 100 MB of JPEG bytes.
+    rows = arrow_batch_rows(batch_size)
+    settings = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(rows)}
     owned = bc if broadcast is None else None
-    return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids)
+    return FeaturizedFrame(out, n_tasks, settings, owned, counts, builds, pids, requests)
 
 
 def prepare_features_model(params: ModelParams) -> Tuple[ModelSpec, Any, int]:
@@ -321,13 +347,15 @@ def _scan_spelling(uri: str, url_encoded: bool) -> str:
 
 
 def require_input(spark, uri: str) -> None:
-    """Refuse an INPUT that does not exist (for a Hadoop glob such as
-    ``Test/2026/12/{01,02}/``: that matches nothing), with the one message all stage-1
-    commands give."""
-    if any(c in uri for c in "{}[]*?"):
+    """Refuse an INPUT that does not exist, with the one message all stage-1 commands give.
+
+    A path is taken literally first (a folder may be named ``[2026] {a,b}``); only when no
+    such path exists is it tried as a Hadoop glob (``Test/2026/12/{01,02}/``), which must
+    match something.
+    """
+    found = hadoopfs.exists(spark, uri)
+    if not found and any(c in uri for c in "{}[]*?"):
         found = not hadoopfs.bucket_missing(spark, uri) and hadoopfs.glob_matches(spark, uri) > 0
-    else:
-        found = hadoopfs.exists(spark, uri)
     if not found:
         raise UsageError(f"input {uri} does not exist: give a folder of <Class>/<image>.jpg")
 

@@ -5,7 +5,7 @@ Layout of an incremental ``FEATURES`` folder (one table for every reader)::
     FEATURES/
       run=20261201T081858123Z-a1b2c3/part-*.parquet   rows committed by one run
       run=20261202T060000456Z-d4e5f6/part-*.parquet
-      _runs/20261201T081858123Z-a1b2c3.json           what that run did (the manifest)
+      _runs/00000001.json                             what that run did (the manifest)
       _staging/run=.../                               a run being written (or aborted)
 
 Spark (``spark.read.parquet(FEATURES)``), pyarrow/pandas (``pq.read_table``) and
@@ -15,11 +15,14 @@ and ``_staging`` (names starting with ``_``).  Rows written by an incremental ru
 also carry ``length`` and ``modificationTime`` of the image they came from, which
 is how a later run knows that an image was replaced.
 
-Commit protocol of a run (one writer at a time):
+Commit protocol of a run:
 
 1. Spark writes the run's rows to ``_staging/run=ID/`` (its own commit protocol);
-2. ``_runs/ID.json`` is written (hidden temporary file renamed into place, a single
-   PUT on S3): **the commit point**;
+2. ``_runs/<n>.json`` is created, ``n`` one more than the records the run was planned
+   on, only if no other writer created it meanwhile (a hard link locally, a conditional
+   PUT on S3, a rename on HDFS: :mod:`stages.storage.claim`): **the commit point**.  A
+   run that loses the race commits at ``n + 1`` if the winner's photos are not its own,
+   else it is refused with one line and its staging is deleted;
 3. ``_staging/run=ID`` is renamed to ``run=ID`` and the runs it supersedes (rows
    replaced or pruned) are deleted.
 
@@ -41,8 +44,10 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from datetime import datetime
+from typing import Any, Dict, List, Optional, Union
 
+from stages.base.contract import IMAGE_NAME
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
 from stages.base.progress import Progress
@@ -60,6 +65,9 @@ from stages.featurize.frame import (
     write_features,
 )
 from stages.featurize.plan import make_plan, qualified_prefix, status_column
+from stages.featurize.queue import QueueReport, featurize_from_queue
+from stages.storage.fetch import is_object_store, store_settings
+from stages.storage.s3list import RunRequests, listing_of
 from stages.storage.table import (
     FeaturesTable,
     RunRecord,
@@ -99,6 +107,15 @@ class IncrementalReport(RunReport):
     seconds: float
     scan: str = "none"
     superseded: List[str] = field(default_factory=list)
+    # S3 requests by kind (boto3's operations; S3A's statistics as ``s3a.<name>``).
+    requests: Dict[str, int] = field(default_factory=dict)
+
+
+def _iso_ms(text: Optional[str]) -> Optional[int]:
+    """Milliseconds since the epoch of an ISO time (a record's ``committed``)."""
+    if not text:
+        return None
+    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def featurize_incremental(
@@ -107,7 +124,7 @@ def featurize_incremental(
     output_path: str,
     params: Optional[FeaturizeParams] = None,
     **options: Any,
-) -> IncrementalReport:
+) -> Union[IncrementalReport, QueueReport]:
     """Featurize only the images not yet in ``output_path`` (or changed since).
 
     An image is featurized when its path has no row yet, or its size or
@@ -127,7 +144,8 @@ def featurize_incremental(
 
     Returns
     -------
-    IncrementalReport
+    IncrementalReport, or QueueReport with ``queue`` (the photos an SQS queue of S3
+    notifications announces: :mod:`stages.featurize.queue`)
 
     Raises
     ------
@@ -138,6 +156,8 @@ def featurize_incremental(
 
     # Incremental by definition (so `overwrite` is refused, `prune` allowed).
     params = FeaturizeParams.of(params, **{**options, "incremental": True})
+    if params.queue:
+        return featurize_from_queue(spark, input_path, output_path, params, params.queue)
     prune, partitions = params.prune, params.partitions
     if prune and any(c in input_path for c in "{}[]*?"):
         raise UsageError(
@@ -145,12 +165,17 @@ def featurize_incremental(
             "it drops the rows of images no longer under it"
         )
     t0 = time.perf_counter()
+    settings = store_settings(spark) if is_object_store(input_path) else None
+    tally = RunRequests(spark, settings, [input_path, output_path])
     require_input(spark, input_path)
     spec, weight_arrays, batch_size = prepare_features_model(params)
     table = FeaturesTable(spark, output_path).open_for_append(spec)
+    base = table.head()  # before reading the table: the commit checks what came after
     records = table.records()
     live = table.live_runs(records)
-    written_ms = {r["run"]: r.get("written_ms") for r in records}
+    # When each run's rows were written: an image no newer than that is the one they
+    # describe, for rows that record no time (a migrated table's, the queue's).
+    written_ms = {r["run"]: r.get("written_ms") or _iso_ms(r.get("committed")) for r in records}
 
     # Planning reads file metadata only: pack the listing into one task per core
     # (Spark's default 4 MB open cost per file made ~30-file tasks: 2.7 s of tasks
@@ -166,10 +191,17 @@ def featurize_incremental(
             },
         )
     )
-    images = read_images(spark, input_path)
-    meta = images.select("path", "length", "modificationTime")
-    listed_files = images._jdf.inputFiles()
-    n_listed = len(listed_files)
+    if settings is not None:
+        # S3: the executors list (LISTs only, the name rule of every path); the LIST's
+        # sizes and times are the plan's, so an old photo costs no request at all.
+        images = None
+        meta = listing_of(spark, input_path, settings, IMAGE_NAME, tally.acc).cache()
+        n_listed = meta.count()
+    else:
+        images = read_images(spark, input_path)
+        meta = images.select("path", "length", "modificationTime")
+        listed_files = images._jdf.inputFiles()
+        n_listed = len(listed_files)
     if n_listed == 0 and not prune:
         planning.close()
         raise UsageError(
@@ -192,7 +224,7 @@ def featurize_incremental(
         pct = max((r["pct"] for r in summary if r["pct"]), default=None)
         url_encoded = paths_are_url_encoded(spark, pct)
         empties = None
-        if n_listed > n_scanned:  # zero-byte files: the scan drops them, the index lists them
+        if images is not None and n_listed > n_scanned:  # zero-byte files the scan drops
             empties = empty_file_rows(spark, images, listed_files, url_encoded, spec)
             plan.unpersist()
             plan, summary = make_plan(
@@ -219,6 +251,8 @@ def featurize_incremental(
         n_empty_todo = sum(
             int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
         )
+        if settings is not None:
+            n_empty_todo = 0  # S3: a zero-byte object is an error row of the frame itself
         n_read = todo_n - n_empty_todo
         logger.info(
             f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
@@ -229,8 +263,9 @@ def featurize_incremental(
             logger.info(f"featurize: nothing new for {output_path}: no run written")
             seconds = time.perf_counter() - t0
             return IncrementalReport(
-                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds
-            )
+                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds,
+                requests=tally.total(),
+            )  # fmt: skip
         superseded = sorted({r["run"] for r in summary if r["status"] in ("changed", "pruned")})
         todo = plan.where(F.col("status").isin("new", "changed")).select(
             "path", "length", "modificationTime"
@@ -240,7 +275,11 @@ def featurize_incremental(
         scan = "none"
         parts = []
         frame = None
-        if n_read > 0:
+        n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0 and settings is not None:
+            scan = "fetch"  # the workers GET the new photos by name: nothing else is read
+            source = todo.select("path", "length").repartition(n_parts)
+        elif n_read > 0:
             to_read = todo.where(F.col("length") > 0)
             if n_read > _SCAN_ALL_SHARE * max(1, n_scanned):
                 scan = "all"
@@ -254,7 +293,7 @@ def featurize_incremental(
                     spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
                 ):
                     source = spark.read.format("binaryFile").load(names)
-            n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
+        if n_read > 0:
             frame = featurize_frame(
                 spark,
                 source,
@@ -263,6 +302,8 @@ def featurize_incremental(
                 batch_size,
                 url_encoded,
                 partitions=n_parts,
+                fetch=settings,
+                requests=tally.acc,
             )
             parts.append(frame.df.join(F.broadcast(todo), "path"))
         if empties is not None and n_empty_todo:
@@ -271,6 +312,18 @@ def featurize_incremental(
         if superseded:
             dropped = plan.where(F.col("status").isin("changed", "pruned")).select("path")
             carried_df = table.read_runs(superseded, spec).join(dropped, "path", "left_anti")
+            # Rows of a plain featurize output have no size or time; the plan found their
+            # images unchanged, so they take the listing's: else, carried into a run that
+            # records no `written_ms`, every later run would count them as changed.
+            listed = plan.select(
+                "path", F.col("length").alias("_l"), F.col("modificationTime").alias("_m")
+            )
+            carried_df = (
+                carried_df.join(listed, "path", "left")
+                .withColumn("length", F.coalesce("length", "_l"))
+                .withColumn("modificationTime", F.coalesce("modificationTime", "_m"))
+                .drop("_l", "_m")
+            )
             carried = carried_df.count()
             parts.append(carried_df.drop("run"))
         out = parts[0]
@@ -300,11 +353,14 @@ def featurize_incremental(
             errors=int(errors),
             model=spec.to_dict(),
             removes=superseded,
+            requests=tally.total(),  # up to the commit: its own PUT is not in
         )
-        table.commit(record)
+        table.commit(record, base)
     finally:
         planning.close()
         plan.unpersist()
+        if settings is not None:
+            meta.unpersist()
     seconds = time.perf_counter() - t0
     report = IncrementalReport(
         input_path,
@@ -320,6 +376,7 @@ def featurize_incremental(
         seconds,
         scan,
         superseded,
+        tally.total(),
     )
     logger.info(
         f"featurize: committed run {run}: {report.images} images featurized "

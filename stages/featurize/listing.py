@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import List, Tuple
-from urllib.parse import urlparse
 
-from stages.base.s3a import DEFAULT_REGION
+from stages.base.contract import IMAGE_NAME
 
 __all__ = [
     "IMAGE_NAME",
@@ -37,10 +35,8 @@ __all__ = [
     "walk_images",
     "make_view",
     "file_uri",
-    "hidden_object_images",
 ]
 
-IMAGE_NAME = re.compile(r".*\.jpe?g\Z", re.IGNORECASE | re.DOTALL)
 _SHARD = 10_000  # view files per folder: listing stays fast, no folder grows huge
 
 
@@ -144,30 +140,3 @@ def view_index(view_path: str) -> int:
     """The index encoded in a view file's URI (``.../<shard>/<index>.jpg``)."""
     name = view_path.rsplit("/", 1)[-1]
     return int(name[: -len(".jpg")])
-
-
-def hidden_object_images(uri: str) -> List[Tuple[str, int]]:
-    """``(uri, size)`` of the image objects under an ``s3://``/``s3a://`` prefix that
-    Spark's listing skips: those with a ``_`` or ``.`` name, or under such a folder.
-
-    One flat ``ListObjectsV2`` listing with boto3 (its endpoint, region and credentials:
-    the ones :mod:`stages.base.s3a` gives Spark).  Returns [] for other schemes.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme.lower() not in ("s3", "s3a", "s3n"):
-        return []
-    import boto3
-
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    session = boto3.Session()
-    client = session.client("s3", region_name=session.region_name or DEFAULT_REGION)
-    out = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            parts = key[len(prefix) :].split("/")
-            if IMAGE_NAME.match(parts[-1]) and any(p.startswith(("_", ".")) for p in parts):
-                out.append((f"{parsed.scheme}://{bucket}/{key}", int(obj["Size"])))
-    return out

@@ -11,7 +11,7 @@ pipeline's life (the search index and the app take the thumbnail from the featur
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, List, Optional
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 import numpy as np
@@ -19,6 +19,8 @@ import numpy as np
 from stages.base.contract import THUMB_PX, features_schema
 from stages.featurize.engine import get_featurizer
 from stages.featurize.images import DecodeError, decode_image, preprocess, thumbnail_jpeg
+from stages.storage.fetch import ReadError, StoreSettings, path_bytes_batches, requests_made
+from stages.storage.s3list import delta
 
 
 def image_thumbnail(content: Optional[bytes]) -> Optional[bytes]:
@@ -43,6 +45,77 @@ def label_from_path(path: str, url_encoded: bool = False) -> str:
     return unquote(label) if url_encoded else label
 
 
+# Rows per Arrow batch between the JVM and the Python worker, at least: LiteRT's model
+# batches are small (4), and each Arrow batch costs both sides a round of framing.
+ARROW_BATCH_ROWS = 16
+
+
+def arrow_batch_rows(batch_size: int) -> int:
+    """Rows per Arrow batch for model batches of ``batch_size``: whole model batches,
+    at least :data:`ARROW_BATCH_ROWS` (16 photos of 12 MP: ~80 MB of JPEG bytes)."""
+    return batch_size * max(1, -(-ARROW_BATCH_ROWS // batch_size))
+
+
+def string_array(values: Sequence[Optional[str]]):
+    """An Arrow ``string`` array of ``values`` (None: null), built from its buffers.
+
+    ``pa.array`` imports pandas on first use (to test for pandas objects): about a
+    CPU-second per Python worker, for nothing.
+    """
+    import pyarrow as pa
+
+    n = len(values)
+    encoded = [b"" if v is None else v.encode() for v in values]
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, n)
+    nulls = n - int(np.count_nonzero(valid))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    buffers = [bitmap, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+
+
+def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
+    """The ``features`` column: row ``i`` the next row of ``feats`` where ``ok[i]``, else null.
+
+    ``feats`` (float32, one row per true ``ok``) becomes the values buffer as it is:
+    no copy, no Python object per float.
+    """
+    import pyarrow as pa
+
+    n, width = len(ok), (feats.shape[1] if feats.ndim == 2 else 0)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(ok, out=offsets[1:])
+    offsets *= width
+    values = np.ascontiguousarray(feats, dtype=np.float32).reshape(-1)
+    child = pa.Array.from_buffers(pa.float32(), len(values), [None, pa.py_buffer(values)])
+    nulls = n - int(np.count_nonzero(ok))
+    bitmap = pa.py_buffer(np.packbits(ok, bitorder="little")) if nulls else None
+    return pa.Array.from_buffers(
+        list_type, n, [bitmap, pa.py_buffer(offsets)], null_count=nulls, children=[child]
+    )
+
+
+def decode_rows(
+    contents: Sequence[Any], exif_orientation: bool = True, jpeg_draft: int = 0
+) -> Tuple[List[np.ndarray], List[Optional[str]]]:
+    """Decode photos' bytes (or the :class:`ReadError` of one that could not be read):
+    the arrays of those that decode, and each row's error."""
+    errors: List[Optional[str]] = [None] * len(contents)
+    arrays = []
+    for i, content in enumerate(contents):
+        if isinstance(content, ReadError):  # the photo could not be read (fetch)
+            errors[i] = str(content)
+            continue
+        try:
+            arrays.append(
+                decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
+            )
+        except DecodeError as exc:
+            errors[i] = str(exc)
+    return arrays, errors
+
+
 def featurize_partition(
     batches: Iterable[Any],
     broadcast_model,
@@ -58,15 +131,21 @@ def featurize_partition(
     jpeg_draft: int = 0,
     exif_orientation: bool = True,
     to_paths=None,
+    fetch: Optional[StoreSettings] = None,
+    requests=None,
 ) -> Iterator[Any]:
     """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
-    Runs on the executors (``mapInArrow``).  Each output batch holds one model
-    batch's rows, features as one float32 buffer (no Python object per float).  A
-    row that cannot be decoded gets its reason in ``error`` and null features; the
-    model is only built if a row decodes.  ``counts``, a pair of accumulators,
+    Runs on the executors (``mapInArrow``).  Each output batch holds one input
+    batch's rows (the model runs on ``batch_size`` of them at a time), features as
+    one float32 buffer (no Python object per float).  A row that cannot be decoded
+    gets its reason in ``error`` and null features; the model is only built if a
+    row decodes.  ``counts``, a pair of accumulators,
     receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
-    ones written (a local INPUT is scanned through a view of symlinks).
+    ones written (a local INPUT is scanned through a view of symlinks).  With
+    ``fetch``, the batches carry paths only and the worker reads the bytes itself,
+    many requests in flight (:func:`stages.storage.fetch.path_bytes_batches`);
+    ``requests``, an accumulator, then receives the S3 requests it made by kind.
     """
     import pyarrow as pa
     from pyspark import TaskContext
@@ -81,62 +160,56 @@ def featurize_partition(
     featurizer = None
     seen = bad = 0
 
-    def model_batch(paths, contents):
-        nonlocal featurizer, bad
+    def infer(arrays: List[np.ndarray]) -> np.ndarray:
+        """Features of decoded photos, in model batches of ``batch_size``."""
+        nonlocal featurizer
+        if featurizer is None:
+            on_build = (lambda: builds.add(1)) if builds is not None else None
+            featurizer = get_featurizer(
+                broadcast_model, model_key, alpha, threads, on_build, engine
+            )
+            if pids is not None:
+                pids.add({os.getpid()})
+        parts = [
+            featurizer(preprocess(np.stack(arrays[i : i + batch_size])))
+            for i in range(0, len(arrays), batch_size)
+        ]
+        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+
+    def output_batch(paths, contents):
+        nonlocal bad
         labels = [label_from_path(p, url_encoded) for p in paths]
-        errors: List[Optional[str]] = [None] * len(paths)
-        thumbs: List[Optional[bytes]] = [None] * len(paths)
-        arrays = []
-        for i, content in enumerate(contents):
-            try:
-                arrays.append(
-                    decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
-                )
-            except DecodeError as exc:
-                errors[i] = str(exc)
-                continue
-            thumbs[i] = image_thumbnail(content)
+        arrays, errors = decode_rows(contents, exif_orientation, jpeg_draft)
+        # Made here, from the bytes in hand: the photo is read once in the pipeline's life.
+        thumbs = [image_thumbnail(c) if e is None else None for c, e in zip(contents, errors)]
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
-            if featurizer is None:
-                on_build = (lambda: builds.add(1)) if builds is not None else None
-                featurizer = get_featurizer(
-                    broadcast_model, model_key, alpha, threads, on_build, engine
-                )
-                if pids is not None:
-                    pids.add({os.getpid()})
-            feats = np.asarray(featurizer(preprocess(np.stack(arrays))), dtype=np.float32)
+            feats = np.asarray(infer(arrays), dtype=np.float32)
             finite = np.isfinite(feats).all(axis=1)
-            decoded = np.flatnonzero(ok)
-            for i in decoded[~finite]:
-                errors[i] = "model output is not finite"
-            ok[decoded[~finite]] = False
-            feats = feats[finite]
+            if not finite.all():
+                decoded = np.flatnonzero(ok)
+                for i in decoded[~finite]:
+                    errors[i] = "model output is not finite"
+                ok[decoded[~finite]] = False
+                feats = feats[finite]
         else:
             feats = np.zeros((0, 0), np.float32)
         bad += int((~ok).sum())
-        # The model's own width: 1280 up to alpha 1.0, more above (1792 at 1.4).
-        offsets = np.zeros(len(paths) + 1, np.int32)
-        offsets[1:] = np.cumsum(ok) * feats.shape[1]
-        features = pa.ListArray.from_arrays(
-            pa.array(offsets), pa.array(feats.ravel()), type=list_type, mask=pa.array(~ok)
-        )
-        columns = [pa.array(paths, pa.string()), pa.array(labels, pa.string())]
+        columns = [string_array(paths), string_array(labels)]
         thumbs = [t if e is None else None for t, e in zip(thumbs, errors)]
-        columns += [features, pa.array(errors, pa.string()), pa.array(thumbs, pa.binary())]
+        columns += [features_array(feats, ok, list_type), string_array(errors)]
+        columns.append(pa.array(thumbs, pa.binary()))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    for batch in batches:
-        paths = batch.column(0).to_pylist()
-        if to_paths is not None:
-            paths = to_paths(paths)
-        contents = batch.column(1)
+    before = requests_made(fetch) if requests is not None else None
+    # One output batch per input batch (arrow_batch_rows(batch_size) rows): fewer Arrow
+    # batches for the JVM to read than one per model batch.
+    rows = arrow_batch_rows(batch_size)
+    for paths, contents in path_bytes_batches(batches, rows, fetch, to_paths, url_encoded):
         seen += len(paths)
-        for i in range(0, len(paths), batch_size):
-            yield model_batch(
-                paths[i : i + batch_size],
-                [c.as_py() for c in contents[i : i + batch_size]],
-            )
+        yield output_batch(paths, contents)
+    if before is not None:
+        requests.add(delta(before, requests_made(fetch)))
     if counts is not None:
         # Added once the partition is fully written: the write is the job's only
         # stage, whose accumulator updates Spark applies once per partition.

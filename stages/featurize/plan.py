@@ -19,7 +19,9 @@ def qualified_prefix(spark, uri: str) -> str:
 def status_column(written_ms: Dict[str, Optional[int]]):
     """The plan's ``status`` of a (listing full-outer-join old rows) row: ``new``, ``gone``,
     ``changed`` or ``same``.  Rows of runs written before sizes were recorded (no
-    ``old_length``) count as changed when the file is newer than their run."""
+    ``old_length``) count as changed when the file is newer than their run; rows with a
+    size and no time (from ``--queue``, whose events carry no object time) when the size
+    differs or the file is newer than their run."""
     from pyspark.sql import functions as F
 
     written = (
@@ -30,23 +32,27 @@ def status_column(written_ms: Dict[str, Optional[int]]):
         else None
     )
     mtime_ms = (F.unix_micros(F.col("modificationTime")) / 1000).cast("long")
-    legacy_changed = (
-        F.col("old_length").isNull() & (mtime_ms > F.coalesce(written[F.col("run")], F.lit(0)))
+    newer = (
+        mtime_ms > F.coalesce(written[F.col("run")], F.lit(0))
         if written is not None
         else F.lit(False)
     )
+    sized = F.col("old_length").isNotNull()
+    timed = F.col("old_mtime").isNotNull()
     changed_cond = (
         F.col("length").isNotNull()
         & F.col("run").isNotNull()
         & (
             (
-                F.col("old_length").isNotNull()
+                sized
+                & timed
                 & (
                     (F.col("length") != F.col("old_length"))
                     | ~F.col("modificationTime").eqNullSafe(F.col("old_mtime"))
                 )
             )
-            | legacy_changed
+            | (sized & ~timed & ((F.col("length") != F.col("old_length")) | newer))
+            | (~sized & newer)
         )
     )
     status = (

@@ -24,7 +24,7 @@ from linalg.openset import OpenSet, reference_rows
 from linalg.vectors import VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
-from stages.featurize.images import DecodeError, decode_image, preprocess
+from stages.featurize.images import IMAGE_SIZE, DecodeError, decode_image, preprocess
 from stages.reduce.index import FORMAT, MAX_QUERY_PIXELS, local_results, sha256_hex
 from stages.reduce.pca_model import PCAModel
 from stages.storage.layout import ARRAYS, INDEX_DIR, INDEX_META, MODEL_DIR, MODEL_META
@@ -41,12 +41,22 @@ __all__ = [
     "QueryEngine",
     "decode_upload",
     "vote",
+    "DECODE_BYTES",
+    "DECODE_PIXELS",
 ]
 
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 RELOAD_CHECK_S = 1.0  # how often a QueryEngine looks for a new index generation
 _MP = MAX_QUERY_PIXELS // 1_000_000
+# A decode holds the whole image: Pillow keeps RGB and RGBA at 4 bytes a pixel, and a
+# conversion to RGB or an EXIF turn makes one more copy each (a 64 MP RGBA PNG peaked at
+# 726 MiB).  Above DECODE_PIXELS a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT
+# (Pillow's draft), to at most DECODE_PIXELS; any other format is refused (413).
+DECODE_PIXELS = 16_000_000
+DECODE_BYTES_PER_PIXEL = 12
+DECODE_BYTES = DECODE_PIXELS * DECODE_BYTES_PER_PIXEL
+_DRAFTABLE = ("JPEG", "MPO")
 
 
 class BadImage(ValueError):
@@ -79,6 +89,7 @@ def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
+            fmt = img.format
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (expected a JPEG, PNG or another photo format)", 415) from None
     except Image.DecompressionBombError:  # Pillow's own limit, far above ours
@@ -94,18 +105,40 @@ def decode_upload(data: bytes, exif_orientation: bool = False, draft: int = 0) -
             f"the image is {w}x{h} pixels, over the limit of {_MP} MP (a decompression bomb?)",
             413,
         )
+    if w * h > DECODE_PIXELS:
+        draft = _draft_within_budget(w, h, fmt, draft)
     try:
         return decode_image(data, exif_orientation=exif_orientation, draft=draft)
     except DecodeError as exc:
         raise BadImage(f"cannot decode the image: {exc}", 422) from None
 
 
+def _draft_within_budget(w: int, h: int, fmt: Optional[str], draft: int) -> int:
+    """The ``draft`` of :func:`stages.featurize.images.decode_image` that decodes a ``w`` x
+    ``h`` JPEG to at most :data:`DECODE_PIXELS` (the features' own ``draft`` if it reduces
+    more); :class:`BadImage` (413) for a format that cannot be decoded at reduced size."""
+    mp = DECODE_PIXELS // 1_000_000
+    for scale in (2, 4, 8):
+        if -(-w // scale) * -(-h // scale) <= DECODE_PIXELS:
+            break
+    # draft k asks for a decode at least k*224 px a side: Pillow picks the largest scale
+    # that keeps it, so k*224 <= min(w, h) / scale gives that scale or a larger one.
+    k = min(w, h) // scale // IMAGE_SIZE
+    if fmt not in _DRAFTABLE or k < 1 or -(-w // 8) * -(-h // 8) > DECODE_PIXELS:
+        raise BadImage(
+            f"the image is {w}x{h} pixels: a {fmt or 'non-JPEG'} over {mp} MP is decoded whole, "
+            f"over this server's memory budget (a JPEG photo is read at reduced size; send it "
+            f"as a JPEG or at most {mp} MP)",
+            413,
+        )
+    return min(k, draft) if draft > 0 else k
+
+
 # ---------------------------------------------------------------------------- querying
 
 
-def _stamp(path: str) -> Tuple[int, int, int]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
+def _stamp(path: str) -> Tuple[int, ...]:
+    return tuple(getattr(os.stat(path), a) for a in ("st_ino", "st_mtime_ns", "st_size"))
 
 
 class SearchIndex:
@@ -266,17 +299,13 @@ class QueryEngine:
         )
 
     def refresh(self, wait: bool = False) -> bool:
-        """Load a new index generation if ``index.json`` changed (checked at most once
-        every :data:`RELOAD_CHECK_S` unless ``wait``); in a background thread unless
-        ``wait``.  Queries go on with the loaded index meanwhile.  Returns whether a
-        load was started (and, with ``wait``, finished)."""
-        now = time.monotonic()
-        if not wait and now - self._checked < RELOAD_CHECK_S:
+        """Load a new index generation in the background (waited for with ``wait``) if
+        ``index.json`` changed; looked at once a second at most.  Whether a load started."""
+        if not wait and time.monotonic() - self._checked < RELOAD_CHECK_S:
             return False
-        self._checked = now
-        path = os.path.join(local_results(self.results), INDEX_DIR, INDEX_META)
+        self._checked = time.monotonic()
         try:
-            stamp = _stamp(path)
+            stamp = _stamp(os.path.join(local_results(self.results), INDEX_DIR, INDEX_META))
         except OSError:
             return False  # between a rebuild's swap steps: look again later
         with self._lock:

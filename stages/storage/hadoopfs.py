@@ -6,7 +6,7 @@ They work for every URI Spark reads (local paths, ``file:``, ``s3a:``, EMRFS
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 __all__ = [
     "bucket_missing",
@@ -15,6 +15,8 @@ __all__ = [
     "mkdirs",
     "exists",
     "glob_matches",
+    "glob_paths",
+    "request_statistics",
     "has_data",
     "list_dir",
     "list_files",
@@ -48,6 +50,34 @@ def glob_matches(spark, pattern: str) -> int:
     fs, path = _fs_and_path(spark, pattern)
     matches = fs.globStatus(path)
     return 0 if matches is None else len(matches)
+
+
+def glob_paths(spark, pattern: str) -> List[Tuple[str, bool]]:
+    """``(uri, is_dir)`` of the paths the Hadoop glob ``pattern`` matches."""
+    fs, path = _fs_and_path(spark, pattern)
+    matches = fs.globStatus(path)
+    return [(m.getPath().toString(), bool(m.isDirectory())) for m in (matches or [])]
+
+
+def request_statistics(spark, uri: str) -> Dict[str, int]:
+    """The S3 requests this JVM's filesystem of ``uri`` has made so far, by S3A's
+    statistic name (``object_list_request``, ``object_metadata_request`` (HEAD),
+    ``action_http_get_request``, ``object_put_request`` ...); {} for a filesystem
+    that keeps none (local, EMRFS)."""
+    from py4j.protocol import Py4JError
+
+    try:
+        fs, _ = _fs_and_path(spark, uri)
+        stats = fs.getStorageStatistics().getLongStatistics()
+        out = {}
+        while stats.hasNext():
+            s = stats.next()
+            name = s.getName()
+            if name.startswith(("object_", "action_http_")) and s.getValue():
+                out[name] = int(s.getValue())
+        return out
+    except Py4JError:
+        return {}
 
 
 def exists(spark, uri: str) -> bool:

@@ -1,10 +1,17 @@
 """The FEATURES table of a growing bucket: one folder per run, a manifest, atomic commits.
 
-``FEATURES/run=<id>/`` holds a run's rows; ``FEATURES/_runs/<id>.json`` is its record,
+``FEATURES/run=<id>/`` holds a run's rows; ``FEATURES/_runs/<n>.json`` is its record,
 written last (the commit); ``_staging/`` holds a run being written.  A reader takes the
-runs that records name and that no later record removes.  :class:`FeaturesTable` is the
-one place that opens, recovers, migrates and commits this layout (``--incremental``,
-``watch``, ``reduce --update``).
+runs that records name and that no later record removes.
+
+Two writers (two ``--incremental`` runs, or one and ``watch``) never both commit what
+they planned on the same table: record ``n`` is created only if absent, atomically
+(:func:`stages.storage.claim.create_exclusive`), and ``n`` is one more than the records
+the run was planned on.  A run that loses that race commits after the winner when their
+photos do not overlap, and is refused (one line, its staging deleted) when they do.
+Records of older versions are named ``<run id>.json``; they count all the same.
+:class:`FeaturesTable` is the one place that opens, recovers, migrates and commits this
+layout (``--incremental``, ``watch``, ``reduce --update``).
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from stages.base.contract import features_schema, footer_model_spec, model_identity
 from stages.base.errors import UsageError
 from stages.storage import hadoopfs
+from stages.storage.claim import create_exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +61,11 @@ def incremental_schema(spec=None):
 
 @dataclass
 class RunRecord:
-    """A run's manifest record (``_runs/<run>.json``), written last: the commit.
+    """A run's manifest record (``_runs/<n>.json``), created last: the commit.
 
     ``kind`` is ``featurize`` (``--incremental``: with ``changed``, ``pruned`` and
-    ``carried``) or ``watch`` (a micro-batch: with its ``query`` and ``batch``);
+    ``carried``), ``watch`` (a micro-batch: with its ``query`` and ``batch``) or
+    ``queue`` (photos announced by an SQS ``queue``);
     ``removes`` names the runs this one supersedes.  ``committed`` is set by
     :meth:`FeaturesTable.commit`.
     """
@@ -75,14 +84,18 @@ class RunRecord:
     carried: Optional[int] = None
     query: Optional[str] = None
     batch: Optional[int] = None
+    queue: Optional[str] = None  # the SQS queue of a ``queue`` run
     committed: Optional[str] = None
+    # S3 requests by kind, up to the commit (its own PUT is not in).
+    requests: Optional[Dict[str, int]] = None
 
-    _ORDER = ("run", "kind", "input", "query", "batch", "started", "committed", "rows", "new")
-    _ORDER_END = ("changed", "pruned", "carried", "errors", "model", "removes")
+    _ORDER = ("run", "kind", "input", "queue", "query", "batch", "started", "committed", "rows")
+    _ORDER_MID = ("new",)
+    _ORDER_END = ("changed", "pruned", "carried", "errors", "model", "removes", "requests")
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object of the record (fields that do not apply left out)."""
-        values = {k: getattr(self, k) for k in self._ORDER + self._ORDER_END}
+        values = {k: getattr(self, k) for k in self._ORDER + self._ORDER_MID + self._ORDER_END}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -110,18 +123,41 @@ class FeaturesTable:
         """Where run ``run``'s rows are written before the commit."""
         return f"{self.uri}/{STAGING_DIR}/{RUN_PREFIX}{run}"
 
-    def record_uri(self, run: str) -> str:
-        """The manifest record of run ``run``."""
-        return f"{self.uri}/{RUNS_DIR}/{run}.json"
+    def record_uri(self, position: int) -> str:
+        """The manifest record of the ``position``-th commit (1, 2, ...)."""
+        return f"{self.uri}/{RUNS_DIR}/{position:08d}.json"
+
+    def _record_names(self) -> List[str]:
+        return [
+            name
+            for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}")
+            if not is_dir and name.endswith(".json") and not name.startswith(".")
+        ]
+
+    def head(self) -> int:
+        """How many runs are committed: what a run planned now is based on (one LIST)."""
+        return len(self._record_names())
+
+    def _read_records(self, names: List[str]) -> List[Dict[str, Any]]:
+        out = [
+            json.loads(hadoopfs.read_text(self.spark, f"{self.uri}/{RUNS_DIR}/{name}"))
+            for name in names
+        ]
+        return sorted(out, key=lambda r: r["run"])
 
     def records(self) -> List[Dict[str, Any]]:
         """The committed runs' records, oldest first."""
-        out = []
-        for name, is_dir, _, _ in hadoopfs.list_dir(self.spark, f"{self.uri}/{RUNS_DIR}"):
-            if not is_dir and name.endswith(".json") and not name.startswith("."):
-                text = hadoopfs.read_text(self.spark, f"{self.uri}/{RUNS_DIR}/{name}")
-                out.append(json.loads(text))
-        return sorted(out, key=lambda r: r["run"])
+        return self._read_records(self._record_names())
+
+    def records_after(self, base: int) -> Tuple[int, List[Dict[str, Any]]]:
+        """The position of the last record, and the records committed after the first
+        ``base`` ones."""
+        after = {
+            int(n[: -len(".json")]): n
+            for n in self._record_names()
+            if n[: -len(".json")].isdigit() and int(n[: -len(".json")]) > base
+        }
+        return max(after, default=base), self._read_records(list(after.values()))
 
     def live_runs(self, records: Optional[List[Dict[str, Any]]] = None) -> List[str]:
         """Runs whose rows are part of the table: committed and not superseded."""
@@ -154,16 +190,57 @@ class FeaturesTable:
 
     # ---------------------------------------------------------------- commit
 
-    def commit(self, record: Union[RunRecord, Dict[str, Any]]) -> None:
-        """Steps 2 and 3 of the protocol for a run whose rows are in staging."""
+    def commit(self, record: Union[RunRecord, Dict[str, Any]], base: Optional[int] = None) -> int:
+        """Steps 2 and 3 of the protocol for a run whose rows are in staging; ``base`` is
+        :meth:`head` before the run read the table (now, if not given).  Returns the
+        position of the record (the writer's next ``base``); raises :class:`UsageError`
+        when another writer committed some of the same photos since: nothing is kept."""
         if isinstance(record, RunRecord):
             if record.committed is None:
                 record.committed = now_iso()
             record = record.to_dict()
-        hadoopfs.write_text_atomic(
-            self.spark, self.record_uri(record["run"]), json.dumps(record, indent=2)
-        )
-        self._finish(record)
+        base = self.head() if base is None else base
+        staged = self.staging_uri(record["run"])
+        if record.get("kind") != "migrate" and not hadoopfs.exists(self.spark, staged):
+            # Another writer's recover() took it for the leftover of a killed run.
+            raise UsageError(
+                f"another run on {self.uri} deleted this run's rows before they were "
+                "committed (two writers at once): nothing of this run was kept; run again"
+            )
+        text = json.dumps(record, indent=2)
+        for _ in range(100):  # each turn, another writer committed: bounded by writers
+            if create_exclusive(self.spark, self.record_uri(base + 1), text):
+                self._finish(record)
+                return base + 1
+            last, newer = self.records_after(base)
+            if self._overlaps(record, newer):
+                hadoopfs.delete(self.spark, self.staging_uri(record["run"]))
+                others = ", ".join(r["run"] for r in newer)
+                raise UsageError(
+                    f"another run committed to {self.uri} while this one was running (run "
+                    f"{others}), with some of the same photos: nothing of this run was kept; "
+                    "run again to featurize what is still missing (one writer at a time)"
+                )
+            base = last  # those are checked: try the next position
+        raise OSError(f"could not commit to {self.uri}: it keeps changing")
+
+    def _overlaps(self, record: Dict[str, Any], newer: List[Dict[str, Any]]) -> bool:
+        """Whether runs committed since a run was planned touch what it writes."""
+        if record.get("kind") == "migrate" or any(r.get("kind") == "migrate" for r in newer):
+            return True
+        if set(record.get("removes", [])) & {x for r in newer for x in r.get("removes", [])}:
+            return True
+        theirs = []
+        for r in newer:  # their rows may still be in staging: the winner is finishing
+            for uri in (self.run_uri(r["run"]), self.staging_uri(r["run"])):
+                if hadoopfs.exists(self.spark, uri):
+                    theirs.append(uri)
+                    break
+        if not theirs or not hadoopfs.exists(self.spark, self.staging_uri(record["run"])):
+            return False
+        ours = self.spark.read.parquet(self.staging_uri(record["run"])).select("path")
+        other = self.spark.read.option("basePath", self.uri).parquet(*theirs).select("path")
+        return bool(ours.join(other, "path", "left_semi").limit(1).count())
 
     def _finish(self, record: Dict[str, Any]) -> None:
         run = record["run"]
@@ -254,7 +331,7 @@ class FeaturesTable:
             "kind": "migrate",
             "started": now_iso(),
             "committed": now_iso(),
-            "rows": int(self.spark.read.parquet(*files).count()),
+            "rows": self._count_flat(files),
             "files": names,
             "written_ms": max(stamps.get(n, 0) for n in names),
             "model": self.model(),
@@ -264,6 +341,17 @@ class FeaturesTable:
         hadoopfs.delete(self.spark, f"{self.uri}/_SUCCESS")
         logger.info(f"featurize: {len(files)} files of a plain featurize moved into run {run}")
         return run
+
+    def _count_flat(self, files: List[str]) -> int:
+        try:
+            return int(self.spark.read.parquet(*files).count())
+        except Exception:
+            if all(hadoopfs.exists(self.spark, f) for f in files):
+                raise
+            raise UsageError(
+                f"another run moved the files of {self.uri} into its first run while this one "
+                "was reading them (two writers at once): run again once it has finished"
+            ) from None
 
     # ---------------------------------------------------------------- reading
 

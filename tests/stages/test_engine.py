@@ -94,7 +94,7 @@ def test_litert_featurizer_is_batch_independent():
 def test_conversion_is_cached_by_weights_alpha_and_converter(
     tflite_cache, monkeypatch, fresh_prepared, caplog
 ):
-    caplog.set_level(logging.INFO, logger="stages.featurize.engine")
+    caplog.set_level(logging.INFO, logger="stages.featurize")
     spec, data = engine.prepare_model("random:5", 0.35, "litert")
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert spec.engine == "litert" and len(lines) == 1 and "converting" in lines[0]

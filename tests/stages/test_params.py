@@ -39,6 +39,7 @@ def _valid(cls) -> st.SearchStrategy:
         "checkpoint": st.none() | st.just("s3://b/ck"),
         "results": st.none() | st.just("s3://b/Results"),
         "stop_after": st.none() | st.floats(0.5, 1e5),
+        "queue": st.none() | st.just("https://sqs.eu-west-3.amazonaws.com/123456789012/q"),
     }
     fields = {}
     for f, opt in cls.options():

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from stages.base.errors import UsageError
+from stages.base.session import C1_ONLY, _jit
 from tests.conftest import ROOT
 
 
@@ -49,3 +51,19 @@ def test_local_defaults(spark):
     # 4g (not Spark's 1g) unless FRUITS_DRIVER_MEMORY says otherwise for this run.
     assert conf.get("spark.driver.memory") == os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
     assert conf.get("spark.python.worker.reuse") == "true"
+    # The JVM we start compiles with C1 only (unless FRUITS_JVM_JIT=full for this run),
+    # and the JVM itself took the flag.
+    c1 = os.environ.get("FRUITS_JVM_JIT", "c1") == "c1"
+    assert (C1_ONLY in conf.get("spark.driver.extraJavaOptions")) == c1
+    args = spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    assert (C1_ONLY in list(args.getInputArguments())) == c1
+
+
+def test_jvm_jit_setting(monkeypatch):
+    monkeypatch.delenv("FRUITS_JVM_JIT", raising=False)
+    assert _jit() == "c1"
+    monkeypatch.setenv("FRUITS_JVM_JIT", " Full ")
+    assert _jit() == "full"
+    monkeypatch.setenv("FRUITS_JVM_JIT", "c2")
+    with pytest.raises(UsageError, match="FRUITS_JVM_JIT='c2': use c1 or full"):
+        _jit()

@@ -1,0 +1,123 @@
+"""``serve`` under hostile clients: slow bodies never hold the model or the decoders, and a
+body that is too slow is refused with 408."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import SAMPLE
+
+pytestmark = pytest.mark.slow
+
+SLOW_CLIENTS = 20  # more than the 16 requests the app once read and answered at once
+
+
+def _start(app):
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the server did not start in 30 s"
+        time.sleep(0.05)
+    return srv, thread, sock
+
+
+@pytest.fixture(scope="module")
+def server(sample_engine):
+    from stages.search.serve import create_app
+
+    srv, thread, sock = _start(create_app(engine=sample_engine))
+    yield sock.getsockname()
+    srv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+def _slow_client(addr, length: int = 100_000) -> socket.socket:
+    """A connection that sent the headers of a multipart upload and no body yet."""
+    s = socket.create_connection(addr, timeout=30)
+    s.sendall(
+        (
+            "POST /api/similar HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {length}\r\n\r\n--b\r\n"
+        ).encode()
+    )
+    return s
+
+
+def _post(addr, payload: bytes, timeout: float):
+    return httpx.post(
+        f"http://{addr[0]}:{addr[1]}/api/similar",
+        files={"image": ("p.jpg", payload)},
+        timeout=timeout,
+        trust_env=False,
+    )
+
+
+def test_slow_clients_do_not_hold_the_app(server):
+    """20 clients trickling one byte a second; a good upload is still answered at once
+    (the client's 10 s timeout is ten times what it takes here: before, it waited for them)."""
+    slow = [_slow_client(server) for _ in range(SLOW_CLIENTS)]
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for s in slow:
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.5)  # every slow client is inside the app
+        photo = (SAMPLE / "Kiwi" / "4_100.jpg").read_bytes()
+        for _ in range(3):
+            r = _post(server, photo, timeout=10)
+            assert r.status_code == 200, r.text
+            assert r.json()["vote"]["label"] == "Kiwi"
+    finally:
+        stop.set()
+        thread.join(10)
+        for s in slow:
+            s.close()
+
+
+def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
+    from stages.search.serve import create_app
+
+    app = create_app(engine=sample_engine, body_seconds=3.0, idle_seconds=1.0)
+    srv, thread, sock = _start(app)
+    addr = sock.getsockname()
+    try:
+        stalled = _slow_client(addr)  # sends nothing more: the idle limit
+        trickling = _slow_client(addr)  # a byte every 0.5 s: the body limit
+        for _ in range(20):
+            time.sleep(0.5)
+            try:
+                trickling.sendall(b"x")
+            except OSError:
+                break
+        for s, why in ((stalled, "no byte for 1 s"), (trickling, "within 3 s")):
+            answer = s.recv(65536).decode()
+            assert answer.startswith("HTTP/1.1 408 "), answer
+            assert why in answer, answer
+            s.close()
+        photo = (SAMPLE / "Kiwi" / "4_100.jpg").read_bytes()
+        assert _post(addr, photo, timeout=30).status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
