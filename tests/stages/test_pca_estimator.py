@@ -215,9 +215,7 @@ def _frame(spark, X: np.ndarray, errors=(), partitions: int = 3, spec=None):
         (f"file:/x/C{i % 3}/{i}.jpg", f"C{i % 3}", [float(v) for v in x], None, None)
         for i, x in enumerate(X.astype(np.float32))
     ]
-    rows += [
-        (f"file:/x/bad/{i}.jpg", "bad", None, reason, None) for i, reason in enumerate(errors)
-    ]
+    rows += [(f"file:/x/bad/{i}.jpg", "bad", None, reason, None) for i, reason in enumerate(errors)]
     return spark.createDataFrame(rows, schema).repartition(partitions)
 
 
