@@ -75,6 +75,21 @@ def string_array(values: Sequence[Optional[str]]):
     return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
 
 
+def binary_array(values: Sequence[Optional[bytes]]):
+    """An Arrow ``binary`` array of ``values`` (None: null), built from its buffers as
+    :func:`string_array` (no pandas)."""
+    import pyarrow as pa
+
+    n = len(values)
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum([0 if v is None else len(v) for v in values], out=offsets[1:])
+    valid = np.fromiter((v is not None for v in values), bool, n)
+    nulls = n - int(np.count_nonzero(valid))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    data = pa.py_buffer(b"".join(v for v in values if v is not None))
+    return pa.Array.from_buffers(pa.binary(), n, [bitmap, pa.py_buffer(offsets), data], nulls)
+
+
 def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
     """The ``features`` column: row ``i`` the next row of ``feats`` where ``ok[i]``, else null.
 
@@ -198,7 +213,7 @@ def featurize_partition(
         columns = [string_array(paths), string_array(labels)]
         thumbs = [t if e is None else None for t, e in zip(thumbs, errors)]
         columns += [features_array(feats, ok, list_type), string_array(errors)]
-        columns.append(pa.array(thumbs, pa.binary()))
+        columns.append(binary_array(thumbs))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
     before = requests_made(fetch) if requests is not None else None
