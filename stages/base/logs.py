@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Optional
 
-__all__ = ["configure_logging", "console_level", "PROJECT_LOGGERS"]
+__all__ = ["configure_logging", "console_level", "console_shows", "PROJECT_LOGGERS"]
 
 # The top-level packages whose records are ours (their levels are set here; others
 # keep the root's).
@@ -79,6 +79,17 @@ def _is_ours(name: str) -> bool:
 
 # The handlers installed by the last call, removed by the next one.
 _installed: list = []
+
+
+def console_shows(level: int) -> bool:
+    """Whether the console installed by :func:`configure_logging` shows records of
+    ``level`` (True when none is installed: a library use, its own handlers decide).
+
+    The project's loggers are at DEBUG whenever a log file is written, so their level
+    does not say what ``--quiet`` hides; the console handler's does.
+    """
+    consoles = [h for h in _installed if isinstance(h, _ConsoleHandler)]
+    return not consoles or any(h.level <= level for h in consoles)
 
 
 def console_level(verbosity: int, debug: bool = False) -> int:

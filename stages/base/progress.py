@@ -19,6 +19,8 @@ import time
 import uuid
 from typing import Optional, TextIO, Tuple
 
+from stages.base.logs import console_shows
+
 __all__ = ["Progress", "progress_line"]
 
 POLL_S = 0.5
@@ -91,6 +93,8 @@ class Progress:
         self._t0 = 0.0
         self._last_line = ""
         self.shown = logging.getLogger("stages").getEffectiveLevel() <= logging.INFO
+        if stream is None:  # on the console: shown as the console shows INFO (not --quiet)
+            self.shown = self.shown and console_shows(logging.INFO)
 
     def _out(self) -> TextIO:
         return self.stream if self.stream is not None else sys.stderr

@@ -199,3 +199,13 @@ def test_debug_shows_the_traces_and_vv_shows_py4j(capsys):
     configure_logging(2)
     _failing_call(logging.getLogger("py4j.clientserver"), "An error occurred in the callback")
     assert "An error occurred in the callback" in capsys.readouterr().err
+
+
+def test_console_shows_follows_the_console_not_the_project_loggers(tmp_path):
+    # A log file puts the project's loggers at DEBUG: what --quiet hides is the console's.
+    assert logs.console_shows(logging.INFO)  # nothing installed: a library use
+    configure_logging(-1, str(tmp_path / "run.log"))
+    assert logging.getLogger("stages").getEffectiveLevel() <= logging.INFO
+    assert not logs.console_shows(logging.INFO) and logs.console_shows(logging.WARNING)
+    configure_logging(0, str(tmp_path / "run.log"))
+    assert logs.console_shows(logging.INFO)
