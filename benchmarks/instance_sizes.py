@@ -155,18 +155,10 @@ def plan_row(cfg: Config, images: int, rate: float, args) -> Dict[str, Any]:
     }
 
 
-def hms(seconds: float) -> str:
-    """``1h02m`` / ``12m30s`` / ``45s``."""
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
-
-
 def time_cost(r: Dict[str, Any]) -> str:
     """A plan's cell: ``1h02m $3.45``."""
+    from cluster.costs import hms
+
     return f"{hms(r['total_s'])} ${r['usd']:.2f}"
 
 
