@@ -19,10 +19,12 @@ from stages.storage.fetch import (
     store_settings,
 )
 from tests import s3_fixtures
-from tests.s3_fixtures import BUCKET, REGION
+from tests.s3_fixtures import REGION
 
 moto_s3_endpoint = s3_fixtures.moto_s3_endpoint
 moto_s3_client = s3_fixtures.moto_s3_client
+# Its own bucket: the moto server lives for the session, and test_s3a creates s3_fixtures.BUCKET.
+BUCKET = "fetch-tests"
 
 # Spaces, '+', '%', non-ASCII, '?' and '#': each is spelled differently in a URL.
 ODD_KEYS = [

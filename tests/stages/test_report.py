@@ -352,6 +352,8 @@ def test_report_lists_error_rows_from_features(results_dir, sample_features, tmp
             "label": ["Kiwi", "Banana"],
             "features": [None, None],
             "error": ["cannot decode image: OSError: truncated", "empty file (0 bytes)"],
+            # FEATURES carry each row's thumbnail; an error row has none.
+            **({"thumb": [None, None]} if "thumb" in schema.names else {}),
         },
         schema=schema,
     )
