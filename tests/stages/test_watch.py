@@ -27,11 +27,18 @@ FILES = sorted(SAMPLE.glob("*/*.jpg"))
 
 
 def _land(files, dest: Path) -> None:
-    """Copy images in as an uploader would: written aside, then renamed into place."""
+    """Copy images in as an uploader would: written aside, then renamed into place.
+
+    Each file is complete when it appears, so it is dated a minute back: watch sets aside
+    what was modified in the last SETTLE_SECONDS (a file maybe still being written; tested
+    in test_watch_stops.py), and these tests are about batches, kills and restarts, whose
+    timing must not depend on how long the JVM took to start."""
     for f in files:
         (dest / f.parent.name).mkdir(parents=True, exist_ok=True)
         tmp = dest / f.parent.name / f".{f.name}.part"
         shutil.copyfile(f, tmp)
+        past = time.time() - 60
+        os.utime(tmp, (past, past))
         tmp.rename(dest / f.parent.name / f.name)
 
 
