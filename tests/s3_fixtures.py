@@ -35,6 +35,11 @@ __all__ = [
 ]
 
 BUCKET = "bucket"
+# Why an S3A test skips where `make install` did not run (it installs these jars).
+S3A_JARS_MISSING = (
+    "Hadoop S3A jars not found (hadoop-aws-3.3.1.jar, aws-java-sdk-bundle-1.11.901.jar "
+    "from `pip install --no-deps sagemaker_pyspark==1.4.5`, which `make install` runs)"
+)
 REGION = "eu-west-3"
 _CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -121,10 +126,7 @@ def moto_s3_client(moto_s3_endpoint):
 def s3a_spark(spark, moto_s3_endpoint) -> Iterator[object]:
     """The session's SparkSession with S3A pointed at the moto server."""
     if not s3a_jars():
-        pytest.skip(
-            "Hadoop S3A jars not found (hadoop-aws-3.3.1.jar, aws-java-sdk-bundle-1.11.901.jar "
-            "from `pip install --no-deps sagemaker_pyspark==1.4.5`)"
-        )
+        pytest.skip(S3A_JARS_MISSING)
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     settings = dict(S3A_SETTINGS, **{"fs.s3a.endpoint": os.environ["AWS_ENDPOINT_URL"]})
     saved = {k: hconf.get(k) for k in settings}

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from stages.base.errors import EXIT_FAILED, EXIT_USAGE, explain
+from tests import s3_fixtures
 from tests.conftest import SAMPLE, copy_images, s3a_jars
 
 
@@ -109,7 +110,7 @@ class _S3Error(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def s3_error_server(spark):
     if not s3a_jars():
-        pytest.skip("no S3A connector jars")
+        pytest.skip(s3_fixtures.S3A_JARS_MISSING)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _S3Error)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()

@@ -39,7 +39,7 @@ def proxy(moto_s3_endpoint) -> Iterator[LatencyProxy]:
 def counted_spark(spark, proxy, moto_s3_client):
     """The session's SparkSession with S3A pointed at the proxy (and the driver's boto3)."""
     if not s3a_jars():
-        pytest.skip("Hadoop S3A jars not found")
+        pytest.skip(s3_fixtures.S3A_JARS_MISSING)
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     settings = dict(S3A_SETTINGS, **{"fs.s3a.endpoint": proxy.endpoint})
     saved = {k: hconf.get(k) for k in settings}
