@@ -155,6 +155,22 @@ def baseline_pass(
         t_read += b - a
         t_decode += c - b
         t_infer += d - c
+    return _pass_result(len(files), t0, cpu0, sys0, t_read, t_decode, t_infer)
+
+
+def _pass_result(
+    images: int,
+    t0: float,
+    cpu0: float,
+    sys0,
+    read_s: float = float("nan"),
+    decode_s: float = float("nan"),
+    infer_s: float = float("nan"),
+) -> Dict[str, Any]:
+    """One baseline pass's figures since ``t0``/``cpu0``/``sys0`` (the machine's CPU times):
+    wall and CPU seconds, the share of the CPU other processes used meanwhile, img/s."""
+    import psutil
+
     total = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     sys1 = psutil.cpu_times()
@@ -163,11 +179,11 @@ def baseline_pass(
         "seconds": total,
         "cpu_s": cpu,
         "others_share": max(0.0, busy - cpu) / (total * (os.cpu_count() or 1)),
-        "images": len(files),
-        "img_s": len(files) / total,
-        "read_s": t_read,
-        "decode_preprocess_s": t_decode,
-        "infer_s": t_infer,
+        "images": images,
+        "img_s": images / total,
+        "read_s": read_s,
+        "decode_preprocess_s": decode_s,
+        "infer_s": infer_s,
     }
 
 
@@ -195,20 +211,7 @@ def limit_pass(limit, files: Sequence[str]) -> Dict[str, float]:
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     limit.featurize_files(files)
-    total = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    sys1 = psutil.cpu_times()
-    busy = (sum(sys1) - sum(sys0)) - (sys1.idle - sys0.idle) - (sys1.iowait - sys0.iowait)
-    return {
-        "seconds": total,
-        "cpu_s": cpu,
-        "others_share": max(0.0, busy - cpu) / (total * (os.cpu_count() or 1)),
-        "images": len(files),
-        "img_s": len(files) / total,
-        "read_s": float("nan"),
-        "decode_preprocess_s": float("nan"),
-        "infer_s": float("nan"),
-    }
+    return _pass_result(len(files), t0, cpu0, sys0)
 
 
 def baseline_model(engine: str, alpha: float, threads: int) -> Dict[str, Any]:
