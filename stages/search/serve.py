@@ -151,6 +151,13 @@ class _ByteBudget:
         self.used = 0
         self._freed = asyncio.Condition()
 
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` bytes if there is room now, without waiting (and without yielding)."""
+        if self.used == 0 or self.used + n <= self.limit:
+            self.used += n
+            return True
+        return False
+
     async def take(self, n: int) -> None:
         async with self._freed:
             # One body alone may always proceed: the limit is at least one MAX_BODY.
@@ -211,11 +218,18 @@ async def _read_body(
             return bytes(body)
         if len(body) + len(chunk) > MAX_BODY:
             raise BadImage("the upload is over the limit of 10 MB", 413)
-        try:
-            left = deadline - asyncio.get_running_loop().time()
-            await asyncio.wait_for(budget.take(len(chunk)), timeout=max(0.0, left))
-        except asyncio.TimeoutError:
-            raise BadImage("the server is busy: send the photo again in a moment", 503) from None
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            # The chunk came in as the time ran out: the client was late, the server was not
+            # busy (a wait_for with no time left would time out even with room to spare).
+            raise _TooSlow(f"the upload did not arrive within {body_seconds:g} s")
+        if not budget.try_take(len(chunk)):
+            try:
+                await asyncio.wait_for(budget.take(len(chunk)), timeout=left)
+            except asyncio.TimeoutError:
+                raise BadImage(
+                    "the server is busy: send the photo again in a moment", 503
+                ) from None
         held[0] += len(chunk)
         body += chunk
 

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from stages.search.upload import BadImage
 from tests.conftest import SAMPLE
 
 pytestmark = pytest.mark.slow
@@ -121,3 +122,54 @@ def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
         srv.should_exit = True
         thread.join(30)
         sock.close()
+
+
+class _LateStream:
+    """A request whose only chunk is handed over just after the body's deadline."""
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+
+    def __init__(self, late_by: float) -> None:
+        self.late_by = late_by
+
+    async def stream(self):
+        # Blocking on purpose: the chunk is ready when the event loop next looks, after the
+        # deadline, as when a loaded machine runs the loop late.
+        time.sleep(self.late_by)
+        yield b"--b\r\n"
+
+
+def test_a_chunk_that_arrives_at_the_deadline_is_a_408_not_a_busy_server():
+    """The race behind a 503 seen in CI: the last byte of a trickling client came in as its
+    3 s ran out, and the budget's wait was given no time at all, although it had room."""
+    import asyncio
+
+    from stages.search.serve import MAX_BODIES_BYTES, _ByteBudget, _read_body, _TooSlow
+
+    budget = _ByteBudget(MAX_BODIES_BYTES)
+    held = [0]
+    with pytest.raises(_TooSlow, match="did not arrive within 0.2 s") as caught:
+        asyncio.run(_read_body(_LateStream(0.3), budget, held, 0.2, 5.0))
+    assert caught.value.status == 408
+    assert held == [0] and budget.used == 0
+
+
+class _OneChunk(_LateStream):
+    def __init__(self) -> None:
+        super().__init__(0.0)
+
+
+def test_a_body_with_no_room_in_time_is_a_busy_server():
+    """When other bodies hold the whole budget until this one's time is up: 503, and the
+    budget is as it was."""
+    import asyncio
+
+    from stages.search.serve import _ByteBudget, _read_body
+
+    budget = _ByteBudget(100)
+    budget.used = 100  # the other requests' bytes
+    held = [0]
+    with pytest.raises(BadImage, match="busy") as caught:
+        asyncio.run(_read_body(_OneChunk(), budget, held, 0.3, 5.0))
+    assert caught.value.status == 503
+    assert held == [0] and budget.used == 100
