@@ -7,7 +7,7 @@ CLI := $(VENV)/bin/fruits-pipeline
 DEMO_OUT ?= demo-output
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-explore lint bench clean
 
 # uv (from PyPI, into the venv) installs the same pinned set as pip in under half the time
 # (README, "Set-up time"); plain pip if anything in the uv path fails.  uv ignores the upper
@@ -45,6 +45,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The hypothesis properties with new random draws each run (`make test`
+# draws the same ones every time).
+test-explore: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -m "not slow and not cluster and not jvm and not tensorflow"
 
 # While editing: no JVM, no TensorFlow, no extra processes (kernels, parameters, packing,
 # EMR spec and guard, report pieces). The whole suite is `make test` (CI).

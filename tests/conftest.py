@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Tuple
 
 import pytest
+from hypothesis import settings
+
+# `make test` (and CI) draws the same examples on every run, so a red run is reproducible
+# and never a new draw's luck; `make test-explore` draws new ones to hunt for bugs.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample" / "fruits360"
