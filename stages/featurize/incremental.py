@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Union
 
-from stages.base.contract import IMAGE_NAME
 from stages.base.errors import UsageError
 from stages.base.params import FeaturizeParams
 from stages.base.progress import Progress
@@ -55,19 +54,23 @@ from stages.base.sparkutil import session_conf
 from stages.featurize.frame import (
     RunReport,
     choose_partitions,
-    empty_file_rows,
     escape_glob,
     featurize_frame,
-    paths_are_url_encoded,
     prepare_features_model,
-    read_images,
     require_input,
     write_features,
 )
-from stages.featurize.plan import make_plan, qualified_prefix, status_column
+from stages.featurize.plan import (
+    Listing,
+    Plan,
+    list_input,
+    plan_run,
+    qualified_prefix,
+    status_column,
+)
 from stages.featurize.queue import QueueReport, featurize_from_queue
-from stages.storage.fetch import is_object_store, store_settings
-from stages.storage.s3list import RunRequests, listing_of
+from stages.storage.fetch import StoreSettings, is_object_store, store_settings
+from stages.storage.s3list import RunRequests
 from stages.storage.table import (
     FeaturesTable,
     RunRecord,
@@ -152,235 +155,227 @@ def featurize_incremental(
     UsageError
         Missing input, features of another model, a glob input with ``prune``.
     """
-    from pyspark.sql import functions as F
-
     # Incremental by definition (so `overwrite` is refused, `prune` allowed).
     params = FeaturizeParams.of(params, **{**options, "incremental": True})
     if params.queue:
         return featurize_from_queue(spark, input_path, output_path, params, params.queue)
-    prune, partitions = params.prune, params.partitions
-    if prune and any(c in input_path for c in "{}[]*?"):
+    if params.prune and any(c in input_path for c in "{}[]*?"):
         raise UsageError(
             f"--prune needs a plain INPUT folder, not the glob {input_path}: "
             "it drops the rows of images no longer under it"
         )
-    t0 = time.perf_counter()
-    settings = store_settings(spark) if is_object_store(input_path) else None
-    tally = RunRequests(spark, settings, [input_path, output_path])
-    require_input(spark, input_path)
-    spec, weight_arrays, batch_size = prepare_features_model(params)
-    table = FeaturesTable(spark, output_path).open_for_append(spec)
-    base = table.head()  # before reading the table: the commit checks what came after
-    records = table.records()
-    live = table.live_runs(records)
-    # When each run's rows were written: an image no newer than that is the one they
-    # describe, for rows that record no time (a migrated table's, the queue's).
-    written_ms = {r["run"]: r.get("written_ms") or _iso_ms(r.get("committed")) for r in records}
+    run = _Run.start(spark, input_path, output_path, params)
+    with ExitStack() as cleanup:
+        with session_conf(spark, _planning_conf(spark)):
+            listing = list_input(spark, input_path, run.settings, run.tally.acc)
+            cleanup.callback(listing.release)
+            if listing.count == 0 and not params.prune:
+                raise UsageError(
+                    f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+                )
+            plan = run.plan(listing)
+            cleanup.callback(plan.release)
+        logger.info(
+            f"featurize: {listing.count} images under {input_path}: {plan.new} new, "
+            f"{plan.changed} changed, {listing.count - plan.todo_n} already featurized"
+            + (f", {plan.pruned} rows to prune" if params.prune else "")
+        )
+        if plan.todo_n == 0 and plan.pruned == 0:
+            logger.info(f"featurize: nothing new for {output_path}: no run written")
+            return run.report(None, listing, plan)
+        report = run.write_and_commit(listing, plan)
+    logger.info(
+        f"featurize: committed run {report.run}: {report.images} images featurized "
+        f"({report.errors} errors), {report.pruned} pruned, {report.carried} rows carried "
+        f"over, in {report.seconds:.1f} s"
+    )
+    return report
 
+
+def _planning_conf(spark) -> Dict[str, str]:
     # Planning reads file metadata only: pack the listing into one task per core
     # (Spark's default 4 MB open cost per file made ~30-file tasks: 2.7 s of tasks
     # for 1100 files here), and let the plan's join shuffle into few partitions.
-    planning = ExitStack()
-    planning.enter_context(
-        session_conf(
-            spark,
-            {
-                "spark.sql.files.openCostInBytes": "1",
-                "spark.sql.files.maxPartitionBytes": str(2**40),
-                "spark.sql.shuffle.partitions": str(spark.sparkContext.defaultParallelism),
-            },
+    return {
+        "spark.sql.files.openCostInBytes": "1",
+        "spark.sql.files.maxPartitionBytes": str(2**40),
+        "spark.sql.shuffle.partitions": str(spark.sparkContext.defaultParallelism),
+    }
+
+
+@dataclass
+class _Run:
+    """One ``--incremental`` run: what it reads, with which model, into which table."""
+
+    spark: Any
+    input_path: str
+    output_path: str
+    params: FeaturizeParams
+    settings: Optional[StoreSettings]
+    tally: RunRequests
+    spec: Any
+    payload: Any
+    batch_size: int
+    table: FeaturesTable
+    base: Any
+    records: List[Dict[str, Any]]
+    t0: float
+
+    @classmethod
+    def start(cls, spark, input_path: str, output_path: str, params: FeaturizeParams) -> _Run:
+        t0 = time.perf_counter()
+        settings = store_settings(spark) if is_object_store(input_path) else None
+        tally = RunRequests(spark, settings, [input_path, output_path])
+        require_input(spark, input_path)
+        spec, payload, batch_size = prepare_features_model(params)
+        table = FeaturesTable(spark, output_path).open_for_append(spec)
+        base = table.head()  # before reading the table: the commit checks what came after
+        return cls(
+            spark, input_path, output_path, params, settings, tally, spec, payload,
+            batch_size, table, base, table.records(), t0,
+        )  # fmt: skip
+
+    def plan(self, listing: Listing) -> Plan:
+        """The plan against the table's live rows (metadata only)."""
+        from pyspark.sql import functions as F
+
+        live = self.table.live_runs(self.records)
+        # When each run's rows were written: an image no newer than that is the one they
+        # describe, for rows that record no time (a migrated table's, the queue's).
+        written_ms = {
+            r["run"]: r.get("written_ms") or _iso_ms(r.get("committed")) for r in self.records
+        }
+        old = self.table.read_runs(live, self.spec).select(
+            "path",
+            F.col("length").alias("old_length"),
+            F.col("modificationTime").alias("old_mtime"),
+            "run",
         )
-    )
-    if settings is not None:
-        # S3: the executors list (LISTs only, the name rule of every path); the LIST's
-        # sizes and times are the plan's, so an old photo costs no request at all.
-        images = None
-        meta = listing_of(spark, input_path, settings, IMAGE_NAME, tally.acc).cache()
-        n_listed = meta.count()
-    else:
-        images = read_images(spark, input_path)
-        meta = images.select("path", "length", "modificationTime")
-        listed_files = images._jdf.inputFiles()
-        n_listed = len(listed_files)
-    if n_listed == 0 and not prune:
-        planning.close()
-        raise UsageError(
-            f"no .jpg/.jpeg images under {input_path}: expected <Class>/<image>.jpg files"
+        prefix = qualified_prefix(self.spark, self.input_path) if self.params.prune else None
+        status = status_column(written_ms)
+        return plan_run(self.spark, listing, old, status, self.params.prune, prefix, self.spec)
+
+    def report(
+        self, run_id: Optional[str], listing: Listing, plan: Plan, **done: Any
+    ) -> IncrementalReport:
+        return IncrementalReport(
+            self.input_path,
+            self.output_path,
+            run_id,
+            listing.count,
+            plan.new if run_id else 0,
+            plan.changed if run_id else 0,
+            plan.pruned if run_id else 0,
+            done.get("carried", 0),
+            done.get("images", 0),
+            done.get("errors", 0),
+            time.perf_counter() - self.t0,
+            done.get("scan", "none"),
+            plan.superseded if run_id else [],
+            self.tally.total(),
         )
 
-    # The plan, computed by Spark from metadata only (no image bytes are read).
-    old = table.read_runs(live, spec).select(
-        "path",
-        F.col("length").alias("old_length"),
-        F.col("modificationTime").alias("old_mtime"),
-        "run",
-    )
-    status = status_column(written_ms)
-    prefix = qualified_prefix(spark, input_path) if prune else None
+    def _source(self, listing: Listing, plan: Plan, todo, n_parts: int):
+        """How the photos to featurize are read: ``(scan, DataFrame)``."""
+        from pyspark.sql import functions as F
 
-    plan, summary = make_plan(meta, old, status, prune, prefix)
-    try:
-        n_scanned = sum(int(r["count"]) for r in summary if r["status"] not in ("gone", "pruned"))
-        pct = max((r["pct"] for r in summary if r["pct"]), default=None)
-        url_encoded = paths_are_url_encoded(spark, pct)
-        empties = None
-        if images is not None and n_listed > n_scanned:  # zero-byte files the scan drops
-            empties = empty_file_rows(spark, images, listed_files, url_encoded, spec)
-            plan.unpersist()
-            plan, summary = make_plan(
-                meta.unionByName(
-                    empties.select(
-                        "path",
-                        F.lit(0).cast("long").alias("length"),
-                        F.lit(None).cast("timestamp").alias("modificationTime"),
-                    )
-                ),
-                old,
-                status,
-                prune,
-                prefix,
+        if self.settings is not None:
+            # The workers GET the new photos by name: nothing else is read.
+            return "fetch", todo.select("path", "length").repartition(n_parts)
+        to_read = todo.where(F.col("length") > 0)
+        if plan.read_n > _SCAN_ALL_SHARE * max(1, plan.scanned):
+            return "all", listing.images.join(
+                F.broadcast(to_read.select("path")), "path", "left_semi"
             )
-        planning.close()
-        summary = [r for r in summary if r["status"] in ("new", "changed", "pruned")]
-        counts: Dict[str, int] = {}
-        for r in summary:
-            counts[r["status"]] = counts.get(r["status"], 0) + int(r["count"])
-        n_new, n_changed = counts.get("new", 0), counts.get("changed", 0)
-        n_pruned = counts.get("pruned", 0)
-        todo_n = n_new + n_changed
-        n_empty_todo = sum(
-            int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"]
+        names = [escape_glob(r[0]) for r in to_read.select("path").collect()]
+        # Spark lists many named files with one task per file: a few tasks do.
+        tasks = str(max(2, 2 * self.spark.sparkContext.defaultParallelism))
+        with session_conf(
+            self.spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
+        ):
+            return "by-name", self.spark.read.format("binaryFile").load(names)
+
+    def _carried(self, plan: Plan):
+        """The rows of the superseded runs that stay (their photos unchanged)."""
+        from pyspark.sql import functions as F
+
+        dropped = plan.frame.where(F.col("status").isin("changed", "pruned")).select("path")
+        carried = self.table.read_runs(plan.superseded, self.spec).join(
+            dropped, "path", "left_anti"
         )
-        if settings is not None:
-            n_empty_todo = 0  # S3: a zero-byte object is an error row of the frame itself
-        n_read = todo_n - n_empty_todo
-        logger.info(
-            f"featurize: {n_listed} images under {input_path}: {n_new} new, {n_changed} changed, "
-            f"{n_listed - todo_n} already featurized"
-            + (f", {n_pruned} rows to prune" if prune else "")
+        # Rows of a plain featurize output have no size or time; the plan found their
+        # images unchanged, so they take the listing's: else, carried into a run that
+        # records no `written_ms`, every later run would count them as changed.
+        listed = plan.frame.select(
+            "path", F.col("length").alias("_l"), F.col("modificationTime").alias("_m")
         )
-        if todo_n == 0 and n_pruned == 0:
-            logger.info(f"featurize: nothing new for {output_path}: no run written")
-            seconds = time.perf_counter() - t0
-            return IncrementalReport(
-                input_path, output_path, None, n_listed, 0, 0, 0, 0, 0, 0, seconds,
-                requests=tally.total(),
-            )  # fmt: skip
-        superseded = sorted({r["run"] for r in summary if r["status"] in ("changed", "pruned")})
-        todo = plan.where(F.col("status").isin("new", "changed")).select(
-            "path", "length", "modificationTime"
+        return (
+            carried.join(listed, "path", "left")
+            .withColumn("length", F.coalesce("length", "_l"))
+            .withColumn("modificationTime", F.coalesce("modificationTime", "_m"))
+            .drop("_l", "_m", "run")
         )
-        run = new_run_id()
-        started = now_iso()
-        scan = "none"
-        parts = []
-        frame = None
-        n_parts = choose_partitions(n_read, spark.sparkContext.defaultParallelism, partitions)
-        if n_read > 0 and settings is not None:
-            scan = "fetch"  # the workers GET the new photos by name: nothing else is read
-            source = todo.select("path", "length").repartition(n_parts)
-        elif n_read > 0:
-            to_read = todo.where(F.col("length") > 0)
-            if n_read > _SCAN_ALL_SHARE * max(1, n_scanned):
-                scan = "all"
-                source = images.join(F.broadcast(to_read.select("path")), "path", "left_semi")
-            else:
-                scan = "by-name"
-                names = [escape_glob(r[0]) for r in to_read.select("path").collect()]
-                # Spark lists many named files with one task per file: a few tasks do.
-                tasks = str(max(2, 2 * spark.sparkContext.defaultParallelism))
-                with session_conf(
-                    spark, {"spark.sql.sources.parallelPartitionDiscovery.parallelism": tasks}
-                ):
-                    source = spark.read.format("binaryFile").load(names)
-        if n_read > 0:
+
+    def write_and_commit(self, listing: Listing, plan: Plan) -> IncrementalReport:
+        """Featurize the plan's photos, write them with the carried rows to the staging
+        folder, and commit the run (:meth:`FeaturesTable.commit`, checked against
+        ``base``)."""
+        from pyspark.sql import functions as F
+
+        spark, todo = self.spark, plan.todo()
+        run_id, started = new_run_id(), now_iso()
+        scan, parts, frame, carried = "none", [], None, 0
+        if plan.read_n > 0:
+            n_parts = choose_partitions(
+                plan.read_n, spark.sparkContext.defaultParallelism, self.params.partitions
+            )
+            scan, source = self._source(listing, plan, todo, n_parts)
             frame = featurize_frame(
-                spark,
-                source,
-                spec,
-                weight_arrays,
-                batch_size,
-                url_encoded,
-                partitions=n_parts,
-                fetch=settings,
-                requests=tally.acc,
-            )
+                spark, source, self.spec, self.payload, self.batch_size, plan.url_encoded,
+                partitions=n_parts, fetch=self.settings, requests=self.tally.acc,
+            )  # fmt: skip
             parts.append(frame.df.join(F.broadcast(todo), "path"))
-        if empties is not None and n_empty_todo:
-            parts.append(empties.join(F.broadcast(todo.where(F.col("length") == 0)), "path"))
-        carried = 0
-        if superseded:
-            dropped = plan.where(F.col("status").isin("changed", "pruned")).select("path")
-            carried_df = table.read_runs(superseded, spec).join(dropped, "path", "left_anti")
-            # Rows of a plain featurize output have no size or time; the plan found their
-            # images unchanged, so they take the listing's: else, carried into a run that
-            # records no `written_ms`, every later run would count them as changed.
-            listed = plan.select(
-                "path", F.col("length").alias("_l"), F.col("modificationTime").alias("_m")
-            )
-            carried_df = (
-                carried_df.join(listed, "path", "left")
-                .withColumn("length", F.coalesce("length", "_l"))
-                .withColumn("modificationTime", F.coalesce("modificationTime", "_m"))
-                .drop("_l", "_m")
-            )
+        if plan.empties is not None and plan.empty_todo:
+            zero = F.broadcast(todo.where(F.col("length") == 0))
+            parts.append(plan.empties.join(zero, "path"))
+        if plan.superseded:
+            carried_df = self._carried(plan)
             carried = carried_df.count()
-            parts.append(carried_df.drop("run"))
+            parts.append(carried_df)
         out = parts[0]
         for p in parts[1:]:
             out = out.unionByName(p)
-        schema = incremental_schema(spec)
+        schema = incremental_schema(self.spec)
         out = out.select(*[F.col(f.name).alias(f.name, metadata=f.metadata) for f in schema])
-        staged = table.staging_uri(run)
-        logger.info(f"featurize: run {run}: featurizing {todo_n} images ({scan} scan)")
-        with Progress(spark, "featurize", todo_n, "images"):
-            write_features(spark, out, staged, frame.settings if frame is not None else None)
-        images_done = (frame.images if frame is not None else 0) + n_empty_todo
-        errors = (frame.errors if frame is not None else 0) + n_empty_todo
-        written_rows = images_done + carried
+        logger.info(f"featurize: run {run_id}: featurizing {plan.todo_n} images ({scan} scan)")
+        with Progress(spark, "featurize", plan.todo_n, "images"):
+            write_features(
+                spark,
+                out,
+                self.table.staging_uri(run_id),
+                frame.settings if frame is not None else None,
+            )
+        images = (frame.images if frame is not None else 0) + plan.empty_todo
+        errors = (frame.errors if frame is not None else 0) + plan.empty_todo
         if frame is not None:
             frame.release()
         record = RunRecord(
-            run=run,
+            run=run_id,
             kind="featurize",
-            input=input_path,
+            input=self.input_path,
             started=started,
-            rows=int(written_rows),
-            new=n_new,
-            changed=n_changed,
-            pruned=n_pruned,
+            rows=int(images + carried),
+            new=plan.new,
+            changed=plan.changed,
+            pruned=plan.pruned,
             carried=int(carried),
             errors=int(errors),
-            model=spec.to_dict(),
-            removes=superseded,
-            requests=tally.total(),  # up to the commit: its own PUT is not in
+            model=self.spec.to_dict(),
+            removes=plan.superseded,
+            requests=self.tally.total(),  # up to the commit: its own PUT is not in
         )
-        table.commit(record, base)
-    finally:
-        planning.close()
-        plan.unpersist()
-        if settings is not None:
-            meta.unpersist()
-    seconds = time.perf_counter() - t0
-    report = IncrementalReport(
-        input_path,
-        output_path,
-        run,
-        n_listed,
-        n_new,
-        n_changed,
-        n_pruned,
-        int(carried),
-        int(images_done),
-        int(errors),
-        seconds,
-        scan,
-        superseded,
-        tally.total(),
-    )
-    logger.info(
-        f"featurize: committed run {run}: {report.images} images featurized "
-        f"({report.errors} errors), {report.pruned} pruned, {report.carried} rows carried over, "
-        f"in {seconds:.1f} s"
-    )
-    return report
+        self.table.commit(record, self.base)
+        return self.report(
+            run_id, listing, plan, carried=int(carried), images=int(images),
+            errors=int(errors), scan=scan,
+        )  # fmt: skip

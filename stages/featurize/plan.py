@@ -7,9 +7,15 @@ No image bytes are read to make it.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
+from stages.base.contract import IMAGE_NAME
+from stages.featurize.frame import empty_file_rows, paths_are_url_encoded, read_images
+from stages.featurize.model import ModelSpec
 from stages.storage import hadoopfs
+from stages.storage.fetch import StoreSettings
+from stages.storage.s3list import listing_of
 
 
 def qualified_prefix(spark, uri: str) -> str:
@@ -92,3 +98,123 @@ def make_plan(listing, old, status, prune: bool, prefix: Optional[str]):
         .collect()
     )
     return plan, summary
+
+
+@dataclass
+class Listing:
+    """What INPUT holds, from metadata only: ``meta`` (path, length, modificationTime) and
+    how many files.  Local disks and HDFS: ``images`` is the ``binaryFile`` frame (read
+    later for the photos to featurize) and ``files`` what its file index listed.  S3:
+    the executors' LISTs (cached), and the photos are fetched by name."""
+
+    meta: Any
+    count: int
+    images: Any = None
+    files: Any = None
+
+    def release(self) -> None:
+        if self.images is None:
+            self.meta.unpersist()
+
+
+def list_input(spark, input_path: str, settings: Optional[StoreSettings], acc) -> Listing:
+    """The :class:`Listing` of ``input_path`` (``settings``: an object store's, else
+    ``None``; ``acc``: the accumulator of the run's S3 requests)."""
+    if settings is not None:
+        # The LIST's sizes and times are the plan's: an old photo costs no request at all.
+        meta = listing_of(spark, input_path, settings, IMAGE_NAME, acc).cache()
+        return Listing(meta, meta.count())
+    images = read_images(spark, input_path)
+    files = images._jdf.inputFiles()  # a JVM array: it stays there (empty_file_rows)
+    return Listing(images.select("path", "length", "modificationTime"), len(files), images, files)
+
+
+@dataclass
+class Plan:
+    """A run's plan: ``frame`` (cached: every listed or old path and its ``status``), the
+    counts by status, and the zero-byte files' error rows (``empties``, local disks only:
+    the scan drops them)."""
+
+    frame: Any
+    summary: List[Any]
+    scanned: int
+    url_encoded: bool
+    empties: Any = None
+    counts: Dict[str, int] = field(default_factory=dict)
+    empty_todo: int = 0
+
+    @property
+    def new(self) -> int:
+        return self.counts.get("new", 0)
+
+    @property
+    def changed(self) -> int:
+        return self.counts.get("changed", 0)
+
+    @property
+    def pruned(self) -> int:
+        return self.counts.get("pruned", 0)
+
+    @property
+    def todo_n(self) -> int:
+        """Rows to write for photos: the new and the changed ones."""
+        return self.new + self.changed
+
+    @property
+    def read_n(self) -> int:
+        """Photos to read (the zero-byte ones are error rows without a read)."""
+        return self.todo_n - self.empty_todo
+
+    @property
+    def superseded(self) -> List[str]:
+        """The runs holding rows this run replaces or prunes."""
+        return sorted({r["run"] for r in self.summary if r["status"] in ("changed", "pruned")})
+
+    def todo(self):
+        """The photos to featurize: path, length, modificationTime."""
+        from pyspark.sql import functions as F
+
+        return self.frame.where(F.col("status").isin("new", "changed")).select(
+            "path", "length", "modificationTime"
+        )
+
+    def release(self) -> None:
+        self.frame.unpersist()
+
+
+def plan_run(
+    spark,
+    listing: Listing,
+    old,
+    status,
+    prune: bool,
+    prefix: Optional[str],
+    spec: ModelSpec,
+) -> Plan:
+    """:func:`make_plan` on ``listing`` and the ``old`` rows, with the zero-byte files a
+    local scan drops planned as error rows; the counts of what is to do."""
+    from pyspark.sql import functions as F
+
+    frame, summary = make_plan(listing.meta, old, status, prune, prefix)
+    scanned = sum(int(r["count"]) for r in summary if r["status"] not in ("gone", "pruned"))
+    pct = max((r["pct"] for r in summary if r["pct"]), default=None)
+    url_encoded = paths_are_url_encoded(spark, pct)
+    empties = None
+    if listing.images is not None and listing.count > scanned:
+        empties = empty_file_rows(spark, listing.images, listing.files, url_encoded, spec)
+        frame.unpersist()
+        zero = empties.select(
+            "path",
+            F.lit(0).cast("long").alias("length"),
+            F.lit(None).cast("timestamp").alias("modificationTime"),
+        )
+        frame, summary = make_plan(listing.meta.unionByName(zero), old, status, prune, prefix)
+    summary = [r for r in summary if r["status"] in ("new", "changed", "pruned")]
+    counts: Dict[str, int] = {}
+    for r in summary:
+        counts[r["status"]] = counts.get(r["status"], 0) + int(r["count"])
+    # S3: a zero-byte object is an error row of the frame itself.
+    empty_todo = 0
+    if listing.images is not None:
+        empty_todo = sum(int(r["count"]) for r in summary if r["status"] != "pruned" and r["empty"])
+    return Plan(frame, summary, scanned, url_encoded, empties, counts, empty_todo)
