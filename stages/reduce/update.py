@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
@@ -91,7 +91,6 @@ def update_reduce(
         No saved model or statistics, bad arguments, features of another model.
     """
     params = ReduceParams.of(params, **{**options, "update": True})  # refuses `overwrite`
-    k, variance, check = params.k, params.variance, params.check
     results = results.rstrip("/")
     tmp = f"{results}/_update"
     if hadoopfs.exists(spark, f"{tmp}/_READY"):
@@ -102,34 +101,13 @@ def update_reduce(
         summary = reduce_full(spark, features, results, params)
         summary["update"] = {"mode": "full", "reason": "no RESULTS yet", "new_files": None}
         return summary
-    if not hadoopfs.exists(spark, Results(results).model):
-        raise UsageError(
-            f"{results} holds no pca_model: run `fruits-pipeline reduce {features} {results}` first"
-        )
-    if not hadoopfs.exists(spark, features):
-        raise UsageError(f"features {features} do not exist")
-    model = PCAModel.load(results, spark)
-    if model.moments is None or "files" not in model.statistics:
-        raise UsageError(
-            f"the model in {results} kept no statistics (made by an older version): "
-            "run `fruits-pipeline reduce --overwrite` once"
-        )
-    covered = set(model.statistics["files"])
-    if hadoopfs.exists(spark, features.rstrip("/") + "/_runs"):
-        table = FeaturesTable(spark, features)
-        table.recover()
-        # A plain featurize's files moved, unchanged, into the first run: same rows.
-        for rec in table.records():
-            if rec.get("kind") == "migrate":
-                for name in rec["files"]:
-                    if name in covered:
-                        covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
-    stats = model.statistics
+    model = _saved_model(spark, features, results)
     requested = (
-        stats.get("requested") or {"k": model.n_components_, "variance": None}
-        if k is None and variance is None
-        else {"k": k, "variance": variance}
+        model.statistics.get("requested") or {"k": model.n_components_, "variance": None}
+        if params.k is None and params.variance is None
+        else {"k": params.k, "variance": params.variance}
     )
+    covered = _covered_files(spark, features, model)  # after a recovery: list the files then
     uris = feature_file_keys(spark, features)
     gone = sorted(covered - set(uris))
     new = sorted(set(uris) - covered)
@@ -137,7 +115,6 @@ def update_reduce(
         hadoopfs.delete(spark, tmp)  # an update that died before it was complete
     t0 = time.perf_counter()
     info_update: Dict[str, Any] = {"new_files": len(new), "gone_files": len(gone)}
-
     if gone:
         reason = (
             f"{len(gone)} feature files the model covered are gone (rows replaced or pruned): "
@@ -145,10 +122,10 @@ def update_reduce(
         )
         logger.info(f"reduce --update: {reason}")
         summary = reduce_full(
-            spark, features, tmp, ReduceParams(check=check, **requested), index=False
+            spark, features, tmp, ReduceParams(check=params.check, **requested), index=False
         )
         info_update.update({"mode": "full", "reason": reason})
-    elif not new and requested == stats.get("requested"):
+    elif not new and requested == model.statistics.get("requested"):
         logger.info(
             "reduce --update: no feature file added since the model was fitted: "
             f"{results} is current"
@@ -158,71 +135,9 @@ def update_reduce(
         summary["update"] = info_update
         return summary
     else:
-        new_uris = [uris[n] for n in new]
-        d = model.pca_fit.n_features
-        added = None
-        new_rows = new_errors = 0
-        if new_uris:
-            matrix, info, handle = read_feature_matrix(
-                spark, features, files=new_uris, persist=False, allow_empty=True
-            )
-            if model_identity(info["features_model"]) != model_identity(model.features_model):
-                raise UsageError(
-                    f"the rows added to {features} were made by another model than "
-                    f"the one in {results}: featurize them with the same --weights"
-                )
-            new_rows = int(info["rows_total"])
-            if matrix is not None:
-                try:
-                    added = matrix.compute_moments(d)
-                    lengths = sorted(info["lengths"].value | {info["n_features"]})
-                finally:
-                    handle.unpersist(False)
-                if lengths != [d]:
-                    raise UsageError(
-                        f"the rows added to {features} have vectors of lengths "
-                        f"{', '.join(map(str, lengths))}, the model {d}: featurize them again"
-                    )
-            new_errors = new_rows - (added.n if added is not None else 0)
-        merged = model.moments if added is None else merge_moments(model.moments, added)
-        t_stats = time.perf_counter()
-        logger.info(
-            f"reduce --update: {len(new)} new feature files, {new_rows} rows "
-            f"({new_errors} errors) merged into the statistics of {model.pca_fit.n_samples} rows"
+        summary = _merge_and_refit(
+            spark, features, results, tmp, model, uris, new, requested, params.check, t0
         )
-        error_rows = int(stats.get("error_rows", 0)) + new_errors
-        new_model = PCA(**requested).fit_moments(
-            merged,
-            model.features_model,
-            statistics={
-                "files": sorted(uris),
-                "rows_total": merged.n + error_rows,
-                "error_rows": error_rows,
-                "requested": requested,
-            },
-        )
-        fit = new_model.pca_fit
-        t_fit = time.perf_counter()
-        # Every row again, with the new model: a plain lazy read (the folder was listed,
-        # and the new rows checked, above; the old ones when the model was fitted).
-        matrix, handle = feature_rows(spark.read.parquet(features), d)
-        try:
-            with new_model.project_matrix(matrix) as projected:
-                write_projections(spark, projected, Results(tmp).projections)
-        finally:
-            handle.unpersist(False)
-        new_model.save(Results(tmp).model, spark)
-        t_write = time.perf_counter()
-        cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
-        logger.info(
-            f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance"
-        )
-        summary = fit_summary(
-            features, results, new_model, merged.n, error_rows, requested,
-            (t0, t_stats, t_fit, t_write),
-        )  # fmt: skip
-        if check == "spark-ml":
-            summary["spark_ml_check"] = spark_ml_check(spark, features, tmp, new_model)
         info_update["mode"] = "merge"
     info_update["seconds"] = time.perf_counter() - t0
     summary["results"] = results
@@ -238,6 +153,127 @@ def update_reduce(
         f"reduce --update: wrote {results} in {info_update['seconds']:.1f} s "
         f"({info_update['mode']})"
     )
+    return summary
+
+
+def _saved_model(spark, features: str, results: str) -> PCAModel:
+    """The model in ``results``, with the statistics an update merges into."""
+    if not hadoopfs.exists(spark, Results(results).model):
+        raise UsageError(
+            f"{results} holds no pca_model: run `fruits-pipeline reduce {features} {results}` first"
+        )
+    if not hadoopfs.exists(spark, features):
+        raise UsageError(f"features {features} do not exist")
+    model = PCAModel.load(results, spark)
+    if model.moments is None or "files" not in model.statistics:
+        raise UsageError(
+            f"the model in {results} kept no statistics (made by an older version): "
+            "run `fruits-pipeline reduce --overwrite` once"
+        )
+    return model
+
+
+def _covered_files(spark, features: str, model: PCAModel) -> Set[str]:
+    """The feature files the model's statistics cover, as they are named now."""
+    covered = set(model.statistics["files"])
+    if hadoopfs.exists(spark, features.rstrip("/") + "/_runs"):
+        table = FeaturesTable(spark, features)
+        table.recover()
+        # A plain featurize's files moved, unchanged, into the first run: same rows.
+        for rec in table.records():
+            if rec.get("kind") == "migrate":
+                for name in rec["files"]:
+                    if name in covered:
+                        covered = (covered - {name}) | {f"{RUN_PREFIX}{rec['run']}/{name}"}
+    return covered
+
+
+def _added_moments(spark, features: str, results: str, new_uris: List[str], model: PCAModel):
+    """The moments of the rows in ``new_uris`` (``None`` when none is usable), how many
+    rows they hold and how many of those are error rows."""
+    if not new_uris:
+        return None, 0, 0
+    d = model.pca_fit.n_features
+    matrix, info, handle = read_feature_matrix(
+        spark, features, files=new_uris, persist=False, allow_empty=True
+    )
+    if model_identity(info["features_model"]) != model_identity(model.features_model):
+        raise UsageError(
+            f"the rows added to {features} were made by another model than "
+            f"the one in {results}: featurize them with the same --weights"
+        )
+    rows = int(info["rows_total"])
+    if matrix is None:
+        return None, rows, rows
+    try:
+        added = matrix.compute_moments(d)
+        lengths = sorted(info["lengths"].value | {info["n_features"]})
+    finally:
+        handle.unpersist(False)
+    if lengths != [d]:
+        raise UsageError(
+            f"the rows added to {features} have vectors of lengths "
+            f"{', '.join(map(str, lengths))}, the model {d}: featurize them again"
+        )
+    return added, rows, rows - added.n
+
+
+def _merge_and_refit(
+    spark,
+    features: str,
+    results: str,
+    tmp: str,
+    model: PCAModel,
+    uris: Dict[str, str],
+    new: List[str],
+    requested: Dict[str, Any],
+    check: Optional[str],
+    t0: float,
+) -> Dict[str, Any]:
+    """Merge the new files' moments into the model's, refit, project every row into
+    ``tmp``; the summary of the new model."""
+    added, new_rows, new_errors = _added_moments(
+        spark, features, results, [uris[n] for n in new], model
+    )
+    merged = model.moments if added is None else merge_moments(model.moments, added)
+    t_stats = time.perf_counter()
+    logger.info(
+        f"reduce --update: {len(new)} new feature files, {new_rows} rows "
+        f"({new_errors} errors) merged into the statistics of {model.pca_fit.n_samples} rows"
+    )
+    error_rows = int(model.statistics.get("error_rows", 0)) + new_errors
+    new_model = PCA(**requested).fit_moments(
+        merged,
+        model.features_model,
+        statistics={
+            "files": sorted(uris),
+            "rows_total": merged.n + error_rows,
+            "error_rows": error_rows,
+            "requested": requested,
+        },
+    )
+    fit = new_model.pca_fit
+    t_fit = time.perf_counter()
+    # Every row again, with the new model: a plain lazy read (the folder was listed,
+    # and the new rows checked, above; the old ones when the model was fitted).
+    matrix, handle = feature_rows(spark.read.parquet(features), model.pca_fit.n_features)
+    try:
+        with new_model.project_matrix(matrix) as projected:
+            write_projections(spark, projected, Results(tmp).projections)
+    finally:
+        handle.unpersist(False)
+    new_model.save(Results(tmp).model, spark)
+    t_write = time.perf_counter()
+    cum = float(np.sum(fit.explained_variance_ratio[: fit.n_components]))
+    logger.info(
+        f"reduce --update: k={fit.n_components} components explain {cum:.1%} of the variance"
+    )
+    summary = fit_summary(
+        features, results, new_model, merged.n, error_rows, requested,
+        (t0, t_stats, t_fit, t_write),
+    )  # fmt: skip
+    if check == "spark-ml":
+        summary["spark_ml_check"] = spark_ml_check(spark, features, tmp, new_model)
     return summary
 
 
