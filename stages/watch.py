@@ -295,29 +295,12 @@ def watch(
     """
 
     opts = WatchParams.of(params, **options)
-    if opts.queue:
-        check_queue_input(input_path)
-        # The queue announces what lands under INPUT: it may hold nothing yet.
-        if hadoopfs.bucket_missing(spark, input_path):
-            raise UsageError(f"the bucket of input {input_path} does not exist")
-    else:
-        require_input(spark, input_path)
+    _require_input(spark, input_path, opts.queue)
     spec, weights, batch_size = prepare_features_model(opts)
     opts = dataclasses.replace(opts, batch_size=batch_size)
     table = FeaturesTable(spark, features).open_for_append(spec)
-    model = None
-    if opts.results:
-        if not hadoopfs.exists(spark, Results(opts.results).model):
-            raise UsageError(
-                f"--results {opts.results} holds no pca_model: run `fruits-pipeline reduce` first"
-            )
-        model = PCAModel.load(opts.results, spark)
-        if model_identity(model.features_model) != model_identity(spec.to_dict()):
-            raise UsageError(
-                f"the PCA model in {opts.results} was fitted on features of another model "
-                f"({model.features_model.get('weights_source')}): give the same --weights"
-            )
-
+    model = _saved_model(spark, opts.results, spec) if opts.results else None
+    if model is not None:
         project_pending(spark, table, model, opts.results)
     if opts.queue:
         # New photos from the bucket's notifications: no listing, no checkpoint (the
@@ -330,25 +313,9 @@ def watch(
     if is_object_store(input_path):
         return watch_by_listing(spark, input_path, features, opts, model)
     checkpoint = opts.checkpoint or table.uri + "/_watch_checkpoint"
-
     sink = _Sink(spark, input_path, table, spec, weights, opts, model)
-    schema = "path string, modificationTime timestamp, length long, content binary"
-    reader = (
-        spark.readStream.format("binaryFile")
-        .schema(schema)
-        .option("pathGlobFilter", IMAGE_GLOB)
-        .option("recursiveFileLookup", "true")
-    )
-    if opts.max_files_per_trigger:
-        reader = reader.option("maxFilesPerTrigger", opts.max_files_per_trigger)
-    writer = reader.load(input_path).writeStream.foreachBatch(sink)
-    writer = writer.option("checkpointLocation", checkpoint).queryName("fruits-pipeline-watch")
-    if opts.available_now:
-        writer = writer.trigger(availableNow=True)
-    else:
-        writer = writer.trigger(processingTime=f"{opts.trigger_seconds} seconds")
     sink.pending_uri = checkpoint.rstrip("/") + "/" + PENDING_FILE
-    query = writer.start()
+    query = _start_stream(spark, input_path, sink, opts, checkpoint)
     sink.query_id = str(query.id)
     sink.done = {
         int(r["batch"])
@@ -380,3 +347,48 @@ def watch(
         "pending": len(sink.pending),
         **{k: v for k, v in sink.totals.items()},
     }
+
+
+def _require_input(spark, input_path: str, queue: Optional[str]) -> None:
+    if queue:
+        check_queue_input(input_path)
+        # The queue announces what lands under INPUT: it may hold nothing yet.
+        if hadoopfs.bucket_missing(spark, input_path):
+            raise UsageError(f"the bucket of input {input_path} does not exist")
+    else:
+        require_input(spark, input_path)
+
+
+def _saved_model(spark, results: str, spec) -> PCAModel:
+    """The PCA model of ``--results``, checked to be fitted on features of ``spec``."""
+    if not hadoopfs.exists(spark, Results(results).model):
+        raise UsageError(
+            f"--results {results} holds no pca_model: run `fruits-pipeline reduce` first"
+        )
+    model = PCAModel.load(results, spark)
+    if model_identity(model.features_model) != model_identity(spec.to_dict()):
+        raise UsageError(
+            f"the PCA model in {results} was fitted on features of another model "
+            f"({model.features_model.get('weights_source')}): give the same --weights"
+        )
+    return model
+
+
+def _start_stream(spark, input_path: str, sink, opts: WatchParams, checkpoint: str):
+    """Spark's ``binaryFile`` file stream over ``input_path`` into ``sink``, started."""
+    schema = "path string, modificationTime timestamp, length long, content binary"
+    reader = (
+        spark.readStream.format("binaryFile")
+        .schema(schema)
+        .option("pathGlobFilter", IMAGE_GLOB)
+        .option("recursiveFileLookup", "true")
+    )
+    if opts.max_files_per_trigger:
+        reader = reader.option("maxFilesPerTrigger", opts.max_files_per_trigger)
+    writer = reader.load(input_path).writeStream.foreachBatch(sink)
+    writer = writer.option("checkpointLocation", checkpoint).queryName("fruits-pipeline-watch")
+    if opts.available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{opts.trigger_seconds} seconds")
+    return writer.start()

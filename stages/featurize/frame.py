@@ -27,7 +27,12 @@ from stages.base.params import ModelParams
 from stages.base.sparkutil import SetAccumulator, session_conf
 from stages.featurize.engine import DEFAULT_BATCH, default_engine, prepare_model
 from stages.featurize.model import ModelSpec
-from stages.featurize.partition import arrow_batch_rows, featurize_partition, label_from_path
+from stages.featurize.partition import (
+    PartitionJob,
+    arrow_batch_rows,
+    featurize_partition,
+    label_from_path,
+)
 from stages.storage import hadoopfs
 from stages.storage.fetch import StoreSettings
 from stages.storage.s3list import CountsParam
@@ -278,9 +283,6 @@ def featurize_frame(
     pids = sc.accumulator(set(), SetAccumulator())
     counts = (sc.accumulator(0), sc.accumulator(0))
     schema = features_schema(spec)
-    arrow_schema = to_arrow_schema(schema)
-    alpha_, engine_, draft = spec.alpha, spec.engine, spec.jpeg_draft
-    exif = spec.exif_orientation
     if fetch is None:
         source = images.select("path", "content")
     else:
@@ -291,11 +293,14 @@ def featurize_frame(
         source = source.coalesce(partitions)
     n_tasks = source.rdd.getNumPartitions()
 
+    job = PartitionJob(
+        bc, model_key, spec.alpha, batch_size, url_encoded, spec.engine, spec.jpeg_draft,
+        spec.exif_orientation, to_arrow_schema(schema), to_paths, fetch,
+        builds, pids, counts, requests,
+    )  # fmt: skip
+
     def run(batches):
-        return featurize_partition(
-            batches, bc, model_key, alpha_, batch_size, url_encoded, engine_, builds, pids,
-            counts, arrow_schema, draft, exif, to_paths, fetch, requests,
-        )  # fmt: skip
+        return featurize_partition(batches, job)
 
     # Arrow both ways: no Python object per row in, none per float out.
     out = source.mapInArrow(run, schema)

@@ -11,7 +11,8 @@ pipeline's life (the search index and the app take the thumbnail from the featur
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 import numpy as np
@@ -127,40 +128,53 @@ def decode_rows(
     return arrays, errors
 
 
-def featurize_partition(
-    batches: Iterable[Any],
-    broadcast_model,
-    model_key: str,
-    alpha: float,
-    batch_size: int,
-    url_encoded: bool,
-    engine: str = "keras",
-    builds=None,
-    pids=None,
-    counts=None,
-    schema=None,
-    jpeg_draft: int = 0,
-    exif_orientation: bool = True,
-    to_paths=None,
-    fetch: Optional[StoreSettings] = None,
-    requests=None,
-) -> Iterator[Any]:
+@dataclass(frozen=True)
+class PartitionJob:
+    """What each task of a featurize job gets (pickled with the task).
+
+    ``model``: the broadcast payload, built into this worker's featurizer under
+    ``model_key`` (:func:`stages.featurize.engine.get_featurizer`); ``url_encoded``: see
+    :func:`label_from_path`; ``schema``: the output's Arrow schema (the plain
+    :func:`features_schema` when ``None``).  ``to_paths`` maps the scanned paths to the
+    ones written (a local INPUT is scanned through a view of symlinks).  With ``fetch``,
+    the batches carry paths only and the worker reads the bytes itself, many requests in
+    flight (:func:`stages.storage.fetch.path_bytes_batches`).
+
+    Accumulators, each optional: ``builds`` (models built), ``pids`` (the workers that
+    ran), ``counts`` (a pair: rows and error rows), ``requests`` (the S3 requests made,
+    by kind).
+    """
+
+    model: Any
+    model_key: str
+    alpha: float
+    batch_size: int
+    url_encoded: bool
+    engine: str = "keras"
+    jpeg_draft: int = 0
+    exif_orientation: bool = True
+    schema: Any = None
+    to_paths: Optional[Callable[[Sequence[str]], Sequence[str]]] = None
+    fetch: Optional[StoreSettings] = None
+    builds: Any = None
+    pids: Any = None
+    counts: Any = None
+    requests: Any = None
+
+
+def featurize_partition(batches: Iterable[Any], job: PartitionJob) -> Iterator[Any]:
     """Featurize one partition of Arrow batches of ``(path, content)``, in model batches.
 
     Runs on the executors (``mapInArrow``).  Each output batch holds one input
-    batch's rows (the model runs on ``batch_size`` of them at a time), features as
+    batch's rows (the model runs on ``job.batch_size`` of them at a time), features as
     one float32 buffer (no Python object per float).  A row that cannot be decoded
     gets its reason in ``error`` and null features; the model is only built if a
-    row decodes.  ``counts``, a pair of accumulators,
-    receives the rows and the error rows.  ``to_paths`` maps the scanned paths to the
-    ones written (a local INPUT is scanned through a view of symlinks).  With
-    ``fetch``, the batches carry paths only and the worker reads the bytes itself,
-    many requests in flight (:func:`stages.storage.fetch.path_bytes_batches`);
-    ``requests``, an accumulator, then receives the S3 requests it made by kind.
+    row decodes.
     """
     import pyarrow as pa
     from pyspark import TaskContext
 
+    schema = job.schema
     if schema is None:
         from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -175,22 +189,23 @@ def featurize_partition(
         """Features of decoded photos, in model batches of ``batch_size``."""
         nonlocal featurizer
         if featurizer is None:
-            on_build = (lambda: builds.add(1)) if builds is not None else None
+            on_build = (lambda: job.builds.add(1)) if job.builds is not None else None
             featurizer = get_featurizer(
-                broadcast_model, model_key, alpha, threads, on_build, engine
+                job.model, job.model_key, job.alpha, threads, on_build, job.engine
             )
-            if pids is not None:
-                pids.add({os.getpid()})
+            if job.pids is not None:
+                job.pids.add({os.getpid()})
+        size = job.batch_size
         parts = [
-            featurizer(preprocess(np.stack(arrays[i : i + batch_size])))
-            for i in range(0, len(arrays), batch_size)
+            featurizer(preprocess(np.stack(arrays[i : i + size])))
+            for i in range(0, len(arrays), size)
         ]
         return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
 
     def output_batch(paths, contents):
         nonlocal bad
-        labels = [label_from_path(p, url_encoded) for p in paths]
-        arrays, errors = decode_rows(contents, exif_orientation, jpeg_draft)
+        labels = [label_from_path(p, job.url_encoded) for p in paths]
+        arrays, errors = decode_rows(contents, job.exif_orientation, job.jpeg_draft)
         # The photo's thumbnail, made here where its bytes are: it is never read again.
         thumbs = [image_thumbnail(c) if e is None else None for c, e in zip(contents, errors)]
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -212,11 +227,13 @@ def featurize_partition(
         columns.append(binary_array(thumbs))
         return pa.RecordBatch.from_arrays(columns, schema=schema)
 
+    fetch, requests, counts = job.fetch, job.requests, job.counts
     before = requests_made(fetch) if requests is not None else None
     # One output batch per input batch (arrow_batch_rows(batch_size) rows): fewer Arrow
     # batches for the JVM to read than one per model batch.
-    rows = arrow_batch_rows(batch_size)
-    for paths, contents in path_bytes_batches(batches, rows, fetch, to_paths, url_encoded):
+    rows = arrow_batch_rows(job.batch_size)
+    read = path_bytes_batches(batches, rows, fetch, job.to_paths, job.url_encoded)
+    for paths, contents in read:
         seen += len(paths)
         yield output_batch(paths, contents)
     if before is not None:

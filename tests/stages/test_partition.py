@@ -81,7 +81,7 @@ import sys
 import numpy as np, pyarrow as pa
 from pathlib import Path
 from stages.featurize.engine import prepare_model
-from stages.featurize.partition import featurize_partition, string_array
+from stages.featurize.partition import PartitionJob, featurize_partition, string_array
 spec, model = prepare_model("bundled", None, "litert")
 files = sorted(Path({str(SAMPLE)!r}).glob("*/*.jpg"))[:5] + [Path({str(tmp_path)!r}) / "x.jpg"]
 files[-1].write_bytes(b"not a photo")
@@ -93,7 +93,8 @@ paths = string_array([str(f) for f in files])
 batch = pa.RecordBatch.from_arrays([paths, content], ["path", "content"])
 class Model:
     value = model
-out = list(featurize_partition([batch], Model(), "k", spec.alpha, 4, False, "litert"))
+job = PartitionJob(Model(), "k", spec.alpha, 4, False, "litert")
+out = list(featurize_partition([batch], job))
 rows = sum(b.num_rows for b in out)
 errors = sum(x is not None for b in out for x in b.column(3).to_pylist())
 print(rows, errors, "pandas" in sys.modules)
