@@ -3,6 +3,7 @@ bundled sample featurized once."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -20,8 +21,9 @@ from hypothesis import settings
 
 # `make test` (and CI) draws the same examples on every run, so a red run is reproducible
 # and never a new draw's luck; `make test-explore` draws new ones to hunt for bugs.
-settings.register_profile("repeatable", derandomize=True, database=None)
-settings.register_profile("explore", derandomize=False)
+# No deadline: a loaded machine's pause is not a property's failure.
+settings.register_profile("repeatable", derandomize=True, database=None, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["FRUITS_SPARK_UI"] = "0"
 # The CLI's run logs go to a throw-away folder, not the developer's ~/.cache.
 os.environ["FRUITS_LOG_DIR"] = tempfile.mkdtemp(prefix="fruits-test-logs-")
+atexit.register(shutil.rmtree, os.environ["FRUITS_LOG_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -114,6 +114,17 @@ class Progress:
                     total += s.numTasks
         return done, total
 
+    def settle(self) -> None:
+        """Wait until Spark's status listener has taken in every event so far.
+
+        The tracker is fed on the listener bus's own thread, so a job can have returned
+        before its last task is counted: the counts of ended jobs are final after this.
+        """
+        try:
+            self.sc._jsc.sc().listenerBus().waitUntilEmpty()
+        except Exception:  # a bus slower than its 10 s timeout: the counts as they are
+            pass
+
     def line(self) -> str:
         """The current line."""
         done, total = self.tasks()
@@ -158,6 +169,7 @@ class Progress:
         if self._thread is not None:
             self._thread.join()
             if exc_type is None:
+                self.settle()
                 self._write(self.line(), final=True)
             elif self._out().isatty() and self._last_line:
                 self._out().write("\n")

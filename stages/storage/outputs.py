@@ -10,8 +10,9 @@ Two rules protect a user's data:
   (``.<name>.fruits-tmp-<id>``) and moves it into place only once it is complete
   (:func:`atomic_output`); an old output is moved aside first and deleted last.  On a
   local or HDFS filesystem both moves are renames: a run killed at any point leaves
-  the old output whole and readable (at worst for the instant between the two
-  renames, under its ``.fruits-old-`` name).  On object stores (``s3://``, ``s3a://``)
+  the old output whole and readable (killed in the instant between the two renames,
+  it is under its ``.fruits-old-`` name, and the next run on that output moves it
+  back before anything else).  On object stores (``s3://``, ``s3a://``)
   a rename is a copy, so a new output is written in place with Spark's commit
   protocol (a killed run leaves no ``_SUCCESS``, which ``reduce`` refuses), and only
   ``--overwrite`` pays for writing beside and copying.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence, Tuple
@@ -107,6 +109,30 @@ def check_output(spark, output: str, overwrite: bool) -> None:
         )
 
 
+def _glob_literal(text: str) -> str:
+    return re.sub(r"([\\\[\]{}*?])", r"\\\1", text)
+
+
+def _restore_aside(spark, output: str) -> None:
+    """Finish a swap that was killed between its two renames: the old output, moved
+    aside, goes back in place (when there is no output); an old output left aside by a
+    swap that completed is deleted."""
+    base = output.rstrip("/")
+    parent, name = posixpath.split(base)
+    aside = [
+        u for u, _ in hadoopfs.glob_paths(spark, f"{parent}/.{_glob_literal(name)}.fruits-old-*")
+    ]
+    if not aside:
+        return
+    if len(aside) == 1 and not hadoopfs.exists(spark, output):
+        if not hadoopfs.rename(spark, aside[0], output):
+            raise OSError(f"cannot move {aside[0]} back to {output}")
+        return
+    if hadoopfs.exists(spark, output):
+        for uri in aside:
+            hadoopfs.delete(spark, uri)
+
+
 def _sibling(output: str, tag: str) -> str:
     base = output.rstrip("/")
     parent, name = posixpath.split(base)
@@ -121,6 +147,8 @@ def atomic_output(spark, output: str, overwrite: bool) -> Iterator[str]:
     (by creating the hidden sibling), before any image is read.  On failure the
     sibling is deleted and ``output`` is as it was.
     """
+    if not is_object_store(output):
+        _restore_aside(spark, output)
     check_output(spark, output, overwrite)
     if is_object_store(output) and not hadoopfs.has_data(spark, output):
         yield output  # Spark's committer writes _SUCCESS last; no copy for a new output
@@ -143,6 +171,8 @@ def atomic_output(spark, output: str, overwrite: bool) -> Iterator[str]:
             if not hadoopfs.rename(spark, output, old):
                 raise OSError(f"cannot move the old {output} aside to {old}")
         if not hadoopfs.rename(spark, temp, output):
+            if old is not None:
+                hadoopfs.rename(spark, old, output)
             raise OSError(f"cannot move the new output {temp} to {output}")
         done = True
         if old is not None:

@@ -92,8 +92,11 @@ def test_litert_featurizer_is_batch_independent():
 
 @pytest.mark.slow
 def test_conversion_is_cached_by_weights_alpha_and_converter(
-    tflite_cache, monkeypatch, fresh_prepared, caplog
+    tmp_path, monkeypatch, fresh_prepared, caplog
 ):
+    # A cache of its own: the session's may already hold this conversion (test order).
+    tflite_cache = tmp_path
+    monkeypatch.setenv("FRUITS_CACHE", str(tflite_cache))
     caplog.set_level(logging.INFO, logger="stages.featurize")
     spec, data = engine.prepare_model("random:5", 0.35, "litert")
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]

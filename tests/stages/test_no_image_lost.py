@@ -128,6 +128,30 @@ def test_reduce_and_run_outputs_can_never_touch_their_inputs(sample_features, ca
 # --------------------------------------------------------------- writing is atomic
 
 
+def test_a_swap_killed_between_its_two_renames_is_finished_by_the_next_run(spark, tmp_path):
+    """Killed after the old output was moved aside and before the new one took its place:
+    the next run on that output moves the old one back before anything else."""
+    from stages.storage.outputs import atomic_output
+
+    out = tmp_path / "Features"
+    out.mkdir()
+    (out / "part-0").write_text("old rows")
+    aside = tmp_path / ".Features.fruits-old-0123456789ab"
+    out.rename(aside)
+    with pytest.raises(UsageError, match="already exists"):
+        with atomic_output(spark, str(out), overwrite=False):
+            pass
+    assert (out / "part-0").read_text() == "old rows" and not aside.exists()
+    # A swap that completed but died before deleting the old output: that one is garbage.
+    shutil.copytree(out, aside)
+    with atomic_output(spark, str(out), overwrite=True) as temp:
+        assert not aside.exists()
+        Path(temp).mkdir()
+        (Path(temp) / "part-0").write_text("new rows")
+    assert (out / "part-0").read_text() == "new rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Features"]
+
+
 def test_featurize_overwrite_killed_mid_write_leaves_the_old_output_whole(
     spark, photos, tmp_path
 ):  # spark: the in-process main() below reuses the session's one SparkContext

@@ -33,10 +33,12 @@ def test_counts_the_tasks_of_its_own_step_only(spark, info_logging):
     out = io.StringIO()
     with Progress(spark, "featurize", 40, "images", stream=out) as progress:
         sc.parallelize(range(8), 4).map(lambda x: x * 2).collect()
+        progress.settle()  # the job returned; its last task may not be counted yet
         assert progress.tasks() == (4, 4)
     assert out.getvalue().splitlines()[-1].startswith("featurize: 40/40 images (100%), ")
     # The job group is this step's only: a later job is not in it.
     sc.parallelize(range(4), 2).count()
+    progress.settle()
     assert progress.tasks() == (4, 4)
     assert sc.getLocalProperty("spark.jobGroup.id") is None
 

@@ -99,7 +99,9 @@ def test_slow_clients_do_not_hold_the_app(server):
 def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
     from stages.search.serve import create_app
 
-    app = create_app(engine=sample_engine, body_seconds=3.0, idle_seconds=1.0)
+    # The trickle (a byte every 0.5 s) is 4x inside the idle limit: a late wake-up of this
+    # thread must not look like a stall.
+    app = create_app(engine=sample_engine, body_seconds=4.0, idle_seconds=2.0)
     srv, thread, sock = _start(app)
     addr = sock.getsockname()
     try:
@@ -111,7 +113,7 @@ def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
                 trickling.sendall(b"x")
             except OSError:
                 break
-        for s, why in ((stalled, "no byte for 1 s"), (trickling, "within 3 s")):
+        for s, why in ((stalled, "no byte for 2 s"), (trickling, "within 4 s")):
             answer = s.recv(65536).decode()
             assert answer.startswith("HTTP/1.1 408 "), answer
             assert why in answer, answer
@@ -170,6 +172,6 @@ def test_a_body_with_no_room_in_time_is_a_busy_server():
     budget.used = 100  # the other requests' bytes
     held = [0]
     with pytest.raises(BadImage, match="busy") as caught:
-        asyncio.run(_read_body(_OneChunk(), budget, held, 0.3, 5.0))
+        asyncio.run(_read_body(_OneChunk(), budget, held, 2.0, 5.0))
     assert caught.value.status == 503
     assert held == [0] and budget.used == 100

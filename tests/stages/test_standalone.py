@@ -51,9 +51,10 @@ def cli_env(cluster, keras_home) -> Dict[str, str]:
         "spark.executor.memory": f"{EXECUTOR_MEMORY_MB}m",
         "spark.cores.max": "2",
         # Schedule only once both executors registered: a task set must not start on
-        # the first executor alone (the test checks both were used).
+        # the first executor alone (the test checks both were used), however long a
+        # loaded machine takes to start the second (the CLI's own timeout bounds it).
         "spark.scheduler.minRegisteredResourcesRatio": "1.0",
-        "spark.scheduler.maxRegisteredResourcesWaitingTime": "60s",
+        "spark.scheduler.maxRegisteredResourcesWaitingTime": f"{CLI_TIMEOUT_S}s",
         # Executors get no writable Keras cache: the weights must come by broadcast.
         "spark.executorEnv.KERAS_HOME": str(keras_home),
     }
