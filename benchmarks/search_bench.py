@@ -1,4 +1,4 @@
-"""Search index: query latency and throughput of exact vs HNSW search, recall, vote accuracy.
+"""Search index: query latency and throughput of exact vs IVF search, recall, vote accuracy.
 
 Part 1 (synthetic rows shaped like PCA scores: 500 clusters, component scales decaying
 as 1/sqrt(j)): for each size, the warm latency of one query (p50/p95) and the
@@ -6,8 +6,11 @@ throughput (queries answered one at a time, and 1000 at once) of
 
 - the baseline: numpy brute force, ``np.linalg.norm(X - q, axis=1)`` then a full sort;
 - ``exact``: :class:`stages.search.query.VectorIndex` without a graph (one GEMV + float64 re-rank);
-- ``hnsw``: the same with the faiss HNSW graph (sizes >= ``--hnsw-from``), its build time
-  and its recall@10 against exact.
+- ``ivf``: the same with the faiss IVF index (sizes >= ``--ann-from``) as ``reduce``
+  builds it (k-means lists, ``nprobe`` the smallest reaching recall@10 0.95 on 500 rows of
+  the index), its build time and its recall@10 against exact for the noisy queries; and,
+  for comparison, the build time and recall of the HNSW graph (M 32, efConstruction 80,
+  efSearch 128) the index used before.
 
 Part 2 (real): the 1000 shared images featurized with the bundled weights, reduced
 (variance 0.95) and indexed; leave-one-out: each image queries the index with itself left
@@ -84,9 +87,18 @@ def _batch_qps(fn, queries: np.ndarray) -> float:
     return float(len(queries) / (time.perf_counter() - t))
 
 
-def bench_size(n: int, d: int, n_queries: int, hnsw: bool) -> Dict[str, Any]:
+def bench_size(n: int, d: int, n_queries: int, ann: bool) -> Dict[str, Any]:
     """Latency, throughput (and recall, build time) at ``n`` rows."""
-    from linalg.vectors import VectorIndex, build_hnsw
+    import faiss
+
+    from linalg.vectors import (
+        VectorIndex,
+        add_rows,
+        choose_nprobe,
+        exact_neighbours,
+        recall_rows,
+        train_ivf,
+    )
 
     X = synthetic(n, d)
     rng = np.random.default_rng(1)
@@ -105,21 +117,30 @@ def bench_size(n: int, d: int, n_queries: int, hnsw: bool) -> Dict[str, Any]:
     out["exact"] = _latencies(lambda q: exact.search(q, 10), Q[:n_queries])
     out["exact"]["qps_batch_1000"] = _batch_qps(lambda q: exact.search(q, 10), Q[:1000])
     out["exact"]["speedup_vs_baseline_p50"] = out["baseline"]["p50_ms"] / out["exact"]["p50_ms"]
-    if hnsw:
+    if ann:
         t = time.perf_counter()
-        graph = build_hnsw(X)
+        approx = VectorIndex(X, add_rows(train_ivf(X), X))
         build = time.perf_counter() - t
-        approx = VectorIndex(X, graph)
-        out["hnsw"] = _latencies(lambda q: approx.search(q, 10), Q[:n_queries])
-        out["hnsw"]["qps_batch_1000"] = _batch_qps(lambda q: approx.search(q, 10), Q[:1000])
-        out["hnsw"]["build_s"] = build
+        rows = recall_rows(n)
+        approx.nprobe, _ = choose_nprobe(approx, rows, exact_neighbours(approx, rows))
+        out["ivf"] = _latencies(lambda q: approx.search(q, 10), Q[:n_queries])
+        out["ivf"]["qps_batch_1000"] = _batch_qps(lambda q: approx.search(q, 10), Q[:1000])
+        out["ivf"].update(build_s=build, lists=int(approx.ann.nlist), nprobe=approx.nprobe)
         e_ids, _ = exact.search(Q[:1000], 10)
-        a_ids, _ = approx.search(Q[:1000], 10)
-        out["hnsw"]["recall_at_10"] = float(
-            np.mean([len(set(a) & set(e)) / 10 for a, e in zip(a_ids, e_ids)])
-        )
-        out["hnsw"]["speedup_vs_exact_p50"] = out["exact"]["p50_ms"] / out["hnsw"]["p50_ms"]
-        out["hnsw"]["speedup_vs_baseline_p50"] = out["baseline"]["p50_ms"] / out["hnsw"]["p50_ms"]
+
+        def recall(ids) -> float:
+            return float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(ids, e_ids)]))
+
+        out["ivf"]["recall_at_10"] = recall(approx.search(Q[:1000], 10)[0])
+        out["ivf"]["speedup_vs_exact_p50"] = out["exact"]["p50_ms"] / out["ivf"]["p50_ms"]
+        out["ivf"]["speedup_vs_baseline_p50"] = out["baseline"]["p50_ms"] / out["ivf"]["p50_ms"]
+        t = time.perf_counter()
+        graph = faiss.IndexHNSWFlat(d, 32)
+        graph.hnsw.efConstruction = 80
+        graph.add(X)
+        out["hnsw_before"] = {"build_s": time.perf_counter() - t}
+        graph.hnsw.efSearch = 128
+        out["hnsw_before"]["recall_at_10"] = recall(graph.search(Q[:1000], 10)[1])
     return out
 
 
@@ -385,9 +406,9 @@ def _qps(m: Dict[str, Any]) -> str:
     return f"{m['qps_one_at_a_time']:.0f} / {m['qps_batch_1000']:.0f}"
 
 
-def _hnsw(fn):
-    """A cell of the HNSW index, ``—`` for sizes below ``--hnsw-from``."""
-    return lambda r: fn(r["hnsw"]) if r.get("hnsw") else "—"
+def _ivf(fn):
+    """A cell of the IVF index, ``—`` for sizes below ``--ann-from``."""
+    return lambda r: fn(r) if r.get("ivf") else "—"
 
 
 # One row per indexed size (``bench_size``).
@@ -396,11 +417,20 @@ COLS = [
     Col("numpy brute force p50 / p95", lambda r: _p50_p95(r["baseline"], 2)),
     Col("exact p50 / p95", lambda r: _p50_p95(r["exact"], 3)),
     Col("exact QPS (1 / batch)", lambda r: _qps(r["exact"])),
-    Col("HNSW p50 / p95", _hnsw(lambda h: _p50_p95(h, 3))),
-    Col("HNSW QPS (1 / batch)", _hnsw(_qps)),
-    Col("HNSW recall@10", _hnsw(lambda h: f"{h['recall_at_10']:.3f}")),
-    Col("HNSW build", _hnsw(lambda h: f"{h['build_s']:.1f} s")),
-    Col("exact / HNSW", _hnsw(lambda h: f"{h['speedup_vs_exact_p50']:.1f}x")),
+    Col("IVF lists / nprobe", _ivf(lambda r: f"{r['ivf']['lists']} / {r['ivf']['nprobe']}")),
+    Col("IVF p50 / p95", _ivf(lambda r: _p50_p95(r["ivf"], 3))),
+    Col("IVF QPS (1 / batch)", _ivf(lambda r: _qps(r["ivf"]))),
+    Col("IVF recall@10", _ivf(lambda r: f"{r['ivf']['recall_at_10']:.3f}")),
+    Col("IVF build", _ivf(lambda r: f"{r['ivf']['build_s']:.1f} s")),
+    Col("exact / IVF", _ivf(lambda r: f"{r['ivf']['speedup_vs_exact_p50']:.1f}x")),
+    Col(
+        "HNSW before: build / recall@10",
+        _ivf(
+            lambda r: (
+                f"{r['hnsw_before']['build_s']:.1f} s / {r['hnsw_before']['recall_at_10']:.3f}"
+            )
+        ),
+    ),
 ]
 
 
@@ -414,9 +444,9 @@ def _plot(rows: List[Dict[str, Any]], path: Path) -> None:
     n = [r["rows"] for r in rows]
     ax.loglog(n, [r["baseline"]["p50_ms"] for r in rows], "o-", label="numpy brute force")
     ax.loglog(n, [r["exact"]["p50_ms"] for r in rows], "s-", label="exact (GEMV + re-rank)")
-    hn = [r for r in rows if "hnsw" in r]
+    hn = [r for r in rows if "ivf" in r]
     if hn:
-        ax.loglog([r["rows"] for r in hn], [r["hnsw"]["p50_ms"] for r in hn], "^-", label="HNSW")
+        ax.loglog([r["rows"] for r in hn], [r["ivf"]["p50_ms"] for r in hn], "^-", label="IVF")
     ax.set_xlabel("indexed rows")
     ax.set_ylabel("p50 latency of one query (ms, warm)")
     ax.set_title(f"top-10 search, {rows[0]['dims']} dims, 2 cores")
@@ -432,7 +462,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--sizes", default=None, help="comma-separated row counts")
     p.add_argument("--dims", type=int, default=256, help="dimensions of the synthetic rows")
     p.add_argument("--queries", type=int, default=300, help="single queries timed per size")
-    p.add_argument("--hnsw-from", type=int, default=100_000, help="also build HNSW from this n")
+    p.add_argument("--ann-from", type=int, default=100_000, help="also build IVF from this n")
     p.add_argument("--images", default=str(SHARED), help="real images for part 2 ('' to skip)")
     p.add_argument("--workdir", default="/tmp/fruits-bench-search")
     p.add_argument("--stem", default=None, help="results/<stem>.json|png")
@@ -453,7 +483,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for n in sizes:
         print(f"search_bench: {n} rows ...", file=sys.stderr, flush=True)
-        rows.append(bench_size(n, args.dims, args.queries, n >= args.hnsw_from))
+        rows.append(bench_size(n, args.dims, args.queries, n >= args.ann_from))
     out: Dict[str, Any] = {"command": " ".join(sys.argv), "synthetic": rows}
     print(_table(rows))
     if args.images and Path(args.images).is_dir():

@@ -40,7 +40,7 @@ HEAVY = {
     "tensorflow": "the Keras engine only; LiteRT runs never load it",
     "keras": "as tensorflow",
     "ai_edge_litert": "the LiteRT engine, where its wheel exists",
-    "faiss": "only an HNSW index needs it",
+    "faiss": "only an IVF index needs it",
     "fastapi": "only `serve` needs the web stack",
     "starlette": "as fastapi",
     "uvicorn": "as fastapi",

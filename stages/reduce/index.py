@@ -1,19 +1,21 @@
-"""The search index of RESULTS (format 3): built from the projections in shards, appended to.
+"""The search index of RESULTS (format 4): built from the projections in shards, appended to.
 
 ``index.json`` (written last, replaced atomically) lists the shards in row order
 (:mod:`stages.storage.shards`, written by :mod:`stages.reduce.index_writer`), the labels
 their codes name, the ``generation`` (one more at each append), what the rows measure
 (:mod:`stages.reduce.index_stats`: recall, neighbour distances, the open-set rule) and,
-above the exact-search limit, the HNSW graph's file ``hnsw-<generation>.faiss``.
+above the exact-search limit, the IVF index's file ``ivf-<generation>.faiss``
+(:mod:`linalg.vectors`).
 :func:`build_index` writes a whole new folder from ``RESULTS/projections`` and swaps it
 in; :func:`append_index` adds the rows of one new projections file (``watch --results``)
-as new shards, adds their vectors to the graph (HNSW takes additions) and writes the
+as new shards, adds their vectors to the IVF lists (trained again once the rows have
+doubled since its k-means) and writes the
 next generation: a running ``serve`` sees ``index.json`` change and loads it (the files
 of the generation it serves are never rewritten).  An index on a Hadoop filesystem is
 rebuilt instead of appended to (the app reads a local copy).
 
-Driver memory: the HNSW graph while it is built or extended (``n (4k + 8M)`` bytes,
-``M`` = 32 links) and one shard's vectors at a time; the rows' paths, labels and
+Driver memory: the IVF index while it is built or extended (``n (4k + 8)`` bytes: the
+vectors and their ids) and one shard's vectors at a time; the rows' paths, labels and
 thumbnails never reach it (a RESULTS on a Hadoop filesystem passes one partition's
 shard at a time through the driver's local disk).
 """
@@ -31,14 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from linalg.vectors import (
-    EXACT_MAX_ELEMENTS,
-    HNSW_EF_CONSTRUCTION,
-    HNSW_EF_SEARCH,
-    HNSW_M,
-    VectorIndex,
-    build_hnsw,
-)
+from linalg.vectors import EXACT_MAX_ELEMENTS, VectorIndex, add_rows, train_ivf
 from stages.base.contract import THUMB_PX
 from stages.base.errors import StepFailed, UsageError, explain
 from stages.reduce.index_stats import open_set_summary, statistics
@@ -57,14 +52,15 @@ __all__ = [
     "build_index",
     "append_index",
     "index_step",
-    "hnsw_file",
+    "ann_file",
     "local_results",
     "sha256_hex",
     "write_local_index",
 ]
 
-# 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations.
-FORMAT = 3
+# 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations;
+# 4: an IVF index instead of an HNSW graph.
+FORMAT = 4
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
 
@@ -86,9 +82,9 @@ def local_results(results: str) -> str:
     return results
 
 
-def hnsw_file(generation: int) -> str:
-    """The HNSW graph's file name of a generation."""
-    return f"hnsw-{generation:05d}.faiss"
+def ann_file(generation: int) -> str:
+    """The IVF index's file name of a generation."""
+    return f"ivf-{generation:05d}.faiss"
 
 
 def _model_files(spark, base: str):
@@ -111,20 +107,19 @@ def _dims(model: Dict[str, Any]) -> int:
     raise UsageError("pca_model/model.json records no number of components")
 
 
-def _graph(work: str, shards: ShardSet, generation: int, previous=None):
-    """The HNSW graph over ``shards`` (extending ``previous`` by the rows it lacks),
-    written to ``work/hnsw-<generation>.faiss``."""
+def _ann(work: str, shards: ShardSet, generation: int, previous=None):
+    """The IVF index over ``shards`` (``previous`` extended by the rows it lacks, or
+    trained on a sample of them), written to ``work/ivf-<generation>.faiss``."""
     import faiss
 
-    graph = previous
+    ivf = previous if previous is not None else train_ivf(shards)
     for start, block in shards.blocks():
         end = start + len(block)
-        have = 0 if graph is None else graph.ntotal
-        if end <= have:
+        if end <= ivf.ntotal:
             continue
-        graph = build_hnsw(block[max(0, have - start) :], graph)
-    faiss.write_index(graph, os.path.join(work, hnsw_file(generation)))
-    return graph
+        add_rows(ivf, block[max(0, ivf.ntotal - start) :])
+    faiss.write_index(ivf, os.path.join(work, ann_file(generation)))
+    return ivf
 
 
 def _finish(
@@ -135,31 +130,48 @@ def _finish(
     append: bool = False,
     times: Optional[Dict[str, float]] = None,
 ) -> Dict[str, Any]:
-    """Open the shards of ``meta``, make (or extend ``previous``) the graph, write
-    ``index.json``; the statistics (and the open-set rule) are measured again unless an
-    ``append`` leaves the kind of search and the labels as they were and the rows less
-    than doubled.  ``times`` gets the seconds of the graph and of the statistics."""
+    """Open the shards of ``meta``, make (or extend ``previous``) the IVF index, write
+    ``index.json``; the statistics (the IVF's ``nprobe``, the open-set rule) are measured
+    again unless an ``append`` leaves the kind of search, the IVF lists and the labels as
+    they were and the rows less than doubled.  ``times`` gets the seconds of the IVF
+    index and of the statistics."""
     times = {} if times is None else times
     t0 = time.perf_counter()
     shards = ShardSet(work, meta["shards"], meta["labels"])
     n, gen = len(shards), meta["generation"]
     meta["rows"] = n
     meta["thumbnails"]["missing"] = sum(int(s["missing"]) for s in meta["shards"])
-    hnsw = None
+    ann = None
     if n * meta["dims"] > exact_max:
-        hnsw = _graph(work, shards, gen, previous)
-        meta["hnsw"] = {"file": hnsw_file(gen), "M": HNSW_M}
-        meta["hnsw"].update(ef_construction=HNSW_EF_CONSTRUCTION, ef_search=HNSW_EF_SEARCH)
-    index = VectorIndex(shards, hnsw)
+        trained = (meta.get("ivf") or {}).get("trained_rows", 0)
+        if previous is not None and n >= 2 * trained:
+            previous = None  # the lists' k-means saw under half the rows: train again
+        ann = _ann(work, shards, gen, previous)
+        if previous is None:
+            trained = n
+        old = meta.get("ivf") or {}
+        meta["ivf"] = {"file": ann_file(gen), "lists": int(ann.nlist), "trained_rows": trained}
+        if "nprobe" in old and previous is not None:
+            meta["ivf"]["nprobe"] = old["nprobe"]
+    else:
+        meta.pop("ivf", None)
+    index = VectorIndex(shards, ann, (meta.get("ivf") or {}).get("nprobe", 16))
     meta["kind"] = index.kind
-    times["graph"] = time.perf_counter() - t0
+    times["ann"] = time.perf_counter() - t0
     last = meta.get("statistics_rows") or 0
     same_labels = meta.get("statistics_labels") == len(meta["labels"])
-    if not append or meta.get("statistics_kind") != index.kind or n >= 2 * last or not same_labels:
+    untuned = ann is not None and "nprobe" not in meta["ivf"]
+    if (
+        not append
+        or untuned
+        or meta.get("statistics_kind") != index.kind
+        or n >= 2 * last
+        or not same_labels
+    ):
         statistics(meta, index, shards, gen)
         meta["statistics_rows"], meta["statistics_kind"] = n, index.kind
         meta["statistics_labels"] = len(meta["labels"])
-    times["statistics"] = time.perf_counter() - t0 - times["graph"]
+    times["statistics"] = time.perf_counter() - t0 - times["ann"]
     LocalFileSystem().write_bytes(os.path.join(work, INDEX_META), _meta_bytes(meta))
     return meta
 
@@ -272,7 +284,7 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
         return build_index(spark, results)
     work = local_path(folder)
     if work is None:
-        # The shards and the graph are extended where they are read (the app reads a local
+        # The shards and the IVF index are extended where they are read (the app reads a local
         # copy); on a Hadoop filesystem the index is rebuilt from the projections.
         return build_index(spark, results)
     df = index_frame(spark, projections)
@@ -282,12 +294,12 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
     if not new:
         return meta
     previous = None
-    if meta.get("kind") == "faiss-hnsw":
-        previous = faiss.read_index(os.path.join(work, meta["hnsw"]["file"]))
+    if meta.get("kind") == "faiss-ivf":
+        previous = faiss.read_index(os.path.join(work, meta["ivf"]["file"]))
     meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
     meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
     meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
-    _drop_old_graphs(work, gen)
+    _drop_old_ann_files(work, gen)
     meta["append_s"] = time.perf_counter() - t0
     logger.info(
         f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "
@@ -296,12 +308,12 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
     return meta
 
 
-def _drop_old_graphs(work: str, generation: int) -> None:
-    """Delete the graphs older than the previous generation (a serve that has not
-    reloaded yet maps the previous one; Linux keeps a mapped file until unmapped)."""
+def _drop_old_ann_files(work: str, generation: int) -> None:
+    """Delete the IVF files older than the previous generation (a serve that has not
+    reloaded yet uses the previous one)."""
     for name in os.listdir(work):
-        if name.startswith("hnsw-") and name.endswith(".faiss"):
-            gen = int(name[len("hnsw-") : -len(".faiss")])
+        if name.startswith("ivf-") and name.endswith(".faiss"):
+            gen = int(name[len("ivf-") : -len(".faiss")])
             if gen < generation - 1:
                 os.unlink(os.path.join(work, name))
 

@@ -1,5 +1,6 @@
 """What ``index.json`` records about its rows, each measured on a bounded sample: the
-approximate search's recall@10, the bucket's nearest-neighbour distances and the open-set
+approximate search's ``nprobe`` and recall@10, the bucket's nearest-neighbour distances
+and the open-set
 rule (:mod:`linalg.openset`, calibrated on at most
 :data:`~linalg.openset.CALIBRATION_ROWS` reference rows)."""
 
@@ -9,7 +10,13 @@ import time
 from typing import Any, Dict
 
 from linalg.openset import CALIBRATION_ROWS, calibrate, reference_rows
-from linalg.vectors import RECALL_QUERIES, neighbour_distances, recall_at
+from linalg.vectors import (
+    TARGET_RECALL,
+    choose_nprobe,
+    exact_neighbours,
+    neighbour_distances,
+    recall_rows,
+)
 from stages.storage.shards import ShardSet
 
 __all__ = ["OPEN_SET_SEED", "open_set_rule", "open_set_summary", "statistics"]
@@ -18,15 +25,20 @@ OPEN_SET_SEED = 0
 
 
 def statistics(meta: Dict[str, Any], index, shards: ShardSet, generation: int) -> None:
-    """Recall (approximate search), the bucket's neighbour distances and the open-set
-    rule, into ``meta``; each on a bounded sample of rows."""
-    n = len(index)
-    if index.hnsw is not None:
-        meta["recall_at_10"] = recall_at(index, 10)
-        meta["recall_queries"] = min(RECALL_QUERIES, n)
+    """The IVF's ``nprobe`` (the smallest reaching :data:`~linalg.vectors.TARGET_RECALL`)
+    and its recall, the bucket's neighbour distances and the open-set rule, into
+    ``meta`` (``index.nprobe`` set too); each on a bounded sample of rows."""
+    if index.ann is not None:
+        rows = recall_rows(len(index))
+        exact = exact_neighbours(index, rows, 10)  # the only exact queries over every row
+        index.nprobe, meta["recall_at_10"] = choose_nprobe(index, rows, exact)
+        meta["ivf"].update(nprobe=index.nprobe, target_recall=TARGET_RECALL)
+        meta["recall_queries"] = int(len(rows))
     else:
         meta["recall_at_10"] = 1.0  # exact search, by construction
-    meta["neighbour_distance"] = neighbour_distances(index)
+    # With an IVF index, found by its own search (as the app's queries are): exact
+    # queries over a million rows cost ~20 ms each.
+    meta["neighbour_distance"] = neighbour_distances(index, exact=index.ann is None)
     meta["open_set"] = open_set_rule(shards)
     meta["statistics_generation"] = generation
 

@@ -4,7 +4,7 @@ Each partition of ``RESULTS/projections`` (``path, label, pca`` and the ``thumb`
 features carried) becomes one shard, written by the task that reads it, one Arrow
 batch (a chunk of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows) at a time.
 The driver gets one small row per shard (its name and counts) and then holds what
-the index itself must hold: the HNSW graph over the vectors, which it builds from
+the index itself must hold: the IVF index over the vectors, which it builds from
 the shards' memory-mapped vectors, shard by shard.  A RESULTS on a Hadoop
 filesystem (``s3a://``, ``hdfs:``) gets its shards through the driver's local disk,
 one partition at a time (``toLocalIterator``), and the finished folder is copied up

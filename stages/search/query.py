@@ -57,7 +57,7 @@ def _stamp(path: str) -> Tuple[int, int, int]:
 
 class SearchIndex:
     """``RESULTS/index/`` loaded for queries: every file memory-mapped, a row's path,
-    label and thumbnail read by row id when asked; the HNSW graph (if any) in memory."""
+    label and thumbnail read by row id when asked; the IVF index (if any) in memory."""
 
     def __init__(self, results: str) -> None:
         base = os.path.join(local_results(results), INDEX_DIR)
@@ -77,14 +77,15 @@ class SearchIndex:
             raise UsageError(
                 f"{base} is incomplete ({exc}): run `fruits-pipeline index {results}`"
             ) from None
-        hnsw = None
-        if self.meta["kind"] == "faiss-hnsw":
+        ann, nprobe = None, 16
+        if self.meta["kind"] == "faiss-ivf":
             import faiss
 
-            hnsw = faiss.read_index(os.path.join(base, self.meta["hnsw"]["file"]))
-        self.vectors = VectorIndex(self.rows, hnsw)
+            ann = faiss.read_index(os.path.join(base, self.meta["ivf"]["file"]))
+            nprobe = int(self.meta["ivf"]["nprobe"])
+        self.vectors = VectorIndex(self.rows, ann, nprobe)
         if len(self.rows) != self.meta["rows"] or (
-            hnsw is not None and hnsw.ntotal != len(self.rows)
+            ann is not None and ann.ntotal != len(self.rows)
         ):
             raise UsageError(f"{base} is inconsistent: run `fruits-pipeline index {results}`")
         names = self.rows.label_names

@@ -144,16 +144,17 @@ def test_watch_results_adds_a_generation_that_similar_finds(spark, tmp_path):
     copy_images(FILES[:30], bucket)
     featurize_incremental(spark, str(bucket), str(features))
     reduce_features(spark, str(features), str(results), k=5, index=False)
-    # An HNSW index (its limit lowered): the new rows go into the graph, not a rebuild.
+    # An IVF index (its limit lowered): the new rows go into its lists, not a rebuild.
     build_index(spark, str(results), exact_max_elements=50)
     engine = QueryEngine(str(results))
-    assert engine.index.meta["kind"] == "faiss-hnsw" and engine.index.meta["generation"] == 1
+    assert engine.index.meta["kind"] == "faiss-ivf" and engine.index.meta["generation"] == 1
     copy_images(FILES[80:86], bucket)
     opts = WatchParams(weights="bundled", available_now=True, results=str(results))
     watch(spark, str(bucket), str(features), opts)
     meta = json.loads((results / "index" / "index.json").read_text())
     assert meta["generation"] == 2 and meta["rows"] == 36 and meta["appended_rows"] == 6
-    assert meta["kind"] == "faiss-hnsw" and meta["hnsw"]["file"] == "hnsw-00002.faiss"
+    assert meta["kind"] == "faiss-ivf" and meta["ivf"]["file"] == "ivf-00002.faiss"
+    assert meta["ivf"]["trained_rows"] == 30  # 36 rows: under twice the k-means' rows
     assert engine.refresh(wait=True) and len(engine.index) == 36
     assert _top(engine, FILES[83])["path"].endswith(f"/{FILES[83].name}")
     assert _top(QueryEngine(str(results)), FILES[81])["path"].endswith(f"/{FILES[81].name}")
