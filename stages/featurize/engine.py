@@ -31,6 +31,8 @@ from stages.featurize.litert import (
     litert_featurizer,
     litert_version,
     litert_versions,
+    remember_conversion,
+    remembered_conversion,
 )
 from stages.featurize.model import (
     BUNDLED_ALPHA,
@@ -139,9 +141,18 @@ def prepare_model(
             versions=litert_versions(info["converter_version"]),
         )
     else:
-        keras_spec, weights = resolve_weights(source, alpha)
-        data, version = cached_conversion(keras_spec, weights)
-        spec = dataclasses.replace(keras_spec, engine="litert", versions=litert_versions(version))
+        # Every source but the bundled file defaults to alpha 1.0 (resolve_weights).
+        alpha = 1.0 if alpha is None else alpha
+        remembered = remembered_conversion(source, alpha)
+        if remembered is not None:
+            spec, data = remembered
+        else:
+            keras_spec, weights = resolve_weights(source, alpha)
+            data, version = cached_conversion(keras_spec, weights)
+            spec = dataclasses.replace(
+                keras_spec, engine="litert", versions=litert_versions(version)
+            )
+            remember_conversion(source, alpha, spec, data)
     _PREPARED.clear()
     _PREPARED[key] = (spec, data)
     return spec, data

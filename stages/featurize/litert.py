@@ -260,3 +260,70 @@ def litert_featurizer(model: bytes, threads: int = 1) -> Callable[[np.ndarray], 
         return interp.get_tensor(out)  # get_tensor copies: safe across invokes
 
     return featurize
+
+
+# ---------------------------------------------------------------- resolution memo
+
+
+def _keras_imagenet_file(alpha: float) -> Path:
+    """Where Keras keeps the ImageNet weights of MobileNetV2 ``alpha`` (no top, 224 px)
+    once downloaded (``keras.applications.MobileNetV2``'s file name, ``KERAS_HOME``)."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{IMAGE_SIZE}_no_top.h5"
+    return Path(home) / "models" / name
+
+
+def _weights_identity(source: str, alpha: float) -> Optional[List[Any]]:
+    """What the weights of ``source`` at ``alpha`` are, known without TensorFlow: the
+    seed, or the weights file's path, size and time; ``None`` when unknown (an ImageNet
+    file not downloaded yet)."""
+    if source.startswith("random:"):
+        return [source]
+    path = _keras_imagenet_file(alpha) if source == "imagenet" else Path(source).expanduser()
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return None
+    return [source, str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _memo_path(source: str, alpha: float) -> Optional[Path]:
+    ident = _weights_identity(source, alpha)
+    if ident is None:
+        return None
+    key = json.dumps([ident, float(alpha), converter_version(), stages.__version__])
+    return tflite_cache_dir() / f"resolved-{_sha256_bytes(key.encode())[:32]}.json"
+
+
+def remembered_conversion(source: str, alpha: float) -> Optional[Tuple[ModelSpec, bytes]]:
+    """The spec and flatbuffer a previous run resolved for ``source`` at ``alpha``, from
+    the cache, without importing TensorFlow (it takes ~14 CPU-s to import, and building
+    the Keras model to hash its weights more); ``None`` on a miss."""
+    memo = _memo_path(source, alpha)
+    if memo is None:
+        return None
+    try:
+        saved = json.loads(memo.read_text())
+        data = (tflite_cache_dir() / saved["tflite"]).read_bytes()
+        if _sha256_bytes(data) != saved["tflite_sha256"]:
+            return None
+        spec = ModelSpec(**{**saved["spec"], "versions": litert_versions(converter_version())})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    logger.debug("featurize: weights and TFLite model from the cache: %s", memo)
+    return spec, data
+
+
+def remember_conversion(source: str, alpha: float, spec: ModelSpec, data: bytes) -> None:
+    """Keep what :func:`remembered_conversion` reads (best effort: a read-only cache only
+    costs the next run the import)."""
+    memo = _memo_path(source, alpha)
+    if memo is None:
+        return
+    name = f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{converter_version()}.tflite"
+    saved = {"spec": spec.to_dict(), "tflite": name, "tflite_sha256": _sha256_bytes(data)}
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(memo, json.dumps(saved).encode())
+    except OSError as exc:
+        logger.debug("featurize: resolution not cached (%s)", exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,33 @@ def test_conversion_is_cached_by_weights_alpha_and_converter(
     monkeypatch.setattr(engine, "_PREPARED", {})
     with pytest.raises(AssertionError, match="converted again"):
         engine.prepare_model("random:5", 0.35, "litert")
+
+
+@pytest.mark.slow
+def test_a_second_run_of_converted_weights_imports_no_tensorflow(tmp_path, fresh_prepared):
+    """Weights other than the bundled file (random, ImageNet, a .h5) are built with Keras
+    once; a later run, a new process, reads their spec and flatbuffer from the cache
+    without importing TensorFlow (~14 CPU-s on the driver of every run, before)."""
+    env = dict(os.environ, FRUITS_CACHE=str(tmp_path))
+    code = (
+        "import sys, hashlib\n"
+        "from stages.featurize.engine import prepare_model\n"
+        "spec, data = prepare_model('random:5', 0.35, 'litert')\n"
+        "print(spec.weights_sha256, spec.weights_source, spec.feature_dim,"
+        " hashlib.sha256(data).hexdigest(), 'tensorflow' in sys.modules)\n"
+    )
+
+    def run() -> list:
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            check=True,
+        )  # fmt: skip
+        return out.stdout.split()
+
+    first, second = run(), run()
+    assert first[-1] == "True" and second[-1] == "False"  # built once, then remembered
+    assert first[:-1] == second[:-1] and second[1] == "random:5"
+    assert len(list((tmp_path / "tflite").glob("resolved-*.json"))) == 1  # one memo
 
 
 @pytest.mark.tensorflow
