@@ -4,7 +4,9 @@ Every read goes through :mod:`stages.storage.fs`: a local ``RESULTS`` with pyarr
 files (no Spark, a second or two), any URI Spark reads given a SparkSession.  Nothing
 the driver holds grows with the rows (:mod:`stages.report.rows`): the counts per class,
 a sample of at most :data:`SCATTER_POINTS` rows for the scatter, at most
-:data:`MAX_ERROR_ROWS` error rows, and a few thumbnails' bytes.
+:data:`MAX_ERROR_ROWS` error rows, and a few thumbnails, taken from the projections'
+``thumb`` (a photo is opened only for a row without one: RESULTS made before
+featurize kept thumbnails).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from stages.base.contract import THUMB_PX
 from stages.base.errors import UsageError
 from stages.report.rows import SCATTER_POINTS, ProjectionRows, read_local, read_spark
 from stages.storage.fs import FileSystem, HadoopFileSystem, filesystem, local_path
@@ -36,7 +39,8 @@ __all__ = [
 ]
 
 THUMBNAILS_PER_CLASS = 4
-THUMBNAIL_PX = 80
+# The size featurize makes its thumbnails at, so a photo's fallback thumbnail matches them.
+THUMBNAIL_PX = THUMB_PX
 # The page lists at most this many error rows (the counts per class are complete).
 MAX_ERROR_ROWS = 500
 _HOW = "give the folder written by `fruits-pipeline reduce FEATURES RESULTS` (or `run`)"
@@ -223,28 +227,48 @@ def _image_bytes(fs: FileSystem, uri: str) -> Optional[bytes]:
     return None
 
 
-def _thumbnail(data: bytes, px: int) -> Optional[str]:
+def _thumbnail(data: bytes) -> Optional[str]:
     from stages.featurize.images import thumbnail_jpeg
 
-    jpeg = thumbnail_jpeg(data, px, quality=85)
-    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    # featurize's size and quality: the same picture as a thumb made there.
+    jpeg = thumbnail_jpeg(data, THUMBNAIL_PX, quality=80)
+    return None if jpeg is None else _data_uri(jpeg)
+
+
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def _read_thumbnails(fs: FileSystem, data: ReportData, rows: ProjectionRows) -> None:
+    """Each class's first rows' ``thumb``; the photo only where a row has none."""
     skipped: List[str] = []
+    opened = 0
     for label in sorted(rows.firsts):
         shown = []
         for p in rows.firsts[label]:
+            thumb = rows.thumbs.get(p)
+            if thumb is not None:
+                shown.append((p, _data_uri(thumb)))
+                continue
+            opened += 1
             raw = _image_bytes(fs, p)
-            uri = _thumbnail(raw, THUMBNAIL_PX) if raw else None
+            uri = _thumbnail(raw) if raw else None
             if uri is None:
                 skipped.append(p)
             else:
                 shown.append((p, uri))
         data.thumbnails[label] = shown
+    made = opened - len(skipped)
+    if made:
+        data.notes.append(
+            f"{made} thumbnail(s) made from the photos: their projections rows carry no "
+            "thumb (features made before featurize kept thumbnails; `featurize --overwrite` "
+            "then `reduce --overwrite` adds them)."
+        )
     if skipped:
         data.notes.append(
-            f"{len(skipped)} thumbnail(s) skipped: image not readable from here "
+            f"{len(skipped)} thumbnail(s) skipped: no thumb in the projections and the image "
+            "not readable from here "
             f"(e.g. {skipped[0]}); copy the images locally or pass a SparkSession."
         )
 

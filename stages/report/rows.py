@@ -2,8 +2,8 @@
 
 The driver keeps the exact row count of each class, a sample of at most
 :data:`SCATTER_POINTS` rows for the scatter (two components and a label each), and
-the first few paths of each class (for the thumbnails); never a list of all the
-rows. A local table is streamed through pyarrow in batches (peak memory: one
+the first few rows of each class by path with their ``thumb``; never a list of all
+the rows. A local table is streamed through pyarrow in batches (peak memory: one
 batch plus what is kept); through Spark, the executors count and choose, and only
 the chosen rows reach the driver.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -45,12 +45,15 @@ class ProjectionRows:
         The sample's first two components.
     firsts : dict
         Class -> its first paths (by path), for the thumbnails.
+    thumbs : dict
+        Path (of ``firsts``) -> its ``thumb`` bytes, None where the row has none.
     """
 
     counts: Dict[str, int]
     labels: List[str]
     pcs: np.ndarray
     firsts: Dict[str, List[str]] = field(default_factory=dict)
+    thumbs: Dict[str, Optional[bytes]] = field(default_factory=dict)
 
 
 def quotas(counts: Mapping[str, int], bound: int) -> Dict[str, int]:
@@ -124,12 +127,18 @@ def _firsts(table) -> Dict[str, List[str]]:
     return out
 
 
+def _thumbs(table, wanted: Dict[str, List[str]]) -> Dict[str, Optional[bytes]]:
+    """Path -> thumb of the rows of ``table`` (``path, thumb``), for every wanted path."""
+    found = dict(zip(table.column("path").to_pylist(), table.column("thumb").to_pylist()))
+    return {p: found.get(p) for paths in wanted.values() for p in paths}
+
+
 def read_local(path: str, bound: int, per_class: int) -> ProjectionRows:
     """:class:`ProjectionRows` of a local projections folder, streamed with pyarrow.
 
-    Two passes, each holding one batch and what it keeps: labels and paths (the
+    Three passes, each holding one batch and what it keeps: labels and paths (the
     counts and each class's first paths), then path, label and two components (the
-    sample).
+    sample), then ``thumb`` of the chosen paths only.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -154,17 +163,23 @@ def read_local(path: str, bound: int, per_class: int) -> ProjectionRows:
                          "path": batch.column("path"), "head": head})  # fmt: skip
         part = part if kept is None else pa.concat_tables([kept, part])
         kept = _first_per_class(part, ["key", "path"], quota)
-    return _rows(counts, kept, _firsts(firsts) if firsts is not None else {})
+    chosen = _firsts(firsts) if firsts is not None else {}
+    thumbs: Dict[str, Optional[bytes]] = {p: None for ps in chosen.values() for p in ps}
+    if chosen and "thumb" in dataset.schema.names:
+        wanted = pa.array(list(thumbs), pa.string())
+        table = dataset.to_table(columns=["path", "thumb"], filter=ds.field("path").isin(wanted))
+        thumbs = _thumbs(table, chosen)
+    return _rows(counts, kept, chosen, thumbs)
 
 
-def _rows(counts, sample, firsts) -> ProjectionRows:
+def _rows(counts, sample, firsts, thumbs) -> ProjectionRows:
     labels = [] if sample is None else sample.column("label").to_pylist()
     pcs = (
         np.zeros((0, 0))
         if sample is None
         else _leading_components(sample.column("head").combine_chunks())
     )
-    return ProjectionRows(dict(sorted(counts.items())), labels, pcs, firsts)
+    return ProjectionRows(dict(sorted(counts.items())), labels, pcs, firsts, thumbs)
 
 
 def _collect(df):
@@ -208,4 +223,8 @@ def read_spark(spark, uri: str, bound: int, per_class: int) -> ProjectionRows:
             [("label", "ascending"), ("path", "ascending")]
         )
     chosen = _firsts(firsts) if firsts is not None and per_class > 0 else {}
-    return _rows(counts, sample, chosen)
+    thumbs: Dict[str, Optional[bytes]] = {p: None for ps in chosen.values() for p in ps}
+    if chosen and "thumb" in df.columns:
+        wanted = df.where(F.col("path").isin(list(thumbs))).select("path", "thumb")
+        thumbs = _thumbs(_collect(wanted), chosen)
+    return _rows(counts, sample, chosen, thumbs)

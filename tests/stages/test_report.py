@@ -445,17 +445,30 @@ def test_report_lists_error_rows_from_features(results_dir, sample_features, tmp
     )
 
 
+def _projections(results: Path, change) -> None:
+    """Rewrite each part of ``results/projections`` as ``change(table)``."""
+    import pyarrow.parquet as pq
+
+    for part in (results / "projections").glob("part-*.parquet"):
+        pq.write_table(change(pq.read_table(part)), part)
+
+
+def _thumb_notes(page: Page) -> List[str]:
+    return [n for n in page.notes if "thumbnail(s)" in n]
+
+
 @pytest.mark.slow
 def test_report_skips_unreadable_thumbnails_with_a_note(results_dir, tmp_path):
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     results = tmp_path / "Results"
     shutil.copytree(results_dir, results)
-    for part in (results / "projections").glob("part-*.parquet"):
-        t = pq.read_table(part)
+
+    def old_and_remote(t):  # written before thumbs were kept, photos on S3
         s3 = pc.replace_substring_regex(t.column("path"), r"^file:.*/fruits360/", "s3://b/Test/")
-        pq.write_table(t.set_column(0, "path", s3), part)
+        return t.set_column(0, "path", s3).drop_columns(["thumb"])
+
+    _projections(results, old_and_remote)
     (results / "summary.json").write_text(
         json.dumps({**json.loads((results / "summary.json").read_text()), "features": "s3://b/F/"})
     )
@@ -466,8 +479,71 @@ def test_report_skips_unreadable_thumbnails_with_a_note(results_dir, tmp_path):
     assert len(page.notes) == 2
     assert page.notes[0].startswith("features s3://b/F/ not reachable from here")
     assert page.notes[1].startswith(
-        "40 thumbnail(s) skipped: image not readable from here (e.g. s3://b/Test/"
+        "40 thumbnail(s) skipped: no thumb in the projections and the image not readable "
+        "from here (e.g. s3://b/Test/"
     )
+
+
+@pytest.mark.slow
+def test_report_thumbnails_come_from_thumb_when_the_photos_are_gone(results_dir, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+    gone = tmp_path / "deleted after reduce"  # the photos' folder, no longer there
+
+    def moved(t):
+        paths = pc.replace_substring_regex(
+            t.column("path"), r"^file:.*/fruits360/", f"file:{gone}/"
+        )
+        return t.set_column(0, "path", paths)
+
+    _projections(results, moved)
+    made = pq.read_table(results / "projections", columns=["path", "thumb"]).to_pydict()
+    thumbs = dict(zip(made["path"], made["thumb"]))
+
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    shown = page.images("thumb")
+    assert not gone.exists()
+    assert _thumb_notes(page) == []
+    assert len(shown) == 10 * report.THUMBNAILS_PER_CLASS
+    for img in shown:
+        assert base64.b64decode(img["src"].split(",", 1)[1]) == thumbs[img["alt"]]
+    # Each class's first paths, in order.
+    by_class: Dict[str, List[str]] = {}
+    for p in sorted(thumbs):
+        by_class.setdefault(p.rsplit("/", 2)[1], []).append(p)
+    expected = [p for name in sorted(by_class) for p in by_class[name][:4]]
+    assert [img["alt"] for img in shown] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old", ["no thumb column", "null thumbs in one class"])
+def test_report_of_old_results_makes_thumbnails_from_the_photos(results_dir, tmp_path, old):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+
+    def without(t):
+        if old == "no thumb column":
+            return t.drop_columns(["thumb"])
+        kiwi = pc.equal(t.column("label"), "Kiwi")
+        thumb = pc.if_else(kiwi, pa.nulls(t.num_rows, pa.binary()), t.column("thumb"))
+        return t.set_column(t.schema.get_field_index("thumb"), "thumb", thumb)
+
+    _projections(results, without)
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    opened = 40 if old == "no thumb column" else 4
+    assert len(page.images("thumb")) == 10 * report.THUMBNAILS_PER_CLASS
+    assert all(max(_decode(a["src"]).size) == report.THUMBNAIL_PX for a in page.images("thumb"))
+    assert _thumb_notes(page) == [
+        f"{opened} thumbnail(s) made from the photos: their projections rows carry no thumb "
+        "(features made before featurize kept thumbnails; `featurize --overwrite` then "
+        "`reduce --overwrite` adds them)."
+    ]
 
 
 @pytest.mark.slow
