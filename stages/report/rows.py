@@ -22,6 +22,8 @@ from typing import Dict, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
+from stages.base.arrow_rdd import read_batch, to_arrow_batches
+
 __all__ = ["SCATTER_POINTS", "ProjectionRows", "quotas", "read_local", "read_spark"]
 
 # The scatter's bound: more points add no information to a 1000-pixel figure, and
@@ -218,8 +220,6 @@ def _rows(counts, sample, firsts, thumbs) -> ProjectionRows:
 def _collect(df):
     """A small DataFrame on the driver as a ``pyarrow.Table`` (Arrow batches, no rows)."""
     import pyarrow as pa
-
-    from stages.base.arrow_rdd import read_batch, to_arrow_batches
 
     rdd, schema, _ = to_arrow_batches(df)
     return pa.Table.from_batches([read_batch(b, schema) for b in rdd.collect()], schema)
