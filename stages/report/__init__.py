@@ -1,9 +1,10 @@
 """``fruits-pipeline report``: one self-contained HTML page of a ``RESULTS`` folder.
 
 The page holds the cumulative explained variance (every component, the chosen k
-marked), the PC1 x PC2 scatter coloured by class, a few thumbnails and the row
-counts per class, the error rows of the features Parquet, the stage timings and
-the Spark ML cross-check.
+marked), the PC1 x PC2 scatter coloured by class (a stratified sample of at most
+``SCATTER_POINTS`` rows), a few thumbnails and the exact row counts per class,
+the error rows of the features Parquet, the stage timings and the Spark ML
+cross-check.
 
 Three layers, each importing only the one before it:
 
@@ -21,18 +22,25 @@ from typing import Optional
 from stages.base.errors import UsageError
 from stages.report.data import (
     MAX_ERROR_ROWS,
+    SCATTER_POINTS,
     THUMBNAIL_PX,
     THUMBNAILS_PER_CLASS,
     ReportData,
     load_results,
 )
-from stages.report.figures import LEGEND_ROWS, plot_explained_variance, plot_projection
+from stages.report.figures import (
+    LEGEND_ROWS,
+    plot_explained_variance,
+    plot_projection,
+    projection_figure,
+)
 from stages.report.html import render_html
 from stages.storage.fs import filesystem, local_path
 
 __all__ = [
     "LEGEND_ROWS",
     "MAX_ERROR_ROWS",
+    "SCATTER_POINTS",
     "THUMBNAILS_PER_CLASS",
     "THUMBNAIL_PX",
     "ReportData",
@@ -40,6 +48,7 @@ __all__ = [
     "local_path",
     "plot_explained_variance",
     "plot_projection",
+    "projection_figure",
     "render_html",
     "write_report",
 ]
@@ -50,6 +59,7 @@ def write_report(
     out: Optional[str] = None,
     spark=None,
     thumbnails_per_class: int = THUMBNAILS_PER_CLASS,
+    scatter_points: int = SCATTER_POINTS,
 ) -> str:
     """Write the HTML report of ``results`` and return where it went.
 
@@ -63,6 +73,8 @@ def write_report(
     spark : SparkSession, optional
         Read (and write) through Spark; needed for ``s3://``.
     thumbnails_per_class : int
+    scatter_points : int
+        The scatter's bound (a stratified sample of at most this many rows).
 
     Returns
     -------
@@ -74,7 +86,7 @@ def write_report(
     UsageError
         Missing or invalid RESULTS, or a remote one without ``spark``.
     """
-    data = load_results(results, spark, thumbnails_per_class)
+    data = load_results(results, spark, thumbnails_per_class, scatter_points)
     page = render_html(data).encode("utf-8")
     if out is None:
         out = results.rstrip("/") + "/report.html"

@@ -1,9 +1,12 @@
 """What the report shows, read from a ``RESULTS`` folder (and the features it names).
 
 Every read goes through :mod:`stages.storage.fs`: a local ``RESULTS`` with pyarrow and plain
-files (no Spark, a second or two), any URI Spark reads given a SparkSession.  Only
-small things reach the driver: two components per row, the error rows, and a few
-thumbnails' bytes.
+files (no Spark, a second or two), any URI Spark reads given a SparkSession.  Nothing
+the driver holds grows with the rows (:mod:`stages.report.rows`): the counts per class,
+a sample of at most :data:`SCATTER_POINTS` rows for the scatter, at most
+:data:`MAX_ERROR_ROWS` error rows, and a few thumbnails, taken from the projections'
+``thumb`` (a photo is opened only for a row without one: RESULTS made before
+featurize kept thumbnails).
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from stages.base.contract import THUMB_PX
 from stages.base.errors import UsageError
+from stages.report.rows import SCATTER_POINTS, ProjectionRows, read_local, read_spark
 from stages.storage.fs import FileSystem, HadoopFileSystem, filesystem, local_path
 from stages.storage.layout import Results
 
 __all__ = [
     "MAX_ERROR_ROWS",
+    "SCATTER_POINTS",
     "THUMBNAILS_PER_CLASS",
     "THUMBNAIL_PX",
     "ReportData",
@@ -33,7 +39,8 @@ __all__ = [
 ]
 
 THUMBNAILS_PER_CLASS = 4
-THUMBNAIL_PX = 80
+# The size featurize makes its thumbnails at, so a photo's fallback thumbnail matches them.
+THUMBNAIL_PX = THUMB_PX
 # The page lists at most this many error rows (the counts per class are complete).
 MAX_ERROR_ROWS = 500
 _HOW = "give the folder written by `fruits-pipeline reduce FEATURES RESULTS` (or `run`)"
@@ -50,9 +57,12 @@ class ReportData:
         ``summary.json``.
     explained_variance_ratio : ndarray of shape (n_features,)
         Every component's share (``pca_model/arrays.npz``), not only the first k.
-    paths, labels : list of str, length n_samples
-    pcs : ndarray of shape (n_samples, min(k, 2))
-        The first two principal components of each row.
+    counts : dict
+        Rows in the PCA per class (exact).
+    labels : list of str
+        The scatter's sample (at most ``SCATTER_POINTS`` rows, stratified by class).
+    pcs : ndarray of shape (len(labels), min(k, 2))
+        The sample's first two principal components.
     errors : list of (path, label, reason), or None when the features were not reachable
     error_counts : dict
         Error rows per class (all of them, ``errors`` may be cut at ``MAX_ERROR_ROWS``).
@@ -60,18 +70,21 @@ class ReportData:
         Class -> list of ``(path, data URI)``.
     notes : list of str
         What the page could not show, and why.
+    scatter_points : int
+        The bound the sample was drawn with.
     """
 
     results: str
     summary: Dict[str, Any]
     explained_variance_ratio: np.ndarray
-    paths: List[str]
+    counts: Dict[str, int]
     labels: List[str]
     pcs: np.ndarray
     errors: Optional[List[Tuple[str, str, str]]] = None
     error_counts: Dict[str, int] = field(default_factory=dict)
     thumbnails: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    scatter_points: int = SCATTER_POINTS
 
     @property
     def k(self) -> int:
@@ -84,9 +97,14 @@ class ReportData:
         featurize = self.summary.get("featurize") or {}
         return featurize.get("output") or self.summary.get("features")
 
+    @property
+    def rows(self) -> int:
+        """Rows in the PCA (all of them; the scatter may show a sample)."""
+        return sum(self.counts.values())
+
     def class_counts(self) -> Dict[str, int]:
         """Rows in the PCA per class, by class name."""
-        return dict(sorted(Counter(self.labels).items()))
+        return dict(sorted(self.counts.items()))
 
 
 def open_results(results: str, spark=None) -> FileSystem:
@@ -143,29 +161,16 @@ def _read_ratio(fs: FileSystem, base: str, results: str) -> np.ndarray:
         ) from None
 
 
-def _leading_components(pca) -> np.ndarray:
-    """An Arrow list column of equal-length rows as an (n, length) float64 array."""
-    import pyarrow.compute as pc
-
-    n = len(pca)
-    lengths = pc.min_max(pc.list_value_length(pca)).as_py() if n else {"min": 0, "max": 0}
-    if lengths["min"] != lengths["max"]:
-        raise ValueError(f"pca arrays of {lengths['min']} to {lengths['max']} values")
-    values = pc.list_flatten(pca).to_numpy(zero_copy_only=False)
-    # Every row has as many values (one fit): the flat buffer is (n, length).
-    return np.asarray(values, dtype=np.float64).reshape(n, int(lengths["min"] or 0))
-
-
 def _read_projections(
-    fs: FileSystem, base: str, results: str
-) -> Tuple[List[str], List[str], np.ndarray]:
+    fs: FileSystem, base: str, results: str, bound: int, per_class: int
+) -> ProjectionRows:
     uri = Results(base).projections
     if not fs.exists(uri):
         raise UsageError(f"{results} has no projections/: {_HOW}")
     try:
-        table = fs.read_parquet(uri, ["path", "label", "pca"], list_head=("pca", 2))
-        pcs = _leading_components(table.column("pca").combine_chunks())
-        return table.column("path").to_pylist(), table.column("label").to_pylist(), pcs
+        if isinstance(fs, HadoopFileSystem):
+            return read_spark(fs.spark, uri, bound, per_class)
+        return read_local(local_path(uri) or uri, bound, per_class)
     except UsageError:
         raise
     except Exception as exc:  # pyarrow's and Spark's errors for a bad table differ
@@ -222,37 +227,57 @@ def _image_bytes(fs: FileSystem, uri: str) -> Optional[bytes]:
     return None
 
 
-def _thumbnail(data: bytes, px: int) -> Optional[str]:
+def _thumbnail(data: bytes) -> Optional[str]:
     from stages.featurize.images import thumbnail_jpeg
 
-    jpeg = thumbnail_jpeg(data, px, quality=85)
-    return None if jpeg is None else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    # featurize's size and quality: the same picture as a thumb made there.
+    jpeg = thumbnail_jpeg(data, THUMBNAIL_PX, quality=80)
+    return None if jpeg is None else _data_uri(jpeg)
 
 
-def _read_thumbnails(fs: FileSystem, data: ReportData, per_class: int) -> None:
-    by_class: Dict[str, List[str]] = {}
-    for p, label in zip(data.paths, data.labels):
-        by_class.setdefault(label, []).append(p)
+def _data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+def _read_thumbnails(fs: FileSystem, data: ReportData, rows: ProjectionRows) -> None:
+    """Each class's first rows' ``thumb``; the photo only where a row has none."""
     skipped: List[str] = []
-    for label in sorted(by_class):
+    opened = 0
+    for label in sorted(rows.firsts):
         shown = []
-        for p in sorted(by_class[label])[:per_class]:
+        for p in rows.firsts[label]:
+            thumb = rows.thumbs.get(p)
+            if thumb is not None:
+                shown.append((p, _data_uri(thumb)))
+                continue
+            opened += 1
             raw = _image_bytes(fs, p)
-            uri = _thumbnail(raw, THUMBNAIL_PX) if raw else None
+            uri = _thumbnail(raw) if raw else None
             if uri is None:
                 skipped.append(p)
             else:
                 shown.append((p, uri))
         data.thumbnails[label] = shown
+    made = opened - len(skipped)
+    if made:
+        data.notes.append(
+            f"{made} thumbnail(s) made from the photos: their projections rows carry no "
+            "thumb (features made before featurize kept thumbnails; `featurize --overwrite` "
+            "then `reduce --overwrite` adds them)."
+        )
     if skipped:
         data.notes.append(
-            f"{len(skipped)} thumbnail(s) skipped: image not readable from here "
+            f"{len(skipped)} thumbnail(s) skipped: no thumb in the projections and the image "
+            "not readable from here "
             f"(e.g. {skipped[0]}); copy the images locally or pass a SparkSession."
         )
 
 
 def load_results(
-    results: str, spark=None, thumbnails_per_class: int = THUMBNAILS_PER_CLASS
+    results: str,
+    spark=None,
+    thumbnails_per_class: int = THUMBNAILS_PER_CLASS,
+    scatter_points: int = SCATTER_POINTS,
 ) -> ReportData:
     """Read what the report shows from ``results``.
 
@@ -264,6 +289,8 @@ def load_results(
     spark : SparkSession, optional
         Read through Spark instead of pyarrow (needed for ``s3://``).
     thumbnails_per_class : int
+    scatter_points : int
+        The scatter's bound: at most this many rows, stratified by class.
 
     Raises
     ------
@@ -276,9 +303,10 @@ def load_results(
         raise UsageError(f"RESULTS {results} does not exist: {_HOW}")
     summary = _read_summary(fs, base, results)
     ratio = _read_ratio(fs, base, results)
-    paths, labels, pcs = _read_projections(fs, base, results)
-    data = ReportData(results, summary, ratio, paths, labels, pcs)
+    per_class = max(0, thumbnails_per_class)
+    rows = _read_projections(fs, base, results, scatter_points, per_class)
+    data = ReportData(results, summary, ratio, rows.counts, rows.labels, rows.pcs)
+    data.scatter_points = scatter_points
     _read_errors(fs, data, base)
-    if thumbnails_per_class > 0:
-        _read_thumbnails(fs, data, thumbnails_per_class)
+    _read_thumbnails(fs, data, rows)
     return data

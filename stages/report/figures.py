@@ -11,13 +11,19 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from stages.report.data import ReportData
 
-__all__ = ["LEGEND_ROWS", "figure_data_uris", "plot_explained_variance", "plot_projection"]
+__all__ = [
+    "LEGEND_ROWS",
+    "figure_data_uris",
+    "plot_explained_variance",
+    "plot_projection",
+    "projection_figure",
+]
 
 # Legend entries per column of the scatter's legend (131 classes: 3 columns).
 LEGEND_ROWS = 45
@@ -77,6 +83,7 @@ def plot_projection(
     labels: Sequence[str],
     ratio: Optional[Sequence[float]] = None,
     legend: bool = True,
+    counts: Optional[Mapping[str, int]] = None,
 ) -> List[str]:
     """Scatter PC1 x PC2 coloured by class, with a legend of the class names.
 
@@ -90,6 +97,9 @@ def plot_projection(
         Explained variance ratios, for the axis labels.
     legend : bool
         Put the legend (``class (rows)``) right of the axes.
+    counts : mapping, optional
+        Class -> its rows, for the legend when the points are a sample of them
+        (default: the points of each class).
 
     Returns
     -------
@@ -113,7 +123,7 @@ def plot_projection(
             marker=marker,
             alpha=0.85,
             edgecolors="none",
-            label=f"{name} ({int(rows.sum())})",
+            label=f"{name} ({int(rows.sum()) if counts is None else counts.get(name, 0)})",
         )
     share = (lambda j: f" ({ratio[j]:.1%} of variance)") if ratio is not None else (lambda j: "")
     ax.set_xlabel("PC1" + share(0))
@@ -153,10 +163,22 @@ def figure_data_uris(data: ReportData) -> Tuple[str, Optional[str]]:
     variance = _png(fig)
     if data.pcs.shape[0] == 0 or data.pcs.shape[1] == 0:
         return variance, None
-    n_classes = len(set(data.labels))
+    return variance, _png(projection_figure(data))
+
+
+def projection_figure(data: ReportData):
+    """The PC1 x PC2 scatter of ``data``'s sample, its legend giving every class's rows,
+    on a ``matplotlib.figure.Figure`` (Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_classes = len(data.counts)
     ncol = _legend_columns(n_classes)
     # Tall enough for LEGEND_ROWS legend entries (x-small: about 0.17 inch each).
     fig = Figure(figsize=(7.5 + 2.2 * ncol, max(6.0, 1.0 + min(n_classes, LEGEND_ROWS) * 0.17)))
     FigureCanvasAgg(fig)
-    plot_projection(fig.add_subplot(), data.pcs, data.labels, data.explained_variance_ratio)
-    return variance, _png(fig)
+    ax = fig.add_subplot()
+    plot_projection(ax, data.pcs, data.labels, data.explained_variance_ratio, counts=data.counts)
+    if len(data.labels) < data.rows:
+        ax.set_title(f"{ax.get_title()}\n(a sample of {len(data.labels):,} of {data.rows:,} rows)")
+    return fig

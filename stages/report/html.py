@@ -85,7 +85,7 @@ def _overview(data: ReportData) -> str:
         ("features", _td(data.features or "-")),
         ("rows in the PCA", _td(s.get("rows"), True)),
         ("error rows (skipped)", _td(s.get("error_rows"), True)),
-        ("classes", _td(len(set(data.labels)), True)),
+        ("classes", _td(len(data.counts), True)),
         ("features per image", _td(s.get("n_features", data.explained_variance_ratio.size), True)),
         ("components kept (k)", f'<td class="num">{data.k} ({_e(how)})</td>'),
         ("explained variance at k", f'<td class="num">{cum:.2%}</td>'),
@@ -207,13 +207,30 @@ def _check_section(data: ReportData) -> str:
     )
 
 
+def _shown(data: ReportData) -> str:
+    n = len(data.labels)
+    return f"{n:,} rows" if n == data.rows else f"a sample of {n:,} of {data.rows:,} rows"
+
+
+def _sample_caption(data: ReportData) -> str:
+    """What the scatter shows when it is a sample (the counts per class are exact)."""
+    if len(data.labels) == data.rows:
+        return ""
+    return (
+        f'<p class="caption">A sample of {len(data.labels):,} of {data.rows:,} rows, at most '
+        f"{data.scatter_points:,} whatever the size: each class up to a common cap (smaller "
+        "classes whole, so they stay visible), the same rows on every run (the smallest MD5 "
+        "of their path). The legend and the table below count every row.</p>"
+    )
+
+
 def render_html(data: ReportData) -> str:
     """The report page of ``data``: one HTML document, every image a ``data:`` URI."""
     variance_png, scatter_png = figure_data_uris(data)
     s = data.summary
     scatter = (
         f'<img class="figure" src="{scatter_png}" alt="PC1 x PC2 scatter of '
-        f'{len(data.labels)} rows in {len(set(data.labels))} classes">'
+        f'{_shown(data)} in {len(data.counts)} classes">' + _sample_caption(data)
         if scatter_png
         else '<p class="note">No projections to draw.</p>'
     )

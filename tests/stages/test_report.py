@@ -220,6 +220,71 @@ def test_plot_explained_variance_marks_k():
     assert "k = 2: 80.0%" in texts and "target 80%" in texts
 
 
+@pytest.mark.parametrize(
+    ("counts", "bound", "expected"),
+    [
+        ({"a": 3, "b": 5}, 10, {"a": 3, "b": 5}),  # under the bound: every row
+        ({"a": 2, "b": 50, "c": 60}, 20, {"a": 2, "b": 9, "c": 9}),  # small class whole
+        ({"a": 2, "b": 50, "c": 60}, 21, {"a": 2, "b": 10, "c": 9}),  # remainder by name
+        ({"a": 5, "b": 5, "c": 5}, 2, {"a": 1, "b": 1, "c": 0}),
+    ],
+)
+def test_sample_quotas(counts, bound, expected):
+    from stages.report.rows import quotas
+
+    assert quotas(counts, bound) == expected
+
+
+def _tiled(results_dir: Path, out: Path, copies: Dict[str, int]) -> Dict[str, int]:
+    """A copy of ``results_dir`` whose projections repeat each class's real rows
+    ``copies[class]`` times under new paths (no thumbs); returns the rows per class."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    shutil.copytree(results_dir, out)
+    real = pq.read_table(out / "projections", columns=["path", "label", "pca"])
+    shutil.rmtree(out / "projections")
+    (out / "projections").mkdir()
+    counts: Dict[str, int] = {}
+    for name in sorted(set(real.column("label").to_pylist())):
+        rows = real.filter(pc.equal(real.column("label"), name))
+        n = copies.get(name, 1)
+        tiled = pa.concat_tables([rows] * n)
+        copy = np.repeat(np.arange(n), rows.num_rows).astype(str)
+        paths = pc.binary_join_element_wise(tiled.column("path"), pa.array(copy), "#")
+        pq.write_table(
+            tiled.set_column(0, "path", paths), out / "projections" / f"part-{name}.parquet"
+        )
+        counts[name] = tiled.num_rows
+    return counts
+
+
+@pytest.mark.slow
+def test_report_holds_a_bounded_sample_and_exact_counts(results_dir, tmp_path):
+    # One class of 10 rows among nine of 3000: more rows than the scatter's bound.
+    names = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
+    counts = _tiled(results_dir, tmp_path / "Results", {n: 300 for n in names[1:]})
+    total = sum(counts.values())
+    assert total > report.SCATTER_POINTS
+
+    data = report.load_results(str(tmp_path / "Results"), thumbnails_per_class=0)
+    ax = report.projection_figure(data).axes[0]
+    drawn = sum(len(c.get_offsets()) for c in ax.collections)
+    in_sample = Counter(data.labels)
+    assert data.counts == counts and data.rows == total
+    assert len(data.labels) == drawn == report.SCATTER_POINTS
+    assert in_sample[names[0]] == 10  # the small class whole
+    assert {in_sample[n] for n in names[1:]} == {2221, 2222}  # the others capped alike
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [f"{n} ({counts[n]})" for n in names]
+    page = report.render_html(data)
+    assert f"PC1 x PC2 scatter of a sample of 20,000 of {total:,} rows in 10 classes" in page
+    assert f"A sample of 20,000 of {total:,} rows, at most 20,000 whatever the size" in page
+    rows = Page(page).table("classes")
+    assert [(r[0], int(r[1].replace(",", ""))) for r in rows[:-1]] == sorted(counts.items())
+
+
 # ----------------------------------------------------------------------------- real RESULTS
 
 
@@ -380,17 +445,30 @@ def test_report_lists_error_rows_from_features(results_dir, sample_features, tmp
     )
 
 
+def _projections(results: Path, change) -> None:
+    """Rewrite each part of ``results/projections`` as ``change(table)``."""
+    import pyarrow.parquet as pq
+
+    for part in (results / "projections").glob("part-*.parquet"):
+        pq.write_table(change(pq.read_table(part)), part)
+
+
+def _thumb_notes(page: Page) -> List[str]:
+    return [n for n in page.notes if "thumbnail(s)" in n]
+
+
 @pytest.mark.slow
 def test_report_skips_unreadable_thumbnails_with_a_note(results_dir, tmp_path):
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     results = tmp_path / "Results"
     shutil.copytree(results_dir, results)
-    for part in (results / "projections").glob("part-*.parquet"):
-        t = pq.read_table(part)
+
+    def old_and_remote(t):  # written before thumbs were kept, photos on S3
         s3 = pc.replace_substring_regex(t.column("path"), r"^file:.*/fruits360/", "s3://b/Test/")
-        pq.write_table(t.set_column(0, "path", s3), part)
+        return t.set_column(0, "path", s3).drop_columns(["thumb"])
+
+    _projections(results, old_and_remote)
     (results / "summary.json").write_text(
         json.dumps({**json.loads((results / "summary.json").read_text()), "features": "s3://b/F/"})
     )
@@ -401,8 +479,71 @@ def test_report_skips_unreadable_thumbnails_with_a_note(results_dir, tmp_path):
     assert len(page.notes) == 2
     assert page.notes[0].startswith("features s3://b/F/ not reachable from here")
     assert page.notes[1].startswith(
-        "40 thumbnail(s) skipped: image not readable from here (e.g. s3://b/Test/"
+        "40 thumbnail(s) skipped: no thumb in the projections and the image not readable "
+        "from here (e.g. s3://b/Test/"
     )
+
+
+@pytest.mark.slow
+def test_report_thumbnails_come_from_thumb_when_the_photos_are_gone(results_dir, tmp_path):
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+    gone = tmp_path / "deleted after reduce"  # the photos' folder, no longer there
+
+    def moved(t):
+        paths = pc.replace_substring_regex(
+            t.column("path"), r"^file:.*/fruits360/", f"file:{gone}/"
+        )
+        return t.set_column(0, "path", paths)
+
+    _projections(results, moved)
+    made = pq.read_table(results / "projections", columns=["path", "thumb"]).to_pydict()
+    thumbs = dict(zip(made["path"], made["thumb"]))
+
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    shown = page.images("thumb")
+    assert not gone.exists()
+    assert _thumb_notes(page) == []
+    assert len(shown) == 10 * report.THUMBNAILS_PER_CLASS
+    for img in shown:
+        assert base64.b64decode(img["src"].split(",", 1)[1]) == thumbs[img["alt"]]
+    # Each class's first paths, in order.
+    by_class: Dict[str, List[str]] = {}
+    for p in sorted(thumbs):
+        by_class.setdefault(p.rsplit("/", 2)[1], []).append(p)
+    expected = [p for name in sorted(by_class) for p in by_class[name][:4]]
+    assert [img["alt"] for img in shown] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("old", ["no thumb column", "null thumbs in one class"])
+def test_report_of_old_results_makes_thumbnails_from_the_photos(results_dir, tmp_path, old):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    results = tmp_path / "Results"
+    shutil.copytree(results_dir, results)
+
+    def without(t):
+        if old == "no thumb column":
+            return t.drop_columns(["thumb"])
+        kiwi = pc.equal(t.column("label"), "Kiwi")
+        thumb = pc.if_else(kiwi, pa.nulls(t.num_rows, pa.binary()), t.column("thumb"))
+        return t.set_column(t.schema.get_field_index("thumb"), "thumb", thumb)
+
+    _projections(results, without)
+    page = Page(Path(report.write_report(str(results))).read_text(encoding="utf-8"))
+    opened = 40 if old == "no thumb column" else 4
+    assert len(page.images("thumb")) == 10 * report.THUMBNAILS_PER_CLASS
+    assert all(max(_decode(a["src"]).size) == report.THUMBNAIL_PX for a in page.images("thumb"))
+    assert _thumb_notes(page) == [
+        f"{opened} thumbnail(s) made from the photos: their projections rows carry no thumb "
+        "(features made before featurize kept thumbnails; `featurize --overwrite` then "
+        "`reduce --overwrite` adds them)."
+    ]
 
 
 @pytest.mark.slow
@@ -411,8 +552,14 @@ def test_report_through_spark_matches_local(spark, built, results_dir, tmp_path)
     via_spark = Page(Path(out).read_text(encoding="utf-8"))
     local = Page(built[1])
     assert via_spark.table("classes") == local.table("classes")
-    assert len(via_spark.images("thumb")) == len(local.images("thumb"))
+    assert via_spark.images("thumb") == local.images("thumb")
     assert via_spark.table("spark-ml") == local.table("spark-ml")
+    # A sample (the bound forced below the rows): the same rows through either reader.
+    a = report.load_results(str(results_dir), scatter_points=37)
+    b = report.load_results(str(results_dir), spark=spark, scatter_points=37)
+    assert len(a.labels) == 37 and a.pcs.shape == (37, 2)
+    assert (b.labels, b.counts) == (a.labels, a.counts)
+    np.testing.assert_array_equal(b.pcs, a.pcs)
 
 
 @pytest.mark.slow

@@ -1,0 +1,149 @@
+"""What the report's driver holds at 100k ... 1M projection rows: bounded, or every row.
+
+Projections of the shape ``reduce`` writes (``path, label, pca double[50], thumb``;
+131 classes of uneven sizes, values random, a 2.5 kB thumb a row, files of 20,000
+rows) are generated once per size.  Each reader runs in its own process (its peak
+RSS, ``ru_maxrss``, is its own) and draws the scatter to PNG:
+
+- ``every row``: the reader before issue 21's report change, every row's path,
+  label and two components on the driver, one point per row;
+- ``bounded``: :func:`stages.report.rows.read_local` (exact counts, a sample of at
+  most ``SCATTER_POINTS`` rows, four thumbnails a class from ``thumb``).
+
+    .venv/bin/python benchmarks/report_bench.py --quick        # 20k, 100k rows
+    .venv/bin/python benchmarks/report_bench.py --sizes 100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import emit, machine_info, max_rss_mib, run_worker, write_results  # noqa: E402
+from benchmarks._table import show_tables, table  # noqa: E402
+
+FILE_ROWS = 20_000
+K = 50
+
+
+def generate(n: int, out: Path) -> None:
+    """``n`` projection rows in ``out`` (skipped when already there)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if (out / "_SUCCESS").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    classes = [f"Class {i:03d}" for i in range(131)]
+    share = rng.pareto(1.5, len(classes)) + 0.05  # a few large classes, many small
+    share /= share.sum()
+    for f, start in enumerate(range(0, n, FILE_ROWS)):
+        m = min(FILE_ROWS, n - start)
+        label = rng.choice(len(classes), m, p=share)
+        paths = [
+            f"s3://bucket/Test/{classes[c]}/r_{i % 977}_100-{i:07d}.jpg"
+            for c, i in zip(label, range(start, start + m))
+        ]
+        offsets = np.arange(0, K * m + 1, K, dtype=np.int32)
+        table_ = pa.table(
+            {
+                "path": paths,
+                "label": [classes[c] for c in label],
+                "pca": pa.ListArray.from_arrays(offsets, rng.normal(size=K * m)),
+                "thumb": pa.array([rng.bytes(2500) for _ in range(m)], pa.binary()),
+            }
+        )
+        pq.write_table(table_, out / f"part-{f:05d}.parquet", use_dictionary=["label"])
+    (out / "_SUCCESS").touch()
+
+
+def worker(how: str, uri: str) -> Dict[str, Any]:
+    """Read ``uri`` as ``how`` and draw its scatter; times and peak RSS."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from stages.report import plot_projection
+    from stages.report.rows import SCATTER_POINTS, _leading_components, read_local
+
+    before = max_rss_mib()
+    t0 = time.perf_counter()
+    if how == "every row":
+        t = pq.read_table(uri, columns=["path", "label", "pca"])
+        pcs = _leading_components(pc.list_slice(t.column("pca"), 0, 2).combine_chunks())
+        paths, labels, counts = t.column("path").to_pylist(), t.column("label").to_pylist(), None
+        del t, paths
+    else:
+        rows = read_local(uri, SCATTER_POINTS, 4)
+        pcs, labels, counts = rows.pcs, rows.labels, rows.counts
+    t1 = time.perf_counter()
+    fig = Figure(figsize=(14, 8))
+    FigureCanvasAgg(fig)
+    plot_projection(fig.add_subplot(), pcs, labels, counts=counts)
+    fig.savefig(io.BytesIO(), format="png", dpi=100)
+    t2 = time.perf_counter()
+    return {"read_s": t1 - t0, "plot_s": t2 - t1, "points": len(labels),
+            "rss_mib": max_rss_mib(), "rss_imports_mib": before}  # fmt: skip
+
+
+def main(argv: List[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100000,1000000")
+    ap.add_argument("--quick", action="store_true", help="20k and 100k rows")
+    ap.add_argument("--data", default="/tmp/fruits-report-bench")
+    ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_generate", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        emit(worker(*args._worker))
+        return
+    if args._generate:
+        generate(int(args._generate[0]), Path(args._generate[1]))
+        emit({})
+        return
+    rows = []
+    sizes = "20000,100000" if args.quick else args.sizes
+    for n in [int(s) for s in sizes.split(",")]:
+        data = Path(args.data) / f"p{n}"
+        # In a process of its own: a child's ru_maxrss starts from its parent's peak.
+        run_worker(Path(__file__), ["--_generate", str(n), str(data)], data.parent / "gen.log")
+        for how in ("every row", "bounded"):
+            log = Path(args.data) / "logs" / f"{n}-{how.replace(' ', '_')}.log"
+            r = run_worker(Path(__file__), ["--_worker", how, str(data)], log)
+            rows.append({"rows": n, "how": how, **r})
+    tables = [
+        table(
+            ["rows", "reader", "points", "read s", "scatter s", "peak RSS MiB", "of it imports"],
+            [
+                [
+                    r["rows"],
+                    r["how"],
+                    r["points"],
+                    r["read_s"],
+                    r["plot_s"],
+                    r["rss_mib"],
+                    r["rss_imports_mib"],
+                ]
+                for r in rows
+            ],  # fmt: skip
+            digits=1,
+        )
+    ]
+    show_tables(tables)
+    command = "benchmarks/report_bench.py " + " ".join(argv)
+    data = {"machine": machine_info(), "command": command, "rows": rows}
+    print(write_results("report_bench_quick" if args.quick else "report_bench", data, tables))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
