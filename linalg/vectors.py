@@ -4,7 +4,7 @@ Exact search is one float32 GEMV with the candidates re-ranked in float64; above
 :data:`EXACT_MAX_ELEMENTS` rows x dims an inverted-file index (IVF-Flat: k-means lists,
 the ``nprobe`` nearest lists scanned exactly) gives the candidates and the same float64
 re-ranking orders them.  IVF, not an HNSW graph: at 1M rows x 50 it trains and fills in
-~5 s where the graph took 72 s (``benchmarks/search_bench.py``), it takes additions
+6 s where the graph took 67 s (``benchmarks/search_bench.py``), it takes additions
 (new rows join the nearest list), its build is deterministic (same rows, same bytes),
 and the lists are scanned exactly, so near-ties do not lower its recall.  ``nprobe`` is
 chosen at build, the smallest whose measured recall@10 reaches :data:`TARGET_RECALL`.
