@@ -69,8 +69,9 @@ Payload = Union[bytes, List[np.ndarray]]
 
 
 def default_engine() -> str:
-    """``litert`` where ai-edge-litert is installed (Linux x86_64 and macOS arm64 wheels,
-    Python 3.11-3.12), else ``keras``; the features' metadata records which ran."""
+    """``litert`` where ai-edge-litert is installed (wheels for Linux x86_64 and aarch64,
+    macOS arm64, Python 3.11-3.12), else ``keras``; the features' metadata records which
+    ran."""
     return DEFAULT_ENGINE if litert_version() else "keras"
 
 
@@ -85,8 +86,8 @@ def check_engine(engine: str) -> None:
         raise UsageError(f"unknown --engine {engine!r}: use litert or keras")
     if engine == "litert" and not litert_version():
         raise UsageError(
-            "--engine litert needs the ai-edge-litert package (Linux x86_64 or macOS arm64, "
-            "Python 3.11/3.12): pip install ai-edge-litert, or pass --engine keras"
+            "--engine litert needs the ai-edge-litert package (Linux x86_64 or aarch64, "
+            "macOS arm64; Python 3.11/3.12): pip install ai-edge-litert, or pass --engine keras"
         )
 
 
