@@ -24,7 +24,7 @@ import stages
 from stages.base.errors import UsageError
 from stages.featurize.images import IMAGE_SIZE
 from stages.featurize.model import BUNDLED_WEIGHTS, ModelSpec, build_model
-from stages.storage.fs import LocalFileSystem
+from stages.storage.fs import LocalFileSystem, cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,8 @@ def litert_version() -> str:
 
 
 def tflite_cache_dir() -> Path:
-    """Where driver-side conversions are kept (``FRUITS_CACHE`` or ``~/.cache``)."""
-    base = os.environ.get("FRUITS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fruits-pipeline"
-    )
-    return Path(base) / "tflite"
+    """Where driver-side conversions are kept (:func:`stages.storage.fs.cache_root`)."""
+    return cache_root() / "tflite"
 
 
 def _sha256_bytes(data: bytes) -> str:

@@ -7,12 +7,8 @@ their codes name, the ``generation`` (one more at each append), what the rows me
 above the exact-search limit, the IVF index's file ``ivf-<generation>.faiss``
 (:mod:`linalg.vectors`).
 :func:`build_index` writes a whole new folder from ``RESULTS/projections`` and swaps it
-in; :func:`append_index` adds the rows of one new projections file (``watch --results``)
-as new shards, adds their vectors to the IVF lists (trained again once the rows have
-doubled since its k-means) and writes the
-next generation: a running ``serve`` sees ``index.json`` change and loads it (the files
-of the generation it serves are never rewritten).  An index on a Hadoop filesystem is
-rebuilt instead of appended to (the app reads a local copy).
+in; :func:`stages.reduce.index_append.append_index` adds the rows of one new projections
+file (``watch --results``) as a new generation.
 
 Driver memory: the IVF index while it is built or extended (``n (4k + 8)`` bytes: the
 vectors and their ids) and one shard's vectors at a time; the rows' paths, labels and
@@ -50,7 +46,9 @@ __all__ = [
     "INDEX_DIR",
     "FORMAT",
     "build_index",
-    "append_index",
+    "finish_meta",
+    "model_files",
+    "upload_index",
     "index_step",
     "ann_file",
     "local_results",
@@ -87,7 +85,7 @@ def ann_file(generation: int) -> str:
     return f"ivf-{generation:05d}.faiss"
 
 
-def _model_files(spark, base: str):
+def model_files(spark, base: str):
     layout = Results(base)
     if not hadoopfs.exists(spark, layout.projections) or not hadoopfs.exists(
         spark, layout.model_meta
@@ -122,7 +120,7 @@ def _ann(work: str, shards: ShardSet, generation: int, previous=None):
     return ivf
 
 
-def _finish(
+def finish_meta(
     work: str,
     meta: Dict[str, Any],
     exact_max: int,
@@ -151,6 +149,7 @@ def _finish(
             trained = n
         old = meta.get("ivf") or {}
         meta["ivf"] = {"file": ann_file(gen), "lists": int(ann.nlist), "trained_rows": trained}
+        meta["ivf"]["bytes"] = os.path.getsize(os.path.join(work, ann_file(gen)))
         if "nprobe" in old and previous is not None:
             meta["ivf"]["nprobe"] = old["nprobe"]
     else:
@@ -195,7 +194,7 @@ def build_index(
     base = results.rstrip("/")
     exact_max = EXACT_MAX_ELEMENTS if exact_max_elements is None else exact_max_elements
     t0 = time.perf_counter()
-    sha, model = _model_files(spark, base)
+    sha, model = model_files(spark, base)
     dims = _dims(model)
     df = index_frame(spark, Results(base).projections)
     labels = label_list(df)
@@ -222,10 +221,10 @@ def build_index(
                 "shards": shards,
                 "thumbnails": {"px": THUMB_PX},
             }
-            meta = _finish(work, meta, exact_max, times=times)
+            meta = finish_meta(work, meta, exact_max, times=times)
             if local is None:
                 t_up = time.perf_counter()
-                _upload(spark, work, target)
+                upload_index(spark, work, target)
                 times["upload"] = time.perf_counter() - t_up
         finally:
             if local is None:
@@ -256,66 +255,11 @@ def _temp() -> str:
     return tempfile.mkdtemp(prefix="fruits-index-")
 
 
-def _upload(spark, work: str, target: str, names: Optional[List[str]] = None) -> None:
+def upload_index(spark, work: str, target: str, names: Optional[List[str]] = None) -> None:
     """Copy ``work``'s files (or ``names``) up to ``target``, ``index.json`` last."""
     names = names if names is not None else sorted(os.listdir(work))
     for name in sorted(names, key=lambda n: n == INDEX_META):
         copy_up(spark, os.path.join(work, name), f"{target}/{name}")
-
-
-def append_index(spark, results: str, projections: str) -> Optional[Dict[str, Any]]:
-    """Add the rows of ``projections`` (one file of a ``watch --results`` run, projected
-    with the index's own PCA) to ``RESULTS/index/`` as a new generation.
-
-    Returns the new ``index.json`` content, or None when there is no index to extend
-    (``fruits-pipeline index RESULTS`` builds one).
-    """
-    import faiss
-
-    base = results.rstrip("/")
-    folder = Results(base).index
-    if not hadoopfs.exists(spark, Results(base).index_meta):
-        return None
-    t0 = time.perf_counter()
-    meta = json.loads(hadoopfs.read_text(spark, Results(base).index_meta))
-    sha, model = _model_files(spark, base)
-    if meta.get("format") != FORMAT or meta.get("pca_arrays_sha256") != sha:
-        logger.warning(f"index: {folder} is of another PCA or format: rebuilding it")
-        return build_index(spark, results)
-    work = local_path(folder)
-    if work is None:
-        # The shards and the IVF index are extended where they are read (the app reads a local
-        # copy); on a Hadoop filesystem the index is rebuilt from the projections.
-        return build_index(spark, results)
-    df = index_frame(spark, projections)
-    labels = label_list(df, meta["labels"])
-    gen = int(meta["generation"]) + 1
-    new = write_shards(spark, df, work, labels, meta["dims"], f"g{gen:05d}-")
-    if not new:
-        return meta
-    previous = None
-    if meta.get("kind") == "faiss-ivf":
-        previous = faiss.read_index(os.path.join(work, meta["ivf"]["file"]))
-    meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
-    meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
-    meta = _finish(work, meta, int(meta["exact_max_elements"]), previous, append=True)
-    _drop_old_ann_files(work, gen)
-    meta["append_s"] = time.perf_counter() - t0
-    logger.info(
-        f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "
-        f"{meta['kind']}, {meta['append_s']:.1f} s"
-    )
-    return meta
-
-
-def _drop_old_ann_files(work: str, generation: int) -> None:
-    """Delete the IVF files older than the previous generation (a serve that has not
-    reloaded yet uses the previous one)."""
-    for name in os.listdir(work):
-        if name.startswith("ivf-") and name.endswith(".faiss"):
-            gen = int(name[len("ivf-") : -len(".faiss")])
-            if gen < generation - 1:
-                os.unlink(os.path.join(work, name))
 
 
 def index_step(spark, results: str, summary: Dict[str, Any]) -> Dict[str, Any]:
@@ -383,4 +327,4 @@ def write_local_index(
         "shards": shards,
         "thumbnails": {"px": THUMB_PX},
     }
-    return _finish(work, meta, exact_max)
+    return finish_meta(work, meta, exact_max)

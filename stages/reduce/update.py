@@ -37,7 +37,8 @@ from stages.reduce.feature_matrix import (
     write_projections,
 )
 from stages.reduce.full import fit_summary, reduce_full
-from stages.reduce.index import append_index, index_step
+from stages.reduce.index import index_step
+from stages.reduce.index_append import append_index
 from stages.reduce.pca import PCA
 from stages.reduce.pca_model import PCAModel
 from stages.reduce.sparkml import spark_ml_check

@@ -80,7 +80,7 @@ def test_a_failed_index_step_keeps_the_projections_and_the_model(
     gone, tmp_path, monkeypatch, capsys
 ):
     results = tmp_path / "Results"
-    monkeypatch.setattr(reduce_index, "_finish", _failing_finish)
+    monkeypatch.setattr(reduce_index, "finish_meta", _failing_finish)
     assert main(["reduce", str(gone / "Features"), str(results), "--k", "5", "--quiet"]) == 1
     # One error line (the progress lines of the Spark jobs before it are not errors).
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shutil
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -347,3 +348,78 @@ def test_hidden_names_on_s3_get_their_rows(moto_s3_client, s3a_spark, s3a_sample
     assert got == {f"s3a://{BUCKET}/{k}": k.split("/")[-2] for k in keys}
     assert report.images == 4 and report.errors == 0
     assert table.column("error").null_count == 4
+
+
+def _modified(client, prefix: str) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        out.update({o["Key"]: (o["LastModified"], o["ETag"]) for o in page.get("Contents", [])})
+    return out
+
+
+def _new_rows(spark, results: str, suffix: str, n: int) -> str:
+    """``n`` projected rows of ``results`` under new paths, in a folder of their own (what
+    ``watch --results`` projects for one run)."""
+    from pyspark.sql import functions as F
+
+    rows = spark.read.parquet(f"{results}/projections").orderBy("path").limit(n)
+    rows = rows.withColumn("path", F.concat(F.col("path"), F.lit(suffix)))
+    out = f"{results}/new-rows{suffix}"
+    rows.coalesce(1).write.parquet(out)
+    return out
+
+
+def test_an_index_on_s3_is_appended_to_without_writing_its_old_files(
+    moto_s3_client, s3a_spark, s3a_features, tmp_path, monkeypatch
+):
+    """``watch --results`` on EMR: RESULTS on S3.  The driver extends a mirror of the index
+    and uploads only the new generation's files; a driver without the mirror (a new
+    cluster) fetches it once and appends too."""
+    import time
+
+    from stages.reduce import reduce_features
+    from stages.reduce.index import build_index
+    from stages.reduce.index_append import append_index
+
+    monkeypatch.setenv("FRUITS_CACHE", str(tmp_path / "cache"))
+    results = f"s3a://{BUCKET}/ResultsAppend"
+    reduce_features(s3a_spark, FEATURES, results, k=5, variance=None, index=False)
+    build_index(s3a_spark, results, exact_max_elements=50)  # 100 rows x 5: an IVF index
+    first = _modified(moto_s3_client, "ResultsAppend/index/")
+    new = _new_rows(s3a_spark, results, "-a.jpg", 3)
+    time.sleep(1.1)  # S3's LastModified is in seconds: a file written again would show it
+    meta = append_index(s3a_spark, results, new)
+    assert meta["generation"] == 2 and meta["rows"] == 103 and meta["kind"] == "faiss-ivf"
+    after = _modified(moto_s3_client, "ResultsAppend/index/")
+    assert {k: v for k, v in after.items() if "/shards/g00001-" in k} == {
+        k: v for k, v in first.items() if "/shards/g00001-" in k
+    }
+    assert [k for k in after if "/shards/g00002-" in k]
+    assert f"ResultsAppend/index/{meta['ivf']['file']}" in after
+    remote = json.loads(
+        moto_s3_client.get_object(Bucket=BUCKET, Key="ResultsAppend/index/index.json")[
+            "Body"
+        ].read()
+    )
+    assert remote["generation"] == 2 and remote["rows"] == 103
+    assert remote["shards"] == meta["shards"]
+
+    # A new driver: no mirror yet.  It fetches the index once, then appends.
+    mirrors = list((tmp_path / "cache" / "index").iterdir())
+    assert len(mirrors) == 1
+    shutil.rmtree(mirrors[0])
+    meta = append_index(s3a_spark, results, _new_rows(s3a_spark, results, "-b.jpg", 2))
+    assert meta["generation"] == 3 and meta["rows"] == 105
+    keys = set(list_keys(moto_s3_client, "ResultsAppend/index/"))
+    # The IVF file of generation 1 is gone (two behind), 2 and 3 are there.
+    assert "ResultsAppend/index/ivf-00001.faiss" not in keys
+    assert {"ResultsAppend/index/ivf-00002.faiss", "ResultsAppend/index/ivf-00003.faiss"} <= keys
+    # The mirror is an index the app can read: the new rows are found.
+    from stages.search.query import SearchIndex
+
+    local = tmp_path / "local"
+    shutil.copytree(mirrors[0], local / "index")
+    index = SearchIndex(str(local))
+    assert len(index) == 105
+    paths = {index.path(i) for i in range(100, 105)}
+    assert sum(p.endswith("-b.jpg") for p in paths) == 2
