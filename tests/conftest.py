@@ -7,6 +7,7 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -222,3 +223,27 @@ def killing_one_python_worker(roots: Callable[[], Iterable[int]]) -> Iterator[Li
     finally:
         stop.set()
         watcher.join(5)
+
+
+@contextmanager
+def serving(app) -> Iterator[Tuple[str, int]]:
+    """``app`` served by uvicorn on a free localhost port, in this process (a thread):
+    yields ``(host, port)``; stopped, and its thread ended, on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < deadline, "the server did not start in 30 s"
+            time.sleep(0.05)
+        yield sock.getsockname()
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive()

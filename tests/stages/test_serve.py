@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from tests.chromium import Chromium, needs_chromium
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, serving
 from tests.stages.test_search import _ids, bad_inputs
 
 pytestmark = pytest.mark.slow
@@ -24,26 +23,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(sample_engine):
     """The app on a free localhost port, in this process (the model is already built)."""
-    import uvicorn
-
     from stages.search.serve import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(engine=sample_engine), log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start in 30 s"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
-    assert not thread.is_alive()
+    with serving(create_app(engine=sample_engine)) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def _post(url, payload: bytes, name: str = "photo.jpg", **kw):

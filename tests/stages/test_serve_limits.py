@@ -11,37 +11,19 @@ import httpx
 import pytest
 
 from stages.search.upload import BadImage
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, serving
 
 pytestmark = pytest.mark.slow
 
 SLOW_CLIENTS = 20  # more than the 16 requests the app once read and answered at once
 
 
-def _start(app):
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start in 30 s"
-        time.sleep(0.05)
-    return srv, thread, sock
-
-
 @pytest.fixture(scope="module")
 def server(sample_engine):
     from stages.search.serve import create_app
 
-    srv, thread, sock = _start(create_app(engine=sample_engine))
-    yield sock.getsockname()
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serving(create_app(engine=sample_engine)) as addr:
+        yield addr
 
 
 def _slow_client(addr, length: int = 100_000) -> socket.socket:
@@ -102,9 +84,7 @@ def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
     # The trickle (a byte every 0.5 s) is 4x inside the idle limit: a late wake-up of this
     # thread must not look like a stall.
     app = create_app(engine=sample_engine, body_seconds=4.0, idle_seconds=2.0)
-    srv, thread, sock = _start(app)
-    addr = sock.getsockname()
-    try:
+    with serving(app) as addr:
         stalled = _slow_client(addr)  # sends nothing more: the idle limit
         trickling = _slow_client(addr)  # a byte every 0.5 s: the body limit
         for _ in range(20):
@@ -120,10 +100,6 @@ def test_a_body_too_slow_or_stalled_is_a_408(sample_engine):
             s.close()
         photo = (SAMPLE / "Kiwi" / "4_100.jpg").read_bytes()
         assert _post(addr, photo, timeout=30).status_code == 200
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 class _LateStream:
