@@ -307,27 +307,21 @@ def run_size(n: int, args, real: Path) -> Dict[str, Any]:
         )
         out["with_index" if with_index else "without_index"] = res
         print(f"[{n}] reduce index={with_index}: {res['seconds']:.0f} s, {res['memory']}")
-    results = work / f"R{n}"
-    out["index_mib"] = dir_bytes(results / "index") / MIB
-    out["serve"] = measure_serve(results, args.queries, work / "logs" / f"serve-{n}.log")
-    out["serve"]["loadavg_1m"] = os.getloadavg()[0]
-    out["search_only"] = search_only(results, args.queries)
-    print(f"[{n}] serve: {out['serve']}")
+    out["index_mib"] = dir_bytes(work / f"R{n}" / "index") / MIB
+    out.update(measure_app(n, args))
     if not args.skip_plain:
         shutil.rmtree(work / f"R{n}-noindex", ignore_errors=True)
     return out
 
 
-def serve_again(n: int, args, row: Dict[str, Any]) -> Dict[str, Any]:
-    """``row`` (an earlier run's) with ``serve`` and the search measured again."""
+def measure_app(n: int, args) -> Dict[str, Any]:
+    """``serve`` (and the load average then) and the search alone on ``R<n>``."""
     work = Path(args.workdir)
     results = work / f"R{n}"
-    row = dict(row)
-    row["serve"] = measure_serve(results, args.queries, work / "logs" / f"serve-{n}.log")
-    row["serve"]["loadavg_1m"] = os.getloadavg()[0]
-    row["search_only"] = search_only(results, args.queries)
-    print(f"[{n}] serve: {row['serve']}")
-    return row
+    serve = measure_serve(results, args.queries, work / "logs" / f"serve-{n}.log")
+    serve["loadavg_1m"] = os.getloadavg()[0]
+    print(f"[{n}] serve: {serve}")
+    return {"serve": serve, "search_only": search_only(results, args.queries)}
 
 
 def _without(r: Dict[str, Any]) -> str:
@@ -439,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for n in sizes:
         if args.serve_only:
-            rows.append(serve_again(n, args, done[n]))
+            rows.append({**done[n], **measure_app(n, args)})  # an earlier run's row
         else:
             rows.append(run_size(n, args, real))
         done[n] = rows[-1]

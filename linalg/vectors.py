@@ -36,6 +36,7 @@ IVF_MIN_PER_LIST = 39
 IVF_TRAIN_PER_LIST = 50
 IVF_SEED = 1234
 NPROBE_CHOICES = (4, 8, 16, 32, 64, 128, 256)
+DEFAULT_NPROBE = 16  # an index whose nprobe was not measured yet
 TARGET_RECALL = 0.95
 
 
@@ -60,7 +61,7 @@ class VectorIndex:
 
     vectors: Any
     ann: Any = None
-    nprobe: int = 16
+    nprobe: int = DEFAULT_NPROBE
 
     def __post_init__(self) -> None:
         if not hasattr(self.vectors, "blocks"):
@@ -225,13 +226,6 @@ def choose_nprobe(
         if recall >= target:
             return p, recall
     return choices[-1], recall
-
-
-def recall_at(index: VectorIndex, top: int = 10, queries: int = RECALL_QUERIES, seed: int = 0):
-    """Recall@``top`` of the approximate search against exact search, queried with
-    ``queries`` random rows of the index (each row's own id left out of both answers)."""
-    rows = recall_rows(len(index), queries, seed)
-    return recall_of(index, rows, exact_neighbours(index, rows, top))
 
 
 def neighbour_distances(

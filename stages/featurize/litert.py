@@ -106,11 +106,14 @@ def convert_to_tflite(weights: List[np.ndarray], alpha: float) -> bytes:
         return bytes(converter.convert())
 
 
+def _tflite_name(spec: ModelSpec, version: str) -> str:
+    return f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{version}.tflite"
+
+
 def cached_conversion(spec: ModelSpec, weights: List[np.ndarray]) -> Tuple[bytes, str]:
     """The flatbuffer of ``weights`` from the driver's cache, converting on a miss."""
     version = converter_version()
-    name = f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{version}.tflite"
-    path = tflite_cache_dir() / name
+    path = tflite_cache_dir() / _tflite_name(spec, version)
     try:
         data = path.read_bytes()
         meta = json.loads(path.with_suffix(".json").read_text())
@@ -317,7 +320,7 @@ def remember_conversion(source: str, alpha: float, spec: ModelSpec, data: bytes)
     memo = _memo_path(source, alpha)
     if memo is None:
         return
-    name = f"{spec.weights_sha256}-alpha{spec.alpha:g}-tf{converter_version()}.tflite"
+    name = _tflite_name(spec, converter_version())
     saved = {"spec": spec.to_dict(), "tflite": name, "tflite_sha256": _sha256_bytes(data)}
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from linalg.vectors import EXACT_MAX_ELEMENTS, VectorIndex, add_rows, train_ivf
+from linalg.vectors import DEFAULT_NPROBE, EXACT_MAX_ELEMENTS, VectorIndex, add_rows, train_ivf
 from stages.base.contract import THUMB_PX
 from stages.base.errors import StepFailed, UsageError, explain
 from stages.reduce.index_stats import open_set_summary, statistics
@@ -154,7 +154,7 @@ def finish_meta(
             meta["ivf"]["nprobe"] = old["nprobe"]
     else:
         meta.pop("ivf", None)
-    index = VectorIndex(shards, ann, (meta.get("ivf") or {}).get("nprobe", 16))
+    index = VectorIndex(shards, ann, (meta.get("ivf") or {}).get("nprobe", DEFAULT_NPROBE))
     meta["kind"] = index.kind
     times["ann"] = time.perf_counter() - t0
     last = meta.get("statistics_rows") or 0

@@ -32,11 +32,11 @@ from stages.reduce.index import (
     model_files,
     upload_index,
 )
-from stages.reduce.index_writer import index_frame, label_list, write_shards
+from stages.reduce.index_writer import copy_down, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
 from stages.storage.fs import cache_root, local_path
 from stages.storage.layout import INDEX_META, Results
-from stages.storage.shards import SHARD_FILES
+from stages.storage.shards import shard_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ def _old_ann_files(names: List[str], generation: int) -> List[str]:
     return old
 
 
-def _size(path: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(path, f))
-        for f in SHARD_FILES
-        if os.path.isfile(os.path.join(path, f))
-    )
-
-
 def mirror_folder(spark, folder: str, meta: Dict[str, Any]) -> str:
     """The driver's local mirror of the index at ``folder`` (a Hadoop URI), with every
     shard and the IVF file of ``meta`` in it (downloaded where missing or of another size).
@@ -127,26 +119,17 @@ def mirror_folder(spark, folder: str, meta: Dict[str, Any]) -> str:
     fetched = 0
     for shard in meta["shards"]:
         local = os.path.join(work, "shards", shard["name"])
-        if os.path.isdir(local) and _size(local) == int(shard["bytes"]):
+        if os.path.isdir(local) and shard_bytes(local) == int(shard["bytes"]):
             continue
         shutil.rmtree(local, ignore_errors=True)
-        _copy_down(spark, f"{folder}/shards/{shard['name']}", local)
+        copy_down(spark, f"{folder}/shards/{shard['name']}", local)
         fetched += 1
     ivf = meta.get("ivf")
     if ivf is not None:
         local = os.path.join(work, ivf["file"])
         if not os.path.isfile(local) or os.path.getsize(local) != int(ivf.get("bytes", -1)):
-            _copy_down(spark, f"{folder}/{ivf['file']}", local)
+            copy_down(spark, f"{folder}/{ivf['file']}", local)
             fetched += 1
     if fetched:
         logger.info(f"index: {fetched} files of {folder} fetched into the mirror {work}")
     return work
-
-
-def _copy_down(spark, uri: str, local: str) -> None:
-    """Copy the file or folder ``uri`` to the local ``local`` with Hadoop (no bytes over
-    py4j, no ``.crc`` files)."""
-    jvm = spark.sparkContext._jvm
-    src = jvm.org.apache.hadoop.fs.Path(uri)
-    fs = src.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path("file://" + local), True)

@@ -25,7 +25,7 @@ from stages.storage.shards import SHARD_FILES, ShardWriter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["index_frame", "label_list", "write_shards", "copy_up"]
+__all__ = ["index_frame", "label_list", "write_shards", "copy_down", "copy_up"]
 
 _SUMMARY = "shard string, part int, rows long, missing long, bytes long"
 _RELAY = "shard string, part int, file string, content binary"
@@ -174,6 +174,14 @@ def _hadoop_path(spark, uri: str):
     jvm = spark.sparkContext._jvm
     path = jvm.org.apache.hadoop.fs.Path(uri)
     return path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), path
+
+
+def copy_down(spark, uri: str, local: str) -> None:
+    """Copy the file or folder ``uri`` to the local ``local`` with Hadoop (no bytes over
+    py4j, no ``.crc`` files)."""
+    jvm = spark.sparkContext._jvm
+    fs, src = _hadoop_path(spark, uri)
+    fs.copyToLocalFile(False, src, jvm.org.apache.hadoop.fs.Path("file://" + local), True)
 
 
 def copy_up(spark, local: str, uri: str) -> None:

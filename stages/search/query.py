@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from linalg.openset import OpenSet, reference_rows
-from linalg.vectors import VectorIndex
+from linalg.vectors import DEFAULT_NPROBE, VectorIndex
 from stages.base.errors import UsageError
 from stages.base.params import TOP_MAX
 from stages.featurize.images import preprocess
@@ -77,7 +77,7 @@ class SearchIndex:
             raise UsageError(
                 f"{base} is incomplete ({exc}): run `fruits-pipeline index {results}`"
             ) from None
-        ann, nprobe = None, 16
+        ann, nprobe = None, DEFAULT_NPROBE
         if self.meta["kind"] == "faiss-ivf":
             import faiss
 

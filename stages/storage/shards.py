@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["NPY_HEADER", "ShardWriter", "ShardSet", "npy_header", "SHARD_FILES"]
+__all__ = ["NPY_HEADER", "ShardWriter", "ShardSet", "npy_header", "shard_bytes", "SHARD_FILES"]
 
 NPY_HEADER = 128  # bytes: room for any shape of up to two 19-digit numbers
 SHARD_FILES = (
@@ -142,13 +142,18 @@ class ShardWriter:
         }
         for name, stream in self._s.items():
             stream.close(headers.get(name))
-        size = sum(os.path.getsize(os.path.join(self.folder, n)) for n in SHARD_FILES)
-        return {"rows": m, "missing": self.missing, "bytes": size}
+        return {"rows": m, "missing": self.missing, "bytes": shard_bytes(self.folder)}
 
     def abort(self) -> None:
         """Drop the unfinished files."""
         for stream in self._s.values():
             stream.abort()
+
+
+def shard_bytes(folder: str) -> int:
+    """The bytes of a shard's files (those present: a partial copy has fewer)."""
+    paths = [os.path.join(folder, n) for n in SHARD_FILES]
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
 
 
 class _Shard:
