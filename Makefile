@@ -25,14 +25,19 @@ $(STAMP): pyproject.toml
 	@echo '$(UV_CONSTRAINTS)' > $(VENV)/constraints-uv.txt
 	@# -q/-qq: errors still show; setuptools' generic note on editable installs of a flat
 	@# layout (our fixed top level) does not.
+	@# --compile-bytecode: uv writes no .pyc by default (pip does), and a Python started with
+	@# PYTHONDONTWRITEBYTECODE=1 never writes one: every process (the driver, each Spark
+	@# worker) would compile pyspark, pandas and numpy from source, ~1 CPU-s each
+	@# (benchmarks/README.md, "Where the CPU goes").
 	@if $(PY) -m pip install -qq uv \
-		&& $(PY) -m uv pip install -q --python $(PY) -c $(VENV)/constraints-uv.txt -e '.[test]' \
-		&& $(PY) -m uv pip install -q --python $(PY) --no-deps $(S3A_JARS); then :; else \
+		&& $(PY) -m uv pip install -q --compile-bytecode --python $(PY) -c $(VENV)/constraints-uv.txt -e '.[test]' \
+		&& $(PY) -m uv pip install -q --compile-bytecode --python $(PY) --no-deps $(S3A_JARS); then :; else \
 		echo "uv failed: installing with pip" >&2; \
 		$(PY) -m pip install -qq --upgrade pip \
 		&& $(PY) -m pip install -qq -e '.[test]' \
 		&& $(PY) -m pip install -qq --no-deps $(S3A_JARS); \
 	fi
+	@$(PY) -m compileall -q stages linalg cluster > /dev/null
 	@touch $(STAMP)
 
 install: $(STAMP)
