@@ -301,7 +301,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_logging(-1 if quiet else verbose, args.log_file, debug)
     logger.debug("%s %s (log file %s)", PROG, " ".join(redacted(argv)), args.log_file)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if code == 0:
+            from stages.base.jvm_archive import finish_archive
+
+            finish_archive()
+        return code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

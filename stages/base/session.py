@@ -8,6 +8,8 @@ Environment variables (all optional):
                             1 GB default died of Java heap on 50k x 1280 features)
 ``FRUITS_SPARK_UI``         ``0`` turns the web UI off (tests do)
 ``FRUITS_JVM_JIT``          ``c1`` (default) or ``full``: the local JVM's JIT compilers (below)
+``FRUITS_JVM_CDS``          ``0`` turns off the local JVM's class archive
+                            (:mod:`stages.base.jvm_archive`; commands only)
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
+from stages.base.cache import cache_root
 from stages.base.errors import UsageError
+from stages.base.jvm_archive import archive_options
 from stages.base.s3a import needs_s3a, s3a_conf
 
 logger = logging.getLogger(__name__)
@@ -95,6 +99,7 @@ def spark_session(
     conf: Optional[Mapping[str, str]] = None,
     log_file: Optional[str] = None,
     console_log: bool = True,
+    class_archive: bool = False,
 ):
     """Get or create the SparkSession.
 
@@ -113,6 +118,9 @@ def spark_session(
         File that receives Spark's warnings and errors with their Java traces.
     console_log : bool
         False keeps Spark's log off the console (the CLI, unless ``--debug``).
+    class_archive : bool
+        A local JVM maps (or dumps) the class archive of :mod:`stages.base.jvm_archive`
+        (the CLI's commands; the caller calls ``finish_archive`` when done).
 
     Returns
     -------
@@ -150,6 +158,9 @@ def spark_session(
             options.append(f'"-Dfruits.log.file={log_file}"')
         if not console_log:
             options.append("-Dfruits.console.level=off")
+        # Only for a JVM this call starts: a running one keeps its options.
+        if class_archive and SparkContext._gateway is None:
+            options += _archive_options(conf or {})
         builder = builder.config("spark.driver.extraJavaOptions", " ".join(options))
     for key, value in LOCAL_DEFAULTS.items():
         if not existing.contains(key):
@@ -173,6 +184,14 @@ def spark_session(
 _PATH_ARGS = ("input", "output", "features", "results")
 
 
+def _archive_options(conf: Mapping[str, str]) -> list:
+    """The class archive's JVM options, unless the caller sets the JVM's options."""
+    if "spark.driver.extraJavaOptions" in conf:
+        return []  # they replace ours: no archive option would reach the JVM
+    memory = conf.get("spark.driver.memory") or os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
+    return archive_options(cache_root(), conf, memory)
+
+
 def cli_session(args, app: str):
     """The SparkSession of a ``fruits-pipeline`` command, from its parsed arguments:
     ``--master``, ``--conf``, ``--quiet`` and ``--debug``, the s3a settings its paths
@@ -192,4 +211,5 @@ def cli_session(args, app: str):
         conf=conf,
         log_file=getattr(args, "log_file", None),
         console_log=bool(getattr(args, "debug", False)),
+        class_archive=True,
     )

@@ -11,7 +11,6 @@ request each and many in flight (:mod:`stages.storage.fetch`); Spark reads no by
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from typing import Optional
 
@@ -37,8 +36,6 @@ from stages.featurize.listing import (
     IMAGE_NAME,
     LocalListing,
     file_uri,
-    make_view,
-    view_index,
     walk_images,
 )
 from stages.featurize.model import ModelSpec
@@ -67,26 +64,18 @@ def featurize_batch(
     settings = store_settings(spark) if is_object_store(input_path) else None
     tally = RunRequests(spark, settings, [input_path, output_path])
     require_input(spark, input_path)
-    view = None
-    try:
-        with atomic_output(spark, output_path, params.overwrite) as target:
-            path = local_path(input_path)
-            if path is not None:
-                local = walk_images(path)
-                if not local.files and not local.errors:
-                    raise UsageError(_no_images(input_path))
-                view = make_view([p for p, _ in local.files])
-                scan = _LocalScan(spark, local, view)
-            elif settings is not None:
-                scan = _ObjectScan(spark, input_path, settings, tally.acc)
-            else:
-                scan = _HadoopScan(spark, input_path)
-            report = _featurize_scan(
-                spark, scan, input_path, output_path, target, params, tally.acc
-            )
-    finally:
-        if view is not None:
-            shutil.rmtree(view, ignore_errors=True)
+    with atomic_output(spark, output_path, params.overwrite) as target:
+        path = local_path(input_path)
+        if path is not None:
+            local = walk_images(path)
+            if not local.files and not local.errors:
+                raise UsageError(_no_images(input_path))
+            scan = _LocalScan(spark, local)
+        elif settings is not None:
+            scan = _ObjectScan(spark, input_path, settings, tally.acc)
+        else:
+            scan = _HadoopScan(spark, input_path)
+        report = _featurize_scan(spark, scan, input_path, output_path, target, params, tally.acc)
     report.seconds = time.perf_counter() - t0
     report.requests = tally.total()
     logger.info(
@@ -101,11 +90,13 @@ def _no_images(input_path: str) -> str:
 
 
 class _LocalScan:
-    """A local INPUT: listed by :func:`stages.featurize.listing.walk_images`, scanned through
-    its view; rows map back to the real paths by the view's index."""
+    """A local INPUT: listed by :func:`stages.featurize.listing.walk_images`.  Spark's
+    rows are the photos' numbers (``spark.range``: no file operation per photo on the
+    driver, no path through py4j); each worker maps its numbers to the real paths by
+    a broadcast table and reads the files itself."""
 
-    def __init__(self, spark, local: LocalListing, view: str) -> None:
-        self.images = read_images(spark, view)
+    def __init__(self, spark, local: LocalListing) -> None:
+        self.spark = spark
         self.n_images = len(local.files)
         self.total_bytes = sum(size for _, size in local.files)
         self.largest = max((size for _, size in local.files), default=0)
@@ -117,16 +108,19 @@ class _LocalScan:
         self.fetch: Optional[StoreSettings] = StoreSettings()  # workers open() the files
 
     def source(self, n_parts: int):
-        """The rows to featurize (Spark's split settings make ``n_parts`` tasks)."""
-        return self.images.select("path")
+        """The photos' numbers as a ``path`` column, in ``n_parts`` tasks of equal counts."""
+        from pyspark.sql import functions as F
+
+        numbers = self.spark.range(0, self.n_images, numPartitions=n_parts)
+        return numbers.select(F.col("id").cast("string").alias("path"))
 
     def rows(self, sc):
-        """``(paths mapper, its broadcast)``: scanned view paths to the real ones."""
+        """``(paths mapper, its broadcast)``: the photos' numbers to their real paths."""
         paths = sc.broadcast(self._paths)
 
-        def real(scanned):
+        def real(numbers):
             table = paths.value
-            return [table[view_index(p)] for p in scanned]
+            return [table[int(n)] for n in numbers]
 
         return real, paths
 

@@ -1,4 +1,4 @@
-"""Every image file under a local INPUT, exactly once, and a view Spark can scan.
+"""Every image file under a local INPUT, exactly once.
 
 Spark's file scan has rules that lose or multiply a user's photos: it skips every
 file or folder whose name starts with ``_`` or ``.`` (``_DSC0001.JPG`` is how Nikon and
@@ -8,9 +8,9 @@ locale, and takes paths as globs (``[``, ``{``) or fails on a ``:`` in a name.
 
 So for a local INPUT we list the files ourselves (:func:`walk_images`): Python's walk,
 symlinks followed with each real folder visited once, names as the filesystem has
-them, whatever the locale.  Spark then scans a *view* (:func:`make_view`): a
-temporary folder of symlinks named ``<shard>/<index>.jpg`` that point at those files,
-which no Spark rule can lose; the index maps each row back to its real path.
+them, whatever the locale.  Spark's rows are then the photos' numbers, which no Spark
+rule can lose; each worker maps them back to the real paths and reads the files
+(:mod:`stages.featurize.batch`).
 
 The rule for names: every file whose name ends in ``.jpg`` or ``.jpeg`` (any case)
 is an image file and gets exactly one row, hidden names included.  A macOS
@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
@@ -33,11 +31,8 @@ __all__ = [
     "IMAGE_NAME",
     "LocalListing",
     "walk_images",
-    "make_view",
     "file_uri",
 ]
-
-_SHARD = 10_000  # view files per folder: listing stays fast, no folder grows huge
 
 
 def file_uri(path: str) -> str:
@@ -116,27 +111,3 @@ def walk_images(top: str) -> LocalListing:
             else:
                 out.files.append((path, int(st.st_size)))
     return out
-
-
-def make_view(paths: List[str]) -> str:
-    """A temporary folder of symlinks ``<shard>/<index>.jpg`` -> ``paths[index]``.
-
-    The caller deletes it (``shutil.rmtree``) when the job is done.
-    """
-    view = tempfile.mkdtemp(prefix="fruits-view-")
-    try:
-        for i, path in enumerate(paths):
-            shard = os.path.join(view, str(i // _SHARD))
-            if i % _SHARD == 0:
-                os.mkdir(shard)
-            os.symlink(path, os.path.join(shard, f"{i}.jpg"))
-    except BaseException:
-        shutil.rmtree(view, ignore_errors=True)
-        raise
-    return view
-
-
-def view_index(view_path: str) -> int:
-    """The index encoded in a view file's URI (``.../<shard>/<index>.jpg``)."""
-    name = view_path.rsplit("/", 1)[-1]
-    return int(name[: -len(".jpg")])

@@ -21,10 +21,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 import stages
+from stages.base.cache import cache_root
 from stages.base.errors import UsageError
 from stages.featurize.images import IMAGE_SIZE
 from stages.featurize.model import BUNDLED_WEIGHTS, ModelSpec, build_model
-from stages.storage.fs import LocalFileSystem, cache_root
+from stages.storage.fs import LocalFileSystem
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def litert_version() -> str:
 
 
 def tflite_cache_dir() -> Path:
-    """Where driver-side conversions are kept (:func:`stages.storage.fs.cache_root`)."""
+    """Where driver-side conversions are kept (:func:`stages.base.cache.cache_root`)."""
     return cache_root() / "tflite"
 
 

@@ -136,7 +136,7 @@ class PartitionJob:
     ``model_key`` (:func:`stages.featurize.engine.get_featurizer`); ``url_encoded``: see
     :func:`label_from_path`; ``schema``: the output's Arrow schema (the plain
     :func:`features_schema` when ``None``).  ``to_paths`` maps the scanned paths to the
-    ones written (a local INPUT is scanned through a view of symlinks).  With ``fetch``,
+    ones written (a local INPUT's rows are the photos' numbers).  With ``fetch``,
     the batches carry paths only and the worker reads the bytes itself, many requests in
     flight (:func:`stages.storage.fetch.path_bytes_batches`).
 

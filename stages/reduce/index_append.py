@@ -7,7 +7,7 @@ earlier generation is written again.
 
 On a local disk the index is extended where it is.  On a Hadoop filesystem (S3 on EMR) the
 driver extends a **mirror** of the index on its own disk (``<cache>/index/<key>``, under
-:func:`stages.storage.fs.cache_root`) and uploads only what the append made: the new
+:func:`stages.base.cache.cache_root`) and uploads only what the append made: the new
 shards, the new IVF file and ``index.json``.  The first append of a driver downloads the
 shards its mirror lacks (once: the index's size on disk); each later one finds them there.
 The mirror's key names the index's first generation (its PCA and first shards), so a
@@ -25,6 +25,7 @@ import shutil
 import time
 from typing import Any, Dict, List, Optional
 
+from stages.base.cache import cache_root
 from stages.reduce.index import (
     FORMAT,
     build_index,
@@ -34,7 +35,7 @@ from stages.reduce.index import (
 )
 from stages.reduce.index_writer import copy_down, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
-from stages.storage.fs import cache_root, local_path
+from stages.storage.fs import local_path
 from stages.storage.layout import INDEX_META, Results
 from stages.storage.shards import shard_bytes
 

@@ -346,8 +346,8 @@ def path_bytes_batches(
     batch_size : int
     settings : StoreSettings or None
     to_paths : callable, optional
-        Maps a batch's scanned paths to the real ones (a local INPUT scanned through a
-        view of symlinks); the real ones are read and returned.
+        Maps a batch's scanned paths to the real ones (a local INPUT's rows are the
+        photos' numbers); the real ones are read and returned.
     url_encoded : bool
         The paths are percent-encoded (as some Spark sources spell them): the object
         read is the decoded one; the path returned stays as given.

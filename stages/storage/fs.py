@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from stages.base.arrow_rdd import read_batch, to_arrow_batches
@@ -24,7 +23,6 @@ from stages.storage import hadoopfs
 __all__ = [
     "FileSystem",
     "HadoopFileSystem",
-    "cache_root",
     "LocalFileSystem",
     "filesystem",
     "local_path",
@@ -218,12 +216,3 @@ class HadoopFileSystem(FileSystem):
 def filesystem(spark=None) -> FileSystem:
     """:class:`HadoopFileSystem` given a SparkSession, else :class:`LocalFileSystem`."""
     return LocalFileSystem() if spark is None else HadoopFileSystem(spark)
-
-
-def cache_root() -> Path:
-    """Where the tool keeps its local caches (``FRUITS_CACHE``, else
-    ``$XDG_CACHE_HOME/fruits-pipeline`` or ``~/.cache/fruits-pipeline``)."""
-    base = os.environ.get("FRUITS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fruits-pipeline"
-    )
-    return Path(base)
