@@ -16,9 +16,13 @@ direction (a colour gradient can point like an apple from far away).  The calibr
 counts it: such a photo scores ``inf``.
 
 Every score is computed on L2-normalised vectors against a **reference set**: the index's
-rows, or above :data:`CALIBRATION_ROWS` a seeded sample of them (:func:`reference_rows`), the
-same rows at calibration and at query time, so a query's score has the distribution that was
-calibrated and the work stays bounded whatever the bucket's size.  Lower scores are more
+rows, or above :data:`CALIBRATION_ROWS` the rows with the smallest keys (:func:`reference_rows`;
+the index's key of a row is a hash of its photo's path), the same rows at calibration and at
+query time, so a query's score has the distribution that was calibrated and the work stays
+bounded whatever the bucket's size.  The calibration and the queries put the reference rows in
+one order made from their content (:func:`canonical_order`: by key, label, vector) before any
+seeded choice, so the rule, its threshold and its rates depend on which rows the collection
+holds, not on the order they are stored in (the shards' partition order).  Lower scores are more
 "known"; a photo is accepted when ``score <= threshold`` and its norm is within
 ``range_limit``.  The rules (:data:`RULES`):
 
@@ -38,7 +42,7 @@ leave-one-out nearest-neighbour distances, marked ``calibrated: false`` with the
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,6 +56,7 @@ __all__ = [
     "OpenSet",
     "auroc",
     "calibrate",
+    "canonical_order",
     "calibration_problem",
     "fpr_at_tpr",
     "l2_normalise",
@@ -137,12 +142,56 @@ def nearest(
     return ids, dist
 
 
-def reference_rows(n: int, rows_max: int = CALIBRATION_ROWS, seed: int = 0) -> np.ndarray:
-    """The ids of the reference rows among ``n`` index rows: all, or a seeded sample of
-    ``rows_max`` (sorted), the same for the calibration and the queries."""
-    if n <= rows_max:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=rows_max, replace=False))
+def reference_rows(
+    blocks: Iterable[Tuple[int, np.ndarray]], rows_max: int = CALIBRATION_ROWS
+) -> np.ndarray:
+    """The ids of the reference rows: those with the ``rows_max`` smallest keys (all rows when
+    there are no more), in key order, ties by row id.
+
+    ``blocks`` gives ``(first row id, keys)`` of consecutive rows (a shard's ``keys.npy``),
+    read one at a time: the memory is one block and ``rows_max`` candidates, whatever the
+    number of rows.  Keys that are a hash of each row's path make the set a function of the
+    rows' paths, not of their order (rows with one path share a key: which of two such rows
+    at the cut is taken follows the row ids).
+    """
+    best_k = np.empty(0, np.uint64)
+    best_i = np.empty(0, np.int64)
+    for start, keys in blocks:
+        keys = np.asarray(keys, dtype=np.uint64)
+        ids = np.arange(start, start + len(keys), dtype=np.int64)
+        if len(keys) > rows_max > 0:  # the block's own candidates first (ties kept)
+            cut = np.partition(keys, rows_max - 1)[rows_max - 1]
+            near = keys <= cut
+            keys, ids = keys[near], ids[near]
+        keys, ids = np.concatenate([best_k, keys]), np.concatenate([best_i, ids])
+        order = np.lexsort((ids, keys))[:rows_max]
+        best_k, best_i = keys[order], ids[order]
+    return best_i
+
+
+def canonical_order(
+    vectors: np.ndarray, labels: Sequence[Any], keys: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """The order of rows the calibration and the queries use: by ``keys`` (stable ids of the
+    rows, e.g. a hash of each photo's path), then label (as text), then the vector's entries.
+
+    It is a function of the rows' content: the same rows in any order come out in the same
+    order (rows equal in all three are interchangeable), so every seeded choice made on it
+    (held-out classes and photos, samples) is too.  Returns the permutation (n,).
+    """
+    X = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    text = np.asarray([str(x) for x in labels], dtype=object)
+    _, code = np.unique(text, return_inverse=True)
+    if keys is not None:
+        keys = np.asarray(keys)
+        order = np.lexsort((code, keys))
+        k, c = keys[order], code[order]
+        if len(k) < 2 or np.all((k[1:] != k[:-1]) | (c[1:] != c[:-1])):
+            return order  # no two rows share a key and a label: nothing left to break
+    cols = [X[:, j] for j in range(X.shape[1] - 1, -1, -1)] + [code.ravel()]
+    if keys is not None:
+        cols.append(keys)
+    return np.lexsort(cols)
 
 
 def _vote_margin(labels: np.ndarray) -> np.ndarray:
@@ -226,6 +275,7 @@ def calibrate(
     seed: int = 0,
     repeats: int = REPEATS,
     tpr: float = TPR,
+    keys: Optional[np.ndarray] = None,
 ) -> Dict[str, Any]:
     """Choose the open-set rule and its threshold for a collection (leave-classes-out).
 
@@ -240,6 +290,9 @@ def calibrate(
         Leave-classes-out repeats, pooled.
     tpr : float
         The share of held-out known photos the threshold accepts.
+    keys : ndarray (n,), optional
+        Stable ids of the rows (the index's: a hash of each photo's path).  The rows are put
+        in :func:`canonical_order` first, so the result does not depend on their order.
 
     Returns
     -------
@@ -248,12 +301,17 @@ def calibrate(
         (``known_accepted``, ``known_right``, ``unknown_rejected``, ``auroc``,
         ``fpr_at_95_tpr``), every rule's ``candidates`` and how they were measured.
     """
+    vectors = np.atleast_2d(np.asarray(vectors))
+    labels = np.asarray(labels, dtype=object)
+    if len(labels) != vectors.shape[0]:
+        raise ValueError(f"{vectors.shape[0]} vectors but {len(labels)} labels")
+    if keys is not None and len(keys) != vectors.shape[0]:
+        raise ValueError(f"{vectors.shape[0]} vectors but {len(keys)} keys")
+    order = canonical_order(vectors, labels, keys)
+    vectors, labels = vectors[order], labels[order]
     # Normalised in float64, kept in float32 as the app keeps them (the same scores).
     X = l2_normalise(vectors).astype(np.float32)
     norms = row_norms(vectors)
-    labels = np.asarray(labels, dtype=object)
-    if len(labels) != X.shape[0]:
-        raise ValueError(f"{X.shape[0]} vectors but {len(labels)} labels")
     problem = calibration_problem(labels.tolist())
     if problem is not None:
         return _fallback(X, norms, problem)
@@ -369,13 +427,24 @@ class OpenSet:
     reference : ndarray (m, k)
         The reference rows (:func:`reference_rows` of the index's vectors).
     labels : sequence of m labels
+    keys : ndarray (m,), optional
+        The rows' keys, as given to :func:`calibrate`: the rows are put in the same
+        :func:`canonical_order` (ties between equally near rows go the same way).
     """
 
-    def __init__(self, rule: Dict[str, Any], reference: np.ndarray, labels: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        rule: Dict[str, Any],
+        reference: np.ndarray,
+        labels: Sequence[Any],
+        keys: Optional[np.ndarray] = None,
+    ) -> None:
         self.rule = rule
-        self.reference = l2_normalise(reference).astype(np.float32)
+        reference = np.atleast_2d(np.asarray(reference))
+        order = canonical_order(reference, labels, keys)
+        self.reference = l2_normalise(reference[order]).astype(np.float32)
         self._sq = np.einsum("ij,ij->i", self.reference, self.reference)
-        self.labels = np.asarray(labels, dtype=object)
+        self.labels = np.asarray(labels, dtype=object)[order]
         self._scale = {str(k): v for k, v in (rule.get("class_scale") or {}).items()}
 
     def score(self, queries: np.ndarray) -> np.ndarray:

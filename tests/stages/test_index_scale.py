@@ -72,6 +72,36 @@ def test_the_chunked_writer_writes_the_same_bytes_as_one_chunk(spark, gone, tmp_
     assert different == []
 
 
+def test_the_open_set_rule_does_not_depend_on_the_partitioning(spark, gone, tmp_path):
+    """The same projections as one file and as three files of the rows reversed: Spark's
+    partitions put the rows in the shards in other orders, the open-set rule (reference
+    rows, held-out split, threshold, rates) stays the same."""
+    table = pq.read_table(gone / "Results" / "projections").sort_by("path")
+    n = table.num_rows
+    backwards = table.take(pa.array(range(n - 1, -1, -1)))
+    layouts = {"One": [table], "Three": [backwards.slice(i, 10) for i in range(0, n, 10)]}
+    metas, orders = {}, {}
+    for name, parts in layouts.items():
+        results = tmp_path / name
+        shutil.copytree(
+            gone / "Results", results, ignore=shutil.ignore_patterns("index", "projections")
+        )
+        (results / "projections").mkdir()
+        for i, part in enumerate(parts):
+            pq.write_table(part, results / "projections" / f"part-{i:05d}.parquet")
+        (results / "projections" / "_SUCCESS").touch()
+        metas[name] = build_index(spark, str(results))
+        index = SearchIndex(str(results))
+        orders[name] = [index.path(i) for i in range(len(index))]
+    assert len(metas["Three"]["shards"]) > 1 and len(metas["One"]["shards"]) == 1
+    assert orders["One"] != orders["Three"] and sorted(orders["One"]) == sorted(orders["Three"])
+    rules = [dict(m["open_set"]) for m in metas.values()]
+    for rule in rules:
+        rule.pop("calibration_s")  # seconds: not in index.json
+    assert rules[0]["calibrated"] and rules[0]["reference"]["rows"] == n
+    assert rules[1] == rules[0]
+
+
 def _failing_finish(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
