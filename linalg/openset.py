@@ -16,13 +16,11 @@ direction (a colour gradient can point like an apple from far away).  The calibr
 counts it: such a photo scores ``inf``.
 
 Every score is computed on L2-normalised vectors against a **reference set**: the index's
-rows, or above :data:`CALIBRATION_ROWS` the rows with the smallest keys (:func:`reference_rows`;
-the index's key of a row is a hash of its photo's path), the same rows at calibration and at
-query time, so a query's score has the distribution that was calibrated and the work stays
-bounded whatever the bucket's size.  The calibration and the queries put the reference rows in
-one order made from their content (:func:`canonical_order`: by key, label, vector) before any
-seeded choice, so the rule, its threshold and its rates depend on which rows the collection
-holds, not on the order they are stored in (the shards' partition order).  Lower scores are more
+rows, or above :data:`CALIBRATION_ROWS` the rows with the smallest keys (a hash of each photo's
+path), the same rows at calibration and at query time, so a query's score has the distribution
+that was calibrated and the work stays bounded whatever the bucket's size.  Both put the rows
+in an order made from their content first (:mod:`linalg.reference`), so the rule does not
+depend on the order the rows are stored in.  Lower scores are more
 "known"; a photo is accepted when ``score <= threshold`` and its norm is within
 ``range_limit``.  The rules (:data:`RULES`):
 
@@ -42,10 +40,11 @@ leave-one-out nearest-neighbour distances, marked ``calibrated: false`` with the
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from linalg.reference import CALIBRATION_ROWS, canonical_order, nearest, reference_rows
 from linalg.roc import auroc, fpr_at_tpr, threshold_at
 
 __all__ = [
@@ -67,7 +66,6 @@ __all__ = [
     "threshold_at",
 ]
 
-CALIBRATION_ROWS = 20_000  # reference rows at most: bounded calibration and query work
 REPEATS = 5
 HOLDOUT_CLASSES = 0.2  # share of the classes held out per repeat (>= 1, <= classes - 1)
 HOLDOUT_IMAGES = 0.2  # share of each kept class's rows held out as known queries
@@ -79,7 +77,6 @@ RANGE_FACTOR = 1.5  # x the p99 of the reference rows' norms: the range guard
 RULES = tuple(f"knn{k}" for k in KS) + ("class", "ratio", "margin")
 MIN_ROWS = 20
 MIN_CLASS_ROWS = 2  # a class needs this many rows to give held-out known photos
-_CHUNK = 512
 
 
 def _scaled(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,92 +103,6 @@ def row_norms(X: np.ndarray) -> np.ndarray:
 def range_limit(norms: np.ndarray) -> float:
     """The range guard: :data:`RANGE_FACTOR` x the 99th percentile of ``norms``."""
     return float(RANGE_FACTOR * np.quantile(norms, 0.99))
-
-
-def nearest(
-    Q: np.ndarray, R: np.ndarray, k: int, r_sq: Optional[np.ndarray] = None
-) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``R`` to each row of ``Q`` (exact, Euclidean).
-
-    The candidates come from one GEMM in ``R``'s precision (float32 halves the memory
-    traffic of the reference rows; float64 otherwise), 8 more than ``k``, then are measured
-    in float64.  ``r_sq`` (optional) is ``R``'s squared row norms, computed once by a caller
-    that asks the same ``R`` many times.  Returns ``(ids, distances)``, both
-    (q, min(k, len(R))), nearest first, ties by row id.
-    """
-    Q = np.atleast_2d(np.asarray(Q, dtype=np.float64))
-    if R.dtype != np.float32:
-        R = np.asarray(R, dtype=np.float64)
-    k = min(k, R.shape[0])
-    ids = np.empty((Q.shape[0], k), dtype=np.int64)
-    dist = np.empty((Q.shape[0], k), dtype=np.float64)
-    rn = np.einsum("ij,ij->i", R, R) if r_sq is None else r_sq
-    m = min(R.shape[0], k + 8)
-    for s in range(0, Q.shape[0], _CHUNK):
-        q = Q[s : s + _CHUNK]
-        # ||r||^2 - 2 r.q ranks like ||r - q||^2; the kept candidates are then measured
-        # directly in float64, so the reported distances carry no cancellation error.
-        d2 = rn[None, :] - 2.0 * (q.astype(R.dtype) @ R.T)
-        cand = np.argpartition(d2, m - 1, axis=1)[:, :m] if m < R.shape[0] else None
-        for i in range(q.shape[0]):
-            c = np.arange(R.shape[0]) if cand is None else cand[i]
-            diff = R[c].astype(np.float64) - q[i]
-            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            order = np.lexsort((c, d))[:k]
-            ids[s + i], dist[s + i] = c[order], d[order]
-    return ids, dist
-
-
-def reference_rows(
-    blocks: Iterable[Tuple[int, np.ndarray]], rows_max: int = CALIBRATION_ROWS
-) -> np.ndarray:
-    """The ids of the reference rows: those with the ``rows_max`` smallest keys (all rows when
-    there are no more), in key order, ties by row id.
-
-    ``blocks`` gives ``(first row id, keys)`` of consecutive rows (a shard's ``keys.npy``),
-    read one at a time: the memory is one block and ``rows_max`` candidates, whatever the
-    number of rows.  Keys that are a hash of each row's path make the set a function of the
-    rows' paths, not of their order (rows with one path share a key: which of two such rows
-    at the cut is taken follows the row ids).
-    """
-    best_k = np.empty(0, np.uint64)
-    best_i = np.empty(0, np.int64)
-    for start, keys in blocks:
-        keys = np.asarray(keys, dtype=np.uint64)
-        ids = np.arange(start, start + len(keys), dtype=np.int64)
-        if len(keys) > rows_max > 0:  # the block's own candidates first (ties kept)
-            cut = np.partition(keys, rows_max - 1)[rows_max - 1]
-            near = keys <= cut
-            keys, ids = keys[near], ids[near]
-        keys, ids = np.concatenate([best_k, keys]), np.concatenate([best_i, ids])
-        order = np.lexsort((ids, keys))[:rows_max]
-        best_k, best_i = keys[order], ids[order]
-    return best_i
-
-
-def canonical_order(
-    vectors: np.ndarray, labels: Sequence[Any], keys: Optional[np.ndarray] = None
-) -> np.ndarray:
-    """The order of rows the calibration and the queries use: by ``keys`` (stable ids of the
-    rows, e.g. a hash of each photo's path), then label (as text), then the vector's entries.
-
-    It is a function of the rows' content: the same rows in any order come out in the same
-    order (rows equal in all three are interchangeable), so every seeded choice made on it
-    (held-out classes and photos, samples) is too.  Returns the permutation (n,).
-    """
-    X = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-    text = np.asarray([str(x) for x in labels], dtype=object)
-    _, code = np.unique(text, return_inverse=True)
-    if keys is not None:
-        keys = np.asarray(keys)
-        order = np.lexsort((code, keys))
-        k, c = keys[order], code[order]
-        if len(k) < 2 or np.all((k[1:] != k[:-1]) | (c[1:] != c[:-1])):
-            return order  # no two rows share a key and a label: nothing left to break
-    cols = [X[:, j] for j in range(X.shape[1] - 1, -1, -1)] + [code.ravel()]
-    if keys is not None:
-        cols.append(keys)
-    return np.lexsort(cols)
 
 
 def _vote_margin(labels: np.ndarray) -> np.ndarray:
