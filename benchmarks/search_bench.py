@@ -208,7 +208,8 @@ def _read_features(features: Path):
     ok = [e is None for e in t.column("error").to_pylist()]
     t = t.filter(ok)
     X = np.array(t.column("features").to_pylist(), dtype=np.float64)
-    return X, np.array(t.column("label").to_pylist(), dtype=object)
+    paths = np.array(t.column("path").to_pylist(), dtype=object)
+    return X, np.array(t.column("label").to_pylist(), dtype=object), paths
 
 
 # The rule before the open set (issue 23): no close match beyond 1.5 x the p99 of the
@@ -226,7 +227,7 @@ def bench_openset(
     from linalg.vectors import VectorIndex, neighbour_distances
     from stages.search.query import vote
 
-    X, y = _read_features(features)
+    X, y, paths = _read_features(features)
     classes = np.array(sorted(set(y.tolist())), dtype=object)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(classes))
@@ -246,7 +247,7 @@ def bench_openset(
         fit = fit_pca_from_moments(block_moments(X[bucket]), variance=0.95)
         P = fit.transform(X)
         t0 = time.perf_counter()
-        rule = openset.calibrate(P[bucket], y[bucket], seed=seed)
+        rule = openset.calibrate(P[bucket], y[bucket], seed=seed, keys=paths[bucket])  # as an index
         calib_s = time.perf_counter() - t0
         norms = openset.row_norms(P[bucket])
         fallback = openset._fallback(
@@ -263,7 +264,7 @@ def bench_openset(
         R = openset.l2_normalise(P[bucket]).astype(np.float32)  # as calibrate and the app
         lab_b = y[bucket]
         scale, default = openset._class_scale(R, lab_b, np.random.default_rng(seed))
-        app = openset.OpenSet(rule, P[bucket], lab_b)  # the pick, exactly as the app applies it
+        app = openset.OpenSet(rule, P[bucket], lab_b, paths[bucket])  # the pick, as the app
         got = {}
         for name, q in (("k", q_known), ("u", q_unknown)):
             i, d = openset.nearest(openset.l2_normalise(P[q]), R, openset.VOTE_K)
@@ -342,10 +343,11 @@ def bench_openset_scale(dims: int = 256, classes: int = 500) -> Dict[str, Any]:
     n = openset.CALIBRATION_ROWS
     X = synthetic(n, dims)
     labels = np.random.default_rng(7).integers(classes, size=n).astype(str)
+    paths = [f"s3://bucket/{lab}/{i:07d}.jpg" for i, lab in enumerate(labels)]
     t = time.perf_counter()
-    rule = openset.calibrate(X, labels)
+    rule = openset.calibrate(X, labels, keys=paths)  # in path order, as an index's rows
     calib = time.perf_counter() - t
-    model = openset.OpenSet(rule, X, labels)
+    model = openset.OpenSet(rule, X, labels, paths)
     lat = _latencies(lambda q: model.accept(q), X[:200] + 0.01)
     return {"rows": n, "dims": dims, "classes": classes, "calibration_s": calib, "query": lat}
 

@@ -19,8 +19,8 @@ Every score is computed on L2-normalised vectors against a **reference set**: th
 rows, or above :data:`CALIBRATION_ROWS` the rows with the smallest keys (a hash of each photo's
 path), the same rows at calibration and at query time, so a query's score has the distribution
 that was calibrated and the work stays bounded whatever the bucket's size.  Both put the rows
-in an order made from their content first (:mod:`linalg.reference`), so the rule does not
-depend on the order the rows are stored in.  Lower scores are more
+in path order first (:mod:`linalg.reference`), so the rule does not depend on the order the
+rows are stored in.  Lower scores are more
 "known"; a photo is accepted when ``score <= threshold`` and its norm is within
 ``range_limit``.  The rules (:data:`RULES`):
 
@@ -186,7 +186,7 @@ def calibrate(
     seed: int = 0,
     repeats: int = REPEATS,
     tpr: float = TPR,
-    keys: Optional[np.ndarray] = None,
+    keys: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
     """Choose the open-set rule and its threshold for a collection (leave-classes-out).
 
@@ -201,9 +201,10 @@ def calibrate(
         Leave-classes-out repeats, pooled.
     tpr : float
         The share of held-out known photos the threshold accepts.
-    keys : ndarray (n,), optional
-        Stable ids of the rows (the index's: a hash of each photo's path).  The rows are put
-        in :func:`canonical_order` first, so the result does not depend on their order.
+    keys : sequence of n, optional
+        Stable ids of the rows, compared as they sort (the index's: its photos' paths).  The
+        rows are put in :func:`canonical_order` first: the result does not depend on their
+        order.
 
     Returns
     -------
@@ -338,7 +339,7 @@ class OpenSet:
     reference : ndarray (m, k)
         The reference rows (:func:`reference_rows` of the index's vectors).
     labels : sequence of m labels
-    keys : ndarray (m,), optional
+    keys : sequence of m, optional
         The rows' keys, as given to :func:`calibrate`: the rows are put in the same
         :func:`canonical_order` (ties between equally near rows go the same way).
     """
@@ -348,7 +349,7 @@ class OpenSet:
         rule: Dict[str, Any],
         reference: np.ndarray,
         labels: Sequence[Any],
-        keys: Optional[np.ndarray] = None,
+        keys: Optional[Sequence[Any]] = None,
     ) -> None:
         self.rule = rule
         reference = np.atleast_2d(np.asarray(reference))

@@ -7,8 +7,9 @@ only, never on their row ids, which follow the order Spark's partitions wrote th
 - :func:`reference_rows`: the rows with the smallest **keys** (the index's key of a row is a
   hash of its photo's path, :func:`stages.storage.shards.path_keys`), found in one pass over
   the keys, a block at a time;
-- :func:`canonical_order`: the order the calibration and the queries put those rows in
-  (key, label, vector) before any seeded choice (held-out classes, photos, samples);
+- :func:`canonical_order`: the order the calibration and the queries put those rows in (the
+  index gives their paths: path, then label and vector) before any seeded choice (held-out
+  classes, photos, samples): path order does not depend on where the bucket lies either;
 - :func:`nearest`: the exact search of queries against them (ties by row: by that order).
 
 So the same photos give the same rule, threshold and rates whatever the partitioning.
@@ -54,10 +55,11 @@ def reference_rows(
 
 
 def canonical_order(
-    vectors: np.ndarray, labels: Sequence[Any], keys: Optional[np.ndarray] = None
+    vectors: np.ndarray, labels: Sequence[Any], keys: Optional[Sequence[Any]] = None
 ) -> np.ndarray:
     """The order of rows the calibration and the queries use: by ``keys`` (stable ids of the
-    rows, e.g. a hash of each photo's path), then label (as text), then the vector's entries.
+    rows, compared as they sort: the index gives its photos' paths), then label (as text),
+    then the vector's entries.
 
     It is a function of the rows' content: the same rows in any order come out in the same
     order (rows equal in all three are interchangeable), so every seeded choice made on it
@@ -66,15 +68,18 @@ def canonical_order(
     X = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
     text = np.asarray([str(x) for x in labels], dtype=object)
     _, code = np.unique(text, return_inverse=True)
+    code = code.ravel()
+    rank = None
     if keys is not None:
-        keys = np.asarray(keys)
-        order = np.lexsort((code, keys))
-        k, c = keys[order], code[order]
+        _, rank = np.unique(np.asarray(keys), return_inverse=True)
+        rank = rank.ravel()
+        order = np.lexsort((code, rank))
+        k, c = rank[order], code[order]
         if len(k) < 2 or np.all((k[1:] != k[:-1]) | (c[1:] != c[:-1])):
             return order  # no two rows share a key and a label: nothing left to break
-    cols = [X[:, j] for j in range(X.shape[1] - 1, -1, -1)] + [code.ravel()]
-    if keys is not None:
-        cols.append(keys)
+    cols = [X[:, j] for j in range(X.shape[1] - 1, -1, -1)] + [code]
+    if rank is not None:
+        cols.append(rank)
     return np.lexsort(cols)
 
 

@@ -95,7 +95,8 @@ class SearchIndex:
         ref = rule["reference"]  # the rows the rule was calibrated on (appended rows are not)
         ids = reference_rows(self.rows.key_blocks(int(ref["of"])), int(ref["rows"]))
         labels = [self.rows.label(int(i)) for i in ids]
-        self.open_set = OpenSet(rule, self.rows.take(ids), labels, self.rows.keys(ids))
+        paths = [self.rows.path(int(i)) for i in ids]  # the calibration's order (path)
+        self.open_set = OpenSet(rule, self.rows.take(ids), labels, paths)
 
     def __len__(self) -> int:
         return len(self.rows)

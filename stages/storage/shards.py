@@ -247,16 +247,6 @@ class ShardSet:
             if start < end and len(shard.keys):
                 yield int(start), shard.keys[: end - int(start)]
 
-    def keys(self, rows: np.ndarray) -> np.ndarray:
-        """The keys of ``rows`` (uint64, (len(rows),): :func:`path_keys` of their paths)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty(len(rows), np.uint64)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for s in np.unique(which):
-            sel = which == s
-            out[sel] = self._shards[s].keys[rows[sel] - self.starts[s]]
-        return out
-
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The vectors of ``rows`` (float32, (len(rows), k))."""
         rows = np.asarray(rows, dtype=np.int64)

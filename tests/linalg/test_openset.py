@@ -147,11 +147,13 @@ def test_calibrate_and_scores_do_not_depend_on_the_rows_order(
     seed, n_classes, per_class, with_keys, duplicates
 ):
     """The same rows in another order: the same rule, threshold and rates, and the same
-    scores of queries (with keys, as the index gives them, or without: by content)."""
+    scores of queries (with keys, paths as the index gives them, or without: by content)."""
     X, labels = clusters(n_classes, per_class, d=5, spread=0.3, seed=seed)
     labels = np.array(labels, dtype=object)
     rng = np.random.default_rng(seed)
-    keys = rng.integers(0, 2**64, size=len(X), dtype=np.uint64) if with_keys else None
+    keys = None
+    if with_keys:
+        keys = np.array([f"/b/{k:x}.jpg" for k in rng.integers(0, 2**62, size=len(X))])
     if duplicates:  # rows sharing a key (one path twice), or equal rows without keys
         X[1], labels[1] = X[0], labels[0]
         if keys is not None:

@@ -44,7 +44,8 @@ def test_the_calibration_at_index_build_is_deterministic(tmp_path):
         "rows": 180,
         "of": 180,
         "seed": 0,
-        "key": "blake2b-64 of the path",
+        "sampled_by": "blake2b-64 of the path",
+        "ordered_by": "path",
     }
     assert rules[0]["repeats"] == 5 and rules[0]["held_out_classes_per_repeat"] == 2
     for key in ("known_accepted", "unknown_rejected", "auroc", "fpr_at_95_tpr"):
@@ -173,12 +174,14 @@ def test_an_index_without_five_classes_refuses_them(spark, tmp_path):
     known = answers(known_asked)
     right = sum(a["label"] == lab for a, (_, lab) in zip(known, known_asked))
     refused = [a for a in answers(unknown_asked) if a["label"] is None]
-    # Measured: 99 of the 100 known photos named right; of the 100 unknown, 95 refused with the
-    # index's rows in path order (the rule the bucket picked: ratio) and 74 with the sharded
-    # index's rows in the projections' partition order (it picks knn1): the calibration's
-    # held-out split follows the row order (deterministic, seeded).  Asserted with a margin.
+    # Measured: 99 of the 100 known photos named right and 95 of the 100 unknown refused (the
+    # rule the bucket picked: ratio), whatever the partitioning: the calibration takes its
+    # reference rows in path order (before, the shards' partition order made it pick knn1
+    # and refuse 74).  The seeded held-out split still matters: other splits of these same
+    # 300 photos refuse 58-100 (median 98, 40 splits); this one is fixed by the paths' order,
+    # which does not depend on where tmp_path lies.  Asserted with a margin.
     assert right >= 90, right
-    assert len(refused) >= 65, len(refused)
+    assert len(refused) >= 85, len(refused)
     a = refused[0]
     assert not a["close_match"] and a["photos"] is None and a["verdict"].startswith(NO_MATCH)
     assert len(a["matches"]) == 10 and not any(m["match"] for m in a["matches"])
