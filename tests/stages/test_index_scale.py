@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.base.errors import UsageError
 from stages.cli import main
 from stages.featurize import featurize
 from stages.featurize.incremental import featurize_incremental
@@ -100,6 +101,27 @@ def test_the_open_set_rule_does_not_depend_on_the_partitioning(spark, gone, tmp_
         rule.pop("calibration_s")  # seconds: not in index.json
     assert rules[0]["calibrated"] and rules[0]["reference"]["rows"] == n
     assert rules[1] == rules[0]
+
+
+def test_an_index_of_format_4_is_refused_and_an_append_rebuilds_it(spark, gone, tmp_path):
+    """Format 4 had no keys.npy (the open-set rows followed the row order): the app refuses
+    it with the command that rebuilds it, and ``watch --results`` rebuilds it."""
+    from stages.reduce.index_append import append_index
+
+    results = tmp_path / "Results"
+    shutil.copytree(gone / "Results", results)
+    meta_path = results / "index" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == reduce_index.FORMAT == 5
+    meta["format"] = 4
+    meta_path.write_text(json.dumps(meta))
+    for keys in (results / "index" / "shards").glob("*/keys.npy"):
+        keys.unlink()
+    with pytest.raises(UsageError, match="another format: run `fruits-pipeline index`"):
+        SearchIndex(str(results))
+    rebuilt = append_index(spark, str(results), str(results / "projections"))
+    assert rebuilt["format"] == 5 and rebuilt["generation"] == 1 and rebuilt["rows"] == 30
+    assert SearchIndex(str(results)).open_set.rule == meta["open_set"]
 
 
 def _failing_finish(*args, **kwargs):
