@@ -58,8 +58,8 @@ __all__ = [
 
 # 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations;
 # 4: an IVF index instead of an HNSW graph; 5: each shard's keys.npy (a hash of each row's
-# path), which chooses and orders the open-set reference rows (a rule of the collection's
-# content, not of its partition order).
+# path), which samples the open-set reference rows, calibrated in path order (the rule no
+# longer follows the partition order).
 FORMAT = 5
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
