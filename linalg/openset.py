@@ -16,9 +16,11 @@ direction (a colour gradient can point like an apple from far away).  The calibr
 counts it: such a photo scores ``inf``.
 
 Every score is computed on L2-normalised vectors against a **reference set**: the index's
-rows, or above :data:`CALIBRATION_ROWS` a seeded sample of them (:func:`reference_rows`), the
-same rows at calibration and at query time, so a query's score has the distribution that was
-calibrated and the work stays bounded whatever the bucket's size.  Lower scores are more
+rows, or above :data:`CALIBRATION_ROWS` the rows with the smallest keys (a hash of each photo's
+path), the same rows at calibration and at query time, so a query's score has the distribution
+that was calibrated and the work stays bounded whatever the bucket's size.  Both put the rows
+in path order first (:mod:`linalg.reference`), so the rule does not depend on the order the
+rows are stored in.  Lower scores are more
 "known"; a photo is accepted when ``score <= threshold`` and its norm is within
 ``range_limit``.  The rules (:data:`RULES`):
 
@@ -42,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from linalg.reference import CALIBRATION_ROWS, canonical_order, nearest, reference_rows
 from linalg.roc import auroc, fpr_at_tpr, threshold_at
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "OpenSet",
     "auroc",
     "calibrate",
+    "canonical_order",
     "calibration_problem",
     "fpr_at_tpr",
     "l2_normalise",
@@ -62,7 +66,6 @@ __all__ = [
     "threshold_at",
 ]
 
-CALIBRATION_ROWS = 20_000  # reference rows at most: bounded calibration and query work
 REPEATS = 5
 HOLDOUT_CLASSES = 0.2  # share of the classes held out per repeat (>= 1, <= classes - 1)
 HOLDOUT_IMAGES = 0.2  # share of each kept class's rows held out as known queries
@@ -74,7 +77,6 @@ RANGE_FACTOR = 1.5  # x the p99 of the reference rows' norms: the range guard
 RULES = tuple(f"knn{k}" for k in KS) + ("class", "ratio", "margin")
 MIN_ROWS = 20
 MIN_CLASS_ROWS = 2  # a class needs this many rows to give held-out known photos
-_CHUNK = 512
 
 
 def _scaled(X: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -101,48 +103,6 @@ def row_norms(X: np.ndarray) -> np.ndarray:
 def range_limit(norms: np.ndarray) -> float:
     """The range guard: :data:`RANGE_FACTOR` x the 99th percentile of ``norms``."""
     return float(RANGE_FACTOR * np.quantile(norms, 0.99))
-
-
-def nearest(
-    Q: np.ndarray, R: np.ndarray, k: int, r_sq: Optional[np.ndarray] = None
-) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest rows of ``R`` to each row of ``Q`` (exact, Euclidean).
-
-    The candidates come from one GEMM in ``R``'s precision (float32 halves the memory
-    traffic of the reference rows; float64 otherwise), 8 more than ``k``, then are measured
-    in float64.  ``r_sq`` (optional) is ``R``'s squared row norms, computed once by a caller
-    that asks the same ``R`` many times.  Returns ``(ids, distances)``, both
-    (q, min(k, len(R))), nearest first, ties by row id.
-    """
-    Q = np.atleast_2d(np.asarray(Q, dtype=np.float64))
-    if R.dtype != np.float32:
-        R = np.asarray(R, dtype=np.float64)
-    k = min(k, R.shape[0])
-    ids = np.empty((Q.shape[0], k), dtype=np.int64)
-    dist = np.empty((Q.shape[0], k), dtype=np.float64)
-    rn = np.einsum("ij,ij->i", R, R) if r_sq is None else r_sq
-    m = min(R.shape[0], k + 8)
-    for s in range(0, Q.shape[0], _CHUNK):
-        q = Q[s : s + _CHUNK]
-        # ||r||^2 - 2 r.q ranks like ||r - q||^2; the kept candidates are then measured
-        # directly in float64, so the reported distances carry no cancellation error.
-        d2 = rn[None, :] - 2.0 * (q.astype(R.dtype) @ R.T)
-        cand = np.argpartition(d2, m - 1, axis=1)[:, :m] if m < R.shape[0] else None
-        for i in range(q.shape[0]):
-            c = np.arange(R.shape[0]) if cand is None else cand[i]
-            diff = R[c].astype(np.float64) - q[i]
-            d = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            order = np.lexsort((c, d))[:k]
-            ids[s + i], dist[s + i] = c[order], d[order]
-    return ids, dist
-
-
-def reference_rows(n: int, rows_max: int = CALIBRATION_ROWS, seed: int = 0) -> np.ndarray:
-    """The ids of the reference rows among ``n`` index rows: all, or a seeded sample of
-    ``rows_max`` (sorted), the same for the calibration and the queries."""
-    if n <= rows_max:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=rows_max, replace=False))
 
 
 def _vote_margin(labels: np.ndarray) -> np.ndarray:
@@ -226,6 +186,7 @@ def calibrate(
     seed: int = 0,
     repeats: int = REPEATS,
     tpr: float = TPR,
+    keys: Optional[Sequence[Any]] = None,
 ) -> Dict[str, Any]:
     """Choose the open-set rule and its threshold for a collection (leave-classes-out).
 
@@ -240,6 +201,10 @@ def calibrate(
         Leave-classes-out repeats, pooled.
     tpr : float
         The share of held-out known photos the threshold accepts.
+    keys : sequence of n, optional
+        Stable ids of the rows, compared as they sort (the index's: its photos' paths).  The
+        rows are put in :func:`canonical_order` first: the result does not depend on their
+        order.
 
     Returns
     -------
@@ -248,12 +213,17 @@ def calibrate(
         (``known_accepted``, ``known_right``, ``unknown_rejected``, ``auroc``,
         ``fpr_at_95_tpr``), every rule's ``candidates`` and how they were measured.
     """
+    vectors = np.atleast_2d(np.asarray(vectors))
+    labels = np.asarray(labels, dtype=object)
+    if len(labels) != vectors.shape[0]:
+        raise ValueError(f"{vectors.shape[0]} vectors but {len(labels)} labels")
+    if keys is not None and len(keys) != vectors.shape[0]:
+        raise ValueError(f"{vectors.shape[0]} vectors but {len(keys)} keys")
+    order = canonical_order(vectors, labels, keys)
+    vectors, labels = vectors[order], labels[order]
     # Normalised in float64, kept in float32 as the app keeps them (the same scores).
     X = l2_normalise(vectors).astype(np.float32)
     norms = row_norms(vectors)
-    labels = np.asarray(labels, dtype=object)
-    if len(labels) != X.shape[0]:
-        raise ValueError(f"{X.shape[0]} vectors but {len(labels)} labels")
     problem = calibration_problem(labels.tolist())
     if problem is not None:
         return _fallback(X, norms, problem)
@@ -369,13 +339,24 @@ class OpenSet:
     reference : ndarray (m, k)
         The reference rows (:func:`reference_rows` of the index's vectors).
     labels : sequence of m labels
+    keys : sequence of m, optional
+        The rows' keys, as given to :func:`calibrate`: the rows are put in the same
+        :func:`canonical_order` (ties between equally near rows go the same way).
     """
 
-    def __init__(self, rule: Dict[str, Any], reference: np.ndarray, labels: Sequence[Any]) -> None:
+    def __init__(
+        self,
+        rule: Dict[str, Any],
+        reference: np.ndarray,
+        labels: Sequence[Any],
+        keys: Optional[Sequence[Any]] = None,
+    ) -> None:
         self.rule = rule
-        self.reference = l2_normalise(reference).astype(np.float32)
+        reference = np.atleast_2d(np.asarray(reference))
+        order = canonical_order(reference, labels, keys)
+        self.reference = l2_normalise(reference[order]).astype(np.float32)
         self._sq = np.einsum("ij,ij->i", self.reference, self.reference)
-        self.labels = np.asarray(labels, dtype=object)
+        self.labels = np.asarray(labels, dtype=object)[order]
         self._scale = {str(k): v for k, v in (rule.get("class_scale") or {}).items()}
 
     def score(self, queries: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The search index of RESULTS (format 4): built from the projections in shards, appended to.
+"""The search index of RESULTS (format 5): built from the projections in shards, appended to.
 
 ``index.json`` (written last, replaced atomically) lists the shards in row order
 (:mod:`stages.storage.shards`, written by :mod:`stages.reduce.index_writer`), the labels
@@ -57,8 +57,10 @@ __all__ = [
 ]
 
 # 2: the open-set rule in index.json; 3: the rows in shards, memory-mapped, generations;
-# 4: an IVF index instead of an HNSW graph.
-FORMAT = 4
+# 4: an IVF index instead of an HNSW graph; 5: each shard's keys.npy (a hash of each row's
+# path), which samples the open-set reference rows, calibrated in path order (the rule no
+# longer follows the partition order).
+FORMAT = 5
 # A phone photo is at most ~50 MP; more is a decompression bomb for a web service.
 MAX_QUERY_PIXELS = 64_000_000
 

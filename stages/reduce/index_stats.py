@@ -2,7 +2,8 @@
 approximate search's ``nprobe`` and recall@10, the bucket's nearest-neighbour distances
 and the open-set
 rule (:mod:`linalg.openset`, calibrated on at most
-:data:`~linalg.openset.CALIBRATION_ROWS` reference rows)."""
+:data:`~linalg.openset.CALIBRATION_ROWS` reference rows, chosen by a hash of their paths and
+put in path order)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from linalg.vectors import (
 )
 from stages.storage.shards import ShardSet
 
-__all__ = ["OPEN_SET_SEED", "open_set_rule", "open_set_summary", "statistics"]
+__all__ = ["OPEN_SET_SEED", "PATH_KEY", "open_set_rule", "open_set_summary", "statistics"]
 
 OPEN_SET_SEED = 0
+PATH_KEY = "blake2b-64 of the path"  # what samples the reference rows (keys.npy)
 
 
 def statistics(meta: Dict[str, Any], index, shards: ShardSet, generation: int) -> None:
@@ -45,14 +47,28 @@ def statistics(meta: Dict[str, Any], index, shards: ShardSet, generation: int) -
 
 def open_set_rule(shards: ShardSet) -> Dict[str, Any]:
     """The ``open_set`` entry of ``index.json``: :func:`linalg.openset.calibrate` on the
-    index's reference rows (all of them up to :data:`~linalg.openset.CALIBRATION_ROWS`, a
-    seeded sample above: the driver's work stays bounded), and which rows those are
-    (``reference.of``: the rows there were; rows appended later are not reference rows)."""
+    index's reference rows: all of them up to :data:`~linalg.openset.CALIBRATION_ROWS`, above
+    the rows with the smallest keys (each shard's ``keys.npy``, a hash of the row's path: a
+    pass over the keys, one shard at a time, so the driver's work stays bounded), in path
+    order, and which rows those are (``reference.of``: the rows there were; rows appended
+    later are not reference rows).  Chosen and ordered by path, the rule does not depend on
+    the shards' row order."""
     n = len(shards)
-    ref = reference_rows(n, CALIBRATION_ROWS, OPEN_SET_SEED)
+    ref = reference_rows(shards.key_blocks(), CALIBRATION_ROWS)
     t0 = time.perf_counter()
-    rule = calibrate(shards.take(ref), [shards.label(int(i)) for i in ref], seed=OPEN_SET_SEED)
-    rule["reference"] = {"rows": int(len(ref)), "of": n, "seed": OPEN_SET_SEED}
+    rule = calibrate(
+        shards.take(ref),
+        [shards.label(int(i)) for i in ref],
+        seed=OPEN_SET_SEED,
+        keys=[shards.path(int(i)) for i in ref],  # path order: where the bucket lies is moot
+    )
+    rule["reference"] = {
+        "rows": int(len(ref)),
+        "of": n,
+        "seed": OPEN_SET_SEED,
+        "sampled_by": PATH_KEY,
+        "ordered_by": "path",
+    }
     rule["calibration_s"] = round(time.perf_counter() - t0, 3)
     return rule
 

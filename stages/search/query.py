@@ -93,8 +93,10 @@ class SearchIndex:
         self.photos = Counter(dict(zip(names, self.rows.label_counts())))
         rule = self.meta["open_set"]
         ref = rule["reference"]  # the rows the rule was calibrated on (appended rows are not)
-        ids = reference_rows(int(ref.get("of", len(self.rows))), ref["rows"], ref["seed"])
-        self.open_set = OpenSet(rule, self.rows.take(ids), [self.rows.label(int(i)) for i in ids])
+        ids = reference_rows(self.rows.key_blocks(int(ref["of"])), int(ref["rows"]))
+        labels = [self.rows.label(int(i)) for i in ids]
+        paths = [self.rows.path(int(i)) for i in ids]  # the calibration's order (path)
+        self.open_set = OpenSet(rule, self.rows.take(ids), labels, paths)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -7,7 +7,9 @@ A shard is one folder ``shards/<name>/`` of raw files, each readable with
 - ``labels.npy``: int32 (m,), codes into ``index.json``'s ``labels``;
 - ``paths.bin`` + ``paths_offsets.npy`` (int64, m + 1): the UTF-8 paths, concatenated;
 - ``thumbs.bin`` + ``thumbs_offsets.npy`` (int64, m + 1): the JPEG thumbnails,
-  concatenated (a row without one has two equal offsets).
+  concatenated (a row without one has two equal offsets);
+- ``keys.npy``: uint64 (m,), each row's :func:`path_keys`: a stable id of its photo, whatever
+  the shard or position the row lands in (the open-set reference rows are chosen by it).
 
 :class:`ShardWriter` streams a shard chunk by chunk into these files (the header of
 a ``.npy`` is a fixed 128 bytes, written last), so a task holds one chunk at a time
@@ -19,13 +21,22 @@ until asked.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["NPY_HEADER", "ShardWriter", "ShardSet", "npy_header", "shard_bytes", "SHARD_FILES"]
+__all__ = [
+    "NPY_HEADER",
+    "ShardWriter",
+    "ShardSet",
+    "npy_header",
+    "path_keys",
+    "shard_bytes",
+    "SHARD_FILES",
+]
 
 NPY_HEADER = 128  # bytes: room for any shape of up to two 19-digit numbers
 SHARD_FILES = (
@@ -35,7 +46,16 @@ SHARD_FILES = (
     "paths_offsets.npy",
     "thumbs.bin",
     "thumbs_offsets.npy",
+    "keys.npy",
 )
+
+
+def path_keys(paths: Sequence[str]) -> np.ndarray:
+    """The key of each path: the first 8 bytes of its UTF-8 BLAKE2b digest, as uint64 (little
+    endian).  A function of the path alone, so the same photo has the same key in any shard,
+    on any executor, in any Python (unlike ``hash``, salted per process)."""
+    digests = b"".join(hashlib.blake2b(p.encode("utf-8"), digest_size=8).digest() for p in paths)
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 def npy_header(dtype: str, shape: Tuple[int, ...]) -> bytes:
@@ -129,6 +149,7 @@ class ShardWriter:
         s["thumbs_offsets.npy"].write(ends.astype("<i8").tobytes())
         self._thumb_end = int(ends[-1]) if c else self._thumb_end
         self.missing += sum(1 for t in thumbs if not t)
+        s["keys.npy"].write(path_keys(paths).astype("<u8").tobytes())
         self.rows += c
 
     def close(self) -> Dict[str, int]:
@@ -139,6 +160,7 @@ class ShardWriter:
             "labels.npy": npy_header("<i4", (m,)),
             "paths_offsets.npy": npy_header("<i8", (m + 1,)),
             "thumbs_offsets.npy": npy_header("<i8", (m + 1,)),
+            "keys.npy": npy_header("<u8", (m,)),
         }
         for name, stream in self._s.items():
             stream.close(headers.get(name))
@@ -173,6 +195,7 @@ class _Shard:
         self.paths = raw("paths.bin")
         self.thumb_offsets = load("thumbs_offsets.npy")
         self.thumbs = raw("thumbs.bin")
+        self.keys = load("keys.npy")
 
 
 class ShardSet:
@@ -215,6 +238,14 @@ class ShardSet:
         for start, shard in zip(self.starts, self._shards):
             if len(shard.labels):
                 yield int(start), shard.vectors
+
+    def key_blocks(self, end: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """``(first row id, keys)`` of each shard (memory-mapped), of the rows before ``end``
+        only when given."""
+        end = len(self) if end is None else min(int(end), len(self))
+        for start, shard in zip(self.starts, self._shards):
+            if start < end and len(shard.keys):
+                yield int(start), shard.keys[: end - int(start)]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The vectors of ``rows`` (float32, (len(rows), k))."""

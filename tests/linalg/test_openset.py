@@ -107,12 +107,75 @@ def test_scores_orders_and_ranges(R, n_labels):
     assert np.all((margin >= -1) & (margin <= 0))
 
 
-def test_reference_rows_are_a_seeded_sorted_sample():
-    assert np.array_equal(openset.reference_rows(50, 100), np.arange(50))
-    a = openset.reference_rows(10_000, 300, seed=3)
-    assert len(a) == len(np.unique(a)) == 300 and np.all(np.diff(a) > 0)
-    assert np.array_equal(a, openset.reference_rows(10_000, 300, seed=3))
-    assert not np.array_equal(a, openset.reference_rows(10_000, 300, seed=4))
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**64 - 1) | st.integers(0, 5), min_size=0, max_size=60),
+    st.integers(1, 70),
+    st.lists(st.integers(1, 25), min_size=1, max_size=8),
+)
+def test_reference_rows_are_the_rows_with_the_smallest_keys(keys, rows_max, sizes):
+    """Whatever the blocks the keys come in: the ``rows_max`` smallest, in key order, ties by
+    row id (the small integers make ties)."""
+    keys = np.array(keys, dtype=np.uint64)
+    cuts = np.unique(np.clip(np.cumsum(sizes), 0, len(keys)))
+    blocks = [(int(a), keys[a:b]) for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(keys)])]
+    got = openset.reference_rows(blocks, rows_max)
+    want = np.lexsort((np.arange(len(keys)), keys))[:rows_max]
+    assert np.array_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40))
+def test_reference_rows_are_the_same_photos_in_any_order(seed, rows_max):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 2**63, size=int(rng.integers(1, 80)), dtype=np.uint64)
+    perm = rng.permutation(len(keys))
+    a = openset.reference_rows([(0, keys)], rows_max)
+    b = openset.reference_rows([(0, keys[perm][:7]), (7, keys[perm][7:])], rows_max)
+    assert np.array_equal(keys[a], keys[perm][b])  # the same keys, in the same (key) order
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(2, 6),
+    st.integers(3, 9),
+    st.booleans(),
+    st.booleans(),
+)
+def test_calibrate_and_scores_do_not_depend_on_the_rows_order(
+    seed, n_classes, per_class, with_keys, duplicates
+):
+    """The same rows in another order: the same rule, threshold and rates, and the same
+    scores of queries (with keys, paths as the index gives them, or without: by content)."""
+    X, labels = clusters(n_classes, per_class, d=5, spread=0.3, seed=seed)
+    labels = np.array(labels, dtype=object)
+    rng = np.random.default_rng(seed)
+    keys = None
+    if with_keys:
+        keys = np.array([f"/b/{k:x}.jpg" for k in rng.integers(0, 2**62, size=len(X))])
+    if duplicates:  # rows sharing a key (one path twice), or equal rows without keys
+        X[1], labels[1] = X[0], labels[0]
+        if keys is not None:
+            keys[2] = keys[0]
+    perm = rng.permutation(len(X))
+    pk = None if keys is None else keys[perm]
+    a = openset.calibrate(X, labels, seed=3, keys=keys)
+    b = openset.calibrate(X[perm], labels[perm], seed=3, keys=pk)
+    assert a == b
+    Q = rng.normal(size=(6, 5)) * 10
+    sa = openset.OpenSet(a, X, labels, keys).accept(Q)
+    sb = openset.OpenSet(b, X[perm], labels[perm], pk).accept(Q)
+    for u, v in zip(sa, sb):
+        assert np.array_equal(u, v)
+
+
+def test_canonical_order_is_by_key_then_label_then_vector():
+    X = np.array([[2.0, 0.0], [1.0, 5.0], [1.0, 4.0], [0.0, 9.0]])
+    labels = ["b", "b", "b", "a"]
+    assert openset.canonical_order(X, labels).tolist() == [3, 2, 1, 0]
+    keys = np.array([7, 3, 3, 9], dtype=np.uint64)
+    assert openset.canonical_order(X, labels, keys).tolist() == [2, 1, 0, 3]
 
 
 def test_calibrate_is_deterministic_and_scores_directions():

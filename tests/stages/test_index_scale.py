@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.base.errors import UsageError
 from stages.cli import main
 from stages.featurize import featurize
 from stages.featurize.incremental import featurize_incremental
@@ -70,6 +71,57 @@ def test_the_chunked_writer_writes_the_same_bytes_as_one_chunk(spark, gone, tmp_
     assert any(f.name == "thumbs.bin" for f in files) and Path("index.json") in files
     different = [f for f in files if not filecmp.cmp(one / f, small / f, shallow=False)]
     assert different == []
+
+
+def test_the_open_set_rule_does_not_depend_on_the_partitioning(spark, gone, tmp_path):
+    """The same projections as one file and as three files of the rows reversed: Spark's
+    partitions put the rows in the shards in other orders, the open-set rule (reference
+    rows, held-out split, threshold, rates) stays the same."""
+    table = pq.read_table(gone / "Results" / "projections").sort_by("path")
+    n = table.num_rows
+    backwards = table.take(pa.array(range(n - 1, -1, -1)))
+    layouts = {"One": [table], "Three": [backwards.slice(i, 10) for i in range(0, n, 10)]}
+    metas, orders = {}, {}
+    for name, parts in layouts.items():
+        results = tmp_path / name
+        shutil.copytree(
+            gone / "Results", results, ignore=shutil.ignore_patterns("index", "projections")
+        )
+        (results / "projections").mkdir()
+        for i, part in enumerate(parts):
+            pq.write_table(part, results / "projections" / f"part-{i:05d}.parquet")
+        (results / "projections" / "_SUCCESS").touch()
+        metas[name] = build_index(spark, str(results))
+        index = SearchIndex(str(results))
+        orders[name] = [index.path(i) for i in range(len(index))]
+    assert len(metas["Three"]["shards"]) > 1 and len(metas["One"]["shards"]) == 1
+    assert orders["One"] != orders["Three"] and sorted(orders["One"]) == sorted(orders["Three"])
+    rules = [dict(m["open_set"]) for m in metas.values()]
+    for rule in rules:
+        rule.pop("calibration_s")  # seconds: not in index.json
+    assert rules[0]["calibrated"] and rules[0]["reference"]["rows"] == n
+    assert rules[1] == rules[0]
+
+
+def test_an_index_of_format_4_is_refused_and_an_append_rebuilds_it(spark, gone, tmp_path):
+    """Format 4 had no keys.npy (the open-set rows followed the row order): the app refuses
+    it with the command that rebuilds it, and ``watch --results`` rebuilds it."""
+    from stages.reduce.index_append import append_index
+
+    results = tmp_path / "Results"
+    shutil.copytree(gone / "Results", results)
+    meta_path = results / "index" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == reduce_index.FORMAT == 5
+    meta["format"] = 4
+    meta_path.write_text(json.dumps(meta))
+    for keys in (results / "index" / "shards").glob("*/keys.npy"):
+        keys.unlink()
+    with pytest.raises(UsageError, match="another format: run `fruits-pipeline index`"):
+        SearchIndex(str(results))
+    rebuilt = append_index(spark, str(results), str(results / "projections"))
+    assert rebuilt["format"] == 5 and rebuilt["generation"] == 1 and rebuilt["rows"] == 30
+    assert SearchIndex(str(results)).open_set.rule == meta["open_set"]
 
 
 def _failing_finish(*args, **kwargs):

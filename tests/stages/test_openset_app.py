@@ -40,10 +40,54 @@ def test_the_calibration_at_index_build_is_deterministic(tmp_path):
         rule.pop("calibration_s")
         rules.append(rule)
     assert rules[0] == rules[1]
-    assert rules[0]["calibrated"] and rules[0]["reference"] == {"rows": 180, "of": 180, "seed": 0}
+    assert rules[0]["calibrated"] and rules[0]["reference"] == {
+        "rows": 180,
+        "of": 180,
+        "seed": 0,
+        "sampled_by": "blake2b-64 of the path",
+        "ordered_by": "path",
+    }
     assert rules[0]["repeats"] == 5 and rules[0]["held_out_classes_per_repeat"] == 2
     for key in ("known_accepted", "unknown_rejected", "auroc", "fpr_at_95_tpr"):
         assert 0.0 <= rules[0][key] <= 1.0
+
+
+@pytest.mark.parametrize("rows_max", [None, 100], ids=["all rows", "a sample of 100"])
+def test_the_calibration_does_not_depend_on_the_rows_order(tmp_path, monkeypatch, rows_max):
+    """The same photos stored in three orders and shardings (as Spark's partitions would
+    store them) give the same reference photos, rule, threshold and rates, and the app
+    scores a query the same way."""
+    from linalg.openset import reference_rows
+    from stages.reduce import index_stats
+
+    if rows_max is not None:  # the sampled reference set, as above CALIBRATION_ROWS
+        monkeypatch.setattr(index_stats, "CALIBRATION_ROWS", rows_max)
+    vectors, labels = _clustered(12, 15)
+    paths = [f"/b/{lab}/{i}.jpg" for i, lab in enumerate(labels)]
+    n = len(paths)
+    orders = [(np.arange(n), None), (np.arange(n)[::-1], 7)]
+    orders.append((np.random.default_rng(1).permutation(n), 50))
+    queries = vectors[::9] + np.random.default_rng(2).normal(scale=2.0, size=(20, 12))
+    rules, refs, scores = [], [], []
+    for run, (order, shard_rows) in enumerate(orders):
+        folder = tmp_path / str(run)
+        meta = write_local_index(
+            str(folder), [paths[i] for i in order], [labels[i] for i in order], vectors[order],
+            [None] * n, "0" * 64, {}, shard_rows=shard_rows,
+        )  # fmt: skip
+        rule = meta["open_set"]
+        rule.pop("calibration_s")
+        rules.append(rule)
+        index = SearchIndex(str(folder))
+        ids = reference_rows(index.rows.key_blocks(), rule["reference"]["rows"])
+        refs.append(sorted(index.path(int(i)) for i in ids))
+        scores.append(index.open_set.accept(queries))
+    assert rules[0]["reference"]["rows"] == (rows_max or n)
+    assert rules[1] == rules[0] and rules[2] == rules[0]
+    assert refs[1] == refs[0] and refs[2] == refs[0]
+    for accepted, score, in_range in scores[1:]:
+        assert np.array_equal(accepted, scores[0][0]) and np.array_equal(score, scores[0][1])
+        assert np.array_equal(in_range, scores[0][2])
 
 
 def test_an_index_without_the_rule_is_refused(tmp_path):
@@ -130,12 +174,14 @@ def test_an_index_without_five_classes_refuses_them(spark, tmp_path):
     known = answers(known_asked)
     right = sum(a["label"] == lab for a, (_, lab) in zip(known, known_asked))
     refused = [a for a in answers(unknown_asked) if a["label"] is None]
-    # Measured: 99 of the 100 known photos named right; of the 100 unknown, 95 refused with the
-    # index's rows in path order (the rule the bucket picked: ratio) and 74 with the sharded
-    # index's rows in the projections' partition order (it picks knn1): the calibration's
-    # held-out split follows the row order (deterministic, seeded).  Asserted with a margin.
+    # Measured: 99 of the 100 known photos named right and 95 of the 100 unknown refused (the
+    # rule the bucket picked: ratio), whatever the partitioning: the calibration takes its
+    # reference rows in path order (before, the shards' partition order made it pick knn1
+    # and refuse 74).  Path order does not depend on where tmp_path lies, so the seeded split
+    # is the same on every run; other seeds refuse 59-100 of these (median 98: search_bench.py
+    # --openset-only, "seeds").  Asserted with a margin.
     assert right >= 90, right
-    assert len(refused) >= 65, len(refused)
+    assert len(refused) >= 85, len(refused)
     a = refused[0]
     assert not a["close_match"] and a["photos"] is None and a["verdict"].startswith(NO_MATCH)
     assert len(a["matches"]) == 10 and not any(m["match"] for m in a["matches"])

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from stages.base.errors import UsageError
+from stages.storage.shards import SHARD_FILES
 from tests import s3_fixtures
 from tests.conftest import SAMPLE
 from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys
@@ -162,7 +163,7 @@ def test_reduce_indexes_the_bucket_from_the_features_thumbnails(moto_s3_client, 
     assert meta["rows"] == 100 and meta["dims"] == 5 and meta["kind"] == "exact"
     assert meta["thumbnails"]["missing"] == 0 and sum(s["rows"] for s in meta["shards"]) == 100
     for shard in meta["shards"]:  # each shard's files went up through the driver's disk
-        for name in ("vectors.npy", "labels.npy", "paths.bin", "thumbs.bin", "thumbs_offsets.npy"):
+        for name in SHARD_FILES:  # keys.npy among them
             assert f"Results/index/shards/{shard['name']}/{name}" in keys, sorted(keys)
     first = meta["shards"][0]["name"]
     thumbs = moto_s3_client.get_object(
