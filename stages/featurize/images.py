@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_SIZE", "decode_image", "preprocess", "thumbnail_jpeg", "DecodeError"]
+__all__ = [
+    "IMAGE_SIZE",
+    "decode_image",
+    "decode_photo",
+    "preprocess",
+    "thumbnail_jpeg",
+    "DecodeError",
+]
 
 IMAGE_SIZE = 224
 # A header may claim any size: a 691-byte JPEG claiming 14000 x 14000 cost 590 MB to
@@ -67,7 +74,21 @@ def _flat_share(arr: np.ndarray) -> float:
 def decode_image(
     data: Optional[bytes], size: int = IMAGE_SIZE, exif_orientation: bool = True, draft: int = 0
 ) -> np.ndarray:
-    """Decode image bytes to an RGB uint8 array resized to ``size`` x ``size``.
+    """Decode image bytes to an RGB uint8 array resized to ``size`` x ``size``
+    (:func:`decode_photo` without a thumbnail; same parameters, same errors)."""
+    return decode_photo(data, size, exif_orientation, draft)[0]
+
+
+def decode_photo(
+    data: Optional[bytes],
+    size: int = IMAGE_SIZE,
+    exif_orientation: bool = True,
+    draft: int = 0,
+    thumb_px: int = 0,
+    thumb_quality: int = 80,
+) -> Tuple[np.ndarray, Optional[bytes]]:
+    """Decode image bytes to an RGB uint8 array resized to ``size`` x ``size``, and a
+    thumbnail from the same decode.
 
     Parameters
     ----------
@@ -84,10 +105,18 @@ def decode_image(
         least ``k * size`` on each side, then resize as usual: a 12 MP photo
         decodes several times faster, to slightly different pixels
         (``benchmarks/decode_bench.py``).
+    thumb_px : int
+        0: no thumbnail.  Otherwise a JPEG of at most ``thumb_px`` pixels a side (the
+        photo's proportions, turned as the model sees it), made from this decode: a
+        second decode for the thumbnail cost featurize a third of the decode again.
+    thumb_quality : int
+        Its JPEG quality.
 
     Returns
     -------
     ndarray of shape (size, size, 3), uint8
+    bytes or None
+        The thumbnail (None when ``thumb_px`` is 0).
 
     Raises
     ------
@@ -113,8 +142,10 @@ def decode_image(
             img.load()  # forces the full decode: truncated data fails here
             if exif_orientation:
                 img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img).resize((size, size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            rgb = _to_rgb(img)
+            arr = np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+            if thumb_px:
+                rgb.thumbnail((thumb_px, thumb_px))  # in place: rgb is not needed again
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -129,7 +160,11 @@ def decode_image(
             f"decoded to one flat colour ({share:.0%} of pixels): truncated data or an "
             "unsupported encoding, not a photo"
         )
-    return arr
+    if not thumb_px:
+        return arr, None
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=thumb_quality)
+    return arr, buf.getvalue()
 
 
 def thumbnail_jpeg(

@@ -19,15 +19,9 @@ import numpy as np
 
 from stages.base.contract import THUMB_PX, features_schema
 from stages.featurize.engine import get_featurizer
-from stages.featurize.images import DecodeError, decode_image, preprocess, thumbnail_jpeg
+from stages.featurize.images import DecodeError, decode_photo, preprocess
 from stages.storage.fetch import ReadError, StoreSettings, path_bytes_batches, requests_made
 from stages.storage.s3list import delta
-
-
-def image_thumbnail(content: Optional[bytes]) -> Optional[bytes]:
-    """The ``thumb`` of a row: a JPEG of at most :data:`THUMB_PX` pixels a side, made from
-    the bytes the worker holds for the decode; ``None`` when they are not an image."""
-    return thumbnail_jpeg(content, THUMB_PX, quality=80)
 
 
 def label_from_path(path: str, url_encoded: bool = False) -> str:
@@ -110,22 +104,26 @@ def features_array(feats: np.ndarray, ok: np.ndarray, list_type):
 
 def decode_rows(
     contents: Sequence[Any], exif_orientation: bool = True, jpeg_draft: int = 0
-) -> Tuple[List[np.ndarray], List[Optional[str]]]:
+) -> Tuple[List[np.ndarray], List[Optional[str]], List[Optional[bytes]]]:
     """Decode photos' bytes (or the :class:`ReadError` of one that could not be read):
-    the arrays of those that decode, and each row's error."""
+    the arrays of those that decode, each row's error and each row's ``thumb`` (made
+    from the same decode: :data:`THUMB_PX` a side at most)."""
     errors: List[Optional[str]] = [None] * len(contents)
+    thumbs: List[Optional[bytes]] = [None] * len(contents)
     arrays = []
     for i, content in enumerate(contents):
         if isinstance(content, ReadError):  # the photo could not be read (fetch)
             errors[i] = str(content)
             continue
         try:
-            arrays.append(
-                decode_image(content, exif_orientation=exif_orientation, draft=jpeg_draft)
+            arr, thumbs[i] = decode_photo(
+                content, exif_orientation=exif_orientation, draft=jpeg_draft, thumb_px=THUMB_PX
             )
         except DecodeError as exc:
             errors[i] = str(exc)
-    return arrays, errors
+            continue
+        arrays.append(arr)
+    return arrays, errors, thumbs
 
 
 @dataclass(frozen=True)
@@ -205,9 +203,8 @@ def featurize_partition(batches: Iterable[Any], job: PartitionJob) -> Iterator[A
     def output_batch(paths, contents):
         nonlocal bad
         labels = [label_from_path(p, job.url_encoded) for p in paths]
-        arrays, errors = decode_rows(contents, job.exif_orientation, job.jpeg_draft)
-        # The photo's thumbnail, made here where its bytes are: it is never read again.
-        thumbs = [image_thumbnail(c) if e is None else None for c, e in zip(contents, errors)]
+        # The photo's thumbnail is made here, from its decode: it is never read again.
+        arrays, errors, thumbs = decode_rows(contents, job.exif_orientation, job.jpeg_draft)
         ok = np.array([e is None for e in errors], dtype=bool)
         if arrays:
             feats = np.asarray(infer(arrays), dtype=np.float32)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from stages.featurize.images import decode_image
+from stages.featurize.images import DecodeError, decode_image, decode_photo
 from tests.conftest import SAMPLE
 
 
@@ -40,3 +41,36 @@ def test_draft_changes_nothing_for_small_photos_or_png():
     Image.open(io.BytesIO(_large_jpeg(800, 600))).save(buf, "PNG")
     png = buf.getvalue()
     assert np.array_equal(decode_image(png, draft=1), decode_image(png))
+
+
+def _jpeg(w: int, h: int, orientation: int = 0) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_the_thumbnail_comes_from_the_same_decode_with_the_photos_proportions():
+    data = _jpeg(300, 150)
+    arr, thumb = decode_photo(data, thumb_px=96)
+    np.testing.assert_array_equal(arr, decode_image(data))  # the model's pixels unchanged
+    with Image.open(io.BytesIO(thumb)) as t:
+        assert t.format == "JPEG" and t.size == (96, 48)
+    assert decode_photo(data)[1] is None  # no thumbnail unless asked
+
+
+def test_the_thumbnail_is_turned_as_the_model_sees_the_photo():
+    data = _jpeg(300, 150, orientation=6)  # stored sideways, shown turned 90 degrees
+    with Image.open(io.BytesIO(decode_photo(data, thumb_px=96)[1])) as t:
+        assert t.size == (48, 96)
+    with Image.open(io.BytesIO(decode_photo(data, exif_orientation=False, thumb_px=96)[1])) as t:
+        assert t.size == (96, 48)
+
+
+def test_a_photo_that_does_not_decode_has_no_thumbnail_either():
+    with pytest.raises(DecodeError):
+        decode_photo(_jpeg(300, 150)[:200], thumb_px=96)

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from linalg.vectors import VectorIndex
+from stages.base.contract import THUMB_PX
 from stages.cli import main
-from stages.featurize.partition import image_thumbnail
+from stages.featurize.images import decode_photo
 from stages.reduce.index import write_local_index
 from stages.search.query import QueryEngine, SearchIndex, vote
 from stages.search.upload import MAX_UPLOAD_BYTES, BadImage, decode_upload
@@ -201,7 +202,7 @@ def test_ivf_index_above_the_exact_limit_records_its_nprobe_and_recall(tmp_path)
 
 def test_exact_index_below_the_limit(tmp_path):
     vectors = _clustered(200, 5)
-    thumb = image_thumbnail(PHOTO.read_bytes())
+    thumb = decode_photo(PHOTO.read_bytes(), thumb_px=THUMB_PX)[1]
     meta = write_local_index(
         str(tmp_path), [str(i) for i in range(200)], ["a"] * 200, vectors, [thumb] * 200,
         "0" * 64, {}, shard_rows=64,
