@@ -6,8 +6,9 @@ The driver keeps the exact row count of each class, a sample of at most
 the first few rows of each class by path with their ``thumb``; never a list of all
 the rows. A local table is streamed through pyarrow in batches (peak memory: one
 batch plus what is kept); through Spark, the executors count and choose, and only
-the chosen rows reach the driver. FEATURES' error rows are read the same way: exact
-counts per class and only the first :func:`error_rows_local` ``limit`` by path kept.
+the chosen rows reach the driver. FEATURES' error rows are read the same way
+(:func:`error_rows_local`, :func:`error_rows_spark`): exact counts per class, and only
+the first ``limit`` rows by path kept.
 
 The sample is stratified and deterministic: :func:`quotas` gives each class at most
 a common cap (smaller classes whole, so they stay visible), and inside a class the
