@@ -21,7 +21,7 @@ import pytest
 from stages.base.errors import UsageError
 from tests import s3_fixtures
 from tests.conftest import SAMPLE
-from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys
+from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys, read_parquet_from_bucket
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -34,20 +34,6 @@ s3a_sample_bucket = s3_fixtures.s3a_sample_bucket
 IMAGES = f"s3a://{BUCKET}/Test/"
 FEATURES = f"s3a://{BUCKET}/Features/"
 RESULTS = f"s3a://{BUCKET}/Results/"
-
-
-def _read_parquet_from_bucket(client, prefix: str):
-    """The Parquet part files under ``prefix``, fetched with boto3, as one Arrow table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = sorted(k for k in list_keys(client, prefix) if k.endswith(".parquet"))
-    assert parts, f"no Parquet part files under s3://{BUCKET}/{prefix}"
-    tables = [
-        pq.read_table(pa.BufferReader(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
-        for k in parts
-    ]
-    return pa.concat_tables(tables)
 
 
 def _features_by_image(table) -> Dict[Tuple[str, str], np.ndarray]:
@@ -96,7 +82,7 @@ def test_s3a_features_equal_local_features(
 ):
     import pyarrow.parquet as pq
 
-    table = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    table = read_parquet_from_bucket(moto_s3_client, "Features/")
     # Paths are the object URIs, labels the folder names exactly as in the keys
     # ("Apple Braeburn", never "Apple%20Braeburn").
     assert sorted(table.column("path").to_pylist()) == sorted(
@@ -183,11 +169,11 @@ def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
         get("Results/pca_model/arrays.npz"), get("Results/pca_model/model.json")
     )
     assert model.n_components_ == 5
-    features = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    features = read_parquet_from_bucket(moto_s3_client, "Features/")
     X = np.stack([np.asarray(f, dtype=np.float32) for f in features.column("features").to_pylist()])
     expected = dict(zip(features.column("path").to_pylist(), model.transform(X)))
 
-    proj = _read_parquet_from_bucket(moto_s3_client, "Results/projections/")
+    proj = read_parquet_from_bucket(moto_s3_client, "Results/projections/")
     got = dict(zip(proj.column("path").to_pylist(), proj.column("pca").to_pylist()))
     assert got.keys() == expected.keys()
     assert len(got) == 100
@@ -300,7 +286,7 @@ def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = _read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
+    table = read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
     assert table.num_rows == 10 and table.column("error").null_count == 10
     assert set(table.column("label").to_pylist()) == {"Kiwi"}
 
@@ -323,7 +309,7 @@ def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sampl
     runs = [json.loads(moto_s3_client.get_object(Bucket=BUCKET, Key=k)["Body"].read())["run"]
             for k in records]  # fmt: skip
     assert runs == [first.run, second.run]
-    table = _read_parquet_from_bucket(moto_s3_client, "Growing/run=")
+    table = read_parquet_from_bucket(moto_s3_client, "Growing/run=")
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 20
     summary = update_reduce(s3a_spark, features, results)
@@ -343,7 +329,7 @@ def test_hidden_names_on_s3_get_their_rows(moto_s3_client, s3a_spark, s3a_sample
         moto_s3_client.put_object(Bucket=BUCKET, Key=key, Body=data)
     out = f"s3a://{BUCKET}/HiddenFeatures/"
     report = featurize(s3a_spark, f"s3a://{BUCKET}/Hidden/", out, weights="bundled")
-    table = _read_parquet_from_bucket(moto_s3_client, "HiddenFeatures/")
+    table = read_parquet_from_bucket(moto_s3_client, "HiddenFeatures/")
     got = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
     assert got == {f"s3a://{BUCKET}/{k}": k.split("/")[-2] for k in keys}
     assert report.images == 4 and report.errors == 0
