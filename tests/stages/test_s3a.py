@@ -291,6 +291,29 @@ def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
     assert set(table.column("label").to_pylist()) == {"Kiwi"}
 
 
+def test_cli_watch_on_s3_available_now_exits_0(
+    moto_s3_client, s3a_spark, s3a_sample_bucket, tmp_path, monkeypatch, capsys
+):
+    # Regression: the command ended in `KeyError: 'stopped'` (exit 1) after its runs.
+    from stages.cli import main
+
+    for key in s3a_sample_bucket[:2]:
+        moto_s3_client.copy_object(
+            Bucket=BUCKET, Key=f"WatchIn/{key}", CopySource={"Bucket": BUCKET, "Key": key}
+        )
+    monkeypatch.setenv("FRUITS_LOG_DIR", str(tmp_path))
+    argv = [
+        "watch",
+        f"s3a://{BUCKET}/WatchIn/",
+        f"s3a://{BUCKET}/WatchCli/",
+        "--weights",
+        "bundled",
+    ]
+    assert main([*argv, "--available-now"]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mode"], report["images"], report["stopped"]) == ("listing", 2, None)
+
+
 def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sample_bucket):
     from stages.featurize.incremental import featurize_incremental
     from stages.reduce import reduce_features
