@@ -388,7 +388,7 @@ def test_an_index_on_s3_is_appended_to_without_writing_its_old_files(
 
     from stages.reduce import reduce_features
     from stages.reduce.index import build_index
-    from stages.reduce.index_append import append_index
+    from stages.reduce.index_append import append_index, mirror_folder
 
     monkeypatch.setenv("FRUITS_CACHE", str(tmp_path / "cache"))
     results = f"s3a://{BUCKET}/ResultsAppend"
@@ -432,3 +432,34 @@ def test_an_index_on_s3_is_appended_to_without_writing_its_old_files(
     assert len(index) == 105
     paths = {index.path(i) for i in range(100, 105)}
     assert sum(p.endswith("-b.jpg") for p in paths) == 2
+    # The mirror holds what index.json names, no more (not generation 2's IVF file).
+    assert _held(mirrors[0]) == _named(moto_s3_client, "ResultsAppend/index/index.json")
+
+    # The index rebuilt with the "-a" rows in the projections (other first shards): the
+    # next append empties the mirror first; the one mirror of that folder holds the new
+    # index's files only.
+    s3a_spark.read.parquet(new).write.mode("append").parquet(f"{results}/projections")
+    build_index(s3a_spark, results, exact_max_elements=50)
+    meta = append_index(s3a_spark, results, _new_rows(s3a_spark, results, "-c.jpg", 2))
+    assert (meta["generation"], meta["rows"]) == (2, 105)
+    assert list((tmp_path / "cache" / "index").iterdir()) == mirrors
+    named = _named(moto_s3_client, "ResultsAppend/index/index.json")
+    assert _held(mirrors[0]) == named
+    # What an append that died left (a shard, an IVF file): gone at the next one's start.
+    (mirrors[0] / "shards" / "g00003-00000").mkdir()
+    (mirrors[0] / "ivf-00003.faiss").write_bytes(b"partial")
+    assert mirror_folder(s3a_spark, f"{results}/index", meta) == str(mirrors[0])
+    assert _held(mirrors[0]) == named
+
+
+def _held(mirror) -> set:
+    """The top-level files and the shards of an index mirror."""
+    shards = {f"shards/{p.name}" for p in (mirror / "shards").iterdir()}
+    return {p.name for p in mirror.iterdir() if p.name != "shards"} | shards
+
+
+def _named(client, key: str) -> set:
+    """What the ``index.json`` at ``key`` names, and the mirror's own ``mirror.json``."""
+    meta = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    named = {"index.json", "mirror.json"} | {f"shards/{s['name']}" for s in meta["shards"]}
+    return named | ({meta["ivf"]["file"]} if meta.get("ivf") else set())
