@@ -12,6 +12,11 @@ RSS, ``ru_maxrss``, is its own) and draws the scatter to PNG:
 
     .venv/bin/python benchmarks/report_bench.py --quick        # 20k, 100k rows
     .venv/bin/python benchmarks/report_bench.py --sizes 100000,1000000
+
+``--error-rows 100000,1000000`` measures the other list the page holds, FEATURES' error
+rows (``path, label, error``; every row an error row, the worst case): read whole and
+sorted (the reader before), or :func:`stages.report.rows.error_rows_local` (exact counts,
+the first ``MAX_ERROR_ROWS`` by path kept, one batch at a time).
 """
 
 from __future__ import annotations
@@ -66,6 +71,57 @@ def generate(n: int, out: Path) -> None:
     (out / "_SUCCESS").touch()
 
 
+def generate_errors(n: int, out: Path) -> None:
+    """``n`` error rows of FEATURES' shape in ``out`` (skipped when already there)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if (out / "_SUCCESS").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(n)  # files not in path order: the reader must sort
+    for f, start in enumerate(range(0, n, FILE_ROWS)):
+        ids = order[start : start + FILE_ROWS]
+        m = len(ids)
+        table_ = pa.table(
+            {
+                "path": [f"s3://bucket/Test/Class {i % 131:03d}/r_{i:08d}_100.jpg" for i in ids],
+                "label": [f"Class {i % 131:03d}" for i in ids],
+                "features": pa.nulls(m, pa.list_(pa.float32())),
+                "error": [
+                    f"cannot decode image: OSError: image file is truncated ({i})" for i in ids
+                ],
+            }
+        )
+        pq.write_table(table_, out / f"part-{f:05d}.parquet")
+    (out / "_SUCCESS").touch()
+
+
+def error_worker(how: str, uri: str) -> Dict[str, Any]:
+    """FEATURES' error rows of ``uri`` read as ``how``; time and peak RSS."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from stages.report.data import MAX_ERROR_ROWS
+    from stages.report.rows import error_rows_local
+
+    before = max_rss_mib()
+    t0 = time.perf_counter()
+    if how == "every row":
+        valid = ds.field("error").is_valid()
+        t = pq.read_table(uri, columns=["path", "label", "error"], filters=valid)
+        total = t.num_rows
+        t = t.sort_by("path").slice(0, MAX_ERROR_ROWS)
+        listed = len(list(zip(*[t.column(c).to_pylist() for c in ("path", "label", "error")])))
+    else:
+        rows, counts = error_rows_local(uri, MAX_ERROR_ROWS)
+        total, listed = sum(counts.values()), len(rows)
+    return {"read_s": time.perf_counter() - t0, "errors": total, "listed": listed,
+            "rss_mib": max_rss_mib(), "rss_imports_mib": before}  # fmt: skip
+
+
 def worker(how: str, uri: str) -> Dict[str, Any]:
     """Read ``uri`` as ``how`` and draw its scatter; times and peak RSS."""
     import pyarrow.compute as pc
@@ -100,16 +156,22 @@ def main(argv: List[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--quick", action="store_true", help="20k and 100k rows")
+    ap.add_argument("--error-rows", help="FEATURES' error rows instead, e.g. 100000,1000000")
     ap.add_argument("--data", default="/tmp/fruits-report-bench")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--_generate", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_errors", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        emit(worker(*args._worker))
+        emit((error_worker if args._errors else worker)(*args._worker))
         return
     if args._generate:
-        generate(int(args._generate[0]), Path(args._generate[1]))
+        make = generate_errors if args._errors else generate
+        make(int(args._generate[0]), Path(args._generate[1]))
         emit({})
+        return
+    if args.error_rows:
+        errors_main(args, argv)
         return
     rows = []
     sizes = "20000,100000" if args.quick else args.sizes
@@ -143,6 +205,40 @@ def main(argv: List[str]) -> None:
     command = "benchmarks/report_bench.py " + " ".join(argv)
     data = {"machine": machine_info(), "command": command, "rows": rows}
     print(write_results("report_bench_quick" if args.quick else "report_bench", data, tables))
+
+
+def errors_main(args, argv: List[str]) -> None:
+    """The error rows' readers at each size of ``--error-rows``, each in its own process."""
+    rows = []
+    for n in [int(s) for s in args.error_rows.split(",")]:
+        data = Path(args.data) / f"e{n}"
+        gen = ["--_errors", "--_generate", str(n), str(data)]
+        run_worker(Path(__file__), gen, data.parent / "gen.log")
+        for how in ("every row", "bounded"):
+            log = Path(args.data) / "logs" / f"e{n}-{how.replace(' ', '_')}.log"
+            r = run_worker(Path(__file__), ["--_errors", "--_worker", how, str(data)], log)
+            rows.append({"error_rows": n, "how": how, **r})
+    tables = [
+        table(
+            ["error rows", "reader", "listed", "read s", "peak RSS MiB", "of it imports"],
+            [
+                [
+                    r["error_rows"],
+                    r["how"],
+                    r["listed"],
+                    r["read_s"],
+                    r["rss_mib"],
+                    r["rss_imports_mib"],
+                ]
+                for r in rows
+            ],  # fmt: skip
+            digits=1,
+        )
+    ]
+    show_tables(tables)
+    command = "benchmarks/report_bench.py " + " ".join(argv)
+    data = {"machine": machine_info(), "command": command, "rows": rows}
+    print(write_results("report_bench_errors", data, tables))
 
 
 if __name__ == "__main__":

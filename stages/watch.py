@@ -21,10 +21,10 @@ A photo modified less than :data:`SETTLE_SECONDS` ago may still be being written
 is set aside (in the checkpoint's ``fruits_pending.json``, as the source never offers
 it again) and featurized once it has not changed for that long, at a later batch or
 trigger, or before ``--available-now`` ends.  Ctrl-C (SIGINT) and SIGTERM stop the
-query once the batch being featurized has committed, print one line and exit 130 or
-143.  Another writer on the table (``featurize --incremental``) is seen at the next
-batch; a commit of the same photos at the same time refuses this one
-(:meth:`stages.storage.table.FeaturesTable.commit`).
+query once the batch being featurized has committed (on S3, the run in progress), print
+one line and exit 130 or 143 (:mod:`stages.featurize.stopping`).  Another writer on the
+table (``featurize --incremental``) is seen at the next batch; a commit of the same
+photos at the same time refuses this one (:meth:`stages.storage.table.FeaturesTable.commit`).
 
 ``--available-now`` processes what is there and stops (a cron job or an EMR
 step); ``--trigger 10s`` keeps going.  ``--queue URL`` takes the new photos from an

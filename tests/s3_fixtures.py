@@ -30,6 +30,7 @@ __all__ = [
     "s3a_spark",
     "s3a_sample_bucket",
     "list_keys",
+    "read_parquet_from_bucket",
     "close_s3a_filesystem",
     "S3A_SETTINGS",
 ]
@@ -77,6 +78,20 @@ def list_keys(client, prefix: str) -> List[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         keys.extend(obj["Key"] for obj in page.get("Contents", []))
     return keys
+
+
+def read_parquet_from_bucket(client, prefix: str):
+    """The Parquet part files under ``prefix``, fetched with boto3, as one Arrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(k for k in list_keys(client, prefix) if k.endswith(".parquet"))
+    assert parts, f"no Parquet part files under s3://{BUCKET}/{prefix}"
+    tables = [
+        pq.read_table(pa.BufferReader(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
+        for k in parts
+    ]
+    return pa.concat_tables(tables)
 
 
 def close_s3a_filesystem(spark, bucket: str) -> None:

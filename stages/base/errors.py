@@ -52,9 +52,18 @@ def exception_text(exc: BaseException) -> str:
                     jcur, depth = jcur.getCause(), depth + 1
             except Exception:  # the JVM may be gone
                 pass
-        parts.append(f"{type(cur).__name__}: {cur}")
+        parts.append(f"{type(cur).__name__}: {_message(cur)}")
         cur = cur.__cause__ or cur.__context__
     return "\n".join(parts)
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``; a Py4J error asks the JVM for its message, which fails once the JVM
+    has ended: then that, not a second exception inside the error report."""
+    try:
+        return str(exc)
+    except Exception as inner:  # the JVM is gone (ConnectionRefusedError, Py4JNetworkError)
+        return f"(its message is lost: {type(inner).__name__} asking Spark's JVM for it)"
 
 
 _URI = r"((?:file|s3a?|hdfs|gs|abfss?):/+[^\s'\"\]\),]+)"
@@ -141,6 +150,14 @@ _KNOWN: List[Tuple[str, int, Union[str, Callable[[str], str]]]] = [
     ),
     (r"No space left on device|ENOSPC", EXIT_FAILED, _no_space),
     (
+        # The JVM ended under the run (killed: a SIGTERM to the whole process group, the
+        # kernel's OOM killer): Py4J's connection to it broke.
+        r"Py4JNetworkError|asking Spark's JVM",
+        EXIT_FAILED,
+        "Spark's JVM ended during the run (killed, or out of memory): run again (what was "
+        "committed before is whole)",
+    ),
+    (
         # Two runs writing the same output: Hadoop refuses the second create.
         r"FileAlreadyExistsException",
         EXIT_FAILED,
@@ -179,7 +196,7 @@ def explain(exc: BaseException) -> Tuple[int, str]:
             if callable(message):
                 return code, message(text)
             return code, message.format(path=_path_in(text))
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    first = next((line.strip() for line in _message(exc).splitlines() if line.strip()), "")
     head = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     if len(head) > 300:
         head = head[:297] + "..."

@@ -38,6 +38,7 @@ from stages.featurize.frame import (
     prepare_features_model,
     write_features,
 )
+from stages.featurize.stopping import StopSignals
 from stages.storage.fetch import is_object_store, requests_made, split_s3, store_settings
 from stages.storage.s3events import EventQueue
 from stages.storage.s3list import delta
@@ -236,7 +237,8 @@ def featurize_from_queue(
 def watch_queue(
     spark, input_path: str, features: str, opts, on_run=None, visibility=None
 ) -> Dict[str, Any]:
-    """``watch --queue URL``: runs over the queue until ``stop_after``, Ctrl-C or, with
+    """``watch --queue URL``: runs over the queue until ``stop_after``, Ctrl-C or SIGTERM
+    (after the run in progress; ``stopped`` is the signal's number) or, with
     ``available_now``, an empty queue; ``on_run(run)`` after each commit."""
     queue_url = opts.queue
     state = QueueRun(spark, input_path, features, opts, queue_url, visibility)
@@ -247,23 +249,27 @@ def watch_queue(
     # bounds how late a stop is noticed.
     wait = 0 if opts.available_now else max(1, min(20, int(round(opts.trigger_seconds))))
     logger.info(f"watch: {queue_url} -> {features} (new photos under {input_path})")
-    try:
-        while deadline is None or time.monotonic() < deadline:
-            left = None if deadline is None else max(0, int(deadline - time.monotonic()))
-            report = state.run_once(wait if left is None else min(wait, left))
-            totals["messages"] += report.messages
-            totals["skipped"] += report.already_featurized
-            if report.run is not None:
-                totals["batches"] += 1
-                totals["images"] += report.images
-                totals["errors"] += report.errors
-                totals["runs"].append(report.run)
-                if on_run is not None:
-                    on_run(report.run)
-            if opts.available_now and not report.messages:
-                break
-    except KeyboardInterrupt:
-        logger.info("watch: interrupted: messages not yet committed come back to the queue")
-    finally:
-        state.close()
-    return {"queue": queue_url, **totals}
+    # Ctrl-C, SIGTERM: the messages received are featurized and committed, then stop.
+    with StopSignals() as stop:
+        try:
+            while stop.signum is None and (deadline is None or time.monotonic() < deadline):
+                left = None if deadline is None else max(0, int(deadline - time.monotonic()))
+                report = state.run_once(wait if left is None else min(wait, left))
+                totals["messages"] += report.messages
+                totals["skipped"] += report.already_featurized
+                if report.run is not None:
+                    totals["batches"] += 1
+                    totals["images"] += report.images
+                    totals["errors"] += report.errors
+                    totals["runs"].append(report.run)
+                    if on_run is not None:
+                        on_run(report.run)
+                if opts.available_now and not report.messages:
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: at once
+            logger.info("watch: interrupted: messages not yet committed come back to the queue")
+            raise
+        finally:
+            state.close()
+        stop.log_stop("the run in progress")
+    return {"queue": queue_url, "stopped": stop.signum, **totals}

@@ -10,9 +10,11 @@ driver extends a **mirror** of the index on its own disk (``<cache>/index/<key>`
 :func:`stages.base.cache.cache_root`) and uploads only what the append made: the new
 shards, the new IVF file and ``index.json``.  The first append of a driver downloads the
 shards its mirror lacks (once: the index's size on disk); each later one finds them there.
-The mirror's key names the index's first generation (its PCA and first shards), so a
-rebuilt index gets a mirror of its own, and a file whose size differs from ``index.json``'s
-is downloaded again.
+There is one mirror per index folder, and it holds only what the current ``index.json``
+names (about the index's size on disk): a file it no longer names is deleted, before and
+after each append; an index rebuilt since (another PCA or other first shards, recorded in
+the mirror's ``mirror.json``) empties the mirror first; a file whose size differs from
+``index.json``'s is downloaded again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from stages.base.cache import cache_root
 from stages.reduce.index import (
@@ -35,7 +37,7 @@ from stages.reduce.index import (
 )
 from stages.reduce.index_writer import copy_down, index_frame, label_list, write_shards
 from stages.storage import hadoopfs
-from stages.storage.fs import local_path
+from stages.storage.fs import LocalFileSystem, local_path
 from stages.storage.layout import INDEX_META, Results
 from stages.storage.shards import shard_bytes
 
@@ -79,7 +81,6 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
     meta.update(labels=labels, shards=meta["shards"] + new, generation=gen)
     meta["appended_rows"] = int(meta.get("appended_rows", 0)) + sum(s["rows"] for s in new)
     meta = finish_meta(work, meta, int(meta["exact_max_elements"]), previous, append=True)
-    old = _old_ann_files(os.listdir(work), gen)
     if remote:
         made = [f"shards/{s['name']}" for s in new] + [INDEX_META]
         if "ivf" in meta:
@@ -88,8 +89,10 @@ def append_index(spark, results: str, projections: str) -> Optional[Dict[str, An
         remote_names = [name for name, _, _, _ in hadoopfs.list_dir(spark, folder)]
         for name in _old_ann_files(remote_names, gen):
             hadoopfs.delete(spark, f"{folder}/{name}")
-    for name in old:
-        os.unlink(os.path.join(work, name))
+        _prune_mirror(work, meta)  # no serve reads the mirror: the previous IVF file too
+    else:
+        for name in _old_ann_files(os.listdir(work), gen):
+            os.unlink(os.path.join(work, name))
     meta["append_s"] = time.perf_counter() - t0
     logger.info(
         f"index: generation {gen}: {meta['rows']} rows (+{sum(s['rows'] for s in new)}), "
@@ -109,14 +112,69 @@ def _old_ann_files(names: List[str], generation: int) -> List[str]:
     return old
 
 
+# In a mirror, beside the index's files: which index it mirrors (see mirror_folder).
+MIRROR_META = "mirror.json"
+
+
+def _named(meta: Dict[str, Any]) -> Tuple[Set[str], Set[str]]:
+    """The top-level files and the shards ``meta`` (an ``index.json``) names."""
+    files = {INDEX_META, MIRROR_META}
+    if meta.get("ivf"):
+        files.add(meta["ivf"]["file"])
+    return files, {s["name"] for s in meta["shards"]}
+
+
+def _prune_mirror(work: str, meta: Dict[str, Any]) -> List[str]:
+    """Delete what the mirror ``work`` holds that ``meta`` does not name (the shards and IVF
+    files of earlier generations or of an append that died); the names deleted."""
+    files, shards = _named(meta)
+    gone = []
+    for name in sorted(os.listdir(work)):
+        path = os.path.join(work, name)
+        if name == "shards" and os.path.isdir(path):
+            for shard in sorted(os.listdir(path)):
+                if shard not in shards:
+                    _remove(os.path.join(path, shard))
+                    gone.append(f"shards/{shard}")
+        elif name not in files:
+            _remove(path)
+            gone.append(name)
+    return gone
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
 def mirror_folder(spark, folder: str, meta: Dict[str, Any]) -> str:
-    """The driver's local mirror of the index at ``folder`` (a Hadoop URI), with every
-    shard and the IVF file of ``meta`` in it (downloaded where missing or of another size).
+    """The driver's local mirror of the index at ``folder`` (a Hadoop URI), holding every
+    shard and the IVF file of ``meta`` (downloaded where missing or of another size) and
+    nothing else: one mirror per folder, emptied when the index was rebuilt since.
     """
+    source = hadoopfs.qualified(spark, folder)
     first = [s for s in meta["shards"] if s["name"].startswith("g00001-")]
-    key = json.dumps([hadoopfs.qualified(spark, folder), meta["pca_arrays_sha256"], first])
-    work = str(cache_root() / "index" / hashlib.sha256(key.encode()).hexdigest()[:24])
+    # What stays the same while the index is only appended to: its PCA and first shards.
+    identity = {"source": source, "pca_arrays_sha256": meta["pca_arrays_sha256"], "first": first}
+    work = str(cache_root() / "index" / hashlib.sha256(source.encode()).hexdigest()[:24])
+    record = os.path.join(work, MIRROR_META)
+    try:
+        with open(record, encoding="utf-8") as fh:
+            mirrored = json.load(fh)
+    except (OSError, ValueError):
+        mirrored = None
+    if mirrored != identity and os.path.isdir(work):
+        # Another index at that place (rebuilt): none of its files can be trusted.
+        logger.info(f"index: {folder} was rebuilt: emptying its mirror {work}")
+        shutil.rmtree(work)
     os.makedirs(os.path.join(work, "shards"), exist_ok=True)
+    if mirrored != identity:
+        LocalFileSystem().write_bytes(record, json.dumps(identity, indent=2).encode())
+    gone = _prune_mirror(work, meta)
+    if gone:
+        logger.info(f"index: {len(gone)} files no longer in {folder} deleted from its mirror")
     fetched = 0
     for shard in meta["shards"]:
         local = os.path.join(work, "shards", shard["name"])

@@ -15,7 +15,6 @@ import base64
 import io
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
@@ -24,7 +23,14 @@ import numpy as np
 
 from stages.base.contract import THUMB_PX
 from stages.base.errors import UsageError
-from stages.report.rows import SCATTER_POINTS, ProjectionRows, read_local, read_spark
+from stages.report.rows import (
+    SCATTER_POINTS,
+    ProjectionRows,
+    error_rows_local,
+    error_rows_spark,
+    read_local,
+    read_spark,
+)
 from stages.storage.fs import FileSystem, HadoopFileSystem, filesystem, local_path
 from stages.storage.layout import Results
 
@@ -183,12 +189,11 @@ def _read_projections(
 def _error_rows(
     fs: FileSystem, uri: str, limit: int
 ) -> Tuple[List[Tuple[str, str, str]], Dict[str, int]]:
-    """The first ``limit`` error rows by path, and the error rows per class."""
-    table = fs.read_parquet(uri, ["path", "label", "error"], where_valid="error")
-    counts = Counter(table.column("label").to_pylist())
-    table = table.sort_by("path").slice(0, limit)
-    cols = [table.column(c).to_pylist() for c in ("path", "label", "error")]
-    return list(zip(*cols)), dict(counts)
+    """The first ``limit`` error rows by path, and the error rows per class (bounded:
+    :func:`~stages.report.rows.error_rows_local`)."""
+    if isinstance(fs, HadoopFileSystem):
+        return error_rows_spark(fs.spark, uri, limit)
+    return error_rows_local(local_path(uri) or uri, limit)
 
 
 def _read_errors(fs: FileSystem, data: ReportData, base: str) -> None:

@@ -1,11 +1,14 @@
-"""The projections as the report holds them: bounded whatever the number of rows.
+"""The projections (and FEATURES' error rows) as the report holds them: bounded
+whatever the number of rows.
 
 The driver keeps the exact row count of each class, a sample of at most
 :data:`SCATTER_POINTS` rows for the scatter (two components and a label each), and
 the first few rows of each class by path with their ``thumb``; never a list of all
 the rows. A local table is streamed through pyarrow in batches (peak memory: one
 batch plus what is kept); through Spark, the executors count and choose, and only
-the chosen rows reach the driver.
+the chosen rows reach the driver. FEATURES' error rows are read the same way
+(:func:`error_rows_local`, :func:`error_rows_spark`): exact counts per class, and only
+the first ``limit`` rows by path kept.
 
 The sample is stratified and deterministic: :func:`quotas` gives each class at most
 a common cap (smaller classes whole, so they stay visible), and inside a class the
@@ -18,13 +21,21 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import numpy as np
 
 from stages.base.arrow_rdd import read_batch, to_arrow_batches
 
-__all__ = ["SCATTER_POINTS", "ProjectionRows", "quotas", "read_local", "read_spark"]
+__all__ = [
+    "SCATTER_POINTS",
+    "ProjectionRows",
+    "error_rows_local",
+    "error_rows_spark",
+    "quotas",
+    "read_local",
+    "read_spark",
+]
 
 # The scatter's bound: more points add no information to a 1000-pixel figure, and
 # matplotlib draws 20,000 in about a second.
@@ -261,3 +272,85 @@ def read_spark(spark, uri: str, bound: int, per_class: int) -> ProjectionRows:
         wanted = df.where(F.col("path").isin(list(thumbs))).select("path", "thumb")
         thumbs = _thumbs(_collect(wanted), chosen)
     return _rows(counts, sample, chosen, thumbs)
+
+
+ErrorRows = Tuple[List[Tuple[str, str, str]], Dict[str, int]]
+
+
+def _first_by_path(parts: Iterable, limit: int):
+    """The first ``limit`` rows of the tables ``parts`` by path; the sort is stable, so
+    equal paths keep the order they were read in, as one sort of the whole table would."""
+    import pyarrow as pa
+
+    return pa.concat_tables(parts).sort_by("path").slice(0, limit)
+
+
+def _with_errors(files: List[str]) -> Set[Tuple[int, int]]:
+    """``(file number, row group)`` of the row groups whose ``error`` column may hold a
+    value: one whose statistics say every value is null (most of them) is not read."""
+    import pyarrow.parquet as pq
+
+    out = set()
+    for i, name in enumerate(files):
+        meta = pq.read_metadata(name)
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            stats = [
+                group.column(j).statistics
+                for j in range(group.num_columns)
+                if group.column(j).path_in_schema == "error"
+            ]
+            empty = (
+                stats
+                and stats[0] is not None
+                and stats[0].has_null_count
+                and stats[0].null_count == group.num_rows
+            )
+            if not empty:  # no statistics, or no such column (the read then says so)
+                out.add((i, rg))
+    return out
+
+
+def error_rows_local(path: str, limit: int, rows: int = _BATCH_ROWS) -> ErrorRows:
+    """FEATURES' error rows, streamed with pyarrow: the first ``limit`` by path, and the
+    error rows per class (exact).
+
+    Batches of at most ``rows`` rows of ``path, label, error``, from the row groups that
+    may hold an error only; the driver holds one batch and the ``limit`` rows kept, however
+    many error rows the table has.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(path, format="parquet")  # pq.read_table's files: no _runs, no .crc
+    files = sorted(dataset.files)
+    counts: Counter = Counter()
+    kept = None
+    columns = ["path", "label", "error"]
+    for _, _, batch in _batches(files, columns, _with_errors(files), rows):
+        errors = batch.filter(pc.is_valid(batch.column("error")))
+        if errors.num_rows == 0:
+            continue
+        for item in pc.value_counts(errors.column("label")).to_pylist():
+            counts[item["values"]] += item["counts"]
+        part = pa.Table.from_batches([errors])
+        kept = _first_by_path([part] if kept is None else [kept, part], limit)
+    if kept is None:
+        return [], {}
+    cols = [kept.column(c).to_pylist() for c in columns]
+    return list(zip(*cols)), dict(counts)
+
+
+def error_rows_spark(spark, uri: str, limit: int) -> ErrorRows:
+    """:func:`error_rows_local` through Spark: the executors count the error rows per class
+    (``groupBy``) and take the first ``limit`` by path; only those reach the driver."""
+    from pyspark.sql import functions as F
+
+    errors = spark.read.parquet(uri).where(F.col("error").isNotNull())
+    counts = {r["label"]: int(r["count"]) for r in errors.groupBy("label").count().collect()}
+    if not counts:
+        return [], {}
+    first = _collect(errors.select("path", "label", "error").orderBy("path").limit(limit))
+    cols = [first.column(c).to_pylist() for c in ("path", "label", "error")]
+    return list(zip(*cols)), counts

@@ -34,6 +34,24 @@ def _one_sentence(exc, code: int, *parts: str) -> str:
     return message
 
 
+def test_a_java_error_once_the_jvm_has_ended_is_one_sentence():
+    # A SIGTERM to the whole process group ends the JVM under the run: Py4J's error then
+    # asks a JVM that is gone for its message. Once, that raised out of the error report
+    # and the CLI printed a 100-line trace.
+    import socket
+
+    from py4j.java_gateway import GatewayParameters, JavaGateway, JavaObject
+    from py4j.protocol import Py4JJavaError
+
+    with socket.socket() as s:  # a port nothing listens on: the JVM's, once it has ended
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gateway = JavaGateway(gateway_parameters=GatewayParameters(address="127.0.0.1", port=port))
+    gone = JavaObject("o2", gateway._gateway_client)  # connects only when asked something
+    exc = Py4JJavaError("An error occurred while calling o1.rename.\n", gone)
+    _one_sentence(exc, EXIT_FAILED, "Spark's JVM ended during the run", "run again")
+
+
 def test_no_space_left_on_device_is_one_sentence(spark):
     jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
     raw = jvm.org.apache.hadoop.fs.FileSystem.getLocal(conf).getRaw()

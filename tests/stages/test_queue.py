@@ -223,3 +223,50 @@ def test_watch_queue_available_now_takes_what_the_queue_holds(
     assert (result["batches"], result["images"], result["messages"]) == (1, 2, 2)
     assert _rows(s3a_spark, features) == {f"s3a://{QUEUED}/{k}": 1 for k in keys}
     assert _waiting(sqs, queue_url) == 0
+
+
+def test_watch_queue_cli_ends_and_stops_on_sigterm_after_its_run(
+    s3a_spark, moto_s3_client, sqs, queue_url, tmp_path, monkeypatch, capsys
+):
+    """The command: ``--available-now`` exits 0; SIGTERM (here sent by a thread of this
+    process once the run has committed) stops it after that run: one line, exit 143."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from stages.cli import main
+
+    monkeypatch.setenv("FRUITS_LOG_DIR", str(tmp_path))
+    _drain(sqs, queue_url)
+    features = tmp_path / "cli"
+    argv = ["watch", f"s3a://{QUEUED}/Test/", str(features), "--weights", "bundled",
+            "--queue", queue_url, "--quiet"]  # fmt: skip
+    _upload(moto_s3_client, ["Test/Cli/1.jpg"], 40)
+    assert main([*argv, "--available-now"]) == 0, capsys.readouterr().err
+    _upload(moto_s3_client, ["Test/Cli/2.jpg"], 41)
+
+    def send_once_committed() -> None:
+        deadline = time.monotonic() + 120
+        while len(list((features / "_runs").glob("*.json"))) < 2:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    leaked = []  # SIGTERM reaching this handler: watch did not take it (and goes on)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: leaked.append(signum))
+    sender = threading.Thread(target=send_once_committed, daemon=True)
+    sender.start()
+    try:
+        code = main([*argv, "--trigger", "1s", "--stop-after", "150"])
+    finally:
+        sender.join(150)
+        signal.signal(signal.SIGTERM, previous)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (code, lines, leaked) == (
+        143, ["fruits-pipeline: stopped; 1 photos featurized since start"], []
+    )  # fmt: skip
+    assert _rows(s3a_spark, str(features)) == {
+        f"s3a://{QUEUED}/Test/Cli/{n}.jpg": 1 for n in (1, 2)
+    }

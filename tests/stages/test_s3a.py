@@ -22,7 +22,7 @@ from stages.base.errors import UsageError
 from stages.storage.shards import SHARD_FILES
 from tests import s3_fixtures
 from tests.conftest import SAMPLE
-from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys
+from tests.s3_fixtures import BUCKET, close_s3a_filesystem, list_keys, read_parquet_from_bucket
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -35,20 +35,6 @@ s3a_sample_bucket = s3_fixtures.s3a_sample_bucket
 IMAGES = f"s3a://{BUCKET}/Test/"
 FEATURES = f"s3a://{BUCKET}/Features/"
 RESULTS = f"s3a://{BUCKET}/Results/"
-
-
-def _read_parquet_from_bucket(client, prefix: str):
-    """The Parquet part files under ``prefix``, fetched with boto3, as one Arrow table."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    parts = sorted(k for k in list_keys(client, prefix) if k.endswith(".parquet"))
-    assert parts, f"no Parquet part files under s3://{BUCKET}/{prefix}"
-    tables = [
-        pq.read_table(pa.BufferReader(client.get_object(Bucket=BUCKET, Key=k)["Body"].read()))
-        for k in parts
-    ]
-    return pa.concat_tables(tables)
 
 
 def _features_by_image(table) -> Dict[Tuple[str, str], np.ndarray]:
@@ -97,7 +83,7 @@ def test_s3a_features_equal_local_features(
 ):
     import pyarrow.parquet as pq
 
-    table = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    table = read_parquet_from_bucket(moto_s3_client, "Features/")
     # Paths are the object URIs, labels the folder names exactly as in the keys
     # ("Apple Braeburn", never "Apple%20Braeburn").
     assert sorted(table.column("path").to_pylist()) == sorted(
@@ -184,11 +170,11 @@ def test_s3a_projections_are_the_saved_model_applied_to_the_saved_features(
         get("Results/pca_model/arrays.npz"), get("Results/pca_model/model.json")
     )
     assert model.n_components_ == 5
-    features = _read_parquet_from_bucket(moto_s3_client, "Features/")
+    features = read_parquet_from_bucket(moto_s3_client, "Features/")
     X = np.stack([np.asarray(f, dtype=np.float32) for f in features.column("features").to_pylist()])
     expected = dict(zip(features.column("path").to_pylist(), model.transform(X)))
 
-    proj = _read_parquet_from_bucket(moto_s3_client, "Results/projections/")
+    proj = read_parquet_from_bucket(moto_s3_client, "Results/projections/")
     got = dict(zip(proj.column("path").to_pylist(), proj.column("pca").to_pylist()))
     assert got.keys() == expected.keys()
     assert len(got) == 100
@@ -301,9 +287,32 @@ def test_cli_process_reads_and_writes_s3a_with_boto3s_endpoint(
         capture_output=True, text=True, cwd=ROOT, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = _read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
+    table = read_parquet_from_bucket(moto_s3_client, "CliFeatures/")
     assert table.num_rows == 10 and table.column("error").null_count == 10
     assert set(table.column("label").to_pylist()) == {"Kiwi"}
+
+
+def test_cli_watch_on_s3_available_now_exits_0(
+    moto_s3_client, s3a_spark, s3a_sample_bucket, tmp_path, monkeypatch, capsys
+):
+    # Regression: the command ended in `KeyError: 'stopped'` (exit 1) after its runs.
+    from stages.cli import main
+
+    for key in s3a_sample_bucket[:2]:
+        moto_s3_client.copy_object(
+            Bucket=BUCKET, Key=f"WatchIn/{key}", CopySource={"Bucket": BUCKET, "Key": key}
+        )
+    monkeypatch.setenv("FRUITS_LOG_DIR", str(tmp_path))
+    argv = [
+        "watch",
+        f"s3a://{BUCKET}/WatchIn/",
+        f"s3a://{BUCKET}/WatchCli/",
+        "--weights",
+        "bundled",
+    ]
+    assert main([*argv, "--available-now"]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert (report["mode"], report["images"], report["stopped"]) == ("listing", 2, None)
 
 
 def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sample_bucket):
@@ -324,7 +333,7 @@ def test_incremental_runs_and_update_on_s3a(moto_s3_client, s3a_spark, s3a_sampl
     runs = [json.loads(moto_s3_client.get_object(Bucket=BUCKET, Key=k)["Body"].read())["run"]
             for k in records]  # fmt: skip
     assert runs == [first.run, second.run]
-    table = _read_parquet_from_bucket(moto_s3_client, "Growing/run=")
+    table = read_parquet_from_bucket(moto_s3_client, "Growing/run=")
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 20
     summary = update_reduce(s3a_spark, features, results)
@@ -344,7 +353,7 @@ def test_hidden_names_on_s3_get_their_rows(moto_s3_client, s3a_spark, s3a_sample
         moto_s3_client.put_object(Bucket=BUCKET, Key=key, Body=data)
     out = f"s3a://{BUCKET}/HiddenFeatures/"
     report = featurize(s3a_spark, f"s3a://{BUCKET}/Hidden/", out, weights="bundled")
-    table = _read_parquet_from_bucket(moto_s3_client, "HiddenFeatures/")
+    table = read_parquet_from_bucket(moto_s3_client, "HiddenFeatures/")
     got = dict(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
     assert got == {f"s3a://{BUCKET}/{k}": k.split("/")[-2] for k in keys}
     assert report.images == 4 and report.errors == 0
@@ -380,7 +389,7 @@ def test_an_index_on_s3_is_appended_to_without_writing_its_old_files(
 
     from stages.reduce import reduce_features
     from stages.reduce.index import build_index
-    from stages.reduce.index_append import append_index
+    from stages.reduce.index_append import append_index, mirror_folder
 
     monkeypatch.setenv("FRUITS_CACHE", str(tmp_path / "cache"))
     results = f"s3a://{BUCKET}/ResultsAppend"
@@ -424,3 +433,34 @@ def test_an_index_on_s3_is_appended_to_without_writing_its_old_files(
     assert len(index) == 105
     paths = {index.path(i) for i in range(100, 105)}
     assert sum(p.endswith("-b.jpg") for p in paths) == 2
+    # The mirror holds what index.json names, no more (not generation 2's IVF file).
+    assert _held(mirrors[0]) == _named(moto_s3_client, "ResultsAppend/index/index.json")
+
+    # The index rebuilt with the "-a" rows in the projections (other first shards): the
+    # next append empties the mirror first; the one mirror of that folder holds the new
+    # index's files only.
+    s3a_spark.read.parquet(new).write.mode("append").parquet(f"{results}/projections")
+    build_index(s3a_spark, results, exact_max_elements=50)
+    meta = append_index(s3a_spark, results, _new_rows(s3a_spark, results, "-c.jpg", 2))
+    assert (meta["generation"], meta["rows"]) == (2, 105)
+    assert list((tmp_path / "cache" / "index").iterdir()) == mirrors
+    named = _named(moto_s3_client, "ResultsAppend/index/index.json")
+    assert _held(mirrors[0]) == named
+    # What an append that died left (a shard, an IVF file): gone at the next one's start.
+    (mirrors[0] / "shards" / "g00003-00000").mkdir()
+    (mirrors[0] / "ivf-00003.faiss").write_bytes(b"partial")
+    assert mirror_folder(s3a_spark, f"{results}/index", meta) == str(mirrors[0])
+    assert _held(mirrors[0]) == named
+
+
+def _held(mirror) -> set:
+    """The top-level files and the shards of an index mirror."""
+    shards = {f"shards/{p.name}" for p in (mirror / "shards").iterdir()}
+    return {p.name for p in mirror.iterdir() if p.name != "shards"} | shards
+
+
+def _named(client, key: str) -> set:
+    """What the ``index.json`` at ``key`` names, and the mirror's own ``mirror.json``."""
+    meta = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    named = {"index.json", "mirror.json"} | {f"shards/{s['name']}" for s in meta["shards"]}
+    return named | ({meta["ivf"]["file"]} if meta.get("ivf") else set())

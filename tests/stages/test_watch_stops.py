@@ -1,4 +1,4 @@
-"""``watch`` and the photo still being written, Ctrl-C and SIGTERM."""
+"""``watch`` and the photo still being written, Ctrl-C and SIGTERM (on a folder and on S3)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.watch import WatchParams, _Sink, watch
+from tests import s3_fixtures
 from tests.conftest import ROOT, SAMPLE
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 FILES = sorted(SAMPLE.glob("*/*.jpg"))
+
+# moto's S3 server (module-scoped): the S3 tests' fixtures, made this module's own.
+moto_s3_endpoint = s3_fixtures.moto_s3_endpoint
+moto_s3_client = s3_fixtures.moto_s3_client
 
 
 def _rows(features) -> dict:
@@ -77,27 +82,28 @@ def test_a_photo_still_being_written_ends_with_its_good_row(spark, tmp_path, mon
     assert again["images"] == 0 and again["pending"] == 0
 
 
-@pytest.mark.parametrize(
+SIGNALS = pytest.mark.parametrize(
     ("sig", "code", "whole_group"),
     [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
     ids=["ctrl-c", "sigterm"],
 )
-def test_a_signal_stops_watch_after_its_batch_with_one_line(tmp_path, sig, code, whole_group):
-    """Ctrl-C reaches the whole foreground process group (the JVM ignores it: pyspark starts
+
+
+def _signal_once_committed(args, env, committed, sig, whole_group):
+    """Run ``fruits-pipeline watch ARGS`` until ``committed()``, then send ``sig`` (to the
+    whole process group, or to the process); its exit code, stderr lines and stdout.
+
+    Ctrl-C reaches the whole foreground process group (the JVM ignores it: pyspark starts
     it so); a service manager's SIGTERM reaches the process."""
-    bucket, features = tmp_path / "Test", tmp_path / "Features"
-    for f in FILES[:3]:
-        (bucket / f.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, bucket / f.parent.name / f.name)  # old times: settled
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FRUITS_DRIVER_MEMORY="1g")
-    cmd = [sys.executable, "-m", "stages.cli", "watch", str(bucket), str(features)]
+    cmd = [sys.executable, "-m", "stages.cli", "watch", *args]
     cmd += ["--weights", "bundled", "--trigger", "1s", "--master", "local[1]", "--quiet"]
+    env = dict(env, PYTHONPATH=str(ROOT), FRUITS_DRIVER_MEMORY="1g")
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 240
-        while not (features / "_runs").is_dir() or not any((features / "_runs").glob("*.json")):
+        while not committed():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "watch committed nothing in 4 minutes"
             time.sleep(0.2)
@@ -110,8 +116,61 @@ def test_a_signal_stops_watch_after_its_batch_with_one_line(tmp_path, sig, code,
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    lines = err.decode().strip().splitlines()
-    assert proc.returncode == code, lines
+    return proc.returncode, err.decode().strip().splitlines(), out
+
+
+@SIGNALS
+def test_a_signal_stops_watch_after_its_batch_with_one_line(tmp_path, sig, code, whole_group):
+    bucket, features = tmp_path / "Test", tmp_path / "Features"
+    for f in FILES[:3]:
+        (bucket / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, bucket / f.parent.name / f.name)  # old times: settled
+
+    def committed() -> bool:
+        return (features / "_runs").is_dir() and any((features / "_runs").glob("*.json"))
+
+    args = [str(bucket), str(features)]
+    rc, lines, out = _signal_once_committed(args, os.environ, committed, sig, whole_group)
+    assert rc == code, lines
     assert lines == ["fruits-pipeline: stopped; 3 photos featurized since start"], lines
     assert out == b""
     assert sorted(_rows(features)) == sorted(f"{f.parent.name}/{f.name}" for f in FILES[:3])
+
+
+@SIGNALS
+def test_a_signal_stops_watch_on_s3_after_its_run_with_one_line(
+    moto_s3_endpoint, moto_s3_client, tmp_path, sig, code, whole_group
+):
+    """``watch`` on S3 without a queue (a ``featurize --incremental`` run each trigger):
+    the same stop, through S3A on moto's server."""
+    from tests.conftest import s3a_jars
+    from tests.s3_fixtures import (
+        BUCKET,
+        REGION,
+        S3A_JARS_MISSING,
+        list_keys,
+        read_parquet_from_bucket,
+    )
+
+    if not s3a_jars():
+        pytest.skip(S3A_JARS_MISSING)
+    prefix = f"Stops{code}"
+    if BUCKET not in [b["Name"] for b in moto_s3_client.list_buckets()["Buckets"]]:
+        moto_s3_client.create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
+        )
+    for f in FILES[:3]:
+        moto_s3_client.upload_file(str(f), BUCKET, f"{prefix}/Test/{f.parent.name}/{f.name}")
+
+    def committed() -> bool:
+        return bool(list_keys(moto_s3_client, f"{prefix}/Features/_runs/"))
+
+    args = [f"s3a://{BUCKET}/{prefix}/Test/", f"s3a://{BUCKET}/{prefix}/Features/"]
+    env = dict(os.environ, FRUITS_LOG_DIR=str(tmp_path))
+    rc, lines, out = _signal_once_committed(args, env, committed, sig, whole_group)
+    assert rc == code, lines
+    assert lines == ["fruits-pipeline: stopped; 3 photos featurized since start"], lines
+    assert out == b""
+    table = read_parquet_from_bucket(moto_s3_client, f"{prefix}/Features/run=")
+    paths = ["/".join(p.split("/")[-2:]) for p in table.column("path").to_pylist()]
+    assert sorted(paths) == sorted(f"{f.parent.name}/{f.name}" for f in FILES[:3])
