@@ -9,13 +9,14 @@ when it exits (``-XX:ArchiveClassesAtExit``) and map them at the next start
 - The archive's name is a digest of what decides whether a JVM can map it: the JDK (its
   ``modules`` image and ``libjvm.so``), Spark's jars, the class path settings and the
   driver heap (compressed oops).  A change of any of them names a new archive.
-- The first command that finds none dumps one.  Its JVM writes the archive when it exits,
-  so that command stops Spark at its end, waits for the exit and only then moves the file
-  into place (:func:`finish_archive`): a JVM never maps a half-written archive (one that
-  is truncated crashes it with SIGBUS).  The JVM's own log says whether the dump was
-  written; a dump that failed is remembered and not tried again.
-- One dump at a time (a lock file holding the dumper's pid); a stale lock or part file is
-  removed by the next command.
+- The first command that finds none dumps one.  Its JVM writes the archive when it exits
+  (after the command's own exit, which ends it), to a part file; a small detached process
+  waits for that JVM to be gone and only then moves the file into place if the JVM's log
+  says it was written (:func:`finish_archive`, :func:`promote`): a JVM never maps a
+  half-written archive (one that is truncated crashes it with SIGBUS), and the command
+  does not wait for the dump.  A dump that failed is remembered and not tried again.
+- One dump at a time (a lock file holding the dumper's, then the waiter's pid); a stale
+  lock or part file is removed by the next command.
 - The JVM's CDS log lines stay off the console: an archive it cannot use (another class
   path) is ignored with no line, and the run goes on without it.
 - ``FRUITS_JVM_CDS=0`` turns it off.  Under ``spark-submit`` (EMR) nothing changes.
@@ -29,19 +30,22 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ArchiveDump", "archive_options", "finish_archive", "pending_dump"]
+__all__ = ["ArchiveDump", "archive_options", "finish_archive", "pending_dump", "promote"]
 
 # Bump when what goes into the key changes.
 _FORMAT = 1
 # Archives kept in the cache (each about 130 MB for Spark 3.5): the newest used.
 _KEEP = 2
-# How long a command waits for its JVM to write the archive and exit.
+# How long the waiter waits for the JVM to write the archive and exit.
 _DUMP_WAIT_S = 120.0
 _LOG_SUCCESS = "Written dynamic archive"
 # The JVM's CDS lines (a mismatched or missing archive) would reach the console.
@@ -217,37 +221,50 @@ def archive_options(cache: Path, conf: Mapping[str, str], memory: str) -> List[s
 
 
 def finish_archive() -> None:
-    """After a command that succeeded: stop Spark, let the JVM write its archive and
-    exit, and move the archive into place.  Nothing when this run dumps none."""
+    """After a command that succeeded: hand the dump over to a detached process that
+    waits for the JVM's exit (the command's own exit ends it) and moves the archive
+    into place, so the command does not wait for the dump.  Nothing when this run
+    dumps none."""
     global _PENDING
     dump, _PENDING = _PENDING, None
     if dump is None:
         return
     from pyspark import SparkContext
 
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None:
+        return
+    args = [str(proc.pid), str(dump.part), str(dump.log), str(dump.final), str(dump.failed)]
     try:
-        if SparkContext._active_spark_context is not None:
-            SparkContext._active_spark_context.stop()
-        proc = getattr(SparkContext._gateway, "proc", None)
-        if proc is None:
-            return
-        # Spark's gateway exits on the end of its standard input.
-        proc.stdin.close()
-        try:
-            rc = proc.wait(timeout=_DUMP_WAIT_S)
-        except Exception:  # still writing: leave it, the part is removed later
-            logger.debug("jvm: the class archive was not written within %s s", _DUMP_WAIT_S)
-            return
-        written = rc == 0 and dump.part.exists() and _LOG_SUCCESS in _read(dump.log)
-        if written:
-            os.replace(dump.part, dump.final)
-            logger.debug("jvm: class archive written to %s", dump.final)
-            _keep_newest(dump.final.parent)
-        else:
-            dump.failed.touch()
-            logger.debug("jvm: no class archive (exit %s, see %s)", rc, dump.failed)
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "stages.base.jvm_archive", *args, str(dump.lock)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outlives this command, and its Ctrl-C
+        )
+        dump.lock.write_text(str(waiter.pid))  # the waiter holds the lock now
     except OSError as exc:
         logger.debug("jvm: class archive not kept: %s", exc)
+
+
+def promote(jvm_pid: int, dump: ArchiveDump, wait_s: float = _DUMP_WAIT_S) -> bool:
+    """Wait for the dumping JVM to be gone, then move its archive into place if its log
+    says it was written (else remember the failure).  Returns whether it was kept."""
+    deadline = time.monotonic() + wait_s
+    while _alive(jvm_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        if _alive(jvm_pid):
+            return False  # still writing: the part is removed by a later command
+        if dump.part.exists() and _LOG_SUCCESS in _read(dump.log):
+            os.replace(dump.part, dump.final)
+            _keep_newest(dump.final.parent)
+            return True
+        dump.failed.touch()
+        return False
+    except OSError:
+        return False
     finally:
         dump.part.unlink(missing_ok=True)
         dump.log.unlink(missing_ok=True)
@@ -265,3 +282,9 @@ def _keep_newest(folder: Path) -> None:
     archives = sorted(folder.glob("spark-*.jsa"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in archives[_KEEP:]:
         old.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":  # the waiter started by finish_archive
+    pid, part, log, final, failed, lock = sys.argv[1:7]
+    dump = ArchiveDump(Path(part), Path(log), Path(final), Path(failed), Path(lock))
+    sys.exit(0 if promote(int(pid), dump) else 1)

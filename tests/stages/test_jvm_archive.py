@@ -8,12 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from stages.base import jvm_archive
-from stages.base.jvm_archive import archive_key, archive_options
+from stages.base.jvm_archive import ArchiveDump, archive_key, archive_options, promote
 from tests.conftest import ROOT
 
 
@@ -80,6 +81,38 @@ def test_a_failed_dump_is_not_tried_again(tmp_path, fresh):
     assert archive_options(tmp_path, {}, "4g") == []
 
 
+def _dump(tmp_path: Path, log: str) -> ArchiveDump:
+    folder = tmp_path / "jvm"
+    folder.mkdir(exist_ok=True)
+    dump = ArchiveDump(
+        folder / "spark-k.jsa.part-1", folder / "spark-k.part-1.log", folder / "spark-k.jsa",
+        folder / "spark-k.failed", folder / "spark-k.lock",
+    )  # fmt: skip
+    dump.part.write_bytes(b"an archive")
+    dump.log.write_text(log)
+    dump.lock.write_text("1")
+    return dump
+
+
+def test_a_dump_is_moved_into_place_once_its_jvm_is_gone_and_its_log_says_written(tmp_path):
+    dump = _dump(tmp_path, "[info][cds,dynamic] Written dynamic archive 0x8 - 0x9\n")
+    assert promote(_dead_pid(), dump)
+    assert dump.final.read_bytes() == b"an archive"
+    assert not dump.part.exists() and not dump.lock.exists() and not dump.log.exists()
+
+
+def test_a_dump_whose_log_does_not_say_written_is_a_failure_remembered(tmp_path):
+    dump = _dump(tmp_path, "[warning][cds] Cannot dump shared archive\n")
+    assert not promote(_dead_pid(), dump)
+    assert not dump.final.exists() and dump.failed.exists() and not dump.part.exists()
+
+
+def test_a_jvm_still_running_when_the_wait_ends_leaves_no_archive(tmp_path):
+    dump = _dump(tmp_path, "")
+    assert not promote(os.getpid(), dump, wait_s=0.3)
+    assert not dump.final.exists() and not dump.failed.exists() and not dump.lock.exists()
+
+
 def test_the_key_follows_the_heap_and_the_class_path(fresh):
     base = archive_key({}, "4g")
     assert base is not None and base == archive_key({}, "4g")
@@ -123,6 +156,11 @@ def test_the_first_run_writes_an_archive_the_next_jvm_maps(tmp_path):
     first = _probe(tmp_path)
     assert any(a.startswith("-XX:ArchiveClassesAtExit=") for a in first["args"])
     folder = tmp_path / "jvm"
+    # The command did not wait for the dump: its waiter moves the archive into place once
+    # the JVM is gone, and then removes its lock.
+    deadline = time.monotonic() + 300
+    while list(folder.glob("*.lock")) and time.monotonic() < deadline:
+        time.sleep(0.5)
     archives = list(folder.glob("spark-*.jsa"))
     assert len(archives) == 1 and archives[0].stat().st_size > 10_000_000
     # Moved into place after the JVM's exit: no part, log or lock is left.
