@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,10 @@ _KEEP = 2
 # How long the waiter waits for the JVM to write the archive and exit.
 _DUMP_WAIT_S = 120.0
 _LOG_SUCCESS = "Written dynamic archive"
+MIN_JAVA = 17
+# Paths the options carry as they are: Spark splits its options on spaces (quotes aside),
+# and -Xlog's file= ends at a ':' or ','.
+_SAFE_PATH = re.compile(r"[\w./+-]+")
 # The JVM's CDS lines (a mismatched or missing archive) would reach the console.
 _QUIET = ["-Xlog:cds=off", "-Xlog:cds+dynamic=off"]
 
@@ -85,6 +90,20 @@ def _java_home() -> Optional[Path]:
     return Path(os.path.realpath(java)).parent.parent
 
 
+def java_major(home: Path) -> int:
+    """The JDK's major version from its ``release`` file (``JAVA_VERSION="17.0.15"``,
+    ``"1.8.0_392"``), 0 when it says none."""
+    try:
+        text = (home / "release").read_text(errors="replace")
+    except OSError:
+        return 0
+    found = re.search(r'^JAVA_VERSION="(\d+)(?:\.(\d+))?', text, re.M)
+    if not found:
+        return 0
+    major = int(found.group(1))
+    return int(found.group(2) or 0) if major == 1 else major
+
+
 def _stat(path: Path) -> List[int]:
     st = path.stat()
     return [st.st_size, int(st.st_mtime)]
@@ -95,13 +114,16 @@ def archive_key(conf: Mapping[str, str], memory: str) -> Optional[str]:
     from pyspark.find_spark_home import _find_spark_home
 
     home = _java_home()
-    if home is None:
+    # -XX:ArchiveClassesAtExit came with JDK 13; a JVM that does not know an option does
+    # not start.  17 is what this was measured and tested with (EMR 7's too).
+    if home is None or java_major(home) < MIN_JAVA:
         return None
     try:
-        jdk = [_stat(home / "lib" / "modules"), _stat(home / "lib" / "server" / "libjvm.so")]
+        libjvm = next((home / "lib" / "server").glob("libjvm.*"))
+        jdk = [_stat(home / "release"), _stat(home / "lib" / "modules"), _stat(libjvm)]
         jars_dir = Path(_find_spark_home()) / "jars"
         jars = sorted((p.name, *_stat(p)) for p in jars_dir.glob("*.jar"))
-    except OSError:
+    except (OSError, StopIteration):
         return None
     if not jars:
         return None
@@ -185,7 +207,10 @@ def archive_options(cache: Path, conf: Mapping[str, str], memory: str) -> List[s
     key = archive_key(conf, memory)
     if key is None:
         return []
-    folder = cache / "jvm"
+    folder = (cache / "jvm").absolute()
+    if not _SAFE_PATH.fullmatch(str(folder)):
+        logger.debug("jvm: no class archive under %s (a character JVM options cannot hold)", folder)
+        return []
     final = folder / f"spark-{key}.jsa"
     if final.exists():
         try:

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from stages.base import jvm_archive
-from stages.base.jvm_archive import ArchiveDump, archive_key, archive_options, promote
+from stages.base.jvm_archive import (
+    ArchiveDump,
+    archive_key,
+    archive_options,
+    java_major,
+    promote,
+)
 from tests.conftest import ROOT
 
 
@@ -118,6 +124,30 @@ def test_the_key_follows_the_heap_and_the_class_path(fresh):
     assert base is not None and base == archive_key({}, "4g")
     assert archive_key({}, "40g") != base  # no compressed oops above 32g
     assert archive_key({"spark.driver.extraClassPath": "/x.jar"}, "4g") != base
+
+
+@pytest.mark.parametrize(
+    "release, major",
+    [('JAVA_VERSION="17.0.15"', 17), ('JAVA_VERSION="1.8.0_392"', 8), ('JAVA_VERSION="21"', 21),
+     ('JAVA_VERSION="11.0.2"', 11), ("IMPLEMENTOR=x", 0)],
+)  # fmt: skip
+def test_the_jdk_major_version_from_its_release_file(tmp_path, release, major):
+    (tmp_path / "release").write_text(f'IMPLEMENTOR="x"\n{release}\n')
+    assert java_major(tmp_path) == major
+
+
+def test_a_jdk_before_17_gets_no_option_it_would_not_start_with(tmp_path, fresh, monkeypatch):
+    jdk = tmp_path / "jdk11"
+    (jdk / "bin").mkdir(parents=True)
+    (jdk / "bin" / "java").write_text("")
+    (jdk / "release").write_text('JAVA_VERSION="11.0.2"\n')
+    monkeypatch.setenv("JAVA_HOME", str(jdk))
+    assert archive_options(tmp_path / "cache", {}, "4g") == []
+
+
+def test_a_cache_path_jvm_options_cannot_carry_gets_no_archive(tmp_path, fresh):
+    assert archive_options(tmp_path / "a b:c", {}, "4g") == []
+    assert jvm_archive.pending_dump() is None
 
 
 def test_off_by_environment(tmp_path, fresh, monkeypatch):
