@@ -279,8 +279,8 @@ class _Run:
         """How the photos to featurize are read: ``(scan, DataFrame)``."""
         from pyspark.sql import functions as F
 
-        if self.settings is not None:
-            # The workers GET the new photos by name: nothing else is read.
+        if listing.images is None:
+            # The workers read the new photos by name (one GET each on S3): nothing else.
             return "fetch", todo.select("path", "length").repartition(n_parts)
         to_read = todo.where(F.col("length") > 0)
         if plan.read_n > _SCAN_ALL_SHARE * max(1, plan.scanned):
@@ -330,9 +330,11 @@ class _Run:
                 plan.read_n, spark.sparkContext.defaultParallelism, self.params.partitions
             )
             scan, source = self._source(listing, plan, todo, n_parts)
+            # Spark reads the bytes only of a scan it listed (a local glob, HDFS).
+            fetch = (self.settings or StoreSettings()) if scan == "fetch" else None
             frame = featurize_frame(
                 spark, source, self.spec, self.payload, self.batch_size, plan.url_encoded,
-                partitions=n_parts, fetch=self.settings, requests=self.tally.acc,
+                partitions=n_parts, fetch=fetch, requests=self.tally.acc,
             )  # fmt: skip
             parts.append(frame.df.join(F.broadcast(todo), "path"))
         if plan.empties is not None and plan.empty_todo:

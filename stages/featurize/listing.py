@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from stages.base.contract import IMAGE_NAME
 
@@ -31,6 +31,7 @@ __all__ = [
     "IMAGE_NAME",
     "LocalListing",
     "walk_images",
+    "listing_table",
     "file_uri",
 ]
 
@@ -54,11 +55,15 @@ class LocalListing:
         zero bytes.
     cycles : int
         Folder symlinks not followed because they lead back to a folder already seen.
+    mtimes_ms : list of int
+        The files' modification times, milliseconds since the epoch (as Spark's
+        ``binaryFile`` gives them), in the order of ``files``.
     """
 
     files: List[Tuple[str, int]] = field(default_factory=list)
     errors: List[Tuple[str, str]] = field(default_factory=list)
     cycles: int = 0
+    mtimes_ms: List[int] = field(default_factory=list)
 
 
 def walk_images(top: str) -> LocalListing:
@@ -110,4 +115,32 @@ def walk_images(top: str) -> LocalListing:
                 out.errors.append((path, "empty file (0 bytes)"))
             else:
                 out.files.append((path, int(st.st_size)))
+                out.mtimes_ms.append(st.st_mtime_ns // 1_000_000)
     return out
+
+
+def listing_table(local: LocalListing):
+    """``local`` as the Arrow table ``featurize --incremental`` plans from: ``path`` (as
+    :func:`file_uri` spells it), ``length`` and ``modificationTime`` (ms, UTC).  A
+    zero-byte file has length 0; a file that cannot be read has length -1 and no time
+    (the worker's read gives its reason)."""
+    import pyarrow as pa
+
+    paths = [file_uri(p) for p, _ in local.files]
+    lengths = [size for _, size in local.files]
+    times: List[Optional[int]] = list(local.mtimes_ms)
+    for path, reason in local.errors:
+        paths.append(file_uri(path))
+        empty = reason.startswith("empty file")
+        lengths.append(0 if empty else -1)
+        try:
+            times.append(os.stat(path).st_mtime_ns // 1_000_000 if empty else None)
+        except OSError:
+            times.append(None)
+    return pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "length": pa.array(lengths, pa.int64()),
+            "modificationTime": pa.array(times, pa.timestamp("ms", tz="UTC")),
+        }
+    )

@@ -7,14 +7,19 @@ No image bytes are read to make it.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from stages.base.contract import IMAGE_NAME
 from stages.featurize.frame import empty_file_rows, paths_are_url_encoded, read_images
+from stages.featurize.listing import file_uri, listing_table, walk_images
 from stages.featurize.model import ModelSpec
 from stages.storage import hadoopfs
 from stages.storage.fetch import StoreSettings
+from stages.storage.fs import local_path
 from stages.storage.s3list import listing_of
 
 
@@ -103,27 +108,47 @@ def make_plan(listing, old, status, prune: bool, prefix: Optional[str]):
 @dataclass
 class Listing:
     """What INPUT holds, from metadata only: ``meta`` (path, length, modificationTime) and
-    how many files.  Local disks and HDFS: ``images`` is the ``binaryFile`` frame (read
-    later for the photos to featurize) and ``files`` what its file index listed.  S3:
-    the executors' LISTs (cached), and the photos are fetched by name."""
+    how many files.  S3: the executors' LISTs (cached); a local folder: the walk of plain
+    featurize, read from a Parquet file in ``folder`` (cached); in both the workers fetch
+    the photos by name.  A local glob and HDFS: ``images`` is the ``binaryFile`` frame
+    (read later for the photos to featurize) and ``files`` what its file index listed."""
 
     meta: Any
     count: int
     images: Any = None
     files: Any = None
+    folder: Optional[str] = None  # a local listing's Parquet file, deleted at release
 
     def release(self) -> None:
         if self.images is None:
             self.meta.unpersist()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def list_input(spark, input_path: str, settings: Optional[StoreSettings], acc) -> Listing:
     """The :class:`Listing` of ``input_path`` (``settings``: an object store's, else
-    ``None``; ``acc``: the accumulator of the run's S3 requests)."""
+    ``None``; ``acc``: the accumulator of the run's S3 requests).  A local folder is walked
+    as plain featurize walks it; a local glob and ``hdfs:`` are listed by Spark."""
     if settings is not None:
         # The LIST's sizes and times are the plan's: an old photo costs no request at all.
         meta = listing_of(spark, input_path, settings, IMAGE_NAME, acc).cache()
         return Listing(meta, meta.count())
+    folder = local_path(input_path)
+    if folder is not None and os.path.isdir(folder):
+        # Listed by the walk plain featurize uses (hidden names, symlinks, unreadable files:
+        # one rule), handed to Spark as a Parquet file: no path crosses py4j.
+        import pyarrow.parquet as pq
+
+        local = walk_images(folder)
+        tmp = tempfile.mkdtemp(prefix="fruits-listing-")
+        try:
+            pq.write_table(listing_table(local), os.path.join(tmp, "listing.parquet"))
+            meta = spark.read.parquet(file_uri(tmp)).cache()
+            return Listing(meta, meta.count(), folder=tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     images = read_images(spark, input_path)
     files = images._jdf.inputFiles()  # a JVM array: it stays there (empty_file_rows)
     return Listing(images.select("path", "length", "modificationTime"), len(files), images, files)

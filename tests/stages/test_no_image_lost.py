@@ -248,6 +248,7 @@ def test_hidden_names_symlinks_loops_and_odd_names(spark, photos, tmp_path):
     report = featurize(spark, str(photos), str(out), weights="bundled")
     rows = assert_one_row_per_image(out, photos)
     assert report.images == len(rows) == 10 + 11
+    kiwi_dsc = "file:" + str(kiwi / "_DSC0001.JPG")
     err = {Path(p).name: r["error"] for p, r in rows.items() if r["error"]}
     assert err == {
         "._apple.jpg": "macOS AppleDouble metadata file (a '._' name), not a photo",
@@ -261,6 +262,19 @@ def test_hidden_names_symlinks_loops_and_odd_names(spark, photos, tmp_path):
     same = np.array(ok["link.jpg"]["features"])
     np.testing.assert_array_equal(np.array(ok["colon:x.jpg"]["features"]), same)
     np.testing.assert_array_equal(np.array(ok["_DSC0001.JPG"]["features"]), same)
+
+    # --incremental lists by the same rule (it used Spark's listing, which skips the '_'
+    # and '.' names: _DSC0001.JPG, .hidden.jpg, _Drafts/ and ._apple.jpg were lost).
+    inc = tmp_path / "F_incremental"
+    first = featurize(spark, str(photos), str(inc), weights="bundled", incremental=True)
+    inc_rows = _rows(inc)
+    assert set(inc_rows) == set(rows) and first.new == len(rows)
+    assert {p for p, r in inc_rows.items() if r["error"]} == {
+        p for p, r in rows.items() if r["error"]
+    }
+    np.testing.assert_array_equal(np.array(inc_rows[kiwi_dsc]["features"]), same)
+    again = featurize(spark, str(photos), str(inc), weights="bundled", incremental=True)
+    assert again.run is None and again.new == again.changed == 0
 
 
 def test_input_path_with_glob_characters_is_taken_literally(spark, photos, tmp_path):
