@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@# --compile-bytecode: uv writes no .pyc by default (pip does), and a Python started with
 	@# PYTHONDONTWRITEBYTECODE=1 never writes one: every process (the driver, each Spark
 	@# worker) would compile pyspark, pandas and numpy from source, ~1 CPU-s each
-	@# (benchmarks/README.md, "Where the CPU goes").
+	@# (benchmarks/README.md, section 1).
 	@if $(PY) -m pip install -qq uv \
 		&& $(PY) -m uv pip install -q --compile-bytecode --python $(PY) -c $(VENV)/constraints-uv.txt -e '.[test]' \
 		&& $(PY) -m uv pip install -q --compile-bytecode --python $(PY) --no-deps $(S3A_JARS); then :; else \

@@ -2,13 +2,14 @@
 
 A local run starts its own JVM, and loading, parsing and verifying Spark's classes is a
 large part of that JVM's CPU in a run of a few thousand photos (benchmarks/README.md,
-"Where the CPU goes").  Java 17 can write the classes a JVM loaded to a *dynamic archive*
+section 1).  Java 17 can write the classes a JVM loaded to a *dynamic archive*
 when it exits (``-XX:ArchiveClassesAtExit``) and map them at the next start
 (``-XX:SharedArchiveFile``).  Here:
 
-- The archive's name is a digest of what decides whether a JVM can map it: the JDK (its
-  ``modules`` image and ``libjvm.so``), Spark's jars, the class path settings and the
-  driver heap (compressed oops).  A change of any of them names a new archive.
+- The archive's name is a digest of what decides whether a JVM can map it: the JDK (17 or
+  later: its ``release``, ``modules`` image and ``libjvm``), Spark's jars, the class path
+  settings and the driver heap (compressed oops).  A change of any of them names a new
+  archive.
 - The first command that finds none dumps one.  Its JVM writes the archive when it exits
   (after the command's own exit, which ends it), to a part file; a small detached process
   waits for that JVM to be gone and only then moves the file into place if the JVM's log
@@ -44,7 +45,7 @@ __all__ = ["ArchiveDump", "archive_options", "finish_archive", "pending_dump", "
 
 # Bump when what goes into the key changes.
 _FORMAT = 1
-# Archives kept in the cache (each about 130 MB for Spark 3.5): the newest used.
+# Archives kept in the cache (130-200 MB each for Spark 3.5): the most recently used.
 _KEEP = 2
 # How long the waiter waits for the JVM to write the archive and exit.
 _DUMP_WAIT_S = 120.0
