@@ -174,9 +174,9 @@ def _take_lock(lock: Path) -> bool:
     return False
 
 
-def _remove_stale_parts(folder: Path) -> None:
-    """Part files and logs of dumps whose command is gone (killed, or failed)."""
-    for name in glob.glob(str(folder / "*.part-*")):
+def _remove_stale_parts(folder: Path, key: str) -> None:
+    """Part files and logs of ``key``'s dumps whose command is gone (killed, or failed)."""
+    for name in glob.glob(str(folder / f"spark-{key}.*part-*")):
         try:
             pid = int(name.rsplit("-", 1)[1].split(".", 1)[0])
         except ValueError:
@@ -224,10 +224,12 @@ def archive_options(cache: Path, conf: Mapping[str, str], memory: str) -> List[s
         folder.mkdir(parents=True, exist_ok=True)
         if failed.exists():
             return []
-        _remove_stale_parts(folder)
         lock = folder / f"spark-{key}.lock"
         if not _take_lock(lock):
-            return []  # another command is dumping it
+            return []  # another command is dumping it, or its waiter promoting it
+        # Only with the lock: a part whose command is gone may still be being written by
+        # its JVM, for its waiter (who holds the lock until it is done).
+        _remove_stale_parts(folder, key)
     except OSError:
         return []  # an unwritable cache must not stop the run
     pid = os.getpid()

@@ -70,6 +70,23 @@ def test_a_lock_left_by_a_dead_command_is_taken_over_and_its_part_removed(tmp_pa
     assert not stale.exists()
 
 
+def test_a_part_still_being_written_for_a_live_waiter_is_left_alone(tmp_path, fresh):
+    # Regression: the next command deleted the part and log of a dump whose command had
+    # returned (its pid dead) while the JVM was still writing them for its waiter, and the
+    # waiter then recorded the dump as failed.
+    key = archive_key({}, "4g")
+    folder = tmp_path / "jvm"
+    folder.mkdir()
+    dead = _dead_pid()
+    (folder / f"spark-{key}.lock").write_text(str(os.getpid()))  # the waiter, alive
+    part = folder / f"spark-{key}.jsa.part-{dead}"
+    log = folder / f"spark-{key}.part-{dead}.log"
+    part.write_bytes(b"being written")
+    log.write_text("[info][cds,dynamic] Archiving ...\n")
+    assert archive_options(tmp_path, {}, "4g") == []
+    assert part.exists() and log.exists()
+
+
 def test_an_archive_in_place_is_mapped_not_dumped(tmp_path, fresh):
     key = archive_key({}, "4g")
     final = tmp_path / "jvm" / f"spark-{key}.jsa"
