@@ -13,9 +13,9 @@ when it exits (``-XX:ArchiveClassesAtExit``) and map them at the next start
 - The first command that finds none dumps one.  Its JVM writes the archive when it exits
   (after the command's own exit, which ends it), to a part file; a small detached process
   waits for that JVM to be gone and only then moves the file into place if the JVM's log
-  says it was written (:func:`finish_archive`, :func:`promote`): a JVM never maps a
-  half-written archive (one that is truncated crashes it with SIGBUS), and the command
-  does not wait for the dump.  A dump that failed is remembered and not tried again.
+  says it was written, synced to disk (:func:`finish_archive`, :func:`promote`): a JVM
+  never maps a half-written archive (one that is truncated crashes it with SIGBUS), and
+  the command does not wait for the dump.  A dump that failed is tried again after a day.
 - One dump at a time (a lock file holding the dumper's, then the waiter's pid); a stale
   lock or part file is removed by the next command.
 - The JVM's CDS log lines stay off the console: an archive it cannot use (another class
@@ -51,6 +51,8 @@ _KEEP = 2
 _DUMP_WAIT_S = 120.0
 _LOG_SUCCESS = "Written dynamic archive"
 MIN_JAVA = 17
+# A dump whose JVM said it failed is tried again after a day (a full disk passes).
+FAILED_RETRY_S = 86_400.0
 # Paths the options carry as they are: Spark splits its options on spaces (quotes aside),
 # and -Xlog's file= ends at a ':' or ','.
 _SAFE_PATH = re.compile(r"[\w./+-]+")
@@ -145,13 +147,19 @@ _CLASS_PATH_ENV = ("SPARK_CONF_DIR", "HADOOP_CONF_DIR", "YARN_CONF_DIR", "SPARK_
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: under a parent that never reaps, a JVM
+    that has exited stays one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _take_lock(lock: Path) -> bool:
@@ -222,7 +230,7 @@ def archive_options(cache: Path, conf: Mapping[str, str], memory: str) -> List[s
     failed = folder / f"spark-{key}.failed"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if failed.exists():
+        if failed.exists() and time.time() - failed.stat().st_mtime < FAILED_RETRY_S:
             return []
         lock = folder / f"spark-{key}.lock"
         if not _take_lock(lock):
@@ -271,7 +279,10 @@ def finish_archive() -> None:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # outlives this command, and its Ctrl-C
         )
-        dump.lock.write_text(str(waiter.pid))  # the waiter holds the lock now
+        # The waiter holds the lock now (replaced whole: never seen empty).
+        tmp = dump.lock.with_name(f"{dump.lock.name}.{os.getpid()}")
+        tmp.write_text(str(waiter.pid))
+        os.replace(tmp, dump.lock)
     except OSError as exc:
         logger.debug("jvm: class archive not kept: %s", exc)
 
@@ -285,18 +296,33 @@ def promote(jvm_pid: int, dump: ArchiveDump, wait_s: float = _DUMP_WAIT_S) -> bo
     try:
         if _alive(jvm_pid):
             return False  # still writing: the part is removed by a later command
-        if dump.part.exists() and _LOG_SUCCESS in _read(dump.log):
-            os.replace(dump.part, dump.final)
-            _keep_newest(dump.final.parent)
-            return True
-        dump.failed.touch()
-        return False
+        if not dump.part.exists():
+            return False  # nothing was written (the JVM never reached its exit)
+        if _LOG_SUCCESS not in _read(dump.log):
+            dump.failed.touch()  # tried again after FAILED_RETRY_S
+            return False
+        # On disk before its name: a truncated archive after a power cut would crash
+        # every JVM that maps it.
+        with open(dump.part, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(dump.part, dump.final)
+        _fsync_folder(dump.final.parent)
+        _keep_newest(dump.final.parent)
+        return True
     except OSError:
         return False
     finally:
         dump.part.unlink(missing_ok=True)
         dump.log.unlink(missing_ok=True)
         dump.lock.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read(path: Path) -> str:

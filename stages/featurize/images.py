@@ -71,6 +71,15 @@ def _flat_share(arr: np.ndarray) -> float:
     return float(np.count_nonzero(codes == median) / len(codes))
 
 
+def _upright_or_as_stored(img: Image.Image) -> Image.Image:
+    """``img`` turned by its EXIF orientation for a thumbnail only: an EXIF block Pillow
+    cannot read leaves the thumbnail as stored rather than costing the photo its row."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - any EXIF parse error: the model did not need it
+        return img
+
+
 def decode_image(
     data: Optional[bytes], size: int = IMAGE_SIZE, exif_orientation: bool = True, draft: int = 0
 ) -> np.ndarray:
@@ -107,8 +116,9 @@ def decode_photo(
         (``benchmarks/decode_bench.py``).
     thumb_px : int
         0: no thumbnail.  Otherwise a JPEG of at most ``thumb_px`` pixels a side (the
-        photo's proportions, turned as the model sees it), made from this decode: a
-        second decode for the thumbnail cost featurize a third of the decode again.
+        photo's proportions, upright by its EXIF orientation whatever
+        ``exif_orientation`` says), made from this decode: a second decode for the
+        thumbnail cost featurize a third of the decode again.
     thumb_quality : int
         Its JPEG quality.
 
@@ -141,11 +151,15 @@ def decode_photo(
                 img.draft("RGB", (draft * size, draft * size))  # a no-op but for JPEG
             img.load()  # forces the full decode: truncated data fails here
             if exif_orientation:
-                img = ImageOps.exif_transpose(img)
+                img = upright = ImageOps.exif_transpose(img)
+            else:
+                upright = _upright_or_as_stored(img) if thumb_px else img
             rgb = _to_rgb(img)
             arr = np.asarray(rgb.resize((size, size), Image.BILINEAR), dtype=np.uint8)
             if thumb_px:
-                rgb.thumbnail((thumb_px, thumb_px))  # in place: rgb is not needed again
+                # People see the photo upright, whatever the model was asked to see.
+                thumb = rgb if exif_orientation else _to_rgb(upright)
+                thumb.thumbnail((thumb_px, thumb_px))  # in place: not needed again
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image Pillow can identify") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -163,7 +177,7 @@ def decode_photo(
     if not thumb_px:
         return arr, None
     buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=thumb_quality)
+    thumb.save(buf, format="JPEG", quality=thumb_quality)
     return arr, buf.getvalue()
 
 
@@ -179,7 +193,7 @@ def thumbnail_jpeg(
             if img.width * img.height > max_pixels:
                 return None
             img.draft("RGB", (px, px))  # JPEG: decode at a reduced scale, much faster
-            img = img.convert("RGB")
+            img = ImageOps.exif_transpose(img).convert("RGB")  # upright, as featurize's
             img.thumbnail((px, px))
             buf = io.BytesIO()
             img.save(buf, format="JPEG", quality=quality)

@@ -100,6 +100,12 @@ def walk_images(top: str) -> LocalListing:
                 continue
             path = os.path.join(root, name)
             try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:  # bytes no UTF-8 text can hold (a Latin-1 name)
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                out.errors.append((shown, "file name is not valid UTF-8: rename the file"))
+                continue
+            try:
                 st = os.stat(path)
             except OSError as exc:
                 reason = {

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from stages.base.contract import IMAGE_NAME
-from stages.featurize.frame import empty_file_rows, paths_are_url_encoded, read_images
+from stages.featurize.frame import (
+    empty_file_rows,
+    escape_glob,
+    paths_are_url_encoded,
+    read_images,
+)
 from stages.featurize.listing import file_uri, listing_table, walk_images
 from stages.featurize.model import ModelSpec
 from stages.storage import hadoopfs
@@ -144,7 +149,7 @@ def list_input(spark, input_path: str, settings: Optional[StoreSettings], acc) -
         tmp = tempfile.mkdtemp(prefix="fruits-listing-")
         try:
             pq.write_table(listing_table(local), os.path.join(tmp, "listing.parquet"))
-            meta = spark.read.parquet(file_uri(tmp)).cache()
+            meta = spark.read.parquet(escape_glob(file_uri(tmp))).cache()
             return Listing(meta, meta.count(), folder=tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.featurize.images import DecodeError, decode_image, decode_photo
+from stages.featurize.images import DecodeError, decode_image, decode_photo, thumbnail_jpeg
 from tests.conftest import SAMPLE
 
 
@@ -63,12 +63,16 @@ def test_the_thumbnail_comes_from_the_same_decode_with_the_photos_proportions():
     assert decode_photo(data)[1] is None  # no thumbnail unless asked
 
 
-def test_the_thumbnail_is_turned_as_the_model_sees_the_photo():
+def test_the_thumbnail_is_upright_whatever_the_model_sees():
     data = _jpeg(300, 150, orientation=6)  # stored sideways, shown turned 90 degrees
     with Image.open(io.BytesIO(decode_photo(data, thumb_px=96)[1])) as t:
         assert t.size == (48, 96)
-    with Image.open(io.BytesIO(decode_photo(data, exif_orientation=False, thumb_px=96)[1])) as t:
-        assert t.size == (96, 48)
+    arr, thumb = decode_photo(data, exif_orientation=False, thumb_px=96)
+    np.testing.assert_array_equal(arr, decode_image(data, exif_orientation=False))
+    with Image.open(io.BytesIO(thumb)) as t:
+        assert t.size == (48, 96)
+    with Image.open(io.BytesIO(thumbnail_jpeg(data, 96))) as t:  # the report's, from bytes
+        assert t.size == (48, 96)
 
 
 def test_a_photo_that_does_not_decode_has_no_thumbnail_either():

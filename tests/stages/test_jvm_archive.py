@@ -97,11 +97,15 @@ def test_an_archive_in_place_is_mapped_not_dumped(tmp_path, fresh):
     assert jvm_archive.pending_dump() is None
 
 
-def test_a_failed_dump_is_not_tried_again(tmp_path, fresh):
+def test_a_failed_dump_is_tried_again_after_a_day_only(tmp_path, fresh):
     key = archive_key({}, "4g")
     (tmp_path / "jvm").mkdir()
-    (tmp_path / "jvm" / f"spark-{key}.failed").touch()
+    failed = tmp_path / "jvm" / f"spark-{key}.failed"
+    failed.touch()
     assert archive_options(tmp_path, {}, "4g") == []
+    day_ago = time.time() - jvm_archive.FAILED_RETRY_S - 60
+    os.utime(failed, (day_ago, day_ago))
+    assert archive_options(tmp_path, {}, "4g") and jvm_archive.pending_dump() is not None
 
 
 def _dump(tmp_path: Path, log: str) -> ArchiveDump:
@@ -128,6 +132,13 @@ def test_a_dump_whose_log_does_not_say_written_is_a_failure_remembered(tmp_path)
     dump = _dump(tmp_path, "[warning][cds] Cannot dump shared archive\n")
     assert not promote(_dead_pid(), dump)
     assert not dump.final.exists() and dump.failed.exists() and not dump.part.exists()
+
+
+def test_a_dump_with_no_part_written_is_not_a_failure(tmp_path):
+    dump = _dump(tmp_path, "")
+    dump.part.unlink()
+    assert not promote(_dead_pid(), dump)
+    assert not dump.failed.exists() and not dump.lock.exists()
 
 
 def test_a_jvm_still_running_when_the_wait_ends_leaves_no_archive(tmp_path):

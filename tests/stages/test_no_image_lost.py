@@ -442,3 +442,21 @@ def test_an_unreadable_file_is_an_error_row_in_the_listing(tmp_path, monkeypatch
     got = listing.walk_images(str(tmp_path / "in"))
     assert got.errors == [(str(locked), "permission denied")]
     assert sorted(p for p, _ in got.files) == sorted(str(top / f.name) for f in KIWI[1:3])
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_row_not_a_failed_run(spark, tmp_path):
+    # A Latin-1 name (b"caf\xe9.jpg") made pa.array raise UnicodeEncodeError: the whole
+    # --incremental run (and plain featurize) failed for one photo.
+    top = tmp_path / "in" / "Kiwi"
+    top.mkdir(parents=True)
+    shutil.copy(KIWI[0], top / KIWI[0].name)
+    with open(os.path.join(os.fsencode(top), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(KIWI[1].read_bytes())
+    shown = "file:" + str(top) + "/caf\\xe9.jpg"
+    for name, incremental in (("F", False), ("F_incremental", True)):
+        out = tmp_path / name
+        featurize(spark, str(tmp_path / "in"), str(out), weights="bundled", incremental=incremental)
+        rows = _rows(out)
+        assert set(rows) == {"file:" + str(top / KIWI[0].name), shown}, name
+        assert rows[shown]["features"] is None and rows[shown]["error"], name
+    assert _rows(tmp_path / "F")[shown]["error"] == "file name is not valid UTF-8: rename the file"
