@@ -76,7 +76,7 @@ def _upright_or_as_stored(img: Image.Image) -> Image.Image:
     cannot read leaves the thumbnail as stored rather than costing the photo its row."""
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - any EXIF parse error: the model did not need it
+    except Exception:  # any EXIF parse error: the model did not need the EXIF
         return img
 
 
