@@ -183,28 +183,20 @@ def main(argv: List[str]) -> None:
             log = Path(args.data) / "logs" / f"{n}-{how.replace(' ', '_')}.log"
             r = run_worker(Path(__file__), ["--_worker", how, str(data)], log)
             rows.append({"rows": n, "how": how, **r})
-    tables = [
-        table(
-            ["rows", "reader", "points", "read s", "scatter s", "peak RSS MiB", "of it imports"],
-            [
-                [
-                    r["rows"],
-                    r["how"],
-                    r["points"],
-                    r["read_s"],
-                    r["plot_s"],
-                    r["rss_mib"],
-                    r["rss_imports_mib"],
-                ]
-                for r in rows
-            ],  # fmt: skip
-            digits=1,
-        )
-    ]
+    columns = {
+        "rows": "rows", "reader": "how", "points": "points", "read s": "read_s",
+        "scatter s": "plot_s", "peak RSS MiB": "rss_mib", "of it imports": "rss_imports_mib",
+    }  # fmt: skip
+    _write(rows, columns, "report_bench_quick" if args.quick else "report_bench", argv)
+
+
+def _write(rows: List[dict], columns: dict, stem: str, argv: List[str]) -> None:
+    """Show ``rows`` as a table (``columns``: header -> key) and write them to ``stem``."""
+    tables = [table(list(columns), [[r[k] for k in columns.values()] for r in rows], digits=1)]
     show_tables(tables)
     command = "benchmarks/report_bench.py " + " ".join(argv)
     data = {"machine": machine_info(), "command": command, "rows": rows}
-    print(write_results("report_bench_quick" if args.quick else "report_bench", data, tables))
+    print(write_results(stem, data, tables))
 
 
 def errors_main(args, argv: List[str]) -> None:
@@ -218,27 +210,11 @@ def errors_main(args, argv: List[str]) -> None:
             log = Path(args.data) / "logs" / f"e{n}-{how.replace(' ', '_')}.log"
             r = run_worker(Path(__file__), ["--_errors", "--_worker", how, str(data)], log)
             rows.append({"error_rows": n, "how": how, **r})
-    tables = [
-        table(
-            ["error rows", "reader", "listed", "read s", "peak RSS MiB", "of it imports"],
-            [
-                [
-                    r["error_rows"],
-                    r["how"],
-                    r["listed"],
-                    r["read_s"],
-                    r["rss_mib"],
-                    r["rss_imports_mib"],
-                ]
-                for r in rows
-            ],  # fmt: skip
-            digits=1,
-        )
-    ]
-    show_tables(tables)
-    command = "benchmarks/report_bench.py " + " ".join(argv)
-    data = {"machine": machine_info(), "command": command, "rows": rows}
-    print(write_results("report_bench_errors", data, tables))
+    columns = {
+        "error rows": "error_rows", "reader": "how", "listed": "listed", "read s": "read_s",
+        "peak RSS MiB": "rss_mib", "of it imports": "rss_imports_mib",
+    }  # fmt: skip
+    _write(rows, columns, "report_bench_errors", argv)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ S3A_JARS_MISSING = (
     "Hadoop S3A jars not found (hadoop-aws-3.3.1.jar, aws-java-sdk-bundle-1.11.901.jar "
     "from `pip install --no-deps sagemaker_pyspark==1.4.5`, which `make install` runs)"
 )
+
+
+def require_s3a_jars() -> None:
+    """Skip the calling test, with :data:`S3A_JARS_MISSING`, where the jars are missing."""
+    if not s3a_jars():
+        pytest.skip(S3A_JARS_MISSING)
+
+
 REGION = "eu-west-3"
 _CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -140,8 +148,7 @@ def moto_s3_client(moto_s3_endpoint):
 @pytest.fixture(scope="module")
 def s3a_spark(spark, moto_s3_endpoint) -> Iterator[object]:
     """The session's SparkSession with S3A pointed at the moto server."""
-    if not s3a_jars():
-        pytest.skip(S3A_JARS_MISSING)
+    require_s3a_jars()
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     settings = dict(S3A_SETTINGS, **{"fs.s3a.endpoint": os.environ["AWS_ENDPOINT_URL"]})
     saved = {k: hconf.get(k) for k in settings}

@@ -14,7 +14,7 @@ import pytest
 
 from stages.base.errors import EXIT_FAILED, EXIT_USAGE, explain
 from tests import s3_fixtures
-from tests.conftest import SAMPLE, copy_images, s3a_jars
+from tests.conftest import SAMPLE, copy_images
 
 
 def _java_error(call):
@@ -127,8 +127,7 @@ class _S3Error(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def s3_error_server(spark):
-    if not s3a_jars():
-        pytest.skip(s3_fixtures.S3A_JARS_MISSING)
+    s3_fixtures.require_s3a_jars()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _S3Error)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()

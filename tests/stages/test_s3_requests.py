@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.s3_latency_proxy import LatencyProxy
 from tests import s3_fixtures
-from tests.conftest import SAMPLE, s3a_jars
+from tests.conftest import SAMPLE
 from tests.s3_fixtures import REGION, S3A_SETTINGS, close_s3a_filesystem
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -38,8 +38,7 @@ def proxy(moto_s3_endpoint) -> Iterator[LatencyProxy]:
 @pytest.fixture(scope="module")
 def counted_spark(spark, proxy, moto_s3_client):
     """The session's SparkSession with S3A pointed at the proxy (and the driver's boto3)."""
-    if not s3a_jars():
-        pytest.skip(s3_fixtures.S3A_JARS_MISSING)
+    s3_fixtures.require_s3a_jars()
     hconf = spark.sparkContext._jsc.hadoopConfiguration()
     settings = dict(S3A_SETTINGS, **{"fs.s3a.endpoint": proxy.endpoint})
     saved = {k: hconf.get(k) for k in settings}

@@ -143,17 +143,15 @@ def test_a_signal_stops_watch_on_s3_after_its_run_with_one_line(
 ):
     """``watch`` on S3 without a queue (a ``featurize --incremental`` run each trigger):
     the same stop, through S3A on moto's server."""
-    from tests.conftest import s3a_jars
     from tests.s3_fixtures import (
         BUCKET,
         REGION,
-        S3A_JARS_MISSING,
         list_keys,
         read_parquet_from_bucket,
+        require_s3a_jars,
     )
 
-    if not s3a_jars():
-        pytest.skip(S3A_JARS_MISSING)
+    require_s3a_jars()
     prefix = f"Stops{code}"
     if BUCKET not in [b["Name"] for b in moto_s3_client.list_buckets()["Buckets"]]:
         moto_s3_client.create_bucket(
