@@ -148,9 +148,10 @@ def list_input(spark, input_path: str, settings: Optional[StoreSettings], acc) -
         local = walk_images(folder)
         tmp = tempfile.mkdtemp(prefix="fruits-listing-")
         try:
-            pq.write_table(listing_table(local), os.path.join(tmp, "listing.parquet"))
+            table = listing_table(local)
+            pq.write_table(table, os.path.join(tmp, "listing.parquet"))
             meta = spark.read.parquet(escape_glob(file_uri(tmp))).cache()
-            return Listing(meta, meta.count(), folder=tmp)
+            return Listing(meta, table.num_rows, folder=tmp)  # counted here: no Spark job
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
