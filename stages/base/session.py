@@ -145,9 +145,7 @@ def spark_session(
     elif not existing.contains("spark.master"):
         builder = builder.master(with_retries(os.environ.get("FRUITS_SPARK_MASTER", "local[*]")))
     if not existing.contains("spark.driver.memory"):
-        builder = builder.config(
-            "spark.driver.memory", os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
-        )
+        builder = builder.config("spark.driver.memory", _default_driver_memory())
     if not existing.contains("spark.driver.extraJavaOptions"):
         log4j = Path(__file__).with_name("log4j2.properties")
         # Quoted: Spark splits these options on spaces, and paths may hold some.
@@ -184,11 +182,15 @@ def spark_session(
 _PATH_ARGS = ("input", "output", "features", "results")
 
 
+def _default_driver_memory() -> str:
+    return os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
+
+
 def _archive_options(conf: Mapping[str, str]) -> list:
     """The class archive's JVM options, unless the caller sets the JVM's options."""
     if "spark.driver.extraJavaOptions" in conf:
         return []  # they replace ours: no archive option would reach the JVM
-    memory = conf.get("spark.driver.memory") or os.environ.get("FRUITS_DRIVER_MEMORY", "4g")
+    memory = conf.get("spark.driver.memory") or _default_driver_memory()
     return archive_options(cache_root(), conf, memory)
 
 
